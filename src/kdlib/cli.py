@@ -1,0 +1,111 @@
+"""The ``kdlib`` command: Hydra's command line over ``kdlib.run``.
+
+Before Hydra takes over, the overrides are checked by composing them (every combination of a
+``-m`` sweep), so a wrong key, type or name stops the command with one line naming it, before any
+model loads. ``plugins=[module]`` modules are imported first, so user-registered losses and
+algorithms are valid choices. Hydra then does what it does best: ``--cfg job``, ``-m`` sweeps with a
+directory per job, ``+recipe=...``, ``hydra.run.dir=...``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from typing import Optional, Sequence
+
+from kdlib.errors import ConfigError, KdlibError
+
+# Hydra flags that take a value, and flags that only ask for information.
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc",
+               "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun"}
+_MAX_CHECKED_JOBS = 64
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    import hydra
+
+    from kdlib.config.compose import conf_dir, import_plugins, plugins_in
+    from kdlib.config.store import register_configs
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    flags, overrides = split_arguments(args)
+    try:
+        import_plugins(plugins_in(overrides))
+        if not flags & _INFO_FLAGS:
+            preflight(overrides, multirun=bool(flags & {"-m", "--multirun"}))
+    except ConfigError as exc:
+        _fail(exc)
+    register_configs()
+    sys.argv = [sys.argv[0] if sys.argv else "kdlib", *args]
+    hydra.main(config_path=conf_dir(), config_name="config", version_base=None)(_task)()
+
+
+def _task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from kdlib.runner import run
+
+    try:
+        run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+    except KdlibError as exc:
+        _fail(exc)
+
+
+def split_arguments(args: Sequence[str]) -> tuple[set[str], list[str]]:
+    """(Hydra flags, overrides) of a command line."""
+    flags: set[str] = set()
+    overrides: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):
+            name = arg.split("=", 1)[0]
+            flags.add(name)
+            if name in _VALUE_FLAGS and "=" not in arg and i + 1 < len(args):
+                i += 1
+            elif name in {"--info", "-i"} and i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1]:
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides
+
+
+def preflight(overrides: list[str], *, multirun: bool) -> None:
+    """Compose every job the command would run; raise ConfigError on the first bad one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from kdlib.config.compose import compose
+
+    job_overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    try:
+        parsed = OverridesParser.create().parse_overrides(job_overrides)
+    except Exception as exc:
+        raise ConfigError(f"cannot parse overrides: {str(exc).strip().splitlines()[0]}") from None
+    choices = []
+    for override in parsed:
+        if multirun and override.is_sweep_override():
+            key = override.get_key_element()
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([override.input_line])
+    for n, combination in enumerate(itertools.product(*choices)):
+        if n >= _MAX_CHECKED_JOBS:
+            break
+        try:
+            compose(list(combination))
+        except ConfigError as exc:
+            if multirun and any(len(c) > 1 for c in choices):
+                raise ConfigError(f"{exc} (in sweep job {' '.join(combination)})") from None
+            raise
+
+
+def _fail(exc: Exception) -> None:
+    print(f"kdlib: error: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""The typed configuration of a kdlib run: the one source of truth for keys, types and defaults.
+
+Every option a user can set is a field of a dataclass below, with a comment saying what it does.
+Hydra composes YAML files from ``conf/`` (which only choose and fill values: model paths, sizes,
+recipe overrides) on top of these dataclasses, so a wrong key or type fails at composition, before
+any model loads. Groups whose options are implementations (loss, algorithm, launcher, transport,
+rollout) get their options from the registries: each registered name contributes its own config
+subclass, so ``loss=jsd loss.beta=0.3`` is typed without any YAML file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+class Precision(str, Enum):
+    """Floating-point type of model weights and computation."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class HiddenDtype(str, Enum):
+    """Type of the teacher hidden states on the wire (never float16: it overflows)."""
+
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class Mode(str, Enum):
+    """Which controller loop runs."""
+
+    offpolicy = "offpolicy"  # distil on a fixed dataset (teacher scores the dataset's responses)
+    sft = "sft"  # supervised fine-tuning on the dataset's responses, no teacher
+    generate = "generate"  # write teacher responses for the dataset's prompts (sequence-level KD data)
+
+
+class DataFormat(str, Enum):
+    """Layout of a dataset row."""
+
+    auto = "auto"  # detected from the dataset's columns
+    messages = "messages"  # OpenAI chat: [{"role": ..., "content": ...}, ...]
+    prompt_response = "prompt_response"  # two text columns (data.prompt_key, data.response_key)
+    alpaca = "alpaca"  # instruction / input / output
+    sharegpt = "sharegpt"  # conversations: [{"from": "human"|"gpt"|"system", "value": ...}]
+
+
+class Overlong(str, Enum):
+    """What happens to a sample longer than ``data.max_len`` tokens."""
+
+    truncate = "truncate"  # cut the response (never the prompt) to fit; counted in the log
+    drop = "drop"  # leave the sample out; counted in the log
+
+
+class LossImplementation(str, Enum):
+    """How the KD loss is computed from hidden states."""
+
+    fused = "fused"  # chunked over tokens, never materialises [tokens, vocab] logits
+    naive = "naive"  # full logits of the micro-batch, then the divergence (reference path)
+
+
+@dataclass
+class ModelConfig:
+    """Fields shared by every model the run loads."""
+
+    # Hugging Face hub id, local directory, a .gguf file, or pkg://<package>/<file> inside an
+    # installed Python package (how the embedded SmolLM2 teacher is found).
+    model: str = MISSING
+    # Tokenizer location when it differs from `model`.
+    tokenizer: Optional[str] = None
+    # Hub revision (branch, tag or commit) for hub ids.
+    revision: Optional[str] = None
+    # Weight and compute precision.
+    dtype: Precision = Precision.float32
+    # transformers attention implementation: sdpa, eager, flash_attention_2, ...
+    attn_implementation: str = "sdpa"
+    # Allow custom modelling code from the hub (off by default, as in transformers).
+    trust_remote_code: bool = False
+    # A Jinja chat template (inline text or a file path) replacing the tokenizer's own.
+    chat_template: Optional[str] = None
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """The model that only runs forward passes and sends hidden states."""
+
+    # Inference backend (registry `teacher backend`): hf.
+    backend: str = "hf"
+    # Number of teacher workers (more than one needs launcher=ray).
+    num_workers: int = 1
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    """The model that trains."""
+
+    # Depth-prune the loaded model to this many decoder layers, evenly spaced, first and last kept.
+    num_layers: Optional[int] = None
+    # Depth-prune to exactly these decoder layer indices (overrides num_layers).
+    keep_layers: Optional[list[int]] = None
+    # Number of data-parallel student workers (more than one needs launcher=ray).
+    num_workers: int = 1
+    # Recompute activations in the backward pass to save memory.
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class AlgorithmConfig:
+    """Base of every algorithm's config; `name` selects the registry entry.
+
+    Subclasses may define ``check(self)`` raising ValueError for values their types allow but the
+    algorithm does not (e.g. a ratio outside [0, 1]); composition calls it.
+    """
+
+    name: str = MISSING
+
+
+@dataclass
+class LossConfig:
+    """Base of every divergence's config; subclasses add the divergence's own parameters.
+
+    Like algorithm configs, a subclass may define ``check(self)`` to validate its parameters.
+    """
+
+    # Divergence (registry `loss`): kl, rkl, jsd, tvd, ...
+    name: str = MISSING
+    # Softmax temperature applied to teacher and student logits.
+    temperature: float = 1.0
+    # Multiply the loss by temperature**2 (Hinton et al.), keeping gradient scale when T != 1.
+    scale_by_temperature_squared: bool = False
+    # fused (chunked, low memory) or naive (full logits; the reference for tests).
+    implementation: LossImplementation = LossImplementation.fused
+    # Tokens per chunk in the fused loss; memory is about chunk_size x vocab floats.
+    chunk_size: int = 256
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling settings for generation (teacher data synthesis, student rollouts)."""
+
+    # Generation backend (registry `rollout backend`): hf.
+    backend: str = "hf"
+    # Longest response, in tokens; longer ones are cut and counted as truncated.
+    max_new_tokens: int = 256
+    # Sampling temperature; 0 means greedy decoding.
+    temperature: float = 1.0
+    # Nucleus sampling threshold (1.0 = off).
+    top_p: float = 1.0
+    # Prompts per generate() call.
+    batch_size: int = 16
+    # Responses sampled per prompt.
+    n_samples_per_prompt: int = 1
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they become token batches."""
+
+    # Training data: a .jsonl/.json/.parquet file, a saved dataset directory, a hub dataset name,
+    # or pkg://<package>/<file>.
+    train: str = MISSING
+    # Held-out data for evaluation (same forms as `train`); null skips evaluation.
+    eval: Optional[str] = None
+    # Split names used for hub datasets and saved DatasetDicts.
+    train_split: str = "train"
+    eval_split: str = "train"
+    # Row layout; auto detects it from the columns.
+    format: DataFormat = DataFormat.auto
+    # Column names for the formats that need them.
+    messages_key: str = "messages"
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    # Longest sample in tokens (prompt + response).
+    max_len: int = 1024
+    # What to do with longer samples.
+    overlong: Overlong = Overlong.truncate
+    # Use at most this many training rows (null = all).
+    max_samples: Optional[int] = None
+    # Use at most this many evaluation rows (null = all).
+    eval_max_samples: Optional[int] = None
+    # Shuffle training samples every epoch (seeded).
+    shuffle: bool = True
+    # Render conversations with each model's chat template; false joins the turns with newlines.
+    apply_chat_template: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation."""
+
+    # Passes over the training data.
+    epochs: int = 1
+    # Stop after this many optimizer steps (-1: run all epochs).
+    max_steps: int = -1
+    # Samples per optimizer step (across all student workers).
+    global_batch_size: int = 8
+    # Samples per forward/backward pass on one worker; gradients accumulate up to the global batch.
+    micro_batch_size: int = 4
+    # Peak learning rate of AdamW.
+    lr: float = 5e-5
+    # Final learning rate of the cosine schedule, as a fraction of `lr`.
+    min_lr_ratio: float = 0.1
+    # Fraction of the steps spent warming the learning rate up linearly from 0.
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-8
+    # Clip the global gradient norm to this value (0 = no clipping).
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: KL(teacher || student), student CE, top-1 agreement."""
+
+    # Evaluate before training (the baseline of the before/after table).
+    before: bool = True
+    # Evaluate every this many steps during training (0 = only before and after).
+    every_steps: int = 0
+    # Samples per evaluation forward pass.
+    batch_size: int = 8
+
+
+@dataclass
+class TransportConfig:
+    """How teacher outputs travel to the students."""
+
+    # Transport (registry `transport`): inprocess.
+    name: str = MISSING
+    # Type of hidden states on the wire.
+    dtype: HiddenDtype = HiddenDtype.bfloat16
+
+
+@dataclass
+class LauncherConfig:
+    """Where workers run."""
+
+    # Launcher (registry `launcher`): local.
+    name: str = MISSING
+
+
+@dataclass
+class LoggingConfig:
+    """What the run reports."""
+
+    # Show a progress bar over steps.
+    progress: bool = True
+    # Write a metrics line (and update the progress bar) every this many steps.
+    log_every: int = 1
+    # Draw loss curves into plots/loss.png at the end.
+    plot: bool = True
+
+
+@dataclass
+class GenerateConfig:
+    """mode=generate: write model responses for the prompts of data.train."""
+
+    # Output jsonl (null: generated.jsonl in the run directory).
+    output: Optional[str] = None
+    # Leave out responses cut by rollout.max_new_tokens (they are counted either way).
+    drop_truncated: bool = True
+
+
+@dataclass
+class KDConfig:
+    """A whole run. `kdlib.compose()` returns one; `kdlib.run()` takes one."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    # Registry-backed groups: their node types come from the selected option.
+    algorithm: Any = MISSING
+    loss: Any = MISSING
+    transport: Any = MISSING
+    launcher: Any = MISSING
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    # Which controller loop runs.
+    mode: Mode = Mode.offpolicy
+    # Seed of weights init, data order and sampling.
+    seed: int = 42
+    # cpu, cuda, cuda:N, or auto (cuda when available).
+    device: str = "auto"
+    # Python modules imported before the config is composed (user losses, algorithms, backends).
+    plugins: list[str] = field(default_factory=list)
+    # Run directory; null: Hydra's run dir under the CLI, outputs/<date>/<time> from Python.
+    output_dir: Optional[str] = None
+    # Save the final student (Hugging Face format) into <run dir>/student.
+    save_student: bool = True

@@ -1,0 +1,43 @@
+"""Registering the schema and the registry-backed group options in Hydra's ConfigStore.
+
+Groups whose options are implementations (``loss``, ``algorithm``, ``transport``, ``launcher``,
+``rollout``) get one option per registered name, typed by that entry's config class. This runs
+when a config is composed, not at import, so a plugin module imported just before composition
+(``plugins=[my_module]``) contributes its options like a built-in would.
+"""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+
+from kdlib.config.schema import KDConfig
+
+SCHEMA_NAME = "kdlib_schema"
+
+
+def registry_groups() -> dict[str, tuple[object, str]]:
+    """Config group -> (registry, the config field that holds the option's name)."""
+    from kdlib.algorithms import ALGORITHMS
+    from kdlib.launch import LAUNCHERS
+    from kdlib.losses import LOSSES
+    from kdlib.rollout import ROLLOUT_BACKENDS
+    from kdlib.transport import TRANSPORTS
+
+    return {
+        "algorithm": (ALGORITHMS, "name"),
+        "loss": (LOSSES, "name"),
+        "transport": (TRANSPORTS, "name"),
+        "launcher": (LAUNCHERS, "name"),
+        "rollout": (ROLLOUT_BACKENDS, "backend"),
+    }
+
+
+def register_configs() -> None:
+    """(Re)store the schema and one option per registry entry; idempotent."""
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=KDConfig)
+    for group, (registry, key) in registry_groups().items():
+        for entry in registry:
+            if entry.config_cls is None:
+                continue
+            store.store(group=group, name=entry.name, node=entry.config_cls(**{key: entry.name}))
