@@ -1,0 +1,95 @@
+"""Typed batches: what travels from the data loader to the workers, and from teacher to student.
+
+A :class:`TokenBatch` is one model's view of a micro-batch (right-padded ids, attention mask and a
+loss mask). A :class:`MicroBatch` pairs the student's view with the teacher's own view when the
+teacher reads different tokens (another chat template, a privileged prompt); otherwise the teacher
+reads the student's. :class:`TeacherOutput` is the teacher's answer: post-norm last-layer hidden
+states at the loss positions only, in row-major (sample, position) order, the order in which the
+student gathers its own hidden states, so row i of both refers to the same predicted token.
+
+Loss-mask convention: ``loss_mask[b, t]`` is True when the hidden state at position t is trained to
+predict token ``input_ids[b, t + 1]`` (a response token), so no label shifting happens anywhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class TokenBatch:
+    """One model's view of a micro-batch; all tensors are [batch, length]."""
+
+    input_ids: torch.Tensor  # long
+    attention_mask: torch.Tensor  # long, 1 = real token, right padding
+    loss_mask: torch.Tensor  # bool, position t predicts input_ids[:, t + 1]
+
+    def __post_init__(self) -> None:
+        if not (self.input_ids.shape == self.attention_mask.shape == self.loss_mask.shape):
+            raise ValueError(
+                f"TokenBatch shapes differ: ids {tuple(self.input_ids.shape)}, "
+                f"attention {tuple(self.attention_mask.shape)}, loss {tuple(self.loss_mask.shape)}"
+            )
+
+    @property
+    def n_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def targets(self) -> torch.Tensor:
+        """Next-token ids at the loss positions, [n_loss_tokens]."""
+        shifted = torch.roll(self.input_ids, shifts=-1, dims=1)
+        return shifted[self.loss_mask]
+
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        return TokenBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device)
+        )
+
+
+@dataclass
+class MicroBatch:
+    """The unit of a forward/backward pass: the student's tokens and, if different, the teacher's."""
+
+    student: TokenBatch
+    # The teacher's own tokens; None when it reads exactly the student's.
+    teacher: Optional[TokenBatch] = None
+    # Indices of the samples in their dataset, for error messages and rollout logs.
+    sample_ids: list[int] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> "MicroBatch":
+        teacher = None if self.teacher is None else self.teacher.to(device)
+        return MicroBatch(self.student.to(device), teacher, self.sample_ids)
+
+    @property
+    def teacher_view(self) -> TokenBatch:
+        return self.teacher if self.teacher is not None else self.student
+
+    @property
+    def n_loss_tokens(self) -> int:
+        return self.student.n_loss_tokens
+
+    @property
+    def n_tokens(self) -> int:
+        return self.student.n_tokens
+
+
+@dataclass
+class TeacherOutput:
+    """Teacher hidden states at the loss positions, [n_loss_tokens, hidden], bf16 by default."""
+
+    hidden: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.hidden.numel() * self.hidden.element_size()

@@ -1,0 +1,1 @@
+"""Data: reading rows, chat formats, tokenisation with loss spans, samples and batches."""

@@ -1,0 +1,147 @@
+"""Training and evaluation samples: rows -> conversations -> token ids for student and teacher.
+
+This is where samples are kept, truncated or dropped, and every such decision is counted in a
+:class:`FilterReport` that the run logs, so no sample disappears silently. A sample longer than
+``data.max_len`` keeps its whole prompt and loses the end of its response (``overlong=truncate``)
+or is left out (``overlong=drop``); a sample whose prompt alone does not fit is always left out.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+from kdlib.config.schema import DataConfig, Overlong
+from kdlib.data.encoding import ChatEncoder, EncodedChat
+from kdlib.data.formats import Conversation, detect_format, row_to_conversation
+from kdlib.data.sources import RowSource, load_rows
+
+
+@dataclass
+class Sequence:
+    """One model's token ids for a sample; tokens [response_start, len) are trained."""
+
+    input_ids: list[int]
+    response_start: int
+
+    @property
+    def n_loss_tokens(self) -> int:
+        return len(self.input_ids) - self.response_start
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Sample:
+    """A training or evaluation example."""
+
+    index: int  # row in the source dataset
+    student: Sequence
+    # The teacher's own tokens when its tokenisation differs; None = it reads the student's.
+    teacher: Optional[Sequence] = None
+
+
+@dataclass
+class FilterReport:
+    """What happened to the rows of one dataset."""
+
+    source: str
+    rows: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        parts = [f"{self.kept}/{self.rows} samples kept from {self.source}"]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated")
+        for reason, count in sorted(self.dropped.items()):
+            parts.append(f"{count} dropped ({reason})")
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "rows": self.rows,
+            "kept": self.kept,
+            "truncated": self.truncated,
+            "dropped": dict(self.dropped),
+        }
+
+
+def load_conversations(source: RowSource, cfg: DataConfig) -> list[tuple[int, Conversation]]:
+    """(row index, conversation) for every row of ``source``."""
+    columns = list(source.rows.column_names)
+    fmt = detect_format(columns, cfg, f"{source.key}: {source.name}")
+    return [
+        (i, row_to_conversation(row, fmt, cfg, f"{source.key}: {source.where(i)}"))
+        for i, row in enumerate(source.rows)
+    ]
+
+
+def build_samples(
+    cfg: DataConfig,
+    split: str,
+    student: ChatEncoder,
+    teacher: Optional[ChatEncoder] = None,
+) -> tuple[list[Sample], FilterReport]:
+    """Samples of ``split`` ("train" or "eval") and the report of what was filtered.
+
+    ``teacher`` is given only when the teacher tokenises differently from the student.
+    """
+    spec = cfg.train if split == "train" else cfg.eval
+    source = load_rows(
+        spec,
+        split=cfg.train_split if split == "train" else cfg.eval_split,
+        key=f"data.{split}",
+        max_rows=cfg.max_samples if split == "train" else cfg.eval_max_samples,
+    )
+    report = FilterReport(source=source.name, rows=len(source.rows))
+    samples = []
+    for index, conversation in load_conversations(source, cfg):
+        where = f"{source.key}: {source.where(index)}"
+        encoded = student.encode(conversation, where)
+        if encoded is None:
+            report.dropped["empty response"] += 1
+            continue
+        student_seq, reason, truncated = _fit(encoded, cfg)
+        if student_seq is None:
+            report.dropped[reason] += 1
+            continue
+        teacher_seq = None
+        if teacher is not None:
+            teacher_encoded = teacher.encode(conversation, where)
+            teacher_seq = _match_teacher(teacher_encoded, student_seq)
+            if teacher_seq is None:
+                report.dropped["teacher tokenises the response differently"] += 1
+                continue
+        report.kept += 1
+        report.truncated += int(truncated)
+        samples.append(Sample(index=index, student=student_seq, teacher=teacher_seq))
+    return samples, report
+
+
+def _fit(encoded: EncodedChat, cfg: DataConfig) -> tuple[Optional[Sequence], str, bool]:
+    """Apply max_len: (sequence or None, reason if dropped, whether truncated)."""
+    if encoded.response_start < 1:  # nothing before the response: no position predicts its first token
+        return None, "empty prompt", False
+    if len(encoded) <= cfg.max_len:
+        return Sequence(encoded.input_ids, encoded.response_start), "", False
+    if cfg.overlong is Overlong.drop:
+        return None, f"longer than data.max_len={cfg.max_len}", False
+    if encoded.response_start + 1 > cfg.max_len:  # not even one response token fits
+        return None, f"prompt longer than data.max_len={cfg.max_len}", False
+    return Sequence(encoded.input_ids[: cfg.max_len], encoded.response_start), "", True
+
+
+def _match_teacher(encoded: Optional[EncodedChat], student: Sequence) -> Optional[Sequence]:
+    """The teacher's sequence with the student's (possibly truncated) response, or None if the
+    response token ids differ (vanilla KD compares distributions token by token)."""
+    if encoded is None:
+        return None
+    response = student.input_ids[student.response_start:]
+    if encoded.response_ids[: len(response)] != response:
+        return None
+    return Sequence(encoded.input_ids[: encoded.response_start] + response, encoded.response_start)

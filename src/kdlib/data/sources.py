@@ -1,0 +1,116 @@
+"""Reading raw rows with ``datasets``: local files, saved dataset directories, hub datasets.
+
+Whatever the source, the result is a ``datasets.Dataset`` plus a human-readable name used in every
+error message about its rows. A missing file is reported with the config key that named it; a
+malformed JSON Lines file is reported with the line number, which ``datasets`` itself does not give.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdlib.errors import DataError
+from kdlib.locations import looks_like_path, resolve_location
+
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class RowSource:
+    """Rows of one dataset and where they came from."""
+
+    rows: "datasets.Dataset"  # noqa: F821 (datasets is imported lazily)
+    name: str  # file path or hub name, for messages
+    key: str  # the config key that named it (data.train, data.eval)
+
+    def where(self, row: int) -> str:
+        """'<name>, row <n>' (1-based, as in an editor), for error messages."""
+        return f"{self.name}, row {row + 1}"
+
+
+def load_rows(spec: str, *, split: str, key: str, max_rows: int | None = None) -> RowSource:
+    """Load the dataset named by config key ``key`` (value ``spec``)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        location = resolve_location(spec)
+    except FileNotFoundError as exc:
+        raise DataError(f"{key}: {exc}") from None
+    path = Path(location)
+    if path.is_file():
+        rows = _load_file(path, key)
+    elif path.is_dir():
+        rows = _load_directory(path, split, key)
+    elif looks_like_path(spec):
+        raise DataError(f"{key}: file not found: {location}")
+    else:
+        try:
+            rows = datasets.load_dataset(spec, split=split)
+        except Exception as exc:  # network, unknown name, bad split: one line is what helps
+            raise DataError(f"{key}: cannot load hub dataset {spec!r} (split {split!r}): {exc}") from None
+    if max_rows is not None and len(rows) > max_rows:
+        rows = rows.select(range(max_rows))
+    return RowSource(rows=rows, name=str(location), key=key)
+
+
+def _load_file(path: Path, key: str):
+    import datasets
+
+    builder = _FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(
+            f"{key}: unsupported file type {path.suffix!r} ({path}); use one of "
+            f"{', '.join(sorted(_FILE_BUILDERS))} or a saved dataset directory"
+        )
+    if path.suffix.lower() == ".jsonl":
+        _check_jsonl(path, key)
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+    except Exception as exc:
+        raise DataError(f"{key}: cannot read {path}: {_first_line(exc)}") from None
+
+
+def _load_directory(path: Path, split: str, key: str):
+    import datasets
+
+    if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists() or (
+        path / "state.json"
+    ).exists():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"{key}: {path} has splits {sorted(loaded)}, not {split!r}")
+            return loaded[split]
+        return loaded
+    try:
+        return datasets.load_dataset(str(path), split=split)
+    except Exception as exc:
+        raise DataError(f"{key}: cannot read dataset directory {path}: {_first_line(exc)}") from None
+
+
+def _check_jsonl(path: Path, key: str) -> None:
+    """Name the first bad line of a JSON Lines file (datasets' own error does not)."""
+    with path.open(encoding="utf-8") as handle:
+        n_rows = 0
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{key}: {path}, line {number}: invalid JSON ({exc.msg})") from None
+            if not isinstance(value, dict):
+                raise DataError(f"{key}: {path}, line {number}: expected a JSON object per line")
+            n_rows += 1
+    if n_rows == 0:
+        raise DataError(f"{key}: {path} has no rows")
+
+
+def _first_line(exc: BaseException) -> str:
+    while exc.__cause__ is not None and not str(exc).strip():
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

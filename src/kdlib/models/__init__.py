@@ -1,0 +1,1 @@
+"""Models: loading (hub, directory, GGUF), the LM head contract, depth pruning, the shared forward."""
