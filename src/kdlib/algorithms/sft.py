@@ -1,0 +1,36 @@
+"""Supervised fine-tuning (black-box KD): cross-entropy on the dataset's responses, no teacher.
+
+Paired with ``+recipe=generate`` this is sequence-level KD (Kim and Rush, 2016): the teacher writes
+the responses once, the student imitates them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from kdlib.algorithms.base import Algorithm, register_algorithm
+from kdlib.batch import MicroBatch, TeacherOutput
+from kdlib.config.schema import AlgorithmConfig
+from kdlib.losses import LossTerms, distillation_loss
+
+
+@dataclass
+class SFTConfig(AlgorithmConfig):
+    name: str = "sft"
+
+
+@register_algorithm("sft", config=SFTConfig)
+class SFT(Algorithm):
+    needs_teacher = False
+
+    def compute_loss(
+        self, student: nn.Module, batch: MicroBatch, teacher: Optional[TeacherOutput], normaliser: float
+    ) -> LossTerms:
+        fwd = self.student_forward(student, batch)
+        return distillation_loss(
+            fwd.hidden, fwd.head, None, None, fwd.targets, self.loss_cfg,
+            kd_weight=0.0, ce_weight=1.0, normaliser=normaliser,
+        )

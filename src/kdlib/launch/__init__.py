@@ -1,0 +1,8 @@
+"""Launchers (registry ``launcher``): where teacher, student and rollout workers run."""
+
+from kdlib.config.schema import LauncherConfig
+from kdlib.launch.base import LAUNCHERS, Launcher, WorkerGroup, build_launcher
+
+LAUNCHERS.register("local", "kdlib.launch.local:LocalLauncher", config=LauncherConfig)
+
+__all__ = ["LAUNCHERS", "Launcher", "WorkerGroup", "build_launcher"]

@@ -1,0 +1,61 @@
+"""Launchers place workers; worker groups call them.
+
+A launcher (``launcher=local`` or ``launcher=ray``) creates the workers of one role from their
+class and constructor arguments and returns a :class:`WorkerGroup`. The controller only talks to
+groups: ``call`` runs a method on every worker with the same arguments, ``call_each`` with one
+argument tuple per worker, and both return the results in rank order. Whether the workers are
+objects in this process or Ray actors is the launcher's business alone.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+from kdlib.config.schema import LauncherConfig
+from kdlib.registry import Registry
+
+LAUNCHERS: Registry[type["Launcher"]] = Registry("launcher")
+
+
+class WorkerGroup(ABC):
+    """The workers of one role (teacher, student, rollout)."""
+
+    role: str
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """Number of workers."""
+
+    @abstractmethod
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """``worker.method(*args, **kwargs)`` on every worker; results in rank order."""
+
+    @abstractmethod
+    def call_each(self, method: str, args_per_worker: Sequence[tuple]) -> list[Any]:
+        """``worker_i.method(*args_per_worker[i])``; results in rank order."""
+
+
+class Launcher(ABC):
+    """Creates worker groups and owns their lifetime."""
+
+    def __init__(self, cfg: LauncherConfig) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def group(self, role: str, worker_cls: type, args_per_worker: Sequence[tuple]) -> WorkerGroup:
+        """Start ``len(args_per_worker)`` workers ``worker_cls(*args)`` of ``role``."""
+
+    def shutdown(self) -> None:
+        """Release the workers and whatever the launcher started."""
+
+    def __enter__(self) -> "Launcher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+def build_launcher(cfg: LauncherConfig) -> Launcher:
+    return LAUNCHERS.get(cfg.name)(cfg)

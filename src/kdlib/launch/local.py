@@ -1,0 +1,35 @@
+"""The local launcher: every worker is a plain object in the controller's process."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from kdlib.launch.base import Launcher, WorkerGroup
+
+
+class LocalWorkerGroup(WorkerGroup):
+    def __init__(self, role: str, workers: list[Any]) -> None:
+        self.role = role
+        self.workers = workers
+
+    @property
+    def size(self) -> int:
+        return len(self.workers)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        return [getattr(worker, method)(*args, **kwargs) for worker in self.workers]
+
+    def call_each(self, method: str, args_per_worker: Sequence[tuple]) -> list[Any]:
+        if len(args_per_worker) != len(self.workers):
+            raise ValueError(f"{self.role} group has {len(self.workers)} workers, got {len(args_per_worker)} argument tuples")
+        return [getattr(worker, method)(*args) for worker, args in zip(self.workers, args_per_worker)]
+
+
+class LocalLauncher(Launcher):
+    def group(self, role: str, worker_cls: type, args_per_worker: Sequence[tuple]) -> WorkerGroup:
+        if len(args_per_worker) != 1:
+            raise ValueError(
+                f"launcher=local runs one {role} worker, {len(args_per_worker)} were asked for; "
+                f"set {role}.num_workers=1 or use launcher=ray"
+            )
+        return LocalWorkerGroup(role, [worker_cls(*args) for args in args_per_worker])

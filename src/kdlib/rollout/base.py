@@ -1,0 +1,38 @@
+"""The rollout backend contract: prompt token ids in, sampled response token ids out.
+
+Used by ``mode=generate`` (the teacher writes responses: sequence-level KD data) and by on-policy
+distillation (the student samples). A response ends at the first end-of-turn token, which is kept;
+a response cut by ``max_new_tokens`` has no end token and is marked ``finish_reason="length"``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from kdlib.config.schema import ModelConfig, RolloutConfig
+from kdlib.registry import Registry
+
+ROLLOUT_BACKENDS: Registry[type["RolloutBackend"]] = Registry("rollout backend")
+
+
+@dataclass
+class Generation:
+    """One sampled response."""
+
+    token_ids: list[int]  # the response only, through its end-of-turn token when it has one
+    finish_reason: str  # "stop" (ended with an end-of-turn token) or "length" (cut)
+
+
+class RolloutBackend(ABC):
+    def __init__(self, model: ModelConfig, device: torch.device) -> None:
+        self.model_cfg = model
+        self.device = device
+
+    @abstractmethod
+    def generate(
+        self, prompts: list[list[int]], cfg: RolloutConfig, *, stop_ids: set[int], pad_id: int, seed: int
+    ) -> list[list[Generation]]:
+        """``cfg.n_samples_per_prompt`` generations for each prompt, in prompt order."""

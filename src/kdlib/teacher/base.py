@@ -1,0 +1,34 @@
+"""The teacher backend contract: token batches in, post-norm hidden states at loss positions out.
+
+A backend wraps one inference engine (transformers now; SGLang on GPUs). It also exposes the
+teacher's language-model head, which the students use to turn the hidden states back into logits.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from kdlib.batch import TokenBatch
+from kdlib.config.schema import TeacherConfig
+from kdlib.models.head import LMHead
+from kdlib.registry import Registry
+
+TEACHER_BACKENDS: Registry[type["TeacherBackend"]] = Registry("teacher backend")
+
+
+class TeacherBackend(ABC):
+    """One teacher model on one device."""
+
+    def __init__(self, cfg: TeacherConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+
+    @abstractmethod
+    def lm_head(self) -> LMHead:
+        """The head whose application to the hidden states gives the teacher's logits."""
+
+    @abstractmethod
+    def hidden_states(self, batch: TokenBatch) -> torch.Tensor:
+        """Post-norm last-layer hidden states at ``batch.loss_mask``, [n_loss_tokens, hidden]."""

@@ -1,0 +1,33 @@
+"""transformers teacher backend: the embedded default, on CPU or GPU, in inference mode.
+
+The model is loaded in the configured dtype, frozen, and its head identity
+``lm_head(final hidden) == logits`` is checked on a probe input before any data is scored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdlib.batch import TokenBatch
+from kdlib.config.schema import TeacherConfig
+from kdlib.models.forward import hidden_at_loss_positions
+from kdlib.models.head import LMHead, lm_head_of, verify_lm_head
+from kdlib.models.loading import load_causal_lm
+from kdlib.teacher.base import TeacherBackend
+
+
+class HFTeacherBackend(TeacherBackend):
+    def __init__(self, cfg: TeacherConfig, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.model = load_causal_lm(cfg, device=device)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self._head = lm_head_of(self.model)
+        verify_lm_head(self.model, self._head)
+
+    def lm_head(self) -> LMHead:
+        return self._head
+
+    @torch.inference_mode()
+    def hidden_states(self, batch: TokenBatch) -> torch.Tensor:
+        return hidden_at_loss_positions(self.model, batch.to(self.device))

@@ -1,0 +1,62 @@
+"""The transport contract: how teacher outputs reach the student workers.
+
+A teacher worker ``publish``-es each :class:`~kdlib.batch.TeacherOutput` and gets a handle back;
+only handles pass through the controller; the student worker that needs the output ``fetch``-es it.
+The in-process transport hands the object itself over; the Ray transport puts it in the object
+store. Every transport counts the bytes and seconds it spends, which the step metrics report.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from kdlib.batch import TeacherOutput
+from kdlib.config.schema import TransportConfig
+from kdlib.registry import Registry
+
+TRANSPORTS: Registry[type["Transport"]] = Registry("transport")
+
+
+@dataclass
+class TransportStats:
+    """Bytes and seconds spent on one side of a transport since the last ``take``."""
+
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def take(self) -> "TransportStats":
+        """The counts so far, resetting them."""
+        out = TransportStats(self.bytes, self.seconds)
+        self.bytes, self.seconds = 0, 0.0
+        return out
+
+
+class Transport(ABC):
+    """Moves teacher outputs; one instance lives in every teacher and student worker."""
+
+    def __init__(self, cfg: TransportConfig) -> None:
+        self.cfg = cfg
+        self.stats = TransportStats()
+
+    @abstractmethod
+    def publish(self, output: TeacherOutput) -> Any:
+        """Make ``output`` available to students; return a small handle to it."""
+
+    @abstractmethod
+    def fetch(self, handle: Any) -> TeacherOutput:
+        """The output behind ``handle``."""
+
+    @contextmanager
+    def _timed(self, nbytes: int) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.bytes += nbytes
+
+
+def build_transport(cfg: TransportConfig) -> Transport:
+    return TRANSPORTS.get(cfg.name)(cfg)

@@ -1,0 +1,57 @@
+"""TeacherWorker: one teacher replica, wherever a launcher places it.
+
+A plain class: the local launcher calls it in the controller's process, the Ray launcher wraps it in
+an actor; it does not know which. It scores micro-batches with its backend, casts the hidden states
+to the wire dtype (bf16 by default, never fp16), publishes them through the transport and returns
+the handles.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kdlib.batch import MicroBatch, TeacherOutput
+from kdlib.config.schema import HiddenDtype, TeacherConfig, TransportConfig
+from kdlib.models.head import LMHead
+from kdlib.models.loading import resolve_device
+from kdlib.teacher import TEACHER_BACKENDS
+from kdlib.transport import build_transport
+
+WIRE_DTYPES = {HiddenDtype.bfloat16: torch.bfloat16, HiddenDtype.float32: torch.float32}
+
+
+class TeacherWorker:
+    def __init__(self, cfg: TeacherConfig, transport: TransportConfig, device: str, rank: int = 0) -> None:
+        self.rank = rank
+        self.device = resolve_device(device)
+        self.backend = TEACHER_BACKENDS.get(cfg.backend)(cfg, self.device)
+        self.transport = build_transport(transport)
+        self.wire_dtype = WIRE_DTYPES[HiddenDtype(transport.dtype)]
+        self.busy_seconds = 0.0
+
+    def lm_head(self) -> LMHead:
+        """The teacher head on the CPU, detached (shipped once to every student)."""
+        return self.backend.lm_head().detached(device="cpu")
+
+    def forward(self, batches: list[MicroBatch]) -> list:
+        """Transport handles of the hidden states of each micro-batch, in order."""
+        handles = []
+        start = time.perf_counter()
+        for batch in batches:
+            hidden = self.backend.hidden_states(batch.teacher_view)
+            expected = batch.teacher_view.n_loss_tokens
+            if hidden.shape[0] != expected:
+                raise RuntimeError(
+                    f"teacher backend returned {hidden.shape[0]} hidden states for {expected} loss tokens"
+                )
+            handles.append(self.transport.publish(TeacherOutput(hidden.to(self.wire_dtype))))
+        self.busy_seconds += time.perf_counter() - start
+        return handles
+
+    def take_stats(self) -> dict[str, float]:
+        """Seconds busy and bytes published since the last call."""
+        stats = self.transport.stats.take()
+        busy, self.busy_seconds = self.busy_seconds, 0.0
+        return {"teacher_seconds": busy, "published_bytes": float(stats.bytes)}

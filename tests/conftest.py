@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny random models and tokenizers saved to temp dirs, small chat datasets.
+
+Models are built from real transformers configs (Llama, Qwen3) and loaded by path exactly as a real
+run loads a checkpoint. Everything is session-scoped: built once, a few seconds in all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer_dir(tiny_dir) -> Path:
+    from kdlib.testing import build_tokenizer
+
+    path = tiny_dir / "tok_chatml"
+    build_tokenizer(path, template="chatml")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir(tiny_dir) -> Path:
+    from kdlib.testing import build_tokenizer
+
+    path = tiny_dir / "tok_llama3"
+    build_tokenizer(path, template="llama3")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_dir, chatml_tokenizer_dir) -> Path:
+    """4-layer Llama (untied head) with the ChatML tokenizer."""
+    from kdlib.testing import build_model
+
+    path = tiny_dir / "llama"
+    build_model(path, arch="llama", tokenizer_dir=chatml_tokenizer_dir, num_layers=4)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tiny_dir, chatml_tokenizer_dir) -> Path:
+    """4-layer Qwen3 (tied embeddings) with the ChatML tokenizer."""
+    from kdlib.testing import build_model
+
+    path = tiny_dir / "qwen3"
+    build_model(path, arch="qwen3", tokenizer_dir=chatml_tokenizer_dir, num_layers=4, tie_word_embeddings=True, seed=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_data(tiny_dir) -> dict[str, Path]:
+    """Train (24 rows) and eval (8 rows) chats in messages format."""
+    from kdlib.testing import chat_rows, write_jsonl
+
+    return {
+        "train": write_jsonl(tiny_dir / "data" / "train.jsonl", chat_rows(24, seed=0)),
+        "eval": write_jsonl(tiny_dir / "data" / "eval.jsonl", chat_rows(8, seed=1)),
+    }
+
+
+@pytest.fixture
+def tiny_overrides(tiny_llama, chat_data, tmp_path) -> list[str]:
+    """Overrides for a fast run: tiny Llama teacher, 2-layer student pruned from it."""
+    return [
+        f"teacher.model={tiny_llama}",
+        f"student.model={tiny_llama}",
+        "student.num_layers=2",
+        f"data.train={chat_data['train']}",
+        f"data.eval={chat_data['eval']}",
+        "train.max_steps=3",
+        "train.lr=1e-3",
+        "logging.progress=false",
+        "device=cpu",
+        f"output_dir={tmp_path / 'run'}",
+    ]

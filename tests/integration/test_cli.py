@@ -1,0 +1,106 @@
+"""The kdlib command: runs, sweeps, --cfg job, and one-line errors (subprocesses, as users run it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+KDLIB = [sys.executable, "-m", "kdlib"]
+
+
+def _run(args, cwd, check=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    out = subprocess.run([*KDLIB, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"kdlib {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def _cli_overrides(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not o.startswith("output_dir=")]
+
+
+def test_cli_run_writes_the_run_directory(tiny_overrides, tmp_path):
+    run_dir = tmp_path / "cli_run"
+    _run(_cli_overrides(tiny_overrides) + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert (run_dir / "student" / "config.json").exists()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "config.yaml").exists()
+
+
+def test_cli_multirun_sweeps_losses_into_separate_directories(tiny_overrides, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = _cli_overrides(tiny_overrides) + ["train.max_steps=1", "eval.before=false", "save_student=false"]
+    _run(["-m", "loss=kl,rkl", f"hydra.sweep.dir={sweep_dir}", *args], cwd=tmp_path)
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
+    assert len(jobs) == 2
+    names = {yaml.safe_load((j / "config.yaml").read_text())["loss"]["name"] for j in jobs}
+    assert names == {"kl", "rkl"}
+    assert all((j / "results.json").exists() for j in jobs)
+
+
+def test_cli_prints_composed_config(tmp_path):
+    out = _run(["--cfg", "job", "+recipe=offpolicy", "loss=jsd", "loss.beta=0.3"], cwd=tmp_path)
+    assert "beta: 0.3" in out.stdout and "name: jsd" in out.stdout and "kd_ratio: 0.5" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["loss=nope"], "kdlib: error: unknown loss 'nope'; choose one of:"),
+        (["train.max_steps=abc"], "kdlib: error: bad value for train.max_steps"),
+        (["-m", "loss=kl,nope"], "unknown loss 'nope'"),
+        (["data.train=/no/such/file.jsonl", "data.eval=null"], "kdlib: error: data.train: file not found: /no/such/file.jsonl"),
+    ],
+)
+def test_cli_errors_are_one_line(args, expected, tmp_path):
+    out = _run(args, cwd=tmp_path, check=False)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("kdlib: error:")]
+    assert len(errors) == 1 and expected in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_generate_mode_writes_teacher_responses(tiny_llama, chat_data, tmp_path):
+    run_dir = tmp_path / "gen"
+    _run([
+        "+recipe=generate", f"teacher.model={tiny_llama}", f"data.train={chat_data['eval']}",
+        "rollout.max_new_tokens=6", "rollout.batch_size=3", "rollout.n_samples_per_prompt=2",
+        "generate.drop_truncated=false", "device=cpu", "logging.progress=false", f"hydra.run.dir={run_dir}",
+    ], cwd=tmp_path)
+    rows = [json.loads(line) for line in (run_dir / "generated.jsonl").read_text().splitlines()]
+    report = json.loads((run_dir / "generate_report.json").read_text())
+    assert report["rows"] == 8
+    assert report["written"] + report.get("dropped (empty response)", 0) == 16  # 8 prompts x 2 samples
+    assert len(rows) == report["written"]
+    for row in rows:
+        assert row["messages"][-1]["role"] == "assistant" and row["messages"][-2]["role"] == "user"
+        assert row["finish_reason"] in {"stop", "length"}
+        assert "id" in row
+    truncated = sum(r["finish_reason"] == "length" for r in rows)
+    assert report.get("truncated by rollout.max_new_tokens", 0) >= truncated
+
+
+def test_installed_wheel_finds_its_configs(tmp_path):
+    """A non-editable install (pip install .) ships conf/ as kdlib.conf."""
+    repo = Path(__file__).resolve().parents[2]
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(repo)],
+        check=True, capture_output=True, text=True, timeout=600,
+    )
+    code = (
+        "import kdlib, kdlib.config.compose as c; "
+        "print(c.conf_dir()); print(kdlib.compose(['+recipe=offpolicy', 'loss=rkl']).loss.name)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, check=True)
+    conf, loss = out.stdout.split()
+    assert conf.startswith(str(target)) and loss == "rkl"
+    assert (Path(conf) / "recipe" / "offpolicy.yaml").exists()

@@ -1,0 +1,142 @@
+"""Config composition: every shipped option composes, and bad input fails in one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kdlib
+from kdlib.config import KDConfig, LossImplementation, Mode
+from kdlib.config.compose import conf_dir, plugins_in
+from kdlib.config.store import register_configs, registry_groups
+from kdlib.errors import ConfigError
+
+
+def _yaml_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(conf_dir()) / group).glob("*.yaml"))
+
+
+def test_default_config_is_typed():
+    cfg = kdlib.compose([])
+    assert isinstance(cfg, KDConfig)
+    assert cfg.mode is Mode.offpolicy
+    assert cfg.loss.name == "kl" and cfg.loss.implementation is LossImplementation.fused
+    assert cfg.algorithm.name == "vanilla" and 0 < cfg.algorithm.kd_ratio <= 1
+    assert cfg.teacher.model.endswith(".gguf")
+    assert cfg.student.model == cfg.teacher.model  # interpolated: the pruned copy of the teacher
+    assert cfg.train.max_steps > 0 and cfg.launcher.name == "local"
+
+
+@pytest.mark.parametrize("group", ["teacher", "student", "data"])
+def test_every_yaml_option_composes(group):
+    options = _yaml_options(group)
+    assert options, f"conf/{group} is empty"
+    for option in options:
+        cfg = kdlib.compose([f"{group}={option}"])
+        assert isinstance(cfg, KDConfig)
+
+
+def test_every_registry_option_composes():
+    register_configs()
+    for group, (registry, key) in registry_groups().items():
+        for name in registry.names():
+            cfg = kdlib.compose([f"{group}={name}"])
+            assert getattr(getattr(cfg, group), key) == name
+
+
+@pytest.mark.parametrize("recipe", _yaml_options("recipe"))
+def test_every_recipe_composes(recipe):
+    cfg = kdlib.compose([f"+recipe={recipe}"])
+    assert isinstance(cfg, KDConfig)
+
+
+def test_recipes_set_what_they_promise():
+    assert kdlib.compose(["+recipe=generate"]).mode is Mode.generate
+    assert kdlib.compose(["+recipe=sft"]).algorithm.name == "sft"
+    assert kdlib.compose(["+recipe=quickstart"]).train.max_steps == 5
+    # a recipe composes with group choices and overrides given after it
+    cfg = kdlib.compose(["+recipe=offpolicy", "loss=jsd", "loss.beta=0.3", "algorithm.kd_ratio=1.0"])
+    assert cfg.loss.name == "jsd" and cfg.loss.beta == 0.3 and cfg.algorithm.kd_ratio == 1.0
+
+
+def test_group_options_carry_their_own_typed_parameters():
+    cfg = kdlib.compose(["loss=jsd", "loss.beta=0.25", "loss.temperature=2.0"])
+    assert cfg.loss.beta == 0.25 and cfg.loss.temperature == 2.0
+    assert isinstance(cfg.loss.beta, float)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["loss=nope"], "unknown loss 'nope'; choose one of: "),
+        (["algorithm=nope"], "unknown algorithm 'nope'; choose one of: "),
+        (["+recipe=nope"], "unknown recipe 'nope'; choose one of: "),
+        (["train.max_stepz=3"], "unknown key 'train.max_stepz'; valid keys of train are: epochs, max_steps"),
+        (["loss.beta=0.3"], "unknown key 'loss.beta'"),  # kl has no beta
+        (["train.max_steps=abc"], "bad value for train.max_steps: "),
+        (["data.overlong=cut"], "bad value for data.overlong: "),
+        (["train.micro_batch_size=0"], "train.micro_batch_size must be positive"),
+        (["loss.name=foo"], "unknown loss 'foo'; choose one of: "),
+        (["teacher.backend=vllm"], "unknown teacher backend 'vllm'; choose one of: hf"),
+        (["student.num_workers=2"], "needs launcher=ray"),
+        (["algorithm.kd_ratio=1.5"], "kd_ratio"),
+        (["device=gpu"], "device: expected"),
+    ],
+)
+def test_bad_config_fails_in_one_line(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        kdlib.compose(overrides)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_unknown_name_lists_the_valid_choices():
+    with pytest.raises(ConfigError) as info:
+        kdlib.compose(["loss=nope"])
+    for name in ("kl", "rkl", "jsd", "tvd"):
+        assert name in str(info.value)
+
+
+def test_plugins_parsed_from_overrides():
+    assert plugins_in(["plugins=[a.b,c]", "x=1"]) == ["a.b", "c"]
+    assert plugins_in(["+plugins=mod"]) == ["mod"]
+    with pytest.raises(ConfigError, match="plugins: cannot import 'no_such_module_xyz'"):
+        kdlib.compose(["plugins=[no_such_module_xyz]"])
+
+
+def test_user_loss_from_a_plugin_module_is_a_typed_option(tmp_path, monkeypatch):
+    (tmp_path / "my_kd_plugin.py").write_text(
+        "import kdlib\n"
+        "@kdlib.register_loss('scaled_kl_plugin')\n"
+        "def scaled_kl(student_logits, teacher_logits, *, alpha: float = 0.5):\n"
+        "    from kdlib.losses import get\n"
+        "    return alpha * get('kl')(student_logits, teacher_logits)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = kdlib.compose(["plugins=[my_kd_plugin]", "loss=scaled_kl_plugin", "loss.alpha=0.2"])
+    assert cfg.loss.name == "scaled_kl_plugin" and cfg.loss.alpha == 0.2
+    with pytest.raises(ConfigError, match="bad value for loss.alpha"):
+        kdlib.compose(["plugins=[my_kd_plugin]", "loss=scaled_kl_plugin", "loss.alpha=high"])
+
+
+def test_import_kdlib_is_light():
+    code = (
+        "import sys, kdlib; kdlib.compose; "
+        "heavy = [m for m in ('torch', 'ray', 'sglang', 'wandb', 'transformers') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_compose_never_imports_ray_or_sglang():
+    code = (
+        "import sys, kdlib; kdlib.compose(['loss=jsd']); "
+        "print(','.join(m for m in ('ray', 'sglang', 'wandb') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
