@@ -136,8 +136,9 @@ def plugins_in(overrides: Iterable[str]) -> list[str]:
 
 def import_plugins(modules: Iterable[str]) -> None:
     """Import user modules (they register losses, algorithms, backends); '.' is importable."""
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")
+    modules = list(modules)
+    if modules and "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # only when asked: a stray file here must not shadow a package
     for name in modules:
         try:
             importlib.import_module(name)

@@ -106,6 +106,9 @@ class StudentConfig(ModelConfig):
     num_workers: int = 1
     # Recompute activations in the backward pass to save memory.
     gradient_checkpointing: bool = False
+    # Run the student's matrix products in bfloat16 under torch.autocast; weights, optimizer
+    # state and the KD/CE loss stay in `dtype` (mixed precision).
+    autocast: bool = False
 
 
 @dataclass
@@ -224,6 +227,9 @@ class EvalConfig:
     every_steps: int = 0
     # Samples per evaluation forward pass.
     batch_size: int = 8
+    # Keep the teacher's outputs for the eval set after the first evaluation (a frozen teacher
+    # gives the same ones every time): later evaluations run the student only.
+    cache_teacher: bool = True
 
 
 @dataclass

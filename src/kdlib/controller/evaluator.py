@@ -26,29 +26,50 @@ LABELS = {
 }
 
 
-def evaluate(pipeline: "Pipeline") -> Optional[dict[str, float]]:
-    """Held-out metrics of the current student, or None without eval data."""
-    data = pipeline.data
-    if data is None or not data.eval:
-        return None
-    size = pipeline.cfg.eval.batch_size
-    batches = [data.collate(chunk) for chunk in micro_batches(data.eval, size)]
-    handles = teacher_forward(pipeline.teacher, batches)
-    pairs = list(zip(batches, handles))
-    shares = split_across_workers(pairs, pipeline.student.size)
-    results = pipeline.student.call_each(
-        "evaluate", [([b for b, _ in share], [h for _, h in share]) for share in shares]
-    )
-    total = HeldoutSums()
-    for sums in results:
-        total = total.add(sums)
-    if pipeline.teacher is not None:
-        pipeline.teacher.call("take_stats")  # evaluation traffic is not a training step's
-    out = total.means()
-    if pipeline.teacher is None:
-        out.pop("kl")
-        out.pop("top1_agreement")
-    return out
+class Evaluator:
+    """Evaluates the current student on the held-out split.
+
+    The eval micro-batches are built once; the teacher's outputs for them are computed at the
+    first evaluation and reused afterwards (``eval.cache_teacher``), since a frozen teacher gives
+    the same hidden states every time. Call :meth:`invalidate` when the teacher's weights change.
+    """
+
+    def __init__(self, pipeline: "Pipeline") -> None:
+        self.p = pipeline
+        data = pipeline.data
+        self.batches = [] if data is None else [
+            data.collate(chunk) for chunk in micro_batches(data.eval, pipeline.cfg.eval.batch_size)
+        ]
+        self._teacher_handles: Optional[list] = None
+
+    def invalidate(self) -> None:
+        self._teacher_handles = None
+
+    def __call__(self) -> Optional[dict[str, float]]:
+        """Held-out metrics of the current student, or None without eval data."""
+        p = self.p
+        if not self.batches:
+            return None
+        handles = self._teacher_handles
+        if handles is None:
+            handles = teacher_forward(p.teacher, self.batches)
+            if p.teacher is not None:
+                p.teacher.call("take_stats")  # evaluation traffic is not a training step's
+            if p.cfg.eval.cache_teacher:
+                self._teacher_handles = handles
+        pairs = list(zip(self.batches, handles))
+        shares = split_across_workers(pairs, p.student.size)
+        results = p.student.call_each(
+            "evaluate", [([b for b, _ in share], [h for _, h in share]) for share in shares]
+        )
+        total = HeldoutSums()
+        for sums in results:
+            total = total.add(sums)
+        out = total.means()
+        if p.teacher is None:
+            out.pop("kl")
+            out.pop("top1_agreement")
+        return out
 
 
 def comparison_table(before: Optional[dict[str, float]], after: dict[str, float]) -> Table:

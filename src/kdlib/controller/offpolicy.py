@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from kdlib.controller.dispatch import teacher_forward
-from kdlib.controller.evaluator import comparison_table, evaluate, print_table
+from kdlib.controller.evaluator import Evaluator, comparison_table, print_table
 from kdlib.data.batching import global_batches, micro_batches, split_across_workers
 from kdlib.data.samples import Sample
 from kdlib.tracking import MetricsWriter, plot_loss_curves, write_json
@@ -38,9 +38,10 @@ class OffPolicyLoop:
 
         p, cfg = self.p, self.cfg
         result = RunResult(run_dir=p.run_dir)
+        evaluate = Evaluator(p)
         write_json(p.run_dir / "data_report.json", {k: r.as_dict() for k, r in p.data.reports.items()})
         if cfg.eval.before:
-            result.eval_before = evaluate(p)
+            result.eval_before = evaluate()
             if result.eval_before:
                 log.info("eval before training: %s", _fmt(result.eval_before))
         writer = MetricsWriter(p.run_dir)
@@ -62,9 +63,9 @@ class OffPolicyLoop:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", kd=f"{metrics['kd_loss']:.4f}", refresh=False)
                 bar.update(1)
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < p.total_steps:
-                    evals.append({"step": step, **(evaluate(p) or {})})
+                    evals.append({"step": step, **(evaluate() or {})})
         writer.close()
-        result.eval_after = evaluate(p)
+        result.eval_after = evaluate()
         self._finish(result, writer, evals)
         return result
 

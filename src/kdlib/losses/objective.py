@@ -101,16 +101,22 @@ def distillation_loss(
             f"teacher sent hidden states for {teacher_hidden.shape[0]} tokens, "
             f"the student has {student_hidden.shape[0]} loss tokens"
         )
+    with torch.autocast(student_hidden.device.type, enabled=False):  # the loss is never autocast
+        return _dispatch(
+            student_hidden, student_head, teacher_hidden, teacher_head, targets, cfg,
+            kd_weight=kd_weight, ce_weight=ce_weight, normaliser=normaliser,
+        )
+
+
+def _dispatch(student_hidden, student_head, teacher_hidden, teacher_head, targets, cfg, **weights) -> LossTerms:
     if cfg.implementation is LossImplementation.fused:
         from kdlib.losses.fused import fused_distillation_loss
 
         return fused_distillation_loss(
-            student_hidden, student_head, teacher_hidden, teacher_head, targets, cfg,
-            kd_weight=kd_weight, ce_weight=ce_weight, normaliser=normaliser,
+            student_hidden, student_head, teacher_hidden, teacher_head, targets, cfg, **weights
         )
     return naive_distillation_loss(
-        student_hidden, student_head, teacher_hidden, teacher_head, targets, cfg,
-        kd_weight=kd_weight, ce_weight=ce_weight, normaliser=normaliser,
+        student_hidden, student_head, teacher_hidden, teacher_head, targets, cfg, **weights
     )
 
 

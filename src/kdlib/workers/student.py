@@ -63,7 +63,8 @@ class StudentWorker:
             teacher = None if handle is None else self.transport.fetch(handle)
             if teacher is not None:
                 teacher = type(teacher)(teacher.hidden.to(self.device))
-            terms = self.algorithm.compute_loss(self.model, batch.to(self.device), teacher, normaliser)
+            with self._autocast():
+                terms = self.algorithm.compute_loss(self.model, batch.to(self.device), teacher, normaliser)
             terms.loss.backward()
             kd_sum += float(terms.kd_sum)
             ce_sum += float(terms.ce_sum)
@@ -96,7 +97,8 @@ class StudentWorker:
         head = lm_head_of(self.model)
         for batch, handle in zip(batches, handles, strict=True):
             batch = batch.to(self.device)
-            hidden = hidden_at_loss_positions(self.model, batch.student)
+            with self._autocast():
+                hidden = hidden_at_loss_positions(self.model, batch.student)
             teacher_hidden = None if handle is None else self.transport.fetch(handle).hidden.to(self.device)
             total = total.add(
                 heldout_sums(
@@ -115,6 +117,11 @@ class StudentWorker:
         Path(path).mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         return path
+
+    def _autocast(self):
+        """bf16 matrix products in the student's forward and backward when student.autocast is on
+        (weights, optimizer and the loss stay in student.dtype)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.student.autocast)
 
     def _clip_gradients(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
