@@ -71,8 +71,8 @@ def converted_gguf(path: Path) -> Path:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
-        except ImportError as exc:
-            raise ModelError(f"loading {path.name} needs the gguf package: pip install gguf ({exc})") from None
+        except (ImportError, ValueError) as exc:  # missing gguf/accelerate, unsupported architecture
+            raise ModelError(f"cannot load {path.name}: {_first_line(exc)} (install kdlib[gguf])") from None
         # A GGUF-loaded model carries a quantizer that refuses save_pretrained; the weights are
         # already dequantised, so drop it.
         model.hf_quantizer = None
