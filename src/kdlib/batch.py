@@ -21,18 +21,27 @@ import torch
 
 @dataclass
 class TokenBatch:
-    """One model's view of a micro-batch; all tensors are [batch, length]."""
+    """One model's view of a micro-batch; all tensors are [batch, length].
+
+    Padded form: right-padded rows and an ``attention_mask``. Packed form (no padding): one row of
+    concatenated sequences, ``position_ids`` restarting at 0 for each, ``attention_mask=None``;
+    transformers then keeps attention inside each sequence.
+    """
 
     input_ids: torch.Tensor  # long
-    attention_mask: torch.Tensor  # long, 1 = real token, right padding
+    attention_mask: Optional[torch.Tensor]  # long, 1 = real token, right padding; None when packed
     loss_mask: torch.Tensor  # bool, position t predicts input_ids[:, t + 1]
+    position_ids: Optional[torch.Tensor] = None  # long; given for packed batches
 
     def __post_init__(self) -> None:
-        if not (self.input_ids.shape == self.attention_mask.shape == self.loss_mask.shape):
-            raise ValueError(
-                f"TokenBatch shapes differ: ids {tuple(self.input_ids.shape)}, "
-                f"attention {tuple(self.attention_mask.shape)}, loss {tuple(self.loss_mask.shape)}"
-            )
+        shapes = [self.input_ids.shape, self.loss_mask.shape]
+        shapes += [t.shape for t in (self.attention_mask, self.position_ids) if t is not None]
+        if len(set(shapes)) != 1:
+            raise ValueError(f"TokenBatch tensors differ in shape: {[tuple(s) for s in shapes]}")
+
+    @property
+    def packed(self) -> bool:
+        return self.attention_mask is None
 
     @property
     def n_loss_tokens(self) -> int:
@@ -40,7 +49,7 @@ class TokenBatch:
 
     @property
     def n_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        return self.input_ids.numel() if self.attention_mask is None else int(self.attention_mask.sum())
 
     def targets(self) -> torch.Tensor:
         """Next-token ids at the loss positions, [n_loss_tokens]."""
@@ -48,9 +57,10 @@ class TokenBatch:
         return shifted[self.loss_mask]
 
     def to(self, device: torch.device | str) -> "TokenBatch":
-        return TokenBatch(
-            self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device)
-        )
+        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.to(device)
+
+        return TokenBatch(move(self.input_ids), move(self.attention_mask), move(self.loss_mask), move(self.position_ids))
 
 
 @dataclass

@@ -52,8 +52,10 @@ class DataBundle:
     student_pad_id: int
     teacher_pad_id: Optional[int]
 
-    def collate(self, samples: list[Sample]) -> MicroBatch:
-        return collate(samples, student_pad_id=self.student_pad_id, teacher_pad_id=self.teacher_pad_id)
+    def collate(self, samples: list[Sample], *, packing: bool = False) -> MicroBatch:
+        return collate(
+            samples, student_pad_id=self.student_pad_id, teacher_pad_id=self.teacher_pad_id, packing=packing
+        )
 
 
 @dataclass
@@ -102,7 +104,7 @@ class Pipeline:
                 )
             world = cfg.student.num_workers
             pipeline.student = launcher.group(
-                "student", StudentWorker, [(cfg, rank, world) for rank in range(world)]
+                "student", StudentWorker, [(cfg, rank, world) for rank in range(world)], distributed=True
             )
             head = pipeline.teacher.call("lm_head")[0] if pipeline.teacher is not None else None
             pipeline.student.call("setup", head, total)

@@ -104,3 +104,17 @@ def test_installed_wheel_finds_its_configs(tmp_path):
     conf, loss = out.stdout.split()
     assert conf.startswith(str(target)) and loss == "rkl"
     assert (Path(conf) / "recipe" / "offpolicy.yaml").exists()
+
+
+@pytest.mark.ray
+def test_cli_ray_recipe_and_sweep_start_and_stop_ray(tiny_overrides, tmp_path):
+    """+recipe=ray: the launcher starts Ray for each job of a sweep and shuts it down after."""
+    sweep_dir = tmp_path / "ray_sweep"
+    args = _cli_overrides(tiny_overrides) + ["+recipe=ray", "train.max_steps=2", "eval.before=false", "launcher.num_cpus=2"]
+    out = _run(["-m", "loss=kl,rkl", f"hydra.sweep.dir={sweep_dir}", *args], cwd=tmp_path)
+    jobs = sorted(p for p in sweep_dir.iterdir() if (p / "metrics.jsonl").exists())
+    assert len(jobs) == 2
+    for job in jobs:
+        assert (job / "student" / "model.safetensors").exists()
+        assert len((job / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "Traceback" not in out.stderr

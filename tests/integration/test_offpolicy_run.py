@@ -69,3 +69,39 @@ def test_same_seed_same_run(tiny_overrides, tmp_path):
         cfg = kdlib.compose(tiny_overrides + [f"output_dir={tmp_path / name}", "eval.before=false"])
         losses.append(kdlib.run(cfg).metrics["loss"])
     assert losses[0] == losses[1]
+
+
+def test_resume_from_a_checkpoint_continues_the_same_run(tiny_overrides, tmp_path):
+    """Model, optimizer, schedule, RNG and data position: resumed steps equal uninterrupted ones."""
+    common = tiny_overrides + ["train.max_steps=3", "eval.before=false", "train.checkpoint_every=1", "train.keep_checkpoints=5"]
+    full = kdlib.run(kdlib.compose(common + [f"output_dir={tmp_path / 'full'}"]))
+    checkpoints = sorted(p.name for p in (full.run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step_1", "step_2", "step_3"]
+    resumed = kdlib.run(kdlib.compose(common + [
+        f"train.resume={full.run_dir / 'checkpoints' / 'step_1'}", f"output_dir={tmp_path / 'resumed'}",
+    ]))
+    rows_full = [json.loads(line) for line in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows_resumed = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_resumed] == [2, 3]
+    for a, b in zip(rows_full[1:], rows_resumed, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
+
+
+def test_colocation_and_dynamic_batches_do_not_change_the_objective(tiny_overrides, tmp_path):
+    """On the CPU sleep/wake move nothing; a token budget and packing regroup micro-batches only."""
+    base = tiny_overrides + ["train.max_steps=2", "eval.before=false", "loss.implementation=naive"]
+    plain = kdlib.run(kdlib.compose(base + [f"output_dir={tmp_path / 'plain'}"]))
+    variants = {
+        "colocate": ["pipeline.colocate=true"],
+        "budget": ["train.max_tokens_per_micro_batch=160"],
+        "packed": ["train.max_tokens_per_micro_batch=200", "train.packing=true"],
+    }
+    first = json.loads((plain.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    for name, extra in variants.items():
+        result = kdlib.run(kdlib.compose(base + extra + [f"output_dir={tmp_path / name}"]))
+        row = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+        assert row["loss"] == pytest.approx(first["loss"], rel=1e-4), name  # other padding shapes
+        assert row["loss_tokens"] == first["loss_tokens"] and row["samples"] == first["samples"], name
+        if name != "colocate":  # the token budget regrouped the 8 samples (2 micro-batches of 4)
+            assert row["micro_batches"] > first["micro_batches"], name

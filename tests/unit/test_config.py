@@ -27,7 +27,7 @@ def test_default_config_is_typed():
     assert cfg.algorithm.name == "vanilla" and 0 < cfg.algorithm.kd_ratio <= 1
     assert cfg.teacher.model.endswith(".gguf")
     assert cfg.student.model == cfg.teacher.model  # interpolated: the pruned copy of the teacher
-    assert cfg.train.max_steps > 0 and cfg.launcher.name == "local"
+    assert cfg.train.epochs == 1 and cfg.launcher.name == "local"
 
 
 @pytest.mark.parametrize("group", ["teacher", "student", "data"])
@@ -39,12 +39,25 @@ def test_every_yaml_option_composes(group):
         assert isinstance(cfg, KDConfig)
 
 
+# Options that only make sense together.
+COMPANIONS = {("launcher", "ray"): ["transport=ray"], ("transport", "ray"): ["launcher=ray"]}
+
+
 def test_every_registry_option_composes():
     register_configs()
     for group, (registry, key) in registry_groups().items():
         for name in registry.names():
-            cfg = kdlib.compose([f"{group}={name}"])
+            cfg = kdlib.compose([f"{group}={name}", *COMPANIONS.get((group, name), [])])
             assert getattr(getattr(cfg, group), key) == name
+
+
+def test_ray_options_need_each_other():
+    with pytest.raises(ConfigError, match="add transport=ray"):
+        kdlib.compose(["launcher=ray"])
+    with pytest.raises(ConfigError, match="transport=ray needs launcher=ray"):
+        kdlib.compose(["transport=ray"])
+    cfg = kdlib.compose(["+recipe=ray"])
+    assert cfg.launcher.name == "ray" and cfg.transport.name == "ray" and cfg.student.num_workers == 2
 
 
 @pytest.mark.parametrize("recipe", _yaml_options("recipe"))

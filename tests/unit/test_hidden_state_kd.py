@@ -72,7 +72,7 @@ def test_hidden_state_kd_equals_full_logit_kd(loss_name, implementation, teacher
 
     # kdlib: a teacher worker sends hidden states through the transport; the student recomputes
     worker = TeacherWorker(TeacherConfig(model=str(teacher_path)), TransportConfig(name="inprocess", dtype=HiddenDtype.float32), "cpu")
-    (handle,) = worker.forward([batch])
+    (handle,) = worker.forward([batch]).handles
     teacher_hidden = worker.transport.fetch(handle).hidden
     assert teacher_hidden.dtype == torch.float32
     assert teacher_hidden.shape == (batch.n_loss_tokens, teacher_model.config.hidden_size)
@@ -94,7 +94,7 @@ def test_bf16_wire_is_close_to_full_logit_kd(tiny_llama, tiny_qwen3, batch):
         student_logits = student(**_inputs(batch)).logits[batch.student.loss_mask]
         reference = per_token_divergence("kl", student_logits, teacher_logits).sum()
     worker = TeacherWorker(TeacherConfig(model=str(tiny_llama)), TransportConfig(name="inprocess"), "cpu")
-    (handle,) = worker.forward([batch])
+    (handle,) = worker.forward([batch]).handles
     hidden = worker.transport.fetch(handle).hidden
     assert hidden.dtype == torch.bfloat16  # the default wire type, never fp16
     with torch.no_grad():

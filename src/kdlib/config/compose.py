@@ -105,6 +105,16 @@ def validate(cfg: KDConfig) -> None:
         )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device):
         raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.pipeline.prefetch < 0:
+        raise ConfigError(f"pipeline.prefetch must be >= 0, got {cfg.pipeline.prefetch}")
+    if cfg.pipeline.colocate and cfg.pipeline.prefetch:
+        raise ConfigError("pipeline.colocate=true needs pipeline.prefetch=0: colocated teacher and students take turns on the devices")
+    if cfg.train.max_tokens_per_micro_batch is not None and cfg.train.max_tokens_per_micro_batch < 1:
+        raise ConfigError(f"train.max_tokens_per_micro_batch must be positive or null, got {cfg.train.max_tokens_per_micro_batch}")
+    if cfg.launcher.name == "ray" and cfg.transport.name == "inprocess":
+        raise ConfigError("transport=inprocess cannot carry teacher outputs between Ray actors; add transport=ray (or use +recipe=ray)")
+    if cfg.transport.name == "ray" and cfg.launcher.name != "ray":
+        raise ConfigError("transport=ray needs launcher=ray (or use +recipe=ray)")
     if cfg.launcher.name == "local":
         for role in ("teacher", "student"):
             if getattr(cfg, role).num_workers != 1:

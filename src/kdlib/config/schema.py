@@ -85,6 +85,22 @@ class ModelConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """How the student is sharded when it has more than one worker."""
+
+    # Shard group size for HSDP (replicate across groups, shard within); -1 = shard over all workers.
+    shard_size: int = -1
+    # Dtype of the gathered parameters in forward/backward (null: the weights' own dtype).
+    param_dtype: Optional[Precision] = None
+    # Dtype of gradient reduction.
+    reduce_dtype: Precision = Precision.float32
+    # Keep parameters, gradients and optimizer state on the CPU between uses.
+    cpu_offload: bool = False
+    # Free each layer's gathered parameters after its forward (re-gather in backward).
+    reshard_after_forward: bool = True
+
+
+@dataclass
 class TeacherConfig(ModelConfig):
     """The model that only runs forward passes and sends hidden states."""
 
@@ -109,6 +125,8 @@ class StudentConfig(ModelConfig):
     # Run the student's matrix products in bfloat16 under torch.autocast; weights, optimizer
     # state and the KD/CE loss stay in `dtype` (mixed precision).
     autocast: bool = False
+    # Sharding of the student across its workers (used when num_workers > 1).
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 @dataclass
@@ -215,6 +233,18 @@ class TrainConfig:
     adam_eps: float = 1e-8
     # Clip the global gradient norm to this value (0 = no clipping).
     max_grad_norm: float = 1.0
+    # Dynamic batch size: form micro-batches by this token budget per worker instead of
+    # micro_batch_size (samples are balanced across workers by tokens). null = off.
+    max_tokens_per_micro_batch: Optional[int] = None
+    # Pack each micro-batch into one row without padding (position ids restart per sample;
+    # transformers keeps attention inside each sample).
+    packing: bool = False
+    # Save a sharded training checkpoint every this many steps (0 = never).
+    checkpoint_every: int = 0
+    # Keep this many newest checkpoints.
+    keep_checkpoints: int = 2
+    # Resume from a checkpoint directory, or a run directory (its newest complete checkpoint).
+    resume: Optional[str] = None
 
 
 @dataclass
@@ -230,6 +260,17 @@ class EvalConfig:
     # Keep the teacher's outputs for the eval set after the first evaluation (a frozen teacher
     # gives the same ones every time): later evaluations run the student only.
     cache_teacher: bool = True
+
+
+@dataclass
+class PipelineConfig:
+    """How the controller keeps teacher and students busy."""
+
+    # Global batches the teacher scores ahead while the students train (0 = strictly sequential).
+    prefetch: int = 0
+    # Teacher and students share the accelerators: between phases the teacher's weights and the
+    # students' optimizer state leave the device (sleep/wake). Needs prefetch=0.
+    colocate: bool = False
 
 
 @dataclass
@@ -288,6 +329,7 @@ class KDConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     # Which controller loop runs.
     mode: Mode = Mode.offpolicy

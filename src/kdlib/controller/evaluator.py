@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdlib.controller.dispatch import teacher_forward
-from kdlib.data.batching import micro_batches, split_across_workers
+from kdlib.data.batching import even_shares, micro_batches
 from kdlib.evaluation import HeldoutSums
 
 if TYPE_CHECKING:
@@ -53,14 +53,12 @@ class Evaluator:
         handles = self._teacher_handles
         if handles is None:
             handles = teacher_forward(p.teacher, self.batches)
-            if p.teacher is not None:
-                p.teacher.call("take_stats")  # evaluation traffic is not a training step's
             if p.cfg.eval.cache_teacher:
                 self._teacher_handles = handles
-        pairs = list(zip(self.batches, handles))
-        shares = split_across_workers(pairs, p.student.size)
+        shares = even_shares(list(zip(self.batches, handles)), p.student.size)
         results = p.student.call_each(
-            "evaluate", [([b for b, _ in share], [h for _, h in share]) for share in shares]
+            "evaluate",
+            [([b for (b, _), _ in share], [h for (_, h), _ in share], [w for _, w in share]) for share in shares],
         )
         total = HeldoutSums()
         for sums in results:

@@ -1,25 +1,38 @@
 """The off-policy controller loop: distil on a fixed dataset.
 
-Per optimizer step: take a global batch, split it across student workers and into micro-batches,
-have the teacher group score every micro-batch (hidden states at the loss positions, through the
-transport), then have every student worker accumulate gradients over its micro-batches and step.
-The loss normaliser is the number of loss tokens in the whole global batch, so the objective does
-not depend on how the batch was split. Evaluation runs before and after training (and every
-``eval.every_steps``); the final student is saved in Hugging Face format.
+Per optimizer step: take a global batch, plan it across student workers and into micro-batches
+(``data.batching.plan_step``), have the teacher group score every micro-batch (hidden states at the
+loss positions, through the transport), then have every student worker accumulate gradients over
+its micro-batches and step. The loss normaliser is the number of loss tokens in the whole global
+batch, so the objective does not depend on how the batch was split.
+
+With ``pipeline.prefetch=k`` the teacher scores up to k global batches ahead while the students
+train (the teacher's futures are collected only when the students need them); with
+``pipeline.colocate`` the two phases take turns and free the devices for each other. Training
+checkpoints are written every ``train.checkpoint_every`` steps and ``train.resume`` continues from
+one (same data order: the seeded batch sequence is replayed up to the checkpoint's step).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
-from typing import TYPE_CHECKING
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from tqdm.auto import tqdm
 
-from kdlib.controller.dispatch import teacher_forward
+from kdlib.batch import MicroBatch
+from kdlib.controller.dispatch import TeacherJob, collect_teacher, submit_teacher
 from kdlib.controller.evaluator import Evaluator, comparison_table, print_table
-from kdlib.data.batching import global_batches, micro_batches, split_across_workers
+from kdlib.data.batching import StepPlan, global_batches, plan_step
 from kdlib.data.samples import Sample
+from kdlib.errors import ConfigError
+from kdlib.parallel.checkpoint import is_complete, latest_checkpoint, mark_complete
 from kdlib.tracking import MetricsWriter, plot_loss_curves, write_json
 
 if TYPE_CHECKING:
@@ -28,10 +41,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class PreparedStep:
+    """A global batch turned into micro-batches, with its teacher work started."""
+
+    samples: int
+    plan: StepPlan
+    batches: list[MicroBatch]
+    teacher: Optional[TeacherJob]
+    submitted_at: float
+
+
 class OffPolicyLoop:
     def __init__(self, pipeline: "Pipeline") -> None:
         self.p = pipeline
         self.cfg = pipeline.cfg
+        self._last_step_end: Optional[float] = None  # wall clock per step includes preparing it
 
     def run(self) -> "RunResult":
         from kdlib.pipeline import RunResult
@@ -40,28 +65,33 @@ class OffPolicyLoop:
         result = RunResult(run_dir=p.run_dir)
         evaluate = Evaluator(p)
         write_json(p.run_dir / "data_report.json", {k: r.as_dict() for k, r in p.data.reports.items()})
-        if cfg.eval.before:
+        first_step = self.resume() + 1
+        if cfg.eval.before and first_step == 1:
             result.eval_before = evaluate()
             if result.eval_before:
                 log.info("eval before training: %s", _fmt(result.eval_before))
         writer = MetricsWriter(p.run_dir)
-        batches = global_batches(
-            p.data.train,
-            batch_size=cfg.train.global_batch_size,
-            epochs=cfg.train.epochs,
-            shuffle=cfg.data.shuffle,
-            seed=cfg.seed,
-        )
+        batches = self.batches(skip=first_step - 1)
+        self._last_step_end = time.perf_counter()
+        pending: deque[PreparedStep] = deque()
         evals = []
-        with tqdm(total=p.total_steps, desc="distilling", unit="step", disable=not cfg.logging.progress) as bar:
-            for step in range(1, p.total_steps + 1):
-                metrics = self.train_step(next(batches))
+        with tqdm(total=p.total_steps, initial=first_step - 1, desc="distilling", unit="step",
+                  disable=not cfg.logging.progress) as bar:
+            for step in range(first_step, p.total_steps + 1):
+                while len(pending) < cfg.pipeline.prefetch + 1:
+                    samples = next(batches, None)
+                    if samples is None:
+                        break
+                    pending.append(self.prepare(samples))
+                metrics = self.train(pending.popleft())
                 metrics["step"] = step
                 if step % cfg.logging.log_every == 0 or step == p.total_steps:
                     writer.write(metrics)
                     result.metrics = metrics
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", kd=f"{metrics['kd_loss']:.4f}", refresh=False)
                 bar.update(1)
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                    self.save_checkpoint(step)
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < p.total_steps:
                     evals.append({"step": step, **(evaluate() or {})})
         writer.close()
@@ -69,47 +99,106 @@ class OffPolicyLoop:
         self._finish(result, writer, evals)
         return result
 
-    def train_step(self, batch: list[Sample]) -> dict[str, float]:
-        """One optimizer step on a global batch; per-token metrics of the step."""
-        p = self.p
-        start = time.perf_counter()
-        shares = split_across_workers(batch, p.student.size)
-        per_worker = [
-            [p.data.collate(chunk) for chunk in micro_batches(share, self.cfg.train.micro_batch_size)]
-            for share in shares
-        ]
-        normaliser = float(sum(mb.n_loss_tokens for mbs in per_worker for mb in mbs))
-        flat = [mb for mbs in per_worker for mb in mbs]
-        teacher_start = time.perf_counter()
-        handles = teacher_forward(p.teacher, flat)
-        teacher_wall = time.perf_counter() - teacher_start
-        per_worker_handles, offset = [], 0
-        for mbs in per_worker:
-            per_worker_handles.append(handles[offset : offset + len(mbs)])
-            offset += len(mbs)
-        results = p.student.call_each(
-            "train_step", [(mbs, hs, normaliser) for mbs, hs in zip(per_worker, per_worker_handles)]
+    def batches(self, skip: int = 0) -> Iterator[list[Sample]]:
+        cfg = self.cfg
+        stream = global_batches(
+            self.p.data.train, batch_size=cfg.train.global_batch_size, epochs=cfg.train.epochs,
+            shuffle=cfg.data.shuffle, seed=cfg.seed,
         )
-        step_seconds = time.perf_counter() - start
-        total = {key: sum(r[key] for r in results) for key in ("loss_sum", "kd_sum", "ce_sum", "tokens", "loss_tokens", "fetched_bytes")}
-        metrics = {
+        for _ in range(skip):
+            next(stream)
+        return stream
+
+    def prepare(self, samples: list[Sample]) -> PreparedStep:
+        """Plan a global batch, collate its micro-batches and start the teacher on them."""
+        p, train = self.p, self.cfg.train
+        plan = plan_step(
+            samples, p.student.size, micro_batch_size=train.micro_batch_size,
+            max_tokens=train.max_tokens_per_micro_batch, packing=train.packing,
+        )
+        batches = [p.data.collate(chunk, packing=train.packing) for chunk in plan.micro_batches]
+        if self.cfg.pipeline.colocate and p.teacher is not None:
+            p.teacher.call("wake")
+        job = submit_teacher(p.teacher, batches)
+        return PreparedStep(len(samples), plan, batches, job, time.perf_counter())
+
+    def step(self, samples: list[Sample]) -> dict[str, float]:
+        """One optimizer step on a global batch (no prefetch); per-token metrics of the step."""
+        self._last_step_end = time.perf_counter()
+        return self.train(self.prepare(samples))
+
+    def train(self, prepared: PreparedStep) -> dict[str, float]:
+        """Collect the teacher outputs of a prepared step and run the students' optimizer step."""
+        p, colocate = self.p, self.cfg.pipeline.colocate
+        start = time.perf_counter()
+        teacher = collect_teacher(p.teacher, prepared.teacher, len(prepared.batches))
+        handles = teacher.handles
+        waited = time.perf_counter() - start
+        if colocate and p.teacher is not None:
+            p.teacher.call("sleep")
+            p.student.call("wake")
+        plan, batches = prepared.plan, prepared.batches
+        normaliser = float(sum(b.n_loss_tokens for b in batches))
+        args = [
+            ([batches[i] for i, _ in entries], [handles[i] for i, _ in entries], normaliser, [w for _, w in entries])
+            for entries in plan.per_worker
+        ]
+        results = p.student.call_each("train_step", args)
+        if colocate:
+            p.student.call("sleep")
+        end = time.perf_counter()
+        began = self._last_step_end if self._last_step_end is not None else prepared.submitted_at
+        self._last_step_end = end
+        total = {k: sum(r[k] for r in results) for k in ("loss_sum", "kd_sum", "ce_sum", "tokens", "loss_tokens", "fetched_bytes")}
+        return {
             "loss": total["loss_sum"] / normaliser,
             "kd_loss": total["kd_sum"] / normaliser,
             "ce_loss": total["ce_sum"] / normaliser,
             "lr": results[0]["lr"],
             "grad_norm": results[0]["grad_norm"],
-            "tokens_per_s": total["tokens"] / step_seconds,
+            "tokens_per_s": total["tokens"] / (end - began + 1e-9),
             "loss_tokens": total["loss_tokens"],
-            "samples": float(len(batch)),
-            "step_seconds": step_seconds,
-            "teacher_seconds": teacher_wall,
+            "samples": float(prepared.samples),
+            "micro_batches": float(len(batches)),
+            "padding_micro_batches": float(plan.padding),
+            # wall clock since the previous step ended: preparing, teacher, transport, students
+            "step_seconds": end - began,
+            "teacher_wait_seconds": waited,
+            "teacher_seconds": teacher.seconds,
             "student_seconds": max(r["student_seconds"] for r in results),
             "transport_bytes": total["fetched_bytes"],
             "transport_seconds": max(r["fetch_seconds"] for r in results),
         }
-        if p.teacher is not None:
-            p.teacher.call("take_stats")
-        return metrics
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def save_checkpoint(self, step: int) -> Path:
+        directory = self.p.run_dir / "checkpoints" / f"step_{step}"
+        self.p.student.call("save_checkpoint", str(directory), {"step": step})
+        write_json(directory / "trainer_state.json", {"step": step, "total_steps": self.p.total_steps, "seed": self.cfg.seed})
+        mark_complete(directory)
+        log.info("checkpoint saved: %s", directory)
+        kept = sorted(
+            (int(d.name.split("_")[1]), d) for d in directory.parent.glob("step_*") if is_complete(d)
+        )
+        for _, old in kept[: -self.cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return directory
+
+    def resume(self) -> int:
+        """Restore ``train.resume``; returns the step it ended at (0 without resuming)."""
+        source = self.cfg.train.resume
+        if not source:
+            return 0
+        path = Path(source)
+        directory = path if is_complete(path) else latest_checkpoint(path)
+        if directory is None:
+            raise ConfigError(f"train.resume: no complete checkpoint in {path}")
+        state = json.loads((directory / "trainer_state.json").read_text())
+        self.p.student.call("load_checkpoint", str(directory))
+        log.info("resumed from %s (step %d)", directory, state["step"])
+        return int(state["step"])
 
     def _finish(self, result: "RunResult", writer: MetricsWriter, evals: list[dict]) -> None:
         p, cfg = self.p, self.cfg
@@ -136,5 +225,5 @@ class OffPolicyLoop:
         })
 
 
-def _fmt(metrics: dict[str, float]) -> str:
+def _fmt(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

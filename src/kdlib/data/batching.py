@@ -1,14 +1,19 @@
-"""Samples -> global batches -> per-worker micro-batches of padded tensors.
+"""Samples -> global batches -> a per-worker plan of micro-batches -> padded or packed tensors.
 
-A global batch is what one optimizer step consumes. It is split first across data-parallel
-student workers, then into micro-batches of at most ``train.micro_batch_size`` samples; every
-sample of the global batch lands in exactly one micro-batch. The order of samples is a seeded
-shuffle per epoch, so two runs with the same seed see the same batches.
+A global batch is what one optimizer step consumes. :func:`plan_step` splits it across the
+data-parallel student workers and into micro-batches, either by count (``train.micro_batch_size``)
+or by a token budget (``train.max_tokens_per_micro_batch``: dynamic batch size, samples balanced
+across workers by tokens). Every sample lands in exactly one micro-batch. Because the workers of a
+sharded student must run the same number of forward/backward passes, a worker with fewer
+micro-batches gets weight-0 copies of one of its own (they keep the collectives in step and
+contribute nothing); the plan counts them. The order of samples is a seeded shuffle per epoch.
 """
 
 from __future__ import annotations
 
+import heapq
 import random
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
@@ -38,7 +43,7 @@ def steps_per_epoch(n_samples: int, batch_size: int) -> int:
     return -(-n_samples // batch_size)
 
 
-def split_across_workers(batch: list[Sample], n_workers: int) -> list[list[Sample]]:
+def split_across_workers(batch: list, n_workers: int) -> list[list]:
     """Contiguous, near-equal shares (sizes differ by at most one); nothing is dropped."""
     base, extra = divmod(len(batch), n_workers)
     shares, start = [], 0
@@ -49,17 +54,106 @@ def split_across_workers(batch: list[Sample], n_workers: int) -> list[list[Sampl
     return shares
 
 
-def micro_batches(samples: list[Sample], size: int) -> list[list[Sample]]:
+def even_shares(items: list, n_workers: int) -> list[list[tuple[object, float]]]:
+    """Near-equal contiguous shares as (item, weight) pairs, padded with weight-0 copies so every
+    worker gets the same number of items (the ranks of a sharded model run in lockstep)."""
+    shares = split_across_workers(items, n_workers)
+    longest = max(len(share) for share in shares)
+    out = []
+    for share in shares:
+        filler = share[0] if share else items[0]
+        out.append([(item, 1.0) for item in share] + [(filler, 0.0)] * (longest - len(share)))
+    return out
+
+
+def assign_by_cost(costs: list[int], n_workers: int) -> list[list[int]]:
+    """Indices of ``costs`` per worker: largest first, each to the least-loaded worker (LPT)."""
+    heap = [(0, rank) for rank in range(n_workers)]
+    assignment: list[list[int]] = [[] for _ in range(n_workers)]
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        load, rank = heapq.heappop(heap)
+        assignment[rank].append(index)
+        heapq.heappush(heap, (load + costs[index], rank))
+    return assignment
+
+
+def micro_batches(samples: list, size: int) -> list[list]:
     return [samples[i : i + size] for i in range(0, len(samples), size)]
 
 
-def collate(samples: list[Sample], *, student_pad_id: int, teacher_pad_id: Optional[int] = None) -> MicroBatch:
-    """Right-padded tensors for the student and, when it has its own tokens, the teacher."""
-    student = _pad([s.student for s in samples], student_pad_id)
+def token_budget_batches(samples: list[Sample], max_tokens: int, *, packing: bool) -> list[list[Sample]]:
+    """Micro-batches of at most ``max_tokens`` tokens each (padded: rows x longest; packed: the sum),
+    longest samples first; a sample longer than the budget gets a micro-batch of its own."""
+    ordered = sorted(samples, key=lambda s: -len(s.student))
+    batches: list[list[Sample]] = []
+    current: list[Sample] = []
+    for sample in ordered:
+        candidate = current + [sample]
+        cost = sum(len(s.student) for s in candidate) if packing else len(candidate) * len(candidate[0].student)
+        if current and cost > max_tokens:
+            batches.append(current)
+            candidate = [sample]
+        current = candidate
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class StepPlan:
+    """The micro-batches of one global batch and which worker runs which."""
+
+    # Distinct micro-batches: each is collated once and scored by the teacher once.
+    micro_batches: list[list[Sample]]
+    # Per worker: (index into micro_batches, weight); weight 0 marks a padding copy.
+    per_worker: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    @property
+    def padding(self) -> int:
+        return sum(1 for entries in self.per_worker for _, w in entries if w == 0.0)
+
+
+def plan_step(
+    batch: list[Sample],
+    n_workers: int,
+    *,
+    micro_batch_size: int,
+    max_tokens: Optional[int] = None,
+    packing: bool = False,
+) -> StepPlan:
+    """Split a global batch over ``n_workers`` and into micro-batches, padded to equal counts."""
+    if max_tokens:
+        assignment = assign_by_cost([len(s.student) for s in batch], n_workers)
+        shares = [[batch[i] for i in sorted(idx)] for idx in assignment]
+        per_share = [token_budget_batches(share, max_tokens, packing=packing) for share in shares]
+    else:
+        shares = split_across_workers(batch, n_workers)
+        per_share = [micro_batches(share, micro_batch_size) for share in shares]
+    plan = StepPlan(micro_batches=[])
+    for worker_batches in per_share:
+        entries = []
+        for samples in worker_batches:
+            entries.append((len(plan.micro_batches), 1.0))
+            plan.micro_batches.append(samples)
+        plan.per_worker.append(entries)
+    longest = max(len(entries) for entries in plan.per_worker)
+    for entries in plan.per_worker:
+        source = entries[0][0] if entries else 0  # an empty share borrows worker 0's first batch
+        entries.extend((source, 0.0) for _ in range(longest - len(entries)))
+    return plan
+
+
+def collate(
+    samples: list[Sample], *, student_pad_id: int, teacher_pad_id: Optional[int] = None, packing: bool = False
+) -> MicroBatch:
+    """Tensors for the student and, when it has its own tokens, the teacher: right-padded rows, or
+    one packed row without padding."""
+    build = _pack if packing else (lambda seqs, pad: _pad(seqs, pad))
+    student = build([s.student for s in samples], student_pad_id)
     teacher = None
     if samples and samples[0].teacher is not None:
         assert teacher_pad_id is not None, "teacher sequences need the teacher pad id"
-        teacher = _pad([s.teacher for s in samples], teacher_pad_id)
+        teacher = build([s.teacher for s in samples], teacher_pad_id)
     return MicroBatch(student=student, teacher=teacher, sample_ids=[s.index for s in samples])
 
 
@@ -75,3 +169,19 @@ def _pad(sequences: list[Sequence], pad_id: int) -> TokenBatch:
         # position t predicts token t + 1: the positions before each response token
         loss[row, seq.response_start - 1 : n - 1] = True
     return TokenBatch(input_ids=ids, attention_mask=attention, loss_mask=loss)
+
+
+def _pack(sequences: list[Sequence], pad_id: int) -> TokenBatch:
+    total = sum(len(s) for s in sequences)
+    ids = torch.empty((1, total), dtype=torch.long)
+    positions = torch.empty((1, total), dtype=torch.long)
+    loss = torch.zeros((1, total), dtype=torch.bool)
+    offset = 0
+    for seq in sequences:
+        n = len(seq)
+        ids[0, offset : offset + n] = torch.tensor(seq.input_ids, dtype=torch.long)
+        positions[0, offset : offset + n] = torch.arange(n)
+        # never the last position of a sequence: its next token belongs to the next sequence
+        loss[0, offset + seq.response_start - 1 : offset + n - 1] = True
+        offset += n
+    return TokenBatch(input_ids=ids, attention_mask=None, loss_mask=loss, position_ids=positions)

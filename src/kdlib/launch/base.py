@@ -36,6 +36,15 @@ class WorkerGroup(ABC):
     def call_each(self, method: str, args_per_worker: Sequence[tuple]) -> list[Any]:
         """``worker_i.method(*args_per_worker[i])``; results in rank order."""
 
+    def submit_each(self, method: str, args_per_worker: Sequence[tuple]) -> list[Any]:
+        """Start ``call_each`` and return one future per worker, for :meth:`gather`. Groups whose
+        workers live in this process run the calls now (their futures are the results)."""
+        return self.call_each(method, args_per_worker)
+
+    def gather(self, futures: list[Any], method: str = "call") -> list[Any]:
+        """The results behind ``submit_each``'s futures, in rank order."""
+        return futures
+
 
 class Launcher(ABC):
     """Creates worker groups and owns their lifetime."""
@@ -44,8 +53,11 @@ class Launcher(ABC):
         self.cfg = cfg
 
     @abstractmethod
-    def group(self, role: str, worker_cls: type, args_per_worker: Sequence[tuple]) -> WorkerGroup:
-        """Start ``len(args_per_worker)`` workers ``worker_cls(*args)`` of ``role``."""
+    def group(
+        self, role: str, worker_cls: type, args_per_worker: Sequence[tuple], *, distributed: bool = False
+    ) -> WorkerGroup:
+        """Start ``len(args_per_worker)`` workers ``worker_cls(*args)`` of ``role``; with
+        ``distributed`` they will form a torch.distributed group (MASTER_ADDR/PORT are set)."""
 
     def shutdown(self) -> None:
         """Release the workers and whatever the launcher started."""

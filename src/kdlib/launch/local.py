@@ -26,7 +26,9 @@ class LocalWorkerGroup(WorkerGroup):
 
 
 class LocalLauncher(Launcher):
-    def group(self, role: str, worker_cls: type, args_per_worker: Sequence[tuple]) -> WorkerGroup:
+    def group(
+        self, role: str, worker_cls: type, args_per_worker: Sequence[tuple], *, distributed: bool = False
+    ) -> WorkerGroup:
         if len(args_per_worker) != 1:
             raise ValueError(
                 f"launcher=local runs one {role} worker, {len(args_per_worker)} were asked for; "

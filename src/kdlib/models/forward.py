@@ -20,6 +20,7 @@ def final_hidden_states(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
     out = decoder_of(model)(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
         use_cache=False,
     )
     return out.last_hidden_state

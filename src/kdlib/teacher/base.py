@@ -32,3 +32,16 @@ class TeacherBackend(ABC):
     @abstractmethod
     def hidden_states(self, batch: TokenBatch) -> torch.Tensor:
         """Post-norm last-layer hidden states at ``batch.loss_mask``, [n_loss_tokens, hidden]."""
+
+    def sleep(self) -> None:
+        """Colocation: free the accelerator (weights to host memory); a no-op on the CPU."""
+        model = getattr(self, "model", None)
+        if model is not None and self.device.type == "cuda":
+            model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        """Undo :meth:`sleep`."""
+        model = getattr(self, "model", None)
+        if model is not None and self.device.type == "cuda":
+            model.to(self.device)

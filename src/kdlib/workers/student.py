@@ -1,13 +1,17 @@
 """StudentWorker: one data-parallel replica of the student, wherever a launcher places it.
 
-A plain class, like the teacher worker. It owns the student model, its optimizer and schedule, and
-the algorithm; per optimizer step it fetches the teacher outputs of its micro-batches from the
-transport, accumulates gradients over them, clips and steps, and returns additive sums (loss terms,
-token counts, timings) that the controller adds up across workers.
+A plain class, like the teacher worker. It owns the student model (wrapped with its algorithm in a
+:class:`~kdlib.algorithms.objective.StudentObjective`, sharded with FSDP2 when there are several
+workers), the optimizer and the schedule. Per optimizer step it fetches the teacher outputs of its
+micro-batches from the transport, accumulates gradients (a micro-batch of weight 0 only keeps the
+ranks' collectives in step), clips and steps, and returns additive sums (loss terms, token counts,
+timings) that the controller adds up across workers. Every rank must receive the same number of
+micro-batches; the controller pads with weight-0 ones.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -16,14 +20,16 @@ import torch
 from transformers import set_seed
 
 from kdlib.algorithms import ALGORITHMS
-from kdlib.batch import MicroBatch
+from kdlib.algorithms.objective import StudentObjective
+from kdlib.batch import MicroBatch, TeacherOutput
 from kdlib.config.schema import KDConfig
-from kdlib.evaluation import HeldoutSums, heldout_sums
-from kdlib.models.forward import hidden_at_loss_positions
-from kdlib.models.head import LMHead, lm_head_of
+from kdlib.evaluation import HeldoutSums
+from kdlib.models.head import LMHead
 from kdlib.models.loading import resolve_device
 from kdlib.models.student import build_student
 from kdlib.optim import build_optimizer, build_scheduler
+from kdlib.parallel import checkpoint as ckpt
+from kdlib.parallel.distributed import init_process_group
 from kdlib.transport import build_transport
 
 
@@ -33,44 +39,53 @@ class StudentWorker:
         self.rank = rank
         self.world_size = world_size
         self.device = resolve_device(cfg.device)
-        set_seed(cfg.seed)
+        if world_size > 1:
+            timeout = float(os.environ.get("KDLIB_COLLECTIVE_TIMEOUT_S", 600))
+            init_process_group(rank, world_size, self.device, timeout_s=timeout)
+        set_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_student(cfg.student, self.device)
         self.transport = build_transport(cfg.transport)
-        self.teacher_head: Optional[LMHead] = None
-        self.algorithm = None
+        self.objective: Optional[StudentObjective] = None
         self.optimizer = None
         self.scheduler = None
 
     def setup(self, teacher_head: Optional[LMHead], total_steps: int) -> None:
-        """Receive the teacher head (None without a teacher) and build algorithm and optimizer."""
+        """Receive the teacher head (None without a teacher); build algorithm, sharding, optimizer."""
         if teacher_head is not None:
             teacher_head = teacher_head.detached(device=self.device)
-        self.teacher_head = teacher_head
-        algorithm_cls = ALGORITHMS.get(self.cfg.algorithm.name)
-        self.algorithm = algorithm_cls(self.cfg.algorithm, self.cfg.loss, teacher_head)
-        self.optimizer = build_optimizer(self.model, self.cfg.train)
+        algorithm = ALGORITHMS.get(self.cfg.algorithm.name)(self.cfg.algorithm, self.cfg.loss, teacher_head)
+        self.objective = StudentObjective(
+            self.model, algorithm, device_type=self.device.type,
+            autocast=self.cfg.student.autocast, chunk_size=self.cfg.loss.chunk_size,
+        )
+        if self.world_size > 1:
+            from kdlib.parallel.fsdp import shard_student
+
+            shard_student(self.objective, self.model, self.cfg.student.fsdp, self.world_size, self.device)
+        self.optimizer = build_optimizer(self.objective, self.cfg.train)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.train, total_steps)
 
-    def train_step(self, batches: list[MicroBatch], handles: list[Any], normaliser: float) -> dict[str, float]:
+    def train_step(
+        self, batches: list[MicroBatch], handles: list[Any], normaliser: float, weights: Optional[list[float]] = None
+    ) -> dict[str, float]:
         """One optimizer step over this worker's micro-batches; returns additive sums."""
-        assert self.algorithm is not None, "setup() must run before train_step()"
+        assert self.objective is not None, "setup() must run before train_step()"
+        weights = weights or [1.0] * len(batches)
         start = time.perf_counter()
-        self.model.train()
+        self.objective.train()
         self.optimizer.zero_grad(set_to_none=True)
         kd_sum = ce_sum = loss_sum = 0.0
         n_loss_tokens = n_tokens = 0
-        for batch, handle in zip(batches, handles, strict=True):
-            teacher = None if handle is None else self.transport.fetch(handle)
-            if teacher is not None:
-                teacher = type(teacher)(teacher.hidden.to(self.device))
-            with self._autocast():
-                terms = self.algorithm.compute_loss(self.model, batch.to(self.device), teacher, normaliser)
-            terms.loss.backward()
-            kd_sum += float(terms.kd_sum)
-            ce_sum += float(terms.ce_sum)
-            loss_sum += float(terms.loss.detach()) * normaliser
-            n_loss_tokens += batch.n_loss_tokens
-            n_tokens += batch.n_tokens
+        for batch, handle, weight in zip(batches, handles, weights, strict=True):
+            teacher = self._fetch(handle)
+            loss, kd, ce = self.objective(batch.to(self.device), teacher, normaliser, weight)
+            loss.backward()
+            kd_sum += float(kd)
+            ce_sum += float(ce)
+            loss_sum += float(loss.detach()) * normaliser
+            if weight:
+                n_loss_tokens += batch.n_loss_tokens
+                n_tokens += batch.n_tokens
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = self._clip_gradients()
         self.optimizer.step()
@@ -82,6 +97,7 @@ class StudentWorker:
             "ce_sum": ce_sum,
             "loss_tokens": float(n_loss_tokens),
             "tokens": float(n_tokens),
+            "padding_batches": float(sum(1 for w in weights if not w)),
             "grad_norm": grad_norm,
             "lr": lr,
             "student_seconds": time.perf_counter() - start,
@@ -90,41 +106,65 @@ class StudentWorker:
         }
 
     @torch.no_grad()
-    def evaluate(self, batches: list[MicroBatch], handles: list[Any]) -> HeldoutSums:
-        """Held-out sums of KL(teacher || student), CE and top-1 agreement."""
-        self.model.eval()
+    def evaluate(self, batches: list[MicroBatch], handles: list[Any], weights: Optional[list[float]] = None) -> HeldoutSums:
+        """Held-out sums of KL(teacher || student), CE and top-1 agreement (weight-0 batches skipped)."""
+        self.objective.eval()
         total = HeldoutSums()
-        head = lm_head_of(self.model)
-        for batch, handle in zip(batches, handles, strict=True):
-            batch = batch.to(self.device)
-            with self._autocast():
-                hidden = hidden_at_loss_positions(self.model, batch.student)
-            teacher_hidden = None if handle is None else self.transport.fetch(handle).hidden.to(self.device)
-            total = total.add(
-                heldout_sums(
-                    hidden, head, teacher_hidden, self.teacher_head, batch.student.targets(),
-                    chunk_size=self.cfg.loss.chunk_size,
-                )
-            )
+        for batch, handle, weight in zip(batches, handles, weights or [1.0] * len(batches), strict=True):
+            sums = self.objective(batch.to(self.device), self._fetch(handle), 1.0, evaluate=True)
+            if weight:
+                total = total.add(sums)
         self.transport.stats.take()
         return total
 
     def save(self, path: Optional[str]) -> Optional[str]:
-        """Write the student in Hugging Face format to ``path`` (the writing rank's; None on the
-        others, which only take part in gathering); returns the path written."""
+        """Write the student in Hugging Face format to ``path`` (given to one rank; the others pass
+        None and only take part in gathering the shards); returns the path written."""
+        state = ckpt.full_model_state(self.objective) if self.world_size > 1 else None
         if path is None:
             return None
         Path(path).mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        self.model.save_pretrained(path, state_dict=state)
         return path
 
-    def _autocast(self):
-        """bf16 matrix products in the student's forward and backward when student.autocast is on
-        (weights, optimizer and the loss stay in student.dtype)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.student.autocast)
+    def save_checkpoint(self, directory: str, extra: dict[str, Any]) -> None:
+        """Sharded model + optimizer, and this rank's scheduler and RNG state (all ranks call)."""
+        state = {"scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(), **extra}
+        ckpt.save_checkpoint(directory, self.objective, self.optimizer, state)
+
+    def load_checkpoint(self, directory: str) -> dict[str, Any]:
+        extra = ckpt.load_checkpoint(directory, self.objective, self.optimizer)
+        self.scheduler.load_state_dict(extra.pop("scheduler"))
+        ckpt.set_rng_state(extra.pop("rng"))
+        return extra
+
+    def sleep(self) -> None:
+        """Colocation: move the optimizer state off the accelerator while the teacher runs."""
+        _move_optimizer_state(self.optimizer, torch.device("cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        _move_optimizer_state(self.optimizer, self.device)
+
+    def _fetch(self, handle: Any) -> Optional[TeacherOutput]:
+        if handle is None:
+            return None
+        return TeacherOutput(self.transport.fetch(handle).hidden.to(self.device))
 
     def _clip_gradients(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.objective.parameters() if p.grad is not None]
         max_norm = self.cfg.train.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            norm = norm.full_tensor()
         return float(norm)
+
+
+def _move_optimizer_state(optimizer: Optional[torch.optim.Optimizer], device: torch.device) -> None:
+    if optimizer is None:
+        return
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.device != device:
+                state[key] = value.to(device, non_blocking=True)

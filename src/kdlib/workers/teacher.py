@@ -9,6 +9,8 @@ the handles.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,6 +24,15 @@ from kdlib.transport import build_transport
 WIRE_DTYPES = {HiddenDtype.bfloat16: torch.bfloat16, HiddenDtype.float32: torch.float32}
 
 
+@dataclass
+class TeacherResult:
+    """What one ``forward`` call returns to the controller (small: handles, not tensors)."""
+
+    handles: list[Any]
+    seconds: float  # time the worker spent scoring and publishing
+    published_bytes: int
+
+
 class TeacherWorker:
     def __init__(self, cfg: TeacherConfig, transport: TransportConfig, device: str, rank: int = 0) -> None:
         self.rank = rank
@@ -29,14 +40,13 @@ class TeacherWorker:
         self.backend = TEACHER_BACKENDS.get(cfg.backend)(cfg, self.device)
         self.transport = build_transport(transport)
         self.wire_dtype = WIRE_DTYPES[HiddenDtype(transport.dtype)]
-        self.busy_seconds = 0.0
 
     def lm_head(self) -> LMHead:
         """The teacher head on the CPU, detached (shipped once to every student)."""
         return self.backend.lm_head().detached(device="cpu")
 
-    def forward(self, batches: list[MicroBatch]) -> list:
-        """Transport handles of the hidden states of each micro-batch, in order."""
+    def forward(self, batches: list[MicroBatch]) -> TeacherResult:
+        """Transport handles of the hidden states of each micro-batch, in order, and the cost."""
         handles = []
         start = time.perf_counter()
         for batch in batches:
@@ -47,11 +57,13 @@ class TeacherWorker:
                     f"teacher backend returned {hidden.shape[0]} hidden states for {expected} loss tokens"
                 )
             handles.append(self.transport.publish(TeacherOutput(hidden.to(self.wire_dtype))))
-        self.busy_seconds += time.perf_counter() - start
-        return handles
+        published = self.transport.stats.take()
+        return TeacherResult(handles, time.perf_counter() - start, published.bytes)
 
-    def take_stats(self) -> dict[str, float]:
-        """Seconds busy and bytes published since the last call."""
-        stats = self.transport.stats.take()
-        busy, self.busy_seconds = self.busy_seconds, 0.0
-        return {"teacher_seconds": busy, "published_bytes": float(stats.bytes)}
+    def sleep(self) -> None:
+        """Colocation: release the accelerator while the students train."""
+        self.backend.sleep()
+
+    def wake(self) -> None:
+        self.backend.wake()
+

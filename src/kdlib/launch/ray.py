@@ -1,0 +1,184 @@
+"""The Ray launcher: every worker is a Ray actor; Ray is started (or joined) per run.
+
+Each actor wraps one plain worker object (``TeacherWorker``, ``StudentWorker``, ...), constructed
+inside the actor; a group call sends the method name and arguments and returns the results in rank
+order. Student groups are data-parallel: rank 0's actor picks ``MASTER_ADDR``/``MASTER_PORT``
+before any worker is built, so the workers can form their torch.distributed group.
+
+Results are gathered fail-fast: the first worker that raises or dies stops the call with a
+:class:`~kdlib.errors.WorkerError` naming the role, rank and process, instead of leaving the other
+ranks waiting in a collective. Ray is shut down with the launcher (also after a failure), so a
+sweep starts each job with a fresh cluster unless ``launcher.address`` joins a running one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from kdlib.config.schema import LauncherConfig
+from kdlib.errors import WorkerError
+from kdlib.launch.base import Launcher, WorkerGroup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RayLauncherConfig(LauncherConfig):
+    name: str = "ray"
+    # Address of a running cluster ("auto", "ray://host:10001"); null starts a local one.
+    address: Optional[str] = None
+    # CPUs / GPUs of a local cluster (null: everything the machine has).
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+    # Resources each worker asks for; fractional CPUs let several workers share few cores.
+    cpus_per_worker: float = 0.5
+    # GPUs per worker (null: 1 when the cluster has GPUs, else 0).
+    gpus_per_worker: Optional[float] = None
+    # torch threads per worker process (null: max(1, cpus_per_worker)).
+    threads_per_worker: Optional[int] = None
+    # Seconds a collective may wait before a student rank gives up (a dead peer).
+    collective_timeout_s: float = 300.0
+
+
+def _actor_class():
+    import ray
+
+    @ray.remote(max_restarts=0)
+    class WorkerActor:
+        """Hosts one plain worker object in its own process."""
+
+        def __init__(self, env: dict[str, str], threads: int) -> None:
+            os.environ.update(env)
+            import torch
+
+            torch.set_num_threads(threads)
+            self.worker = None
+
+        def address(self) -> tuple[str, int, int]:
+            from kdlib.parallel.distributed import free_port, node_address
+
+            return node_address(), free_port(), os.getpid()
+
+        def build(self, worker_cls: type, args: tuple, env: dict[str, str]) -> int:
+            os.environ.update(env)
+            self.worker = worker_cls(*args)
+            return os.getpid()
+
+        def call(self, method: str, args: tuple, kwargs: dict) -> Any:
+            return getattr(self.worker, method)(*args, **kwargs)
+
+    return WorkerActor
+
+
+class RayWorkerGroup(WorkerGroup):
+    def __init__(self, role: str, actors: list, pids: list[int]) -> None:
+        self.role = role
+        self.actors = actors
+        self.pids = pids
+
+    @property
+    def size(self) -> int:
+        return len(self.actors)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        return self.gather([a.call.remote(method, args, kwargs) for a in self.actors], method)
+
+    def call_each(self, method: str, args_per_worker: Sequence[tuple]) -> list[Any]:
+        if len(args_per_worker) != len(self.actors):
+            raise ValueError(f"{self.role} group has {len(self.actors)} workers, got {len(args_per_worker)} argument tuples")
+        refs = [a.call.remote(method, tuple(args), {}) for a, args in zip(self.actors, args_per_worker)]
+        return self.gather(refs, method)
+
+    def submit_each(self, method: str, args_per_worker: Sequence[tuple]) -> list:
+        """Start the calls and return their futures (Ray object refs) without waiting."""
+        return [a.call.remote(method, tuple(args), {}) for a, args in zip(self.actors, args_per_worker)]
+
+    def gather(self, refs: list, method: str = "call") -> list[Any]:
+        """Results of ``refs`` in order; the first failure raises WorkerError at once."""
+        import ray
+
+        index = {ref: rank for rank, ref in enumerate(refs)}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - translated into one named error
+                    rank = index[ref]
+                    raise WorkerError(
+                        f"{self.role} worker {rank} (pid {self.pids[rank]}) failed in {method}(): "
+                        f"{_describe(exc)}"
+                    ) from exc
+        return ray.get(refs)
+
+
+class RayLauncher(Launcher):
+    cfg: RayLauncherConfig
+
+    def __init__(self, cfg: RayLauncherConfig) -> None:
+        super().__init__(cfg)
+        import ray
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        self._started = False
+        self._actors: list = []
+        if not ray.is_initialized():
+            ray.init(
+                address=cfg.address,
+                num_cpus=cfg.num_cpus if cfg.address is None else None,
+                num_gpus=cfg.num_gpus if cfg.address is None else None,
+                include_dashboard=False,
+                log_to_driver=True,
+                configure_logging=False,
+            )
+            self._started = True
+        self.has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+
+    def group(self, role: str, worker_cls: type, args_per_worker: Sequence[tuple], *, distributed: bool = False) -> WorkerGroup:
+        cfg = self.cfg
+        gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if self.has_gpus else 0.0)
+        threads = cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker))
+        base_env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
+        actor_cls = _actor_class().options(num_cpus=cfg.cpus_per_worker, num_gpus=gpus)
+        actors = [actor_cls.remote(base_env, threads) for _ in args_per_worker]
+        self._actors.extend(actors)
+        group = RayWorkerGroup(role, actors, [-1] * len(actors))
+        env: dict[str, str] = {}
+        if distributed and len(actors) > 1:
+            host, port, _ = group.gather([actors[0].address.remote()], "address")[0]
+            env = {"MASTER_ADDR": host, "MASTER_PORT": str(port),
+                   "KDLIB_COLLECTIVE_TIMEOUT_S": str(cfg.collective_timeout_s)}
+        refs = [a.build.remote(worker_cls, tuple(args), env) for a, args in zip(actors, args_per_worker)]
+        group.pids = [int(p) for p in group.gather(refs, "__init__")]
+        log.info("%s group: %d Ray actor(s), pids %s", role, len(actors), group.pids)
+        return group
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self._actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+        self._actors.clear()
+        if self._started and ray.is_initialized():
+            ray.shutdown()
+            self._started = False
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a Ray task error: the worker's own exception, or how the actor died."""
+    import ray
+
+    cause = exc
+    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+        cause = exc.cause
+    if isinstance(cause, ray.exceptions.RayActorError):
+        return "the worker process died (killed, out of memory, or crashed)"
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"

@@ -1,0 +1,127 @@
+"""The Ray launcher: FSDP2 students, object-store transport, overlap, failures (local Ray, 2 CPUs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import kdlib
+from kdlib.errors import WorkerError
+from kdlib.pipeline import Pipeline
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local cluster for the module (the launcher joins it instead of starting its own)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+RAY = ["launcher=ray", "transport=ray", "student.num_workers=2", "eval.before=false"]
+
+
+def _losses(result) -> list[dict]:
+    return [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ray_fsdp_reproduces_the_local_run(ray_cluster, tiny_overrides, tmp_path):
+    """1 teacher + 2 FSDP2 students == the local launcher, step by step, and the same final weights."""
+    from safetensors.torch import load_file
+
+    local = kdlib.run(kdlib.compose(tiny_overrides + ["eval.before=false", f"output_dir={tmp_path / 'local'}"]))
+    ray_run = kdlib.run(kdlib.compose(tiny_overrides + RAY + [f"output_dir={tmp_path / 'ray'}"]))
+    for a, b in zip(_losses(local), _losses(ray_run), strict=True):
+        for key in ("loss", "kd_loss", "ce_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    assert ray_run.eval_after["kl"] == pytest.approx(local.eval_after["kl"], rel=1e-4)
+    # the student gathered from the FSDP2 shards is the local student
+    a = load_file(local.student_dir / "model.safetensors")
+    b = load_file(ray_run.student_dir / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    assert _losses(ray_run)[-1]["transport_bytes"] > 0
+
+
+def test_object_store_transport_is_zero_copy(ray_cluster):
+    import ray
+
+    from kdlib.batch import TeacherOutput
+    from kdlib.config import TransportConfig
+    from kdlib.transport.ray import RayObjectTransport
+
+    transport = RayObjectTransport(TransportConfig(name="ray"))
+    hidden = torch.randn(37, 24).to(torch.bfloat16)
+    handle = transport.publish(TeacherOutput(hidden))
+    fetched = transport.fetch(handle).hidden
+    assert fetched.dtype == torch.bfloat16 and torch.equal(fetched, hidden)
+    array = ray.get(handle.ref)
+    assert not array.flags.writeable  # a view of the shared-memory object, not a private copy
+    assert fetched.data_ptr() == array.ctypes.data  # the tensor wraps that very buffer
+    assert transport.fetch(handle).hidden.data_ptr() == fetched.data_ptr()  # and so does every fetch
+
+    @ray.remote
+    def student_side(h):
+        out = RayObjectTransport(TransportConfig(name="ray")).fetch(h).hidden
+        arr = ray.get(h.ref)
+        return out.data_ptr() == arr.ctypes.data, float(out.float().sum())
+
+    same_buffer, total = ray.get(student_side.remote(handle))
+    assert same_buffer and total == pytest.approx(float(hidden.float().sum()))
+
+
+def test_uneven_batch_loses_no_sample_and_prefetch_changes_nothing(ray_cluster, tiny_overrides, tmp_path):
+    """5 samples over 2 workers in micro-batches of 2: shares 3 + 2, one weight-0 padding batch."""
+    common = tiny_overrides + RAY + ["train.global_batch_size=5", "train.micro_batch_size=2", "train.max_steps=3"]
+    runs = {}
+    for prefetch in (0, 2):
+        cfg = kdlib.compose(common + [f"pipeline.prefetch={prefetch}", f"output_dir={tmp_path / str(prefetch)}"])
+        runs[prefetch] = _losses(kdlib.run(cfg))
+    first = runs[0][0]
+    assert first["samples"] == 5 and first["padding_micro_batches"] == 1 and first["micro_batches"] == 3
+    for a, b in zip(runs[0], runs[2], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+
+    # the same first step on one local worker: nothing lost, nothing counted twice
+    local = kdlib.compose(tiny_overrides + ["train.global_batch_size=5", "train.micro_batch_size=2", "eval.before=false"])
+    with Pipeline.from_config(local, run_dir=None) as pipeline:
+        from kdlib.controller.offpolicy import OffPolicyLoop
+
+        loop = OffPolicyLoop(pipeline)
+        metrics = loop.step(next(loop.batches()))
+    assert metrics["loss_tokens"] == first["loss_tokens"]
+    assert metrics["loss"] == pytest.approx(first["loss"], rel=1e-5)
+
+
+def test_dead_worker_stops_the_run_with_its_name_and_the_checkpoint_loads(ray_cluster, tiny_overrides, tmp_path):
+    from kdlib.controller.offpolicy import OffPolicyLoop
+    from kdlib.parallel.checkpoint import latest_checkpoint
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = kdlib.compose(tiny_overrides + RAY + ["train.checkpoint_every=1", "train.max_steps=3"])
+    with Pipeline.from_config(cfg, run_dir=run_dir) as pipeline:
+        loop = OffPolicyLoop(pipeline)
+        batches = loop.batches()
+        loop.step(next(batches))
+        loop.save_checkpoint(1)
+        os.kill(pipeline.student.pids[1], signal.SIGKILL)
+        with pytest.raises(WorkerError, match=r"student worker 1 \(pid \d+\) failed in train_step\(\): the worker process died"):
+            loop.step(next(batches))
+    checkpoint = latest_checkpoint(run_dir)
+    assert checkpoint is not None and checkpoint.name == "step_1"
+
+    # the sharded checkpoint of 2 ranks resumes on one local worker
+    resumed = kdlib.compose(tiny_overrides + [f"train.resume={run_dir}", "train.max_steps=3", "eval.before=false", f"output_dir={tmp_path / 'resumed'}"])
+    result = kdlib.run(resumed)
+    assert [row["step"] for row in _losses(result)] == [2, 3]
