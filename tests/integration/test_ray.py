@@ -81,11 +81,13 @@ def test_object_store_transport_is_zero_copy(ray_cluster):
 
 
 def test_uneven_batch_loses_no_sample_and_prefetch_changes_nothing(ray_cluster, tiny_overrides, tmp_path):
-    """5 samples over 2 workers in micro-batches of 2: shares 3 + 2, one weight-0 padding batch."""
+    """5 samples over 2 workers in micro-batches of 2: shares 3 + 2, one weight-0 padding batch.
+    The overlapped run also uses 2 teacher workers and HSDP (replicate 2 x shard 1)."""
     common = tiny_overrides + RAY + ["train.global_batch_size=5", "train.micro_batch_size=2", "train.max_steps=3"]
+    variants = {0: [], 2: ["teacher.num_workers=2", "student.fsdp.shard_size=1"]}
     runs = {}
-    for prefetch in (0, 2):
-        cfg = kdlib.compose(common + [f"pipeline.prefetch={prefetch}", f"output_dir={tmp_path / str(prefetch)}"])
+    for prefetch, extra in variants.items():
+        cfg = kdlib.compose(common + extra + [f"pipeline.prefetch={prefetch}", f"output_dir={tmp_path / str(prefetch)}"])
         runs[prefetch] = _losses(kdlib.run(cfg))
     first = runs[0][0]
     assert first["samples"] == 5 and first["padding_micro_batches"] == 1 and first["micro_batches"] == 3

@@ -111,6 +111,8 @@ def validate(cfg: KDConfig) -> None:
         raise ConfigError("pipeline.colocate=true needs pipeline.prefetch=0: colocated teacher and students take turns on the devices")
     if cfg.train.max_tokens_per_micro_batch is not None and cfg.train.max_tokens_per_micro_batch < 1:
         raise ConfigError(f"train.max_tokens_per_micro_batch must be positive or null, got {cfg.train.max_tokens_per_micro_batch}")
+    if cfg.student.fsdp.cpu_offload and cfg.device == "cpu":
+        raise ConfigError("student.fsdp.cpu_offload needs a CUDA device (on the CPU the parameters already live in host memory)")
     if cfg.launcher.name == "ray" and cfg.transport.name == "inprocess":
         raise ConfigError("transport=inprocess cannot carry teacher outputs between Ray actors; add transport=ray (or use +recipe=ray)")
     if cfg.transport.name == "ray" and cfg.launcher.name != "ray":

@@ -34,6 +34,10 @@ def shard_student(objective: nn.Module, model: nn.Module, cfg: FSDPConfig, world
 
     from kdlib.models.loading import torch_dtype
 
+    if cfg.cpu_offload and device.type != "cuda":
+        from kdlib.errors import ConfigError
+
+        raise ConfigError("student.fsdp.cpu_offload needs a CUDA device (on the CPU the parameters already live in host memory)")
     mesh = device_mesh(world_size, cfg.shard_size, device.type)
     options = dict(
         mesh=mesh,
