@@ -87,7 +87,8 @@ def tiny_overrides(tiny_llama, chat_data, tmp_path) -> list[str]:
         f"teacher.model={tiny_llama}",
         f"student.model={tiny_llama}",
         "student.num_layers=2",
-        "student.autocast=false",  # exactness tests run in float32 (the embedded default uses bf16 autocast)
+        "student.autocast=false",  # exactness tests run in float32 (the embedded default uses bf16)
+        "teacher.dtype=float32",
         f"data.train={chat_data['train']}",
         f"data.eval={chat_data['eval']}",
         "train.max_steps=3",

@@ -18,7 +18,7 @@ from kdlib.batch import MicroBatch
 from kdlib.config.schema import KDConfig, Mode
 from kdlib.data.batching import collate, steps_per_epoch
 from kdlib.data.encoding import ChatEncoder
-from kdlib.data.samples import FilterReport, Sample, build_samples
+from kdlib.data.samples import FilterReport, Prompt, Sample, build_prompts, build_samples
 from kdlib.errors import ConfigError
 from kdlib.launch import Launcher, WorkerGroup, build_launcher
 from kdlib.models.loading import load_tokenizer
@@ -51,6 +51,9 @@ class DataBundle:
     reports: dict[str, FilterReport]
     student_pad_id: int
     teacher_pad_id: Optional[int]
+    # mode=onpolicy: the prompts the student answers, and the student's chat encoder (end tokens)
+    prompts: list[Prompt] = field(default_factory=list)
+    student_encoder: Optional[ChatEncoder] = None
 
     def collate(self, samples: list[Sample], *, packing: bool = False) -> MicroBatch:
         return collate(
@@ -78,6 +81,7 @@ class Pipeline:
 
     @classmethod
     def _for_training(cls, cfg: KDConfig, run_dir: Path) -> "Pipeline":
+        from kdlib.workers.rollout import RolloutWorker
         from kdlib.workers.student import StudentWorker
         from kdlib.workers.teacher import TeacherWorker
 
@@ -86,21 +90,27 @@ class Pipeline:
         student_enc = ChatEncoder(student_tok, apply_chat_template=cfg.data.apply_chat_template, name="student")
         teacher_enc = None
         if needs_teacher:
-            teacher_tok = load_tokenizer(cfg.teacher)
+            teacher_tok = student_tok if cfg.teacher.from_student else load_tokenizer(cfg.teacher)
             teacher_enc = ChatEncoder(teacher_tok, apply_chat_template=cfg.data.apply_chat_template, name="teacher")
             _check_vocabularies(teacher_enc, student_enc)
-            if teacher_enc.signature() == student_enc.signature():
+            if teacher_enc.signature() == student_enc.signature() and not cfg.data.teacher_input_key:
                 teacher_enc = None  # same tokens: the teacher reads the student's batch
         data = _load_data(cfg, student_enc, teacher_enc)
-        total = _total_steps(cfg, len(data.train))
+        total = _total_steps(cfg, len(data.prompts) if cfg.mode is Mode.onpolicy else len(data.train))
 
         launcher = build_launcher(cfg.launcher)
         pipeline = cls(cfg=cfg, run_dir=run_dir, launcher=launcher, student_tokenizer=student_tok, data=data, total_steps=total)
         try:
             if needs_teacher:
+                architecture = cfg.student if cfg.teacher.from_student else None
                 pipeline.teacher = launcher.group(
                     "teacher", TeacherWorker,
-                    [(cfg.teacher, cfg.transport, cfg.device, rank) for rank in range(cfg.teacher.num_workers)],
+                    [(cfg.teacher, cfg.transport, cfg.device, rank, architecture) for rank in range(cfg.teacher.num_workers)],
+                )
+            if cfg.mode is Mode.onpolicy:
+                pipeline.rollout = launcher.group(
+                    "rollout", RolloutWorker,
+                    [(cfg.student, cfg.rollout, cfg.device, rank, cfg.transport) for rank in range(cfg.rollout.num_workers)],
                 )
             world = cfg.student.num_workers
             pipeline.student = launcher.group(
@@ -145,11 +155,19 @@ class Pipeline:
 
 
 def _load_data(cfg: KDConfig, student: ChatEncoder, teacher: Optional[ChatEncoder]) -> DataBundle:
-    train, train_report = build_samples(cfg.data, "train", student, teacher)
-    log.info("train data: %s", train_report.summary())
-    if not train:
-        raise ConfigError(f"data.train: no usable sample in {train_report.source} ({train_report.summary()})")
-    reports = {"train": train_report}
+    reports: dict[str, FilterReport] = {}
+    prompts: list[Prompt] = []
+    train: list[Sample] = []
+    if cfg.mode is Mode.onpolicy:
+        prompts, reports["prompts"] = build_prompts(cfg.data, student, teacher)
+        log.info("prompts: %s", reports["prompts"].summary())
+        if not prompts:
+            raise ConfigError(f"data.train: no usable prompt ({reports['prompts'].summary()})")
+    if cfg.mode is not Mode.onpolicy or cfg.onpolicy.lmbda < 1.0:  # off-policy steps need responses
+        train, reports["train"] = build_samples(cfg.data, "train", student, teacher)
+        log.info("train data: %s", reports["train"].summary())
+        if not train:
+            raise ConfigError(f"data.train: no usable sample in {reports['train'].source} ({reports['train'].summary()})")
     evaluation: list[Sample] = []
     if cfg.data.eval:
         evaluation, eval_report = build_samples(cfg.data, "eval", student, teacher)
@@ -161,11 +179,17 @@ def _load_data(cfg: KDConfig, student: ChatEncoder, teacher: Optional[ChatEncode
         reports=reports,
         student_pad_id=student.pad_id,
         teacher_pad_id=None if teacher is None else teacher.pad_id,
+        prompts=prompts,
+        student_encoder=student,
     )
 
 
-def _total_steps(cfg: KDConfig, n_train: int) -> int:
-    total = steps_per_epoch(n_train, cfg.train.global_batch_size) * cfg.train.epochs
+def _total_steps(cfg: KDConfig, n_items: int) -> int:
+    """Optimizer steps: epochs over the samples (on-policy: over the prompts), capped by max_steps."""
+    per_step = cfg.train.global_batch_size
+    if cfg.mode is Mode.onpolicy:
+        per_step //= cfg.rollout.n_samples_per_prompt  # prompts per step
+    total = steps_per_epoch(n_items, per_step) * cfg.train.epochs
     return min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
 
 

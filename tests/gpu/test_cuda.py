@@ -47,7 +47,7 @@ def test_student_optimizer_state_leaves_the_gpu(tiny_overrides):
         from kdlib.controller.offpolicy import OffPolicyLoop
 
         loop = OffPolicyLoop(pipeline)
-        loop.step(next(loop.batches()))
+        loop.step(next(loop.sample_batches()))
         worker = pipeline.student.workers[0]
         worker.sleep()
         states = [t for s in worker.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]

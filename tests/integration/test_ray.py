@@ -100,7 +100,7 @@ def test_uneven_batch_loses_no_sample_and_prefetch_changes_nothing(ray_cluster, 
         from kdlib.controller.offpolicy import OffPolicyLoop
 
         loop = OffPolicyLoop(pipeline)
-        metrics = loop.step(next(loop.batches()))
+        metrics = loop.step(next(loop.sample_batches()))
     assert metrics["loss_tokens"] == first["loss_tokens"]
     assert metrics["loss"] == pytest.approx(first["loss"], rel=1e-5)
 
@@ -114,7 +114,7 @@ def test_dead_worker_stops_the_run_with_its_name_and_the_checkpoint_loads(ray_cl
     cfg = kdlib.compose(tiny_overrides + RAY + ["train.checkpoint_every=1", "train.max_steps=3"])
     with Pipeline.from_config(cfg, run_dir=run_dir) as pipeline:
         loop = OffPolicyLoop(pipeline)
-        batches = loop.batches()
+        batches = loop.sample_batches()
         loop.step(next(batches))
         loop.save_checkpoint(1)
         os.kill(pipeline.student.pids[1], signal.SIGKILL)

@@ -86,7 +86,7 @@ def validate(cfg: KDConfig) -> None:
         "train.epochs", "train.global_batch_size", "train.micro_batch_size", "train.lr",
         "loss.temperature", "loss.chunk_size", "data.max_len", "eval.batch_size", "logging.log_every",
         "rollout.max_new_tokens", "rollout.batch_size", "rollout.n_samples_per_prompt",
-        "teacher.num_workers", "student.num_workers",
+        "teacher.num_workers", "student.num_workers", "rollout.num_workers", "onpolicy.sync_bucket_mb",
     ])
     if cfg.train.max_steps == 0 or cfg.train.max_steps < -1:
         raise ConfigError(f"train.max_steps must be positive or -1 (all epochs), got {cfg.train.max_steps}")
@@ -117,7 +117,29 @@ def validate(cfg: KDConfig) -> None:
         raise ConfigError("transport=inprocess cannot carry teacher outputs between Ray actors; add transport=ray (or use +recipe=ray)")
     if cfg.transport.name == "ray" and cfg.launcher.name != "ray":
         raise ConfigError("transport=ray needs launcher=ray (or use +recipe=ray)")
+    if cfg.teacher.ema_decay is not None and not 0.0 <= cfg.teacher.ema_decay < 1.0:
+        raise ConfigError(f"teacher.ema_decay must be in [0, 1), got {cfg.teacher.ema_decay}")
+    if cfg.teacher.ema_decay is not None and cfg.teacher.update_freq:
+        raise ConfigError("teacher.ema_decay and teacher.update_freq exclude each other: choose averaging or refreshing")
+    if (cfg.teacher.ema_decay is not None or cfg.teacher.update_freq) and not cfg.teacher.from_student:
+        raise ConfigError("teacher.update_freq / teacher.ema_decay need teacher.from_student=true (self-distillation)")
+    if cfg.teacher.update_freq < 0:
+        raise ConfigError(f"teacher.update_freq must be >= 0, got {cfg.teacher.update_freq}")
+    if cfg.mode is Mode.onpolicy:
+        if not 0.0 <= cfg.onpolicy.lmbda <= 1.0:
+            raise ConfigError(f"onpolicy.lmbda must be in [0, 1], got {cfg.onpolicy.lmbda}")
+        if cfg.pipeline.prefetch:
+            raise ConfigError("mode=onpolicy needs pipeline.prefetch=0: each rollout needs the student's latest weights")
+        if cfg.train.global_batch_size % cfg.rollout.n_samples_per_prompt:
+            raise ConfigError(
+                f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
+                f"rollout.n_samples_per_prompt={cfg.rollout.n_samples_per_prompt} in mode=onpolicy"
+            )
+    if (cfg.teacher.ema_decay is not None or cfg.teacher.update_freq) and cfg.pipeline.prefetch:
+        raise ConfigError("a teacher updated from the student needs pipeline.prefetch=0")
     if cfg.launcher.name == "local":
+        if cfg.rollout.num_workers != 1:
+            raise ConfigError(f"rollout.num_workers={cfg.rollout.num_workers} needs launcher=ray")
         for role in ("teacher", "student"):
             if getattr(cfg, role).num_workers != 1:
                 raise ConfigError(f"{role}.num_workers={getattr(cfg, role).num_workers} needs launcher=ray (launcher=local runs one worker per role)")

@@ -35,6 +35,7 @@ class Mode(str, Enum):
     """Which controller loop runs."""
 
     offpolicy = "offpolicy"  # distil on a fixed dataset (teacher scores the dataset's responses)
+    onpolicy = "onpolicy"  # the student samples responses, the teacher scores them, the student learns
     sft = "sft"  # supervised fine-tuning on the dataset's responses, no teacher
     generate = "generate"  # write teacher responses for the dataset's prompts (sequence-level KD data)
 
@@ -108,6 +109,15 @@ class TeacherConfig(ModelConfig):
     backend: str = "hf"
     # Number of teacher workers (more than one needs launcher=ray).
     num_workers: int = 1
+    # Self-distillation: the teacher is built like the student (its model and pruning, in this
+    # config's dtype), starting from the student's initial weights; `model` is then ignored.
+    from_student: bool = False
+    # With from_student: copy the student's weights into the teacher every this many optimizer
+    # steps (0 = never: a frozen copy of the initial student).
+    update_freq: int = 0
+    # With from_student: after every step, teacher = ema_decay * teacher + (1 - ema_decay) * student
+    # (null = off; excludes update_freq).
+    ema_decay: Optional[float] = None
 
 
 @dataclass
@@ -175,6 +185,11 @@ class RolloutConfig:
     batch_size: int = 16
     # Responses sampled per prompt.
     n_samples_per_prompt: int = 1
+    # Rollout engines (more than one needs launcher=ray).
+    num_workers: int = 1
+    # Log one sampled prompt and response every this many steps (0 = never); every rollout is
+    # written to rollouts.jsonl in the run directory either way.
+    print_every: int = 0
 
 
 @dataclass
@@ -207,6 +222,10 @@ class DataConfig:
     shuffle: bool = True
     # Render conversations with each model's chat template; false joins the turns with newlines.
     apply_chat_template: bool = True
+    # Privileged context: the column holding the teacher's own prompt (text replacing the last
+    # user message, or a list of messages replacing the whole prompt); the student keeps its
+    # prompt and both score the same response. null = the teacher reads the student's prompt.
+    teacher_input_key: Optional[str] = None
 
 
 @dataclass
@@ -274,6 +293,18 @@ class PipelineConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """mode=onpolicy: the student learns on its own samples, scored by the teacher."""
+
+    # Fraction of optimizer steps trained on student rollouts; the others use data.train's
+    # responses (TRL GKD's lmbda). 1.0 = purely on-policy.
+    lmbda: float = 1.0
+    # Weights travel from the student to the rollout engine (and a self-distillation teacher)
+    # in buckets of about this many MiB.
+    sync_bucket_mb: int = 256
+
+
+@dataclass
 class TransportConfig:
     """How teacher outputs travel to the students."""
 
@@ -330,6 +361,7 @@ class KDConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     # Which controller loop runs.
     mode: Mode = Mode.offpolicy

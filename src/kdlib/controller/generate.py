@@ -43,7 +43,8 @@ class GenerateLoop:
         source = load_rows(cfg.data.train, split=cfg.data.train_split, key="data.train", max_rows=cfg.data.max_samples)
         counts: Counter = Counter(rows=len(source.rows))
         jobs = []
-        for index, conversation in load_conversations(source, cfg.data):
+        for row in load_conversations(source, cfg.data):
+            index, conversation = row.index, row.conversation
             prompt = conversation[:-1] if conversation[-1]["role"] == "assistant" else conversation
             ids = encoder.encode_prompt(prompt)
             if len(ids) >= cfg.data.max_len:

@@ -139,3 +139,28 @@ def _check_roles(conversation: Conversation, where: str) -> None:
             raise DataError(f"{where}: message {i} has role {message['role']!r}; expected one of {ROLES}")
         if message["role"] == "system" and i != 0:
             raise DataError(f"{where}: a system message may only come first (message {i})")
+
+
+def privileged_conversation(row: dict[str, Any], conversation: Conversation, key: str, where: str) -> Conversation:
+    """The teacher's version of ``conversation`` for privileged-context distillation.
+
+    ``row[key]`` is either text, which replaces the content of the last user message (a hint, a
+    worked example, the answer key), or a list of messages, which replaces the whole prompt. The
+    last assistant turn, if any, is kept: teacher and student score the same response.
+    """
+    value = _require(row, key, where)
+    response = conversation[-1:] if conversation[-1]["role"] == "assistant" else []
+    prompt = conversation[: len(conversation) - len(response)]
+    if isinstance(value, str):
+        users = [i for i, m in enumerate(prompt) if m["role"] == "user"]
+        if not users:
+            raise DataError(f"{where}: no user message for the teacher's {key!r} to replace")
+        prompt = [dict(m) for m in prompt]
+        prompt[users[-1]]["content"] = value
+    elif isinstance(value, list):
+        prompt = _from_messages({"messages": value}, DataConfig(train="", messages_key="messages"), where)
+    else:
+        raise DataError(f"{where}: {key!r} must be text or a list of messages, got {type(value).__name__}")
+    teacher = prompt + response
+    _check_roles(teacher, where)
+    return teacher

@@ -14,7 +14,7 @@ from typing import Optional
 
 from kdlib.config.schema import DataConfig, Overlong
 from kdlib.data.encoding import ChatEncoder, EncodedChat
-from kdlib.data.formats import Conversation, detect_format, row_to_conversation
+from kdlib.data.formats import Conversation, detect_format, privileged_conversation, row_to_conversation
 from kdlib.data.sources import RowSource, load_rows
 
 
@@ -71,14 +71,63 @@ class FilterReport:
         }
 
 
-def load_conversations(source: RowSource, cfg: DataConfig) -> list[tuple[int, Conversation]]:
-    """(row index, conversation) for every row of ``source``."""
+@dataclass
+class Row:
+    """One dataset row as conversations: the student's, and the teacher's privileged one if any."""
+
+    index: int
+    conversation: Conversation
+    teacher_conversation: Optional[Conversation] = None
+
+
+def load_conversations(source: RowSource, cfg: DataConfig) -> list[Row]:
+    """The conversations of every row of ``source`` (and the teacher's, with teacher_input_key)."""
     columns = list(source.rows.column_names)
     fmt = detect_format(columns, cfg, f"{source.key}: {source.name}")
-    return [
-        (i, row_to_conversation(row, fmt, cfg, f"{source.key}: {source.where(i)}"))
-        for i, row in enumerate(source.rows)
-    ]
+    rows = []
+    for i, raw in enumerate(source.rows):
+        where = f"{source.key}: {source.where(i)}"
+        conversation = row_to_conversation(raw, fmt, cfg, where)
+        teacher = None
+        if cfg.teacher_input_key:
+            teacher = privileged_conversation(raw, conversation, cfg.teacher_input_key, where)
+        rows.append(Row(i, conversation, teacher))
+    return rows
+
+
+@dataclass
+class Prompt:
+    """A prompt for on-policy rollouts: the student's token ids and, if different, the teacher's."""
+
+    index: int
+    student_ids: list[int]
+    teacher_ids: Optional[list[int]] = None
+    conversation: Conversation = field(default_factory=list)
+
+
+def build_prompts(
+    cfg: DataConfig, student: ChatEncoder, teacher: Optional[ChatEncoder] = None
+) -> tuple[list[Prompt], FilterReport]:
+    """Prompts of data.train (a trailing assistant turn is dropped: the student writes its own)."""
+    source = load_rows(cfg.train, split=cfg.train_split, key="data.train", max_rows=cfg.max_samples)
+    report = FilterReport(source=source.name, rows=len(source.rows))
+    prompts = []
+    for row in load_conversations(source, cfg):
+        prompt = _without_response(row.conversation)
+        ids = student.encode_prompt(prompt)
+        teacher_ids = None
+        if teacher is not None:
+            teacher_ids = teacher.encode_prompt(_without_response(row.teacher_conversation or row.conversation))
+        if max(len(ids), len(teacher_ids or [])) >= cfg.max_len:
+            report.dropped[f"prompt longer than data.max_len={cfg.max_len}"] += 1
+            continue
+        report.kept += 1
+        prompts.append(Prompt(row.index, ids, teacher_ids, prompt))
+    return prompts, report
+
+
+def _without_response(conversation: Conversation) -> Conversation:
+    return conversation[:-1] if conversation and conversation[-1]["role"] == "assistant" else conversation
 
 
 def build_samples(
@@ -100,7 +149,8 @@ def build_samples(
     )
     report = FilterReport(source=source.name, rows=len(source.rows))
     samples = []
-    for index, conversation in load_conversations(source, cfg):
+    for row in load_conversations(source, cfg):
+        index, conversation = row.index, row.conversation
         where = f"{source.key}: {source.where(index)}"
         encoded = student.encode(conversation, where)
         if encoded is None:
@@ -112,7 +162,7 @@ def build_samples(
             continue
         teacher_seq = None
         if teacher is not None:
-            teacher_encoded = teacher.encode(conversation, where)
+            teacher_encoded = teacher.encode(row.teacher_conversation or conversation, where)
             teacher_seq = _match_teacher(teacher_encoded, student_seq)
             if teacher_seq is None:
                 report.dropped["teacher tokenises the response differently"] += 1
@@ -145,3 +195,18 @@ def _match_teacher(encoded: Optional[EncodedChat], student: Sequence) -> Optiona
     if encoded.response_ids[: len(response)] != response:
         return None
     return Sequence(encoded.input_ids[: encoded.response_start] + response, encoded.response_start)
+
+
+def rollout_sample(prompt: Prompt, response_ids: list[int], max_len: int) -> tuple[Sample, bool]:
+    """A training sample from a sampled response: the student trains on exactly the sampled ids
+    (no re-tokenisation, no end token added to a response cut by max_new_tokens); the loss covers
+    the response tokens and nothing else. Returns (sample, whether max_len cut the response)."""
+    room = max_len - len(prompt.student_ids)
+    if prompt.teacher_ids is not None:
+        room = min(room, max_len - len(prompt.teacher_ids))
+    kept = response_ids[:room]
+    student = Sequence(prompt.student_ids + kept, len(prompt.student_ids))
+    teacher = None
+    if prompt.teacher_ids is not None:
+        teacher = Sequence(prompt.teacher_ids + kept, len(prompt.teacher_ids))
+    return Sample(index=prompt.index, student=student, teacher=teacher), len(kept) < len(response_ids)

@@ -1,29 +1,44 @@
-"""Building the student: load, optionally depth-prune, set up for training."""
+"""Models as configured: loaded and depth-pruned (any role), and set up for training (the student).
+
+The rollout engine of on-policy KD and a self-distillation teacher are built from the student's
+config by :func:`build_model`, so they have exactly the student's architecture (pruning included)
+and its initial weights.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 from torch import nn
 
-from kdlib.config.schema import StudentConfig
-from kdlib.models.loading import load_causal_lm
+from kdlib.config.schema import ModelConfig, Precision, StudentConfig
+from kdlib.models.loading import load_causal_lm, torch_dtype
 from kdlib.models.pruning import evenly_spaced_layers, prune_decoder_layers
 
 log = logging.getLogger(__name__)
 
 
+def build_model(cfg: ModelConfig, device: torch.device, *, dtype: Optional[Precision] = None) -> nn.Module:
+    """``cfg``'s model on ``device``, depth-pruned when ``cfg`` is a student config that asks for it."""
+    model = load_causal_lm(cfg, device=device)
+    if isinstance(cfg, StudentConfig):
+        keep = cfg.keep_layers
+        if keep is None and cfg.num_layers is not None:
+            keep = evenly_spaced_layers(model.config.get_text_config().num_hidden_layers, cfg.num_layers)
+        if keep is not None:
+            n_before = model.config.get_text_config().num_hidden_layers
+            prune_decoder_layers(model, keep)
+            log.info("kept decoder layers %s of %d", list(keep), n_before)
+    if dtype is not None:
+        model.to(torch_dtype(dtype))
+    return model
+
+
 def build_student(cfg: StudentConfig, device: torch.device) -> nn.Module:
     """The student model on ``device`` in training mode."""
-    model = load_causal_lm(cfg, device=device)
-    keep = cfg.keep_layers
-    if keep is None and cfg.num_layers is not None:
-        keep = evenly_spaced_layers(model.config.get_text_config().num_hidden_layers, cfg.num_layers)
-    if keep is not None:
-        n_before = model.config.get_text_config().num_hidden_layers
-        prune_decoder_layers(model, keep)
-        log.info("student: kept decoder layers %s of %d", list(keep), n_before)
+    model = build_model(cfg, device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -31,6 +31,12 @@ class RolloutBackend(ABC):
         self.model_cfg = model
         self.device = device
 
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a bucket of the student's weights into the engine's model."""
+        from kdlib.models.weights import apply_state
+
+        apply_state(self.model, state)
+
     @abstractmethod
     def generate(
         self, prompts: list[list[int]], cfg: RolloutConfig, *, stop_ids: set[int], pad_id: int, seed: int

@@ -5,15 +5,16 @@ from __future__ import annotations
 import torch
 
 from kdlib.config.schema import ModelConfig, RolloutConfig
-from kdlib.models.loading import load_causal_lm
+from kdlib.models.student import build_model
 from kdlib.rollout.base import Generation, RolloutBackend
 
 
 class HFRolloutBackend(RolloutBackend):
     def __init__(self, model: ModelConfig, device: torch.device) -> None:
         super().__init__(model, device)
-        self.model = load_causal_lm(model, device=device)
+        self.model = build_model(model, device)
         self.model.eval()
+        self.model.requires_grad_(False)
 
     @torch.inference_mode()
     def generate(

@@ -7,11 +7,12 @@ teacher's language-model head, which the students use to turn the hidden states 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Optional
 
 import torch
 
 from kdlib.batch import TokenBatch
-from kdlib.config.schema import TeacherConfig
+from kdlib.config.schema import ModelConfig, TeacherConfig
 from kdlib.models.head import LMHead
 from kdlib.registry import Registry
 
@@ -21,7 +22,9 @@ TEACHER_BACKENDS: Registry[type["TeacherBackend"]] = Registry("teacher backend")
 class TeacherBackend(ABC):
     """One teacher model on one device."""
 
-    def __init__(self, cfg: TeacherConfig, device: torch.device) -> None:
+    def __init__(self, cfg: TeacherConfig, device: torch.device, architecture: Optional[ModelConfig] = None) -> None:
+        """``architecture``: build the model from this config instead (self-distillation passes
+        the student's, so the teacher has its architecture and initial weights)."""
         self.cfg = cfg
         self.device = device
 
@@ -32,6 +35,12 @@ class TeacherBackend(ABC):
     @abstractmethod
     def hidden_states(self, batch: TokenBatch) -> torch.Tensor:
         """Post-norm last-layer hidden states at ``batch.loss_mask``, [n_loss_tokens, hidden]."""
+
+    def load_weights(self, state: dict[str, torch.Tensor], *, ema_decay: Optional[float] = None) -> None:
+        """Self-distillation: copy (or average in) a bucket of the student's weights."""
+        from kdlib.models.weights import apply_state
+
+        apply_state(self.model, state, ema_decay=ema_decay)
 
     def sleep(self) -> None:
         """Colocation: free the accelerator (weights to host memory); a no-op on the CPU."""

@@ -6,20 +6,23 @@ The model is loaded in the configured dtype, frozen, and its head identity
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from kdlib.batch import TokenBatch
-from kdlib.config.schema import TeacherConfig
+from kdlib.config.schema import ModelConfig, TeacherConfig
 from kdlib.models.forward import hidden_at_loss_positions
 from kdlib.models.head import LMHead, lm_head_of, verify_lm_head
-from kdlib.models.loading import load_causal_lm
+from kdlib.models.student import build_model
 from kdlib.teacher.base import TeacherBackend
 
 
 class HFTeacherBackend(TeacherBackend):
-    def __init__(self, cfg: TeacherConfig, device: torch.device) -> None:
+    def __init__(self, cfg: TeacherConfig, device: torch.device, architecture: Optional[ModelConfig] = None) -> None:
         super().__init__(cfg, device)
-        self.model = load_causal_lm(cfg, device=device)
+        # self-distillation builds the teacher like the student, in the teacher's dtype
+        self.model = build_model(architecture or cfg, device, dtype=cfg.dtype)
         self.model.eval()
         self.model.requires_grad_(False)
         self._head = lm_head_of(self.model)

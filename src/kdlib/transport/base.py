@@ -3,7 +3,9 @@
 A teacher worker ``publish``-es each :class:`~kdlib.batch.TeacherOutput` and gets a handle back;
 only handles pass through the controller; the student worker that needs the output ``fetch``-es it.
 The in-process transport hands the object itself over; the Ray transport puts it in the object
-store. Every transport counts the bytes and seconds it spends, which the step metrics report.
+store. The same channel carries buckets of model weights for on-policy weight sync
+(``publish_state``/``fetch_state``). Every transport counts the bytes and seconds it spends, which
+the step metrics report.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
+
+import torch
 
 from kdlib.batch import TeacherOutput
 from kdlib.config.schema import TransportConfig
@@ -49,6 +53,14 @@ class Transport(ABC):
     @abstractmethod
     def fetch(self, handle: Any) -> TeacherOutput:
         """The output behind ``handle``."""
+
+    @abstractmethod
+    def publish_state(self, state: dict[str, torch.Tensor]) -> Any:
+        """Make named tensors (a bucket of model weights) available to other workers; a handle."""
+
+    @abstractmethod
+    def fetch_state(self, handle: Any) -> dict[str, torch.Tensor]:
+        """The named tensors behind ``handle``."""
 
     @contextmanager
     def _timed(self, nbytes: int) -> Iterator[None]:

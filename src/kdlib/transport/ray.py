@@ -17,7 +17,7 @@ import torch
 from kdlib.batch import TeacherOutput
 from kdlib.transport.base import Transport
 
-_BITS = {torch.bfloat16: torch.uint16, torch.float32: torch.float32}
+_BITS = {torch.bfloat16: torch.uint16, torch.float16: torch.int16, torch.float32: torch.float32}
 
 
 @dataclass(frozen=True)
@@ -53,3 +53,21 @@ class RayObjectTransport(Transport):
                 warnings.filterwarnings("ignore", message=".*not writable.*")
                 bits = torch.from_numpy(array)
             return TeacherOutput(bits.view(handle.dtype))
+
+    def publish_state(self, state: dict[str, torch.Tensor]) -> RayHandle:
+        import ray
+
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        with self._timed(nbytes):
+            arrays = {name: (t.detach().to("cpu").contiguous().view(_BITS.get(t.dtype, t.dtype)).numpy(), t.dtype)
+                      for name, t in state.items()}
+            return RayHandle(ref=ray.put(arrays), dtype=torch.uint8, nbytes=nbytes)
+
+    def fetch_state(self, handle: RayHandle) -> dict[str, torch.Tensor]:
+        import ray
+
+        with self._timed(handle.nbytes):
+            arrays = ray.get(handle.ref)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*not writable.*")
+                return {name: torch.from_numpy(array).view(dtype) for name, (array, dtype) in arrays.items()}

@@ -27,6 +27,7 @@ from kdlib.evaluation import HeldoutSums
 from kdlib.models.head import LMHead
 from kdlib.models.loading import resolve_device
 from kdlib.models.student import build_student
+from kdlib.models.weights import state_buckets
 from kdlib.optim import build_optimizer, build_scheduler
 from kdlib.parallel import checkpoint as ckpt
 from kdlib.parallel.distributed import init_process_group
@@ -126,6 +127,21 @@ class StudentWorker:
         Path(path).mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path, state_dict=state)
         return path
+
+    def export_weights(self, bucket_bytes: int) -> list[Any]:
+        """The full weights in transport buckets, for the rollout engine or a self-distillation
+        teacher (gathered from the shards; every rank calls, rank 0 returns the handles)."""
+        if self.world_size > 1:
+            state = ckpt.full_model_state(self.objective)
+        else:
+            state = {k: v.detach() for k, v in self.model.state_dict().items()}
+        if self.rank != 0:
+            return []
+        return [self.transport.publish_state(bucket) for bucket in state_buckets(state, bucket_bytes)]
+
+    def set_teacher_head(self, teacher_head: LMHead) -> None:
+        """A self-distillation teacher changed: use its new head from now on."""
+        self.objective.algorithm.teacher_head = teacher_head.detached(device=self.device)
 
     def save_checkpoint(self, directory: str, extra: dict[str, Any]) -> None:
         """Sharded model + optimizer, and this rank's scheduler and RNG state (all ranks call)."""

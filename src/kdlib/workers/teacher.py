@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from kdlib.batch import MicroBatch, TeacherOutput
-from kdlib.config.schema import HiddenDtype, TeacherConfig, TransportConfig
+from kdlib.config.schema import HiddenDtype, ModelConfig, TeacherConfig, TransportConfig
 from kdlib.models.head import LMHead
 from kdlib.models.loading import resolve_device
 from kdlib.teacher import TEACHER_BACKENDS
@@ -34,10 +34,13 @@ class TeacherResult:
 
 
 class TeacherWorker:
-    def __init__(self, cfg: TeacherConfig, transport: TransportConfig, device: str, rank: int = 0) -> None:
+    def __init__(
+        self, cfg: TeacherConfig, transport: TransportConfig, device: str, rank: int = 0,
+        architecture: Optional[ModelConfig] = None,
+    ) -> None:
         self.rank = rank
         self.device = resolve_device(device)
-        self.backend = TEACHER_BACKENDS.get(cfg.backend)(cfg, self.device)
+        self.backend = TEACHER_BACKENDS.get(cfg.backend)(cfg, self.device, architecture)
         self.transport = build_transport(transport)
         self.wire_dtype = WIRE_DTYPES[HiddenDtype(transport.dtype)]
 
@@ -59,6 +62,11 @@ class TeacherWorker:
             handles.append(self.transport.publish(TeacherOutput(hidden.to(self.wire_dtype))))
         published = self.transport.stats.take()
         return TeacherResult(handles, time.perf_counter() - start, published.bytes)
+
+    def load_weights(self, handles: list[Any], ema_decay: Optional[float] = None) -> None:
+        """Self-distillation: take the student's weights (copied, or averaged in with ``ema_decay``)."""
+        for handle in handles:
+            self.backend.load_weights(self.transport.fetch_state(handle), ema_decay=ema_decay)
 
     def sleep(self) -> None:
         """Colocation: release the accelerator while the students train."""

@@ -1,0 +1,129 @@
+"""The on-policy controller loop: the student learns on its own samples, scored by the teacher.
+
+Per optimizer step: take ``train.global_batch_size / rollout.n_samples_per_prompt`` prompts of
+data.train (seeded order), have the rollout engines (copies of the student) sample responses,
+train on prompt + response with the loss on exactly the sampled response tokens (the teacher
+scores the same ids, or its own privileged prompt + the same ids), then push the student's new
+weights to the rollout engines. With ``onpolicy.lmbda < 1`` a seeded coin decides per step whether
+the batch comes from rollouts or from data.train's own responses (TRL GKD's lmbda).
+
+Every rollout is appended to ``rollouts.jsonl`` in the run directory; one is logged every
+``rollout.print_every`` steps. Sampling is seeded per step, so a resumed run samples as the
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from typing import Iterator
+
+from kdlib.controller.training import TrainingLoop
+from kdlib.data.batching import split_across_workers
+from kdlib.data.samples import Prompt, Sample, rollout_sample
+
+log = logging.getLogger(__name__)
+
+
+class OnPolicyLoop(TrainingLoop):
+    def __init__(self, pipeline) -> None:
+        super().__init__(pipeline)
+        self._rollout_metrics: dict[str, float] = {}
+        self._rollout_log = None
+
+    def sample_batches(self, skip: int = 0) -> Iterator[list[Sample]]:
+        cfg = self.cfg
+        per_step = cfg.train.global_batch_size // cfg.rollout.n_samples_per_prompt
+        coin = random.Random(cfg.seed + 1)
+        dataset = _cycle(self) if cfg.onpolicy.lmbda < 1.0 else None
+        step = 0
+        for epoch in range(cfg.train.epochs):
+            order = list(range(len(self.p.data.prompts)))
+            if cfg.data.shuffle:
+                random.Random(cfg.seed + epoch).shuffle(order)
+            for start in range(0, len(order), per_step):
+                step += 1
+                on_policy = coin.random() < cfg.onpolicy.lmbda
+                offline = None if on_policy else next(dataset)
+                if step <= skip:
+                    continue
+                if on_policy:
+                    yield self.rollout([self.p.data.prompts[i] for i in order[start : start + per_step]], step)
+                else:
+                    self._rollout_metrics = {"on_policy": 0.0}
+                    yield offline
+
+    def rollout(self, prompts: list[Prompt], step: int) -> list[Sample]:
+        """Sample responses from the current student and turn them into training samples."""
+        p, cfg = self.p, self.cfg
+        encoder = p.data.student_encoder
+        start = time.perf_counter()
+        shares = split_across_workers(prompts, p.rollout.size)
+        results = p.rollout.call_each("generate", [
+            ([q.student_ids for q in share], encoder.end_of_turn_ids, encoder.pad_id, cfg.seed + 1000 * step + rank)
+            for rank, share in enumerate(shares)
+        ])
+        generations = [g for worker in results for g in worker]
+        samples, cut_by_max_len, truncated, lengths = [], 0, 0, []
+        log_rows = []
+        for prompt, outs in zip(prompts, generations, strict=True):
+            for out in outs:
+                sample, cut = rollout_sample(prompt, out.token_ids, cfg.data.max_len)
+                samples.append(sample)
+                cut_by_max_len += int(cut)
+                truncated += int(out.finish_reason == "length")
+                lengths.append(len(out.token_ids))
+                log_rows.append({
+                    "step": step, "index": prompt.index, "prompt": prompt.conversation,
+                    "response": encoder.tokenizer.decode(out.token_ids, skip_special_tokens=True),
+                    "response_tokens": len(out.token_ids), "finish_reason": out.finish_reason,
+                })
+        self._write_rollouts(log_rows, step)
+        self._rollout_metrics = {
+            "on_policy": 1.0,
+            "rollout_seconds": time.perf_counter() - start,
+            "response_tokens_mean": sum(lengths) / max(len(lengths), 1),
+            "rollouts_truncated": float(truncated),
+            "rollouts_cut_by_max_len": float(cut_by_max_len),
+        }
+        return samples
+
+    def start(self, first_step: int) -> None:
+        super().start(first_step)
+        self.sync_rollout()  # the engines start from the (possibly resumed) student
+
+    def after_step(self, step: int) -> dict[str, float]:
+        metrics = dict(self._rollout_metrics)
+        metrics.update(super().after_step(step))
+        metrics["sync_seconds"] = self.sync_rollout()
+        return metrics
+
+    def sync_rollout(self) -> float:
+        """Push the student's weights to every rollout engine; seconds spent."""
+        start = time.perf_counter()
+        handles = self.export_student_weights()
+        self.p.rollout.call("load_weights", handles)
+        return time.perf_counter() - start
+
+    def _write_rollouts(self, rows: list[dict], step: int) -> None:
+        if self.p.run_dir is None:
+            return
+        if self._rollout_log is None:
+            self._rollout_log = (self.p.run_dir / "rollouts.jsonl").open("a", encoding="utf-8")
+        for row in rows:
+            self._rollout_log.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._rollout_log.flush()
+        every = self.cfg.rollout.print_every
+        if every and step % every == 0 and rows:
+            row = rows[0]
+            prompt = row["prompt"][-1]["content"] if row["prompt"] else ""
+            log.info("step %d rollout (%s, %d tokens)\n  prompt: %s\n  response: %s",
+                     step, row["finish_reason"], row["response_tokens"], prompt, row["response"])
+
+
+def _cycle(loop: TrainingLoop) -> Iterator[list[Sample]]:
+    """data.train's batches for the off-policy steps, starting over when they run out."""
+    while True:
+        yield from loop.dataset_batches()
