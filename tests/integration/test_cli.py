@@ -118,3 +118,22 @@ def test_cli_ray_recipe_and_sweep_start_and_stop_ray(tiny_overrides, tmp_path):
         assert (job / "student" / "model.safetensors").exists()
         assert len((job / "metrics.jsonl").read_text().splitlines()) == 2
     assert "Traceback" not in out.stderr
+
+
+def test_user_loss_from_a_plugin_runs_through_the_fused_path(tiny_overrides, tmp_path):
+    """kdlib plugins=[module] loss=name loss.param=...: the registered divergence is what trains."""
+    (tmp_path / "my_kd_plugin.py").write_text(
+        "import kdlib\n"
+        "@kdlib.register_loss('half_kl_plugin')\n"
+        "def half_kl(student_logits, teacher_logits, *, alpha: float = 0.5):\n"
+        "    from kdlib.losses.divergences import forward_kl\n"
+        "    return alpha * forward_kl(student_logits, teacher_logits)\n"
+    )
+    args = _cli_overrides(tiny_overrides) + ["train.max_steps=1", "eval.before=false", "save_student=false",
+                                             "loss.implementation=fused", "algorithm.kd_ratio=1.0"]
+    _run(args + [f"hydra.run.dir={tmp_path / 'kl'}", "loss=kl"], cwd=tmp_path)
+    _run(args + [f"hydra.run.dir={tmp_path / 'user'}", "plugins=[my_kd_plugin]", "loss=half_kl_plugin", "loss.alpha=0.2"], cwd=tmp_path)
+    kl = json.loads((tmp_path / "kl" / "metrics.jsonl").read_text().splitlines()[0])
+    user = json.loads((tmp_path / "user" / "metrics.jsonl").read_text().splitlines()[0])
+    assert user["kd_loss"] == pytest.approx(0.2 * kl["kd_loss"], rel=1e-5)
+    assert yaml.safe_load((tmp_path / "user" / "config.yaml").read_text())["loss"]["alpha"] == 0.2
