@@ -31,10 +31,15 @@ _EXPORTS = {
     "KdlibError": "kdlib.errors",
 }
 
+# Subpackages reachable as attributes without an explicit import (``kdlib.losses.get("kl")``).
+_SUBMODULES = {"losses"}
+
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return import_module(f"kdlib.{name}")
     if name in _EXPORTS:
         value = getattr(import_module(_EXPORTS[name]), name)
         globals()[name] = value
@@ -43,4 +48,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)

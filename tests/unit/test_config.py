@@ -153,3 +153,35 @@ def test_compose_never_imports_ray_or_sglang():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def _script_commands(path: Path) -> list[list[str]]:
+    """The kdlib command lines of a launcher script, with its variables filled in."""
+    import shlex
+
+    text = path.read_text().replace("\\\n", " ")
+    env = {"DATA": "train.jsonl", "EVAL": "null", "PROMPTS": "prompts.jsonl", "OUT": "answers.jsonl"}
+    commands = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("kdlib "):
+            continue
+        for key, value in env.items():
+            line = line.replace(f'"${key}"', value).replace(f"${key}", value)
+        commands.append([a for a in shlex.split(line)[1:] if a != "$@"])
+    return commands
+
+
+@pytest.mark.parametrize("script", sorted((Path(__file__).parents[2] / "recipes").glob("*.sh")), ids=lambda p: p.name)
+def test_launcher_scripts_compose(script):
+    commands = _script_commands(script)
+    assert commands, f"{script.name} runs no kdlib command"
+    for args in commands:
+        assert isinstance(kdlib.compose(args), KDConfig)
+
+
+def test_notebook_is_valid_json_with_code():
+    import json
+
+    notebook = json.loads((Path(__file__).parents[2] / "recipes" / "notebook.ipynb").read_text())
+    assert any(cell["cell_type"] == "code" and "kdlib.run" in "".join(cell["source"]) for cell in notebook["cells"])

@@ -189,6 +189,10 @@ def explain(exc: BaseException, overrides: Sequence[str]) -> str:
         options = re.findall(r"^\t(\S+)$", text.split(f"Available options in '{group}':", 1)[-1], re.M)
         choices = f"; choose one of: {', '.join(options)}" if options else ""
         return f"unknown {group} {option!r}{choices}"
+    multiple = re.search(r"Multiple values for (\S+?)\.", text)
+    if multiple:
+        group = multiple.group(1)
+        return f"{group} is given twice; combine options of one group as +{group}=[a,b]"
     unknown = re.search(r"Could not override '([^']+)'", text)
     if unknown:
         key = unknown.group(1)
