@@ -13,6 +13,7 @@ sweep starts each job with a fresh cluster unless ``launcher.address`` joins a r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -70,6 +71,10 @@ def _actor_class():
         def call(self, method: str, args: tuple, kwargs: dict) -> Any:
             return getattr(self.worker, method)(*args, **kwargs)
 
+        def call_packed(self, method: str, packed: tuple) -> Any:
+            args, kwargs = packed  # Ray resolved the shared object ref to its value
+            return getattr(self.worker, method)(*args, **kwargs)
+
     return WorkerActor
 
 
@@ -84,7 +89,10 @@ class RayWorkerGroup(WorkerGroup):
         return len(self.actors)
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        return self.gather([a.call.remote(method, args, kwargs) for a in self.actors], method)
+        import ray
+
+        packed = ray.put((args, kwargs))  # serialised once, however many workers read it
+        return self.gather([a.call_packed.remote(method, packed) for a in self.actors], method)
 
     def call_each(self, method: str, args_per_worker: Sequence[tuple]) -> list[Any]:
         if len(args_per_worker) != len(self.actors):
@@ -161,10 +169,8 @@ class RayLauncher(Launcher):
         import ray
 
         for actor in self._actors:
-            try:
+            with contextlib.suppress(Exception):  # already dead
                 ray.kill(actor)
-            except Exception:  # noqa: BLE001 - already dead
-                pass
         self._actors.clear()
         if self._started and ray.is_initialized():
             ray.shutdown()

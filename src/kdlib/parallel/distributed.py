@@ -54,12 +54,3 @@ def init_process_group(rank: int, world_size: int, device: torch.device, *, time
 def destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def all_reduce_sum(value: float, device: torch.device) -> float:
-    """Sum of ``value`` over the student group (the value itself without a group)."""
-    if not dist.is_initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return float(tensor.item())
