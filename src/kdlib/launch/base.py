@@ -36,6 +36,11 @@ class WorkerGroup(ABC):
     def call_each(self, method: str, args_per_worker: Sequence[tuple]) -> list[Any]:
         """``worker_i.method(*args_per_worker[i])``; results in rank order."""
 
+    def check_arity(self, args_per_worker: Sequence[tuple]) -> None:
+        """One argument tuple per worker, or a clear error."""
+        if len(args_per_worker) != self.size:
+            raise ValueError(f"{self.role} group has {self.size} workers, got {len(args_per_worker)} argument tuples")
+
     def submit_each(self, method: str, args_per_worker: Sequence[tuple]) -> list[Any]:
         """Start ``call_each`` and return one future per worker, for :meth:`gather`. Groups whose
         workers live in this process run the calls now (their futures are the results)."""

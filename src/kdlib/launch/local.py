@@ -20,8 +20,7 @@ class LocalWorkerGroup(WorkerGroup):
         return [getattr(worker, method)(*args, **kwargs) for worker in self.workers]
 
     def call_each(self, method: str, args_per_worker: Sequence[tuple]) -> list[Any]:
-        if len(args_per_worker) != len(self.workers):
-            raise ValueError(f"{self.role} group has {len(self.workers)} workers, got {len(args_per_worker)} argument tuples")
+        self.check_arity(args_per_worker)
         return [getattr(worker, method)(*args) for worker, args in zip(self.workers, args_per_worker)]
 
 

@@ -95,8 +95,7 @@ class RayWorkerGroup(WorkerGroup):
         return self.gather([a.call_packed.remote(method, packed) for a in self.actors], method)
 
     def call_each(self, method: str, args_per_worker: Sequence[tuple]) -> list[Any]:
-        if len(args_per_worker) != len(self.actors):
-            raise ValueError(f"{self.role} group has {len(self.actors)} workers, got {len(args_per_worker)} argument tuples")
+        self.check_arity(args_per_worker)
         refs = [a.call.remote(method, tuple(args), {}) for a, args in zip(self.actors, args_per_worker)]
         return self.gather(refs, method)
 
