@@ -3,9 +3,9 @@
 A :class:`TokenBatch` is one model's view of a micro-batch (right-padded ids, attention mask and a
 loss mask). A :class:`MicroBatch` pairs the student's view with the teacher's own view when the
 teacher reads different tokens (another chat template, a privileged prompt); otherwise the teacher
-reads the student's. :class:`TeacherOutput` is the teacher's answer: post-norm last-layer hidden
-states at the loss positions only, in row-major (sample, position) order, the order in which the
-student gathers its own hidden states, so row i of both refers to the same predicted token.
+reads the student's. The teacher's answer is a :class:`~kdlib.teacher_output.TeacherOutput`: hidden
+states at the loss positions in row-major (sample, position) order, the order in which the student
+gathers its own, so row i of both refers to the same predicted token.
 
 Loss-mask convention: ``loss_mask[b, t]`` is True when the hidden state at position t is trained to
 predict token ``input_ids[b, t + 1]`` (a response token), so no label shifting happens anywhere else.
@@ -51,6 +51,15 @@ class TokenBatch:
     def n_tokens(self) -> int:
         return self.input_ids.numel() if self.attention_mask is None else int(self.attention_mask.sum())
 
+    def loss_rows_per_sample(self) -> torch.Tensor:
+        """[n_samples] loss positions of each sample, in order (packed rows hold several samples,
+        each starting where ``position_ids`` is 0)."""
+        if not self.packed:
+            return self.loss_mask.sum(dim=1)
+        starts = (self.position_ids == 0).reshape(-1)
+        segment = torch.cumsum(starts.long(), 0) - 1
+        return torch.bincount(segment[self.loss_mask.reshape(-1)], minlength=int(starts.sum()))
+
     def targets(self) -> torch.Tensor:
         """Next-token ids at the loss positions, [n_loss_tokens]."""
         shifted = torch.roll(self.input_ids, shifts=-1, dims=1)
@@ -88,18 +97,3 @@ class MicroBatch:
     @property
     def n_tokens(self) -> int:
         return self.student.n_tokens
-
-
-@dataclass
-class TeacherOutput:
-    """Teacher hidden states at the loss positions, [n_loss_tokens, hidden], bf16 by default."""
-
-    hidden: torch.Tensor
-
-    @property
-    def n_tokens(self) -> int:
-        return self.hidden.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.hidden.numel() * self.hidden.element_size()

@@ -4,7 +4,9 @@ Losses, algorithms, teacher and rollout backends, transports, launchers and cont
 all chosen by name from the config. Each kind has one :class:`Registry`: a plain dict plus a
 decorator. An entry may carry a typed config dataclass (its parameters, settable from the command
 line) and may be registered lazily as a ``"module:attr"`` string, so heavy backends (SGLang, Ray)
-are imported only when selected. An unknown name fails with the sorted list of known names.
+are imported only when selected. An entry may also carry ``info``: static facts about it (a teacher
+backend's capabilities) that configuration checks read without importing the implementation. An
+unknown name fails with the sorted list of known names.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ class UnknownNameError(KeyError):
 
 @dataclass(frozen=True)
 class Entry(Generic[T]):
-    """One registered implementation: its name, the object (or a lazy path) and its config type."""
+    """One registered implementation: its name, the object (or a lazy path), its config type and
+    static facts about it."""
 
     name: str
     target: T | str
     config_cls: type | None = None
+    info: Any = None
 
     def load(self) -> T:
         """The implementation, importing it first if it was registered as ``"module:attr"``."""
@@ -47,7 +51,7 @@ class Registry(Generic[T]):
         self._entries: dict[str, Entry[T]] = {}
 
     def register(
-        self, name: str, target: T | str | None = None, *, config: type | None = None
+        self, name: str, target: T | str | None = None, *, config: type | None = None, info: Any = None
     ) -> Callable[[T], T] | T | str:
         """Register ``target`` under ``name``; without ``target`` this is a decorator.
 
@@ -65,7 +69,7 @@ class Registry(Generic[T]):
                     f"{self.kind} {name!r} is already registered ({_qualname(old.target)}); "
                     f"choose another name"
                 )
-            self._entries[name] = Entry(name, obj, config)
+            self._entries[name] = Entry(name, obj, config, info)
             return obj
 
         if target is None:

@@ -26,9 +26,10 @@ def test_fused_loss_bf16_on_cuda_matches_fp32_reference():
 def test_colocated_teacher_and_student_free_the_gpu(tiny_llama):
     import kdlib
     from kdlib.config import TeacherConfig, TransportConfig
+    from kdlib.workers.specs import TeacherSpec
     from kdlib.workers.teacher import TeacherWorker
 
-    worker = TeacherWorker(TeacherConfig(model=str(tiny_llama)), TransportConfig(name="inprocess"), "cuda")
+    worker = TeacherWorker(TeacherSpec(TeacherConfig(model=str(tiny_llama)), TransportConfig(name="inprocess"), "cuda"))
     loaded = torch.cuda.memory_allocated()
     worker.sleep()
     assert torch.cuda.memory_allocated() < loaded
@@ -44,9 +45,8 @@ def test_student_optimizer_state_leaves_the_gpu(tiny_overrides):
 
     cfg = kdlib.compose([o for o in tiny_overrides if not o.startswith("device=")] + ["device=cuda", "eval.before=false"])
     with Pipeline.from_config(cfg, run_dir=None) as pipeline:
-        from kdlib.controller.offpolicy import OffPolicyLoop
 
-        loop = OffPolicyLoop(pipeline)
+        loop = pipeline.mode
         loop.step(next(loop.sample_batches()))
         worker = pipeline.student.workers[0]
         worker.sleep()

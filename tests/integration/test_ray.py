@@ -53,31 +53,51 @@ def test_ray_fsdp_reproduces_the_local_run(ray_cluster, tiny_overrides, tmp_path
     assert _losses(ray_run)[-1]["transport_bytes"] > 0
 
 
-def test_object_store_transport_is_zero_copy(ray_cluster):
+def test_object_store_transport_is_zero_copy_and_moves_every_field(ray_cluster):
     import ray
 
-    from kdlib.batch import TeacherOutput
     from kdlib.config import TransportConfig
+    from kdlib.testing import full_teacher_output
     from kdlib.transport.ray import RayObjectTransport
 
     transport = RayObjectTransport(TransportConfig(name="ray"))
-    hidden = torch.randn(37, 24).to(torch.bfloat16)
-    handle = transport.publish(TeacherOutput(hidden))
-    fetched = transport.fetch(handle).hidden
-    assert fetched.dtype == torch.bfloat16 and torch.equal(fetched, hidden)
-    array = ray.get(handle.ref)
+    output = full_teacher_output()
+    handle = transport.publish(output)
+    fetched_output = transport.fetch(handle)
+    fetched = fetched_output.hidden
+    assert fetched.dtype == torch.bfloat16 and torch.equal(fetched, output.hidden)
+    assert_same_output(fetched_output, output)
+    arrays, _ = ray.get(handle.ref)
+    array = arrays["hidden"][0]
     assert not array.flags.writeable  # a view of the shared-memory object, not a private copy
     assert fetched.data_ptr() == array.ctypes.data  # the tensor wraps that very buffer
     assert transport.fetch(handle).hidden.data_ptr() == fetched.data_ptr()  # and so does every fetch
 
     @ray.remote
     def student_side(h):
-        out = RayObjectTransport(TransportConfig(name="ray")).fetch(h).hidden
-        arr = ray.get(h.ref)
-        return out.data_ptr() == arr.ctypes.data, float(out.float().sum())
+        out = RayObjectTransport(TransportConfig(name="ray")).fetch(h)
+        arr = ray.get(h.ref)[0]["hidden"][0]
+        return out.hidden.data_ptr() == arr.ctypes.data, out
 
-    same_buffer, total = ray.get(student_side.remote(handle))
-    assert same_buffer and total == pytest.approx(float(hidden.float().sum()))
+    same_buffer, remote = ray.get(student_side.remote(handle))
+    assert same_buffer
+    assert_same_output(remote, output)
+
+
+def assert_same_output(got, expected):
+    """Every field of a teacher output, bit for bit."""
+    from dataclasses import fields
+
+    for f in fields(expected):
+        a, b = getattr(got, f.name), getattr(expected, f.name)
+        if isinstance(b, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b), f.name
+        elif b is None:
+            assert a is None, f.name
+        else:  # a dataclass of tensors (alignment)
+            assert type(a) is type(b), f.name
+            for sub in fields(b):
+                assert torch.equal(getattr(a, sub.name), getattr(b, sub.name)), f"{f.name}.{sub.name}"
 
 
 def test_uneven_batch_loses_no_sample_and_prefetch_changes_nothing(ray_cluster, tiny_overrides, tmp_path):
@@ -97,23 +117,21 @@ def test_uneven_batch_loses_no_sample_and_prefetch_changes_nothing(ray_cluster, 
     # the same first step on one local worker: nothing lost, nothing counted twice
     local = kdlib.compose(tiny_overrides + ["train.global_batch_size=5", "train.micro_batch_size=2", "eval.before=false"])
     with Pipeline.from_config(local, run_dir=None) as pipeline:
-        from kdlib.controller.offpolicy import OffPolicyLoop
 
-        loop = OffPolicyLoop(pipeline)
+        loop = pipeline.mode
         metrics = loop.step(next(loop.sample_batches()))
     assert metrics["loss_tokens"] == first["loss_tokens"]
     assert metrics["loss"] == pytest.approx(first["loss"], rel=1e-5)
 
 
 def test_dead_worker_stops_the_run_with_its_name_and_the_checkpoint_loads(ray_cluster, tiny_overrides, tmp_path):
-    from kdlib.controller.offpolicy import OffPolicyLoop
     from kdlib.parallel.checkpoint import latest_checkpoint
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     cfg = kdlib.compose(tiny_overrides + RAY + ["train.checkpoint_every=1", "train.max_steps=3"])
     with Pipeline.from_config(cfg, run_dir=run_dir) as pipeline:
-        loop = OffPolicyLoop(pipeline)
+        loop = pipeline.mode
         batches = loop.sample_batches()
         loop.step(next(batches))
         loop.save_checkpoint(1)

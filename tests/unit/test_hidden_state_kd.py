@@ -21,6 +21,7 @@ from kdlib.losses.registry import LOSSES
 from kdlib.models.forward import hidden_at_loss_positions
 from kdlib.models.head import lm_head_of
 from kdlib.testing import build_model
+from kdlib.workers.specs import TeacherSpec
 from kdlib.workers.teacher import TeacherWorker
 
 # Relative error of the KD value when hidden states travel as bf16 (8 mantissa bits).
@@ -71,7 +72,7 @@ def test_hidden_state_kd_equals_full_logit_kd(loss_name, implementation, teacher
     (ref_grad,) = torch.autograd.grad(reference, student.model.layers[0].mlp.up_proj.weight)
 
     # kdlib: a teacher worker sends hidden states through the transport; the student recomputes
-    worker = TeacherWorker(TeacherConfig(model=str(teacher_path)), TransportConfig(name="inprocess", dtype=HiddenDtype.float32), "cpu")
+    worker = TeacherWorker(TeacherSpec(TeacherConfig(model=str(teacher_path)), TransportConfig(name="inprocess", dtype=HiddenDtype.float32), "cpu"))
     (handle,) = worker.forward([batch]).handles
     teacher_hidden = worker.transport.fetch(handle).hidden
     assert teacher_hidden.dtype == torch.float32
@@ -93,7 +94,7 @@ def test_bf16_wire_is_close_to_full_logit_kd(tiny_llama, tiny_qwen3, batch):
         teacher_logits = teacher_model(**_inputs(batch)).logits[batch.student.loss_mask]
         student_logits = student(**_inputs(batch)).logits[batch.student.loss_mask]
         reference = per_token_divergence("kl", student_logits, teacher_logits).sum()
-    worker = TeacherWorker(TeacherConfig(model=str(tiny_llama)), TransportConfig(name="inprocess"), "cpu")
+    worker = TeacherWorker(TeacherSpec(TeacherConfig(model=str(tiny_llama)), TransportConfig(name="inprocess"), "cpu"))
     (handle,) = worker.forward([batch]).handles
     hidden = worker.transport.fetch(handle).hidden
     assert hidden.dtype == torch.bfloat16  # the default wire type, never fp16

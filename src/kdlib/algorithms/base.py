@@ -16,7 +16,8 @@ from typing import Callable, ClassVar, Optional
 import torch
 from torch import nn
 
-from kdlib.batch import MicroBatch, TeacherOutput
+from kdlib.batch import MicroBatch
+from kdlib.teacher_output import TeacherOutput
 from kdlib.config.schema import AlgorithmConfig, LossConfig
 from kdlib.losses import LossTerms
 from kdlib.models.forward import hidden_at_loss_positions

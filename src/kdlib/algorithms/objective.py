@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from kdlib.algorithms.base import Algorithm
-from kdlib.batch import MicroBatch, TeacherOutput
+from kdlib.batch import MicroBatch
+from kdlib.teacher_output import TeacherOutput
 from kdlib.evaluation import HeldoutSums, heldout_sums
 from kdlib.models.forward import hidden_at_loss_positions
 from kdlib.models.head import LMHead, lm_head_of

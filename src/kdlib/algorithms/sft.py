@@ -12,7 +12,8 @@ from typing import Optional
 from torch import nn
 
 from kdlib.algorithms.base import Algorithm, register_algorithm
-from kdlib.batch import MicroBatch, TeacherOutput
+from kdlib.batch import MicroBatch
+from kdlib.teacher_output import TeacherOutput
 from kdlib.config.schema import AlgorithmConfig
 from kdlib.losses import LossTerms, distillation_loss
 

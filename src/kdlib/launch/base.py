@@ -1,7 +1,7 @@
 """Launchers place workers; worker groups call them.
 
 A launcher (``launcher=local`` or ``launcher=ray``) creates the workers of one role from their
-class and constructor arguments and returns a :class:`WorkerGroup`. The controller only talks to
+class and one typed spec per worker (:mod:`kdlib.workers.specs`) and returns a :class:`WorkerGroup`. The controller only talks to
 groups: ``call`` runs a method on every worker with the same arguments, ``call_each`` with one
 argument tuple per worker, and both return the results in rank order. Whether the workers are
 objects in this process or Ray actors is the launcher's business alone.
@@ -58,11 +58,9 @@ class Launcher(ABC):
         self.cfg = cfg
 
     @abstractmethod
-    def group(
-        self, role: str, worker_cls: type, args_per_worker: Sequence[tuple], *, distributed: bool = False
-    ) -> WorkerGroup:
-        """Start ``len(args_per_worker)`` workers ``worker_cls(*args)`` of ``role``; with
-        ``distributed`` they will form a torch.distributed group (MASTER_ADDR/PORT are set)."""
+    def group(self, role: str, worker_cls: type, specs: Sequence[Any], *, distributed: bool = False) -> WorkerGroup:
+        """Start one worker ``worker_cls(spec)`` of ``role`` per spec; with ``distributed`` they
+        will form a torch.distributed group (MASTER_ADDR/PORT are set)."""
 
     def shutdown(self) -> None:
         """Release the workers and whatever the launcher started."""

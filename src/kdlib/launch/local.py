@@ -25,12 +25,10 @@ class LocalWorkerGroup(WorkerGroup):
 
 
 class LocalLauncher(Launcher):
-    def group(
-        self, role: str, worker_cls: type, args_per_worker: Sequence[tuple], *, distributed: bool = False
-    ) -> WorkerGroup:
-        if len(args_per_worker) != 1:
+    def group(self, role: str, worker_cls: type, specs: Sequence[Any], *, distributed: bool = False) -> WorkerGroup:
+        if len(specs) != 1:
             raise ValueError(
-                f"launcher=local runs one {role} worker, {len(args_per_worker)} were asked for; "
+                f"launcher=local runs one {role} worker, {len(specs)} were asked for; "
                 f"set {role}.num_workers=1 or use launcher=ray"
             )
-        return LocalWorkerGroup(role, [worker_cls(*args) for args in args_per_worker])
+        return LocalWorkerGroup(role, [worker_cls(spec) for spec in specs])

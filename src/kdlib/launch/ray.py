@@ -63,9 +63,9 @@ def _actor_class():
 
             return node_address(), free_port(), os.getpid()
 
-        def build(self, worker_cls: type, args: tuple, env: dict[str, str]) -> int:
+        def build(self, worker_cls: type, spec: Any, env: dict[str, str]) -> int:
             os.environ.update(env)
-            self.worker = worker_cls(*args)
+            self.worker = worker_cls(spec)
             return os.getpid()
 
         def call(self, method: str, args: tuple, kwargs: dict) -> Any:
@@ -145,13 +145,13 @@ class RayLauncher(Launcher):
             self._started = True
         self.has_gpus = ray.cluster_resources().get("GPU", 0) > 0
 
-    def group(self, role: str, worker_cls: type, args_per_worker: Sequence[tuple], *, distributed: bool = False) -> WorkerGroup:
+    def group(self, role: str, worker_cls: type, specs: Sequence[Any], *, distributed: bool = False) -> WorkerGroup:
         cfg = self.cfg
         gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if self.has_gpus else 0.0)
         threads = cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker))
         base_env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
         actor_cls = _actor_class().options(num_cpus=cfg.cpus_per_worker, num_gpus=gpus)
-        actors = [actor_cls.remote(base_env, threads) for _ in args_per_worker]
+        actors = [actor_cls.remote(base_env, threads) for _ in specs]
         self._actors.extend(actors)
         group = RayWorkerGroup(role, actors, [-1] * len(actors))
         env: dict[str, str] = {}
@@ -159,7 +159,7 @@ class RayLauncher(Launcher):
             host, port, _ = group.gather([actors[0].address.remote()], "address")[0]
             env = {"MASTER_ADDR": host, "MASTER_PORT": str(port),
                    "KDLIB_COLLECTIVE_TIMEOUT_S": str(cfg.collective_timeout_s)}
-        refs = [a.build.remote(worker_cls, tuple(args), env) for a, args in zip(actors, args_per_worker)]
+        refs = [a.build.remote(worker_cls, spec, env) for a, spec in zip(actors, specs)]
         group.pids = [int(p) for p in group.gather(refs, "__init__")]
         log.info("%s group: %d Ray actor(s), pids %s", role, len(actors), group.pids)
         return group

@@ -7,7 +7,8 @@ chunked loss on its own, for any registered divergence.
 """
 
 from kdlib.losses import divergences as _builtin_divergences  # noqa: F401  (registers the built-ins)
-from kdlib.losses.objective import LossTerms, distillation_loss, get, per_token_divergence
+from kdlib.losses.objective import distillation_loss, get, per_token_divergence
+from kdlib.losses.terms import LossTerms
 from kdlib.losses.fused import fused_kd_loss
 from kdlib.losses.registry import LOSSES, loss_params, register_loss
 

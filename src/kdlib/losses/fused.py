@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from kdlib.config.schema import LossConfig
 from kdlib.losses.closed_form import CLOSED_FORM
-from kdlib.losses.objective import LossTerms
+from kdlib.losses.terms import LossTerms
 from kdlib.losses.registry import LOSSES, loss_params
 from kdlib.models.head import LMHead
 

@@ -17,7 +17,6 @@ Conventions shared by both paths:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -25,21 +24,8 @@ import torch.nn.functional as F
 
 from kdlib.config.schema import LossConfig, LossImplementation
 from kdlib.losses.registry import LOSSES, loss_params
+from kdlib.losses.terms import LossTerms
 from kdlib.models.head import LMHead
-
-
-@dataclass
-class LossTerms:
-    """What one micro-batch contributes to an optimizer step."""
-
-    # Differentiable (kd_weight * kd_sum + ce_weight * ce_sum) / normaliser.
-    loss: torch.Tensor
-    # Detached sum over tokens of the per-token divergence (0 when no teacher).
-    kd_sum: torch.Tensor
-    # Detached sum over tokens of the student cross-entropy (0 when no targets).
-    ce_sum: torch.Tensor
-    # Loss tokens in this micro-batch.
-    n_tokens: int
 
 
 def per_token_divergence(

@@ -1,7 +1,10 @@
-"""Teacher inference backends (registry ``teacher backend``)."""
+"""Teacher inference backends (registry ``teacher backend``), each with its declared capabilities."""
 
-from kdlib.teacher.base import TEACHER_BACKENDS, TeacherBackend
+from kdlib.teacher.base import TEACHER_BACKENDS, TeacherBackend, TeacherCapabilities
 
-TEACHER_BACKENDS.register("hf", "kdlib.teacher.hf:HFTeacherBackend")
+TEACHER_BACKENDS.register(
+    "hf", "kdlib.teacher.hf:HFTeacherBackend",
+    info=TeacherCapabilities(topk_logprobs=False, sleep_wake=True, load_weights=True),
+)
 
-__all__ = ["TEACHER_BACKENDS", "TeacherBackend"]
+__all__ = ["TEACHER_BACKENDS", "TeacherBackend", "TeacherCapabilities"]

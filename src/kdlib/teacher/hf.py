@@ -1,7 +1,8 @@
 """transformers teacher backend: the embedded default, on CPU or GPU, in inference mode.
 
 The model is loaded in the configured dtype, frozen, and its head identity
-``lm_head(final hidden) == logits`` is checked on a probe input before any data is scored.
+``lm_head(final hidden) == logits`` is checked on a probe input before any data is scored. On a
+GPU, sleep/wake move the weights to host memory and back (colocation); on the CPU they do nothing.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from kdlib.config.schema import ModelConfig, TeacherConfig
 from kdlib.models.forward import hidden_at_loss_positions
 from kdlib.models.head import LMHead, lm_head_of, verify_lm_head
 from kdlib.models.student import build_model
+from kdlib.models.weights import apply_state
 from kdlib.teacher.base import TeacherBackend
+from kdlib.teacher_output import TeacherOutput
 
 
 class HFTeacherBackend(TeacherBackend):
+    name = "hf"
+
     def __init__(self, cfg: TeacherConfig, device: torch.device, architecture: Optional[ModelConfig] = None) -> None:
         super().__init__(cfg, device)
         # self-distillation builds the teacher like the student, in the teacher's dtype
@@ -32,5 +37,17 @@ class HFTeacherBackend(TeacherBackend):
         return self._head
 
     @torch.inference_mode()
-    def hidden_states(self, batch: TokenBatch) -> torch.Tensor:
-        return hidden_at_loss_positions(self.model, batch.to(self.device))
+    def score(self, batch: TokenBatch) -> TeacherOutput:
+        return TeacherOutput(hidden=hidden_at_loss_positions(self.model, batch.to(self.device)))
+
+    def load_weights(self, state: dict[str, torch.Tensor], *, ema_decay: Optional[float] = None) -> None:
+        apply_state(self.model, state, ema_decay=ema_decay)
+
+    def sleep(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to(self.device)

@@ -1,9 +1,10 @@
 """The transport contract: how teacher outputs reach the student workers.
 
-A teacher worker ``publish``-es each :class:`~kdlib.batch.TeacherOutput` and gets a handle back;
-only handles pass through the controller; the student worker that needs the output ``fetch``-es it.
-The in-process transport hands the object itself over; the Ray transport puts it in the object
-store. The same channel carries buckets of model weights for on-policy weight sync
+A teacher worker ``publish``-es each :class:`~kdlib.teacher_output.TeacherOutput` and gets a handle
+back; only handles pass through the controller; the student worker that needs the output
+``fetch``-es it. The in-process transport hands the object itself over; the Ray transport puts
+every tensor of the carrier into the object store (``TeacherOutput.to_parts``), so fields added
+to the carrier travel without the transport knowing them. The same channel carries buckets of model weights for on-policy weight sync
 (``publish_state``/``fetch_state``). Every transport counts the bytes and seconds it spends, which
 the step metrics report.
 """
@@ -18,7 +19,7 @@ from typing import Any, Iterator
 
 import torch
 
-from kdlib.batch import TeacherOutput
+from kdlib.teacher_output import TeacherOutput
 from kdlib.config.schema import TransportConfig
 from kdlib.registry import Registry
 

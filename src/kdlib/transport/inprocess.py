@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kdlib.batch import TeacherOutput
+from kdlib.teacher_output import TeacherOutput
 from kdlib.transport.base import Transport
 
 

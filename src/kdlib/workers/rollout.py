@@ -6,23 +6,20 @@ weights after every optimizer step, in buckets through the transport.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
-from kdlib.config.schema import ModelConfig, RolloutConfig, TransportConfig
 from kdlib.models.loading import resolve_device
 from kdlib.rollout import ROLLOUT_BACKENDS, Generation
 from kdlib.transport import build_transport
+from kdlib.workers.specs import RolloutSpec
 
 
 class RolloutWorker:
-    def __init__(
-        self, model: ModelConfig, rollout: RolloutConfig, device: str, rank: int = 0,
-        transport: Optional[TransportConfig] = None,
-    ) -> None:
-        self.rank = rank
-        self.cfg = rollout
-        self.backend = ROLLOUT_BACKENDS.get(rollout.backend)(model, resolve_device(device))
-        self.transport = build_transport(transport) if transport is not None else None
+    def __init__(self, spec: RolloutSpec) -> None:
+        self.rank = spec.rank
+        self.cfg = spec.rollout
+        self.backend = ROLLOUT_BACKENDS.get(spec.rollout.backend)(spec.model, resolve_device(spec.device))
+        self.transport = build_transport(spec.transport) if spec.transport is not None else None
 
     def load_weights(self, handles: list[Any]) -> None:
         """Take the student's weights (transport buckets from ``StudentWorker.export_weights``)."""

@@ -21,8 +21,7 @@ from transformers import set_seed
 
 from kdlib.algorithms import ALGORITHMS
 from kdlib.algorithms.objective import StudentObjective
-from kdlib.batch import MicroBatch, TeacherOutput
-from kdlib.config.schema import KDConfig
+from kdlib.batch import MicroBatch
 from kdlib.evaluation import HeldoutSums
 from kdlib.models.head import LMHead
 from kdlib.models.loading import resolve_device
@@ -31,18 +30,21 @@ from kdlib.models.weights import state_buckets
 from kdlib.optim import build_optimizer, build_scheduler
 from kdlib.parallel import checkpoint as ckpt
 from kdlib.parallel.distributed import init_process_group
+from kdlib.teacher_output import TeacherOutput
 from kdlib.transport import build_transport
+from kdlib.workers.specs import StudentSpec
 
 
 class StudentWorker:
-    def __init__(self, cfg: KDConfig, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, spec: StudentSpec) -> None:
+        cfg = spec.cfg
         self.cfg = cfg
-        self.rank = rank
-        self.world_size = world_size
+        self.rank = spec.rank
+        self.world_size = spec.world_size
         self.device = resolve_device(cfg.device)
-        if world_size > 1:
+        if self.world_size > 1:
             timeout = float(os.environ.get("KDLIB_COLLECTIVE_TIMEOUT_S", 600))
-            init_process_group(rank, world_size, self.device, timeout_s=timeout)
+            init_process_group(self.rank, self.world_size, self.device, timeout_s=timeout)
         set_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_student(cfg.student, self.device)
         self.transport = build_transport(cfg.transport)
@@ -166,7 +168,7 @@ class StudentWorker:
     def _fetch(self, handle: Any) -> Optional[TeacherOutput]:
         if handle is None:
             return None
-        return TeacherOutput(self.transport.fetch(handle).hidden.to(self.device))
+        return self.transport.fetch(handle).to(self.device)
 
     def _clip_gradients(self) -> float:
         params = [p for p in self.objective.parameters() if p.grad is not None]

@@ -1,9 +1,9 @@
 """TeacherWorker: one teacher replica, wherever a launcher places it.
 
 A plain class: the local launcher calls it in the controller's process, the Ray launcher wraps it in
-an actor; it does not know which. It scores micro-batches with its backend, casts the hidden states
-to the wire dtype (bf16 by default, never fp16), publishes them through the transport and returns
-the handles.
+an actor; it does not know which. It scores micro-batches with its backend, completes the teacher
+output (per-sample row offsets, sample ids, the wire dtype: bf16 by default, never fp16), checks
+that the rows match the loss positions, publishes it through the transport and returns the handles.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from typing import Any, Optional
 
 import torch
 
-from kdlib.batch import MicroBatch, TeacherOutput
-from kdlib.config.schema import HiddenDtype, ModelConfig, TeacherConfig, TransportConfig
+from kdlib.batch import MicroBatch
+from kdlib.config.schema import HiddenDtype
 from kdlib.models.head import LMHead
 from kdlib.models.loading import resolve_device
 from kdlib.teacher import TEACHER_BACKENDS
+from kdlib.teacher_output import TeacherOutput
 from kdlib.transport import build_transport
+from kdlib.workers.specs import TeacherSpec
 
 WIRE_DTYPES = {HiddenDtype.bfloat16: torch.bfloat16, HiddenDtype.float32: torch.float32}
 
@@ -34,32 +36,36 @@ class TeacherResult:
 
 
 class TeacherWorker:
-    def __init__(
-        self, cfg: TeacherConfig, transport: TransportConfig, device: str, rank: int = 0,
-        architecture: Optional[ModelConfig] = None,
-    ) -> None:
-        self.rank = rank
-        self.device = resolve_device(device)
-        self.backend = TEACHER_BACKENDS.get(cfg.backend)(cfg, self.device, architecture)
-        self.transport = build_transport(transport)
-        self.wire_dtype = WIRE_DTYPES[HiddenDtype(transport.dtype)]
+    def __init__(self, spec: TeacherSpec) -> None:
+        self.rank = spec.rank
+        self.device = resolve_device(spec.device)
+        self.backend = TEACHER_BACKENDS.get(spec.teacher.backend)(spec.teacher, self.device, spec.architecture)
+        self.transport = build_transport(spec.transport)
+        self.wire_dtype = WIRE_DTYPES[HiddenDtype(spec.transport.dtype)]
 
     def lm_head(self) -> LMHead:
         """The teacher head on the CPU, detached (shipped once to every student)."""
         return self.backend.lm_head().detached(device="cpu")
 
+    def score(self, batch: MicroBatch) -> TeacherOutput:
+        """The complete teacher output of one micro-batch, in the wire dtype, not yet published."""
+        view = batch.teacher_view
+        output = self.backend.score(view)
+        output.check_rows(view.n_loss_tokens)
+        counts = view.loss_rows_per_sample().to("cpu")
+        offsets = torch.zeros(counts.numel() + 1, dtype=torch.long)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        output.hidden = output.hidden.to(self.wire_dtype)
+        output.row_offsets = offsets
+        if batch.sample_ids:
+            output.sample_ids = torch.tensor(batch.sample_ids, dtype=torch.long)
+        output.__post_init__()  # offsets and ids are consistent with the rows
+        return output
+
     def forward(self, batches: list[MicroBatch]) -> TeacherResult:
-        """Transport handles of the hidden states of each micro-batch, in order, and the cost."""
-        handles = []
+        """Transport handles of the outputs of each micro-batch, in order, and the cost."""
         start = time.perf_counter()
-        for batch in batches:
-            hidden = self.backend.hidden_states(batch.teacher_view)
-            expected = batch.teacher_view.n_loss_tokens
-            if hidden.shape[0] != expected:
-                raise RuntimeError(
-                    f"teacher backend returned {hidden.shape[0]} hidden states for {expected} loss tokens"
-                )
-            handles.append(self.transport.publish(TeacherOutput(hidden.to(self.wire_dtype))))
+        handles = [self.transport.publish(self.score(batch)) for batch in batches]
         published = self.transport.stats.take()
         return TeacherResult(handles, time.perf_counter() - start, published.bytes)
 
@@ -74,4 +80,3 @@ class TeacherWorker:
 
     def wake(self) -> None:
         self.backend.wake()
-
