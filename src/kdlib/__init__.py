@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "compose": "kdlib.config.compose",
     "run": "kdlib.runner",
-    "RunResult": "kdlib.pipeline",
+    "RunResult": "kdlib.result",
     "KDConfig": "kdlib.config.schema",
     "register_loss": "kdlib.losses",
     "register_algorithm": "kdlib.algorithms",

@@ -35,7 +35,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         import_plugins(plugins_in(overrides))
         if not flags & _INFO_FLAGS:
             preflight(overrides, multirun=bool(flags & {"-m", "--multirun"}))
-    except ConfigError as exc:
+    except KdlibError as exc:
         _fail(exc)
     register_configs()
     sys.argv = [sys.argv[0] if sys.argv else "kdlib", *args]
@@ -78,6 +78,7 @@ def preflight(overrides: list[str], *, multirun: bool) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from kdlib.config.compose import compose
+    from kdlib.data.preflight import check_data_files
 
     job_overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     try:
@@ -91,14 +92,19 @@ def preflight(overrides: list[str], *, multirun: bool) -> None:
             choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
         else:
             choices.append([override.input_line])
+    checked_data: set[tuple] = set()
     for n, combination in enumerate(itertools.product(*choices)):
         if n >= _MAX_CHECKED_JOBS:
             break
         try:
-            compose(list(combination))
-        except ConfigError as exc:
+            cfg = compose(list(combination))
+            data_key = (cfg.data.train, cfg.data.eval, cfg.data.format, cfg.data.teacher_input_key)
+            if data_key not in checked_data:  # each distinct data set once, not once per job
+                check_data_files(cfg.data)
+                checked_data.add(data_key)
+        except KdlibError as exc:
             if multirun and any(len(c) > 1 for c in choices):
-                raise ConfigError(f"{exc} (in sweep job {' '.join(combination)})") from None
+                raise type(exc)(f"{exc} (in sweep job {' '.join(combination)})") from None
             raise
 
 

@@ -17,7 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdlib.config.compose import import_plugins, to_typed
 from kdlib.config.schema import KDConfig
-from kdlib.pipeline import Pipeline, RunResult
+from kdlib.data.preflight import check_data_files
+from kdlib.pipeline import Pipeline
+from kdlib.result import RunResult
 
 log = logging.getLogger("kdlib")
 
@@ -27,11 +29,14 @@ def run(cfg: KDConfig | DictConfig, *, run_dir: Optional[str | Path] = None) -> 
     if isinstance(cfg, KDConfig):
         import_plugins(cfg.plugins)
     typed = to_typed(cfg)
+    check_data_files(typed.data)  # a bad file or row costs seconds, not a model load
     directory = Path(run_dir or typed.output_dir or default_run_dir())
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(typed), resolve=True), encoding="utf-8")
     with _run_logging(directory):
         log.info("run directory: %s", directory.resolve())
+        for key, choice in typed.auto_choices.items():
+            log.info("%s = %s", key, choice)
         start = time.perf_counter()
         with Pipeline.from_config(typed, directory) as pipeline:
             result = pipeline.run()
@@ -54,7 +59,11 @@ def _run_logging(directory: Path) -> Iterator[None]:
 
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown kdlib's own
-    handlers: list[logging.Handler] = [logging.FileHandler(directory / "kdlib.log", encoding="utf-8")]
+    log_file = (directory / "kdlib.log").resolve()
+    handlers: list[logging.Handler] = []
+    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename).resolve() == log_file
+               for h in logging.getLogger().handlers):  # Hydra's job log is this file already
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     if not logging.getLogger().handlers and not log.handlers:
         handlers.append(logging.StreamHandler())  # plain Python: nobody else prints our records
     formatter = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")

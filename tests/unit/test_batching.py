@@ -54,9 +54,8 @@ def test_gradient_accumulation_does_not_change_the_step(tiny_overrides):
     for micro in (8, 3):
         cfg = kdlib.compose(tiny_overrides + ["train.global_batch_size=8", f"train.micro_batch_size={micro}", "loss.implementation=naive", "eval.before=false"])
         with Pipeline.from_config(cfg, run_dir=None) as pipeline:
-            from kdlib.controller.offpolicy import OffPolicyLoop
 
-            loop = OffPolicyLoop(pipeline)
+            loop = pipeline.mode
             results.append(loop.step(pipeline.data.train[:8]))
             grads.append(pipeline.student.workers[0].model.model.layers[0].mlp.up_proj.weight.grad.clone())
     for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):

@@ -51,9 +51,12 @@ def test_every_registry_option_composes():
             assert getattr(getattr(cfg, group), key) == name
 
 
-def test_ray_options_need_each_other():
-    with pytest.raises(ConfigError, match="add transport=ray"):
-        kdlib.compose(["launcher=ray"])
+def test_transport_follows_the_launcher_unless_set():
+    cfg = kdlib.compose(["launcher=ray"])
+    assert cfg.transport.name == "ray" and "follows launcher=ray" in cfg.auto_choices["transport"]
+    assert kdlib.compose([]).transport.name == "inprocess"
+    with pytest.raises(ConfigError, match="transport=inprocess cannot carry"):
+        kdlib.compose(["launcher=ray", "transport=inprocess"])
     with pytest.raises(ConfigError, match="transport=ray needs launcher=ray"):
         kdlib.compose(["transport=ray"])
     cfg = kdlib.compose(["+recipe=ray"])

@@ -58,10 +58,9 @@ def _params(model):
 
 
 def test_rollout_engine_gets_the_students_weights_bit_for_bit(tiny_overrides, prompts4):
-    from kdlib.controller.onpolicy import OnPolicyLoop
 
     with Pipeline.from_config(_onpolicy(tiny_overrides, prompts4), run_dir=None) as pipeline:
-        loop = OnPolicyLoop(pipeline)
+        loop = pipeline.mode
         loop.start(1)
         batches = loop.sample_batches()
         student = pipeline.student.workers[0].model
@@ -77,12 +76,11 @@ def test_rollout_engine_gets_the_students_weights_bit_for_bit(tiny_overrides, pr
 
 
 def test_ema_teacher_follows_its_formula(tiny_overrides, prompts4):
-    from kdlib.controller.onpolicy import OnPolicyLoop
 
     decay = 0.6
     cfg = _onpolicy(tiny_overrides, prompts4, ["teacher.from_student=true", "teacher.dtype=float32", f"teacher.ema_decay={decay}"])
     with Pipeline.from_config(cfg, run_dir=None) as pipeline:
-        loop = OnPolicyLoop(pipeline)
+        loop = pipeline.mode
         student = pipeline.student.workers[0].model
         teacher = pipeline.teacher.workers[0].backend.model
         expected = _params(student)
@@ -100,11 +98,10 @@ def test_ema_teacher_follows_its_formula(tiny_overrides, prompts4):
 
 
 def test_update_freq_one_makes_the_teacher_the_previous_student(tiny_overrides, prompts4):
-    from kdlib.controller.onpolicy import OnPolicyLoop
 
     cfg = _onpolicy(tiny_overrides, prompts4, ["teacher.from_student=true", "teacher.dtype=float32", "teacher.update_freq=1"])
     with Pipeline.from_config(cfg, run_dir=None) as pipeline:
-        loop = OnPolicyLoop(pipeline)
+        loop = pipeline.mode
         student = pipeline.student.workers[0].model
         teacher = pipeline.teacher.workers[0].backend.model
         loop.start(1)

@@ -22,6 +22,9 @@ class Precision(str, Enum):
 
     float32 = "float32"
     bfloat16 = "bfloat16"
+    # bfloat16 where the device computes it natively (CUDA with bf16, CPUs with AVX-512-BF16 or
+    # AMX), float32 elsewhere; resolved when the config is composed (see auto_choices).
+    auto = "auto"
 
 
 class HiddenDtype(str, Enum):
@@ -36,7 +39,7 @@ class Mode(str, Enum):
 
     offpolicy = "offpolicy"  # distil on a fixed dataset (teacher scores the dataset's responses)
     onpolicy = "onpolicy"  # the student samples responses, the teacher scores them, the student learns
-    sft = "sft"  # supervised fine-tuning on the dataset's responses, no teacher
+    sft = "sft"  # supervised fine-tuning on the dataset's responses, no teacher (algorithm sft)
     generate = "generate"  # write teacher responses for the dataset's prompts (sequence-level KD data)
 
 
@@ -133,8 +136,9 @@ class StudentConfig(ModelConfig):
     # Recompute activations in the backward pass to save memory.
     gradient_checkpointing: bool = False
     # Run the student's matrix products in bfloat16 under torch.autocast; weights, optimizer
-    # state and the KD/CE loss stay in `dtype` (mixed precision).
-    autocast: bool = False
+    # state and the KD/CE loss stay in `dtype` (mixed precision). true, false, or auto (true
+    # where bf16 is native on the device, see Precision.auto; resolved at composition).
+    autocast: Any = False
     # Sharding of the student across its workers (used when num_workers > 1).
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
@@ -308,7 +312,7 @@ class OnPolicyConfig:
 class TransportConfig:
     """How teacher outputs travel to the students."""
 
-    # Transport (registry `transport`): inprocess.
+    # Transport (registry `transport`): inprocess, ray, or auto (follows the launcher).
     name: str = MISSING
     # Type of hidden states on the wire.
     dtype: HiddenDtype = HiddenDtype.bfloat16
@@ -375,3 +379,5 @@ class KDConfig:
     output_dir: Optional[str] = None
     # Save the final student (Hugging Face format) into <run dir>/student.
     save_student: bool = True
+    # Filled at composition, not set by users: what each `auto` value resolved to, and why.
+    auto_choices: dict[str, str] = field(default_factory=dict)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from kdlib.config.schema import KDConfig
+from kdlib.config.schema import KDConfig, TransportConfig
 
 SCHEMA_NAME = "kdlib_schema"
 
@@ -41,3 +41,5 @@ def register_configs() -> None:
             if entry.config_cls is None:
                 continue
             store.store(group=group, name=entry.name, node=entry.config_cls(**{key: entry.name}))
+    # transport=auto (the default) follows the launcher; resolved at composition
+    store.store(group="transport", name="auto", node=TransportConfig(name="auto"))

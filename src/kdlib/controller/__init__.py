@@ -1,10 +1,15 @@
-"""Controller loops, one per mode: the single place that drives data through the workers."""
+"""Modes (registry ``mode``): one class per ``Mode`` value, the single place that drives a run.
 
-from kdlib.config.schema import Mode
-from kdlib.controller.generate import GenerateLoop
-from kdlib.controller.offpolicy import OffPolicyLoop
-from kdlib.controller.onpolicy import OnPolicyLoop
+Every value of :class:`kdlib.config.Mode` has exactly one entry here (a test checks it), registered
+lazily so that composing a config does not import the training stack.
+"""
 
-LOOPS = {Mode.offpolicy: OffPolicyLoop, Mode.onpolicy: OnPolicyLoop, Mode.generate: GenerateLoop}
+from kdlib.registry import Registry
 
-__all__ = ["LOOPS", "GenerateLoop", "OffPolicyLoop", "OnPolicyLoop"]
+MODES: Registry[type] = Registry("mode")
+MODES.register("offpolicy", "kdlib.controller.offpolicy:OffPolicyMode")
+MODES.register("sft", "kdlib.controller.offpolicy:SFTMode")
+MODES.register("onpolicy", "kdlib.controller.onpolicy:OnPolicyMode")
+MODES.register("generate", "kdlib.controller.generate:GenerateMode")
+
+__all__ = ["MODES"]

@@ -18,25 +18,30 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
+from kdlib.controller import assembly
+from kdlib.controller.mode import RunMode
 from kdlib.data.encoding import ChatEncoder
 from kdlib.data.samples import load_conversations
 from kdlib.data.sources import load_rows
+from kdlib.models.loading import load_tokenizer
+from kdlib.result import RunResult
 from kdlib.tracking import write_json
 
 if TYPE_CHECKING:
-    from kdlib.pipeline import Pipeline, RunResult
+    from kdlib.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 
-class GenerateLoop:
-    def __init__(self, pipeline: "Pipeline") -> None:
-        self.p = pipeline
-        self.cfg = pipeline.cfg
+class GenerateMode(RunMode):
+    @classmethod
+    def build(cls, pipeline: "Pipeline") -> "GenerateMode":
+        pipeline.student_tokenizer = load_tokenizer(pipeline.cfg.teacher)  # the generating model's
+        assembly.start_launcher(pipeline)
+        assembly.start_rollout(pipeline, pipeline.cfg.teacher, syncs_weights=False)
+        return cls(pipeline)
 
-    def run(self) -> "RunResult":
-        from kdlib.pipeline import RunResult
-
+    def run(self) -> RunResult:
         cfg, p = self.cfg, self.p
         tokenizer = p.student_tokenizer  # the generating model's tokenizer (the teacher's)
         encoder = ChatEncoder(tokenizer, apply_chat_template=cfg.data.apply_chat_template, name="teacher")

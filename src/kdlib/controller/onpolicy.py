@@ -14,32 +14,67 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
 import time
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
+from kdlib.config.schema import KDConfig
+from kdlib.controller import assembly
 from kdlib.controller.training import TrainingLoop
 from kdlib.data.batching import split_across_workers
 from kdlib.data.samples import Prompt, Sample, rollout_sample
+from kdlib.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kdlib.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 
-class OnPolicyLoop(TrainingLoop):
-    def __init__(self, pipeline) -> None:
+class OnPolicyMode(TrainingLoop):
+    def __init__(self, pipeline: "Pipeline") -> None:
         super().__init__(pipeline)
         self._rollout_metrics: dict[str, float] = {}
         self._rollout_log = None
+
+    @classmethod
+    def check(cls, cfg: KDConfig) -> None:
+        super().check(cfg)
+        if not 0.0 <= cfg.onpolicy.lmbda <= 1.0:
+            raise ConfigError(f"onpolicy.lmbda must be in [0, 1], got {cfg.onpolicy.lmbda}")
+        if cfg.pipeline.prefetch:
+            raise ConfigError("mode=onpolicy needs pipeline.prefetch=0: each rollout needs the student's latest weights")
+        if cfg.train.global_batch_size % cfg.rollout.n_samples_per_prompt:
+            raise ConfigError(
+                f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
+                f"rollout.n_samples_per_prompt={cfg.rollout.n_samples_per_prompt} in mode=onpolicy"
+            )
+
+    @classmethod
+    def build(cls, pipeline: "Pipeline") -> "OnPolicyMode":
+        cfg = pipeline.cfg
+        student, teacher = assembly.chat_encoders(cfg, with_teacher=True)
+        pipeline.student_tokenizer = student.tokenizer
+        # off-policy steps (lmbda < 1) need the dataset's responses too
+        pipeline.data = assembly.load_data(cfg, student, teacher, prompts=True, responses=cfg.onpolicy.lmbda < 1.0)
+        prompts_per_step = cfg.train.global_batch_size // cfg.rollout.n_samples_per_prompt
+        pipeline.total_steps = assembly.total_steps(cfg, len(pipeline.data.prompts), prompts_per_step, "prompts")
+        assembly.start_launcher(pipeline)
+        assembly.start_teacher(pipeline)
+        assembly.start_rollout(pipeline, cfg.student, syncs_weights=True)
+        assembly.start_students(pipeline, assembly.teacher_head(pipeline))
+        return cls(pipeline)
 
     def sample_batches(self, skip: int = 0) -> Iterator[list[Sample]]:
         cfg = self.cfg
         per_step = cfg.train.global_batch_size // cfg.rollout.n_samples_per_prompt
         coin = random.Random(cfg.seed + 1)
-        dataset = _cycle(self) if cfg.onpolicy.lmbda < 1.0 else None
+        dataset = self.dataset_batches() if cfg.onpolicy.lmbda < 1.0 else None
         step = 0
-        for epoch in range(cfg.train.epochs):
+        for epoch in itertools.count():  # the run's step count decides when to stop
             order = list(range(len(self.p.data.prompts)))
             if cfg.data.shuffle:
                 random.Random(cfg.seed + epoch).shuffle(order)
@@ -121,9 +156,3 @@ class OnPolicyLoop(TrainingLoop):
             prompt = row["prompt"][-1]["content"] if row["prompt"] else ""
             log.info("step %d rollout (%s, %d tokens)\n  prompt: %s\n  response: %s",
                      step, row["finish_reason"], row["response_tokens"], prompt, row["response"])
-
-
-def _cycle(loop: TrainingLoop) -> Iterator[list[Sample]]:
-    """data.train's batches for the off-policy steps, starting over when they run out."""
-    while True:
-        yield from loop.dataset_batches()

@@ -22,7 +22,7 @@ import json
 import logging
 import shutil
 import time
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +31,19 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 from tqdm.auto import tqdm
 
 from kdlib.batch import MicroBatch
+from kdlib.config.schema import KDConfig
 from kdlib.controller.dispatch import TeacherJob, collect_teacher, submit_teacher
 from kdlib.controller.evaluator import Evaluator, comparison_table, print_table
+from kdlib.controller.mode import RunMode
 from kdlib.data.batching import StepPlan, global_batches, plan_step
 from kdlib.data.samples import Sample
 from kdlib.errors import ConfigError
 from kdlib.parallel.checkpoint import is_complete, latest_checkpoint, mark_complete
+from kdlib.result import RunResult
 from kdlib.tracking import MetricsWriter, plot_loss_curves, write_json
 
 if TYPE_CHECKING:
-    from kdlib.pipeline import Pipeline, RunResult
+    from kdlib.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +59,20 @@ class PreparedStep:
     submitted_at: float
 
 
-class TrainingLoop(ABC):
+class TrainingLoop(RunMode):
+    """The optimizer-step loop of the training modes (off-policy, SFT, on-policy)."""
+
+    @classmethod
+    def check(cls, cfg: KDConfig) -> None:
+        if cfg.student.model in (None, "???"):
+            raise ConfigError("student.model is not set")
+
     def __init__(self, pipeline: "Pipeline") -> None:
-        self.p = pipeline
-        self.cfg = pipeline.cfg
+        super().__init__(pipeline)
         self._last_step_end: Optional[float] = None  # wall clock per step includes preparing it
         self.evaluate = Evaluator(pipeline)
 
-    def run(self) -> "RunResult":
-        from kdlib.pipeline import RunResult
-
+    def run(self) -> RunResult:
         p, cfg = self.p, self.cfg
         result = RunResult(run_dir=p.run_dir)
         evaluate = self.evaluate
@@ -111,11 +118,11 @@ class TrainingLoop(ABC):
         """The global batches of samples to train on, after the first ``skip`` (resumed) steps."""
 
     def dataset_batches(self, skip: int = 0) -> Iterator[list[Sample]]:
-        """Global batches of data.train's samples (seeded order), after the first ``skip``."""
+        """Global batches of data.train's samples (a seeded order per epoch, epochs repeating for
+        as long as the run asks), after the first ``skip``."""
         cfg = self.cfg
         stream = global_batches(
-            self.p.data.train, batch_size=cfg.train.global_batch_size, epochs=cfg.train.epochs,
-            shuffle=cfg.data.shuffle, seed=cfg.seed,
+            self.p.data.train, batch_size=cfg.train.global_batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed,
         )
         for _ in range(skip):
             next(stream)
@@ -246,7 +253,7 @@ class TrainingLoop(ABC):
         log.info("resumed from %s (step %d)", directory, state["step"])
         return int(state["step"])
 
-    def _finish(self, result: "RunResult", writer: MetricsWriter, evals: list[dict]) -> None:
+    def _finish(self, result: RunResult, writer: MetricsWriter, evals: list[dict]) -> None:
         p, cfg = self.p, self.cfg
         evaluation = {"before": result.eval_before, "during": evals, "after": result.eval_after}
         write_json(p.run_dir / "eval.json", evaluation)

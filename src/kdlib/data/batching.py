@@ -12,6 +12,7 @@ contribute nothing); the plan counts them. The order of samples is a seeded shuf
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -26,12 +27,13 @@ def global_batches(
     samples: list[Sample],
     *,
     batch_size: int,
-    epochs: int,
     shuffle: bool,
     seed: int,
+    epochs: Optional[int] = None,
 ) -> Iterator[list[Sample]]:
-    """Global batches over ``epochs`` passes; the last batch of an epoch may be smaller."""
-    for epoch in range(epochs):
+    """Global batches over ``epochs`` passes (None: without end); the last batch of an epoch may
+    be smaller. Epoch e is shuffled with seed ``seed + e``."""
+    for epoch in range(epochs) if epochs is not None else itertools.count():
         order = list(range(len(samples)))
         if shuffle:
             random.Random(seed + epoch).shuffle(order)

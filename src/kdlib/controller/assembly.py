@@ -1,0 +1,135 @@
+"""Building blocks the modes assemble a pipeline from: encoders, data, worker groups, the head.
+
+Each mode's ``build`` calls the pieces it needs, in an order that fails fast: tokenizers and data
+first (a bad file or row is reported before any model loads), then the launcher and the worker
+groups, then the head handshake (the teacher's ``lm_head`` goes to every student). Nothing here
+knows which mode is running; the modes decide what to call.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Optional
+
+from kdlib.config.schema import KDConfig, ModelConfig
+from kdlib.data.batching import steps_per_epoch
+from kdlib.data.bundle import DataBundle
+from kdlib.data.encoding import ChatEncoder
+from kdlib.data.samples import build_prompts, build_samples
+from kdlib.errors import ConfigError
+from kdlib.launch import WorkerGroup, build_launcher
+from kdlib.models.loading import load_tokenizer
+from kdlib.workers.specs import RolloutSpec, StudentSpec, TeacherSpec
+
+if TYPE_CHECKING:
+    from kdlib.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+def chat_encoders(cfg: KDConfig, *, with_teacher: bool) -> tuple[ChatEncoder, Optional[ChatEncoder]]:
+    """(student encoder, teacher encoder or None when the teacher reads the student's tokens)."""
+    student_tok = load_tokenizer(cfg.student)
+    student = ChatEncoder(student_tok, apply_chat_template=cfg.data.apply_chat_template, name="student")
+    if not with_teacher:
+        return student, None
+    teacher_tok = student_tok if cfg.teacher.from_student else load_tokenizer(cfg.teacher)
+    teacher = ChatEncoder(teacher_tok, apply_chat_template=cfg.data.apply_chat_template, name="teacher")
+    check_vocabularies(teacher, student)
+    if teacher.signature() == student.signature() and not cfg.data.teacher_input_key:
+        return student, None  # same tokens: the teacher reads the student's batch
+    return student, teacher
+
+
+def check_vocabularies(teacher: ChatEncoder, student: ChatEncoder) -> None:
+    """Token-level KD compares distributions over the same token ids."""
+    t_vocab, s_vocab = teacher.tokenizer.get_vocab(), student.tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        shared = len(set(t_vocab.items()) & set(s_vocab.items()))
+        raise ConfigError(
+            f"teacher and student tokenizers differ ({len(t_vocab)} vs {len(s_vocab)} tokens, "
+            f"{shared} identical); token-level KD needs one vocabulary"
+        )
+
+
+def load_data(
+    cfg: KDConfig, student: ChatEncoder, teacher: Optional[ChatEncoder], *, prompts: bool = False, responses: bool = True
+) -> DataBundle:
+    """The samples a training mode needs: data.train's responses and/or prompts, and data.eval."""
+    bundle = DataBundle(student_pad_id=student.pad_id, teacher_pad_id=None if teacher is None else teacher.pad_id,
+                        student_encoder=student)
+    if prompts:
+        bundle.prompts, report = build_prompts(cfg.data, student, teacher)
+        bundle.reports["prompts"] = report
+        log.info("prompts: %s", report.summary())
+        if not bundle.prompts:
+            raise ConfigError(f"data.train: no usable prompt ({report.summary()})")
+    if responses:
+        bundle.train, report = build_samples(cfg.data, "train", student, teacher)
+        bundle.reports["train"] = report
+        log.info("train data: %s", report.summary())
+        if not bundle.train:
+            raise ConfigError(f"data.train: no usable sample in {report.source} ({report.summary()})")
+    if cfg.data.eval:
+        bundle.eval, report = build_samples(cfg.data, "eval", student, teacher)
+        bundle.reports["eval"] = report
+        log.info("eval data: %s", report.summary())
+    return bundle
+
+
+def total_steps(cfg: KDConfig, n_items: int, items_per_step: int, what: str = "samples") -> int:
+    """Optimizer steps: an explicit ``train.max_steps`` decides (epochs cycle as needed, as in
+    transformers' Trainer); otherwise ``train.epochs`` passes over the ``n_items``."""
+    per_epoch = steps_per_epoch(n_items, items_per_step)
+    if cfg.train.max_steps > 0:
+        if cfg.train.max_steps > per_epoch * cfg.train.epochs:
+            log.info("train.max_steps=%d: %.1f passes over %d %s (%d steps each)",
+                     cfg.train.max_steps, cfg.train.max_steps / per_epoch, n_items, what, per_epoch)
+        return cfg.train.max_steps
+    return per_epoch * cfg.train.epochs
+
+
+def start_launcher(pipeline: "Pipeline") -> None:
+    pipeline.launcher = build_launcher(pipeline.cfg.launcher)
+
+
+def start_teacher(pipeline: "Pipeline") -> WorkerGroup:
+    """``teacher.num_workers`` teacher workers (self-distillation: built like the student)."""
+    cfg = pipeline.cfg
+    architecture = cfg.student if cfg.teacher.from_student else None
+    specs = [TeacherSpec(cfg.teacher, cfg.transport, cfg.device, rank, architecture) for rank in range(cfg.teacher.num_workers)]
+    pipeline.teacher = pipeline.launcher.group("teacher", _worker("teacher:TeacherWorker"), specs)
+    return pipeline.teacher
+
+
+def start_rollout(pipeline: "Pipeline", model: ModelConfig, *, syncs_weights: bool) -> WorkerGroup:
+    """``rollout.num_workers`` generation engines running ``model`` (a transport when they take
+    the student's weights)."""
+    cfg = pipeline.cfg
+    transport = cfg.transport if syncs_weights else None
+    specs = [RolloutSpec(model, cfg.rollout, cfg.device, rank, transport) for rank in range(cfg.rollout.num_workers)]
+    pipeline.rollout = pipeline.launcher.group("rollout", _worker("rollout:RolloutWorker"), specs)
+    return pipeline.rollout
+
+
+def start_students(pipeline: "Pipeline", teacher_head: Any = None) -> WorkerGroup:
+    """The data-parallel student workers, set up with the teacher's head (None: no teacher)."""
+    cfg = pipeline.cfg
+    world = cfg.student.num_workers
+    specs = [StudentSpec(cfg, rank, world) for rank in range(world)]
+    pipeline.student = pipeline.launcher.group("student", _worker("student:StudentWorker"), specs, distributed=True)
+    pipeline.student.call("setup", teacher_head, pipeline.total_steps)
+    return pipeline.student
+
+
+def teacher_head(pipeline: "Pipeline") -> Any:
+    """The teacher's LM head, shipped to every student (None without a teacher group)."""
+    return pipeline.teacher.call("lm_head")[0] if pipeline.teacher is not None else None
+
+
+def _worker(path: str) -> type:
+    """A worker class by ``"module:Class"`` under kdlib.workers (imported when first needed)."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(f"kdlib.workers.{module}"), name)

@@ -1,0 +1,51 @@
+"""Every value of ``mode`` runs end to end on tiny models, as a user would select it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import kdlib
+from kdlib.config import Mode
+
+MODE_OVERRIDES = {
+    Mode.offpolicy: [],
+    Mode.sft: [],  # no algorithm given: SFT replaces the default vanilla KD
+    Mode.onpolicy: ["rollout.max_new_tokens=8", "train.global_batch_size=4", "train.micro_batch_size=2"],
+    Mode.generate: ["rollout.max_new_tokens=8", "data.max_samples=3", "generate.drop_truncated=false"],
+}
+
+
+@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+def test_every_mode_runs(mode, tiny_overrides, tmp_path):
+    assert set(MODE_OVERRIDES) == set(Mode), "a new mode needs a case here"
+    cfg = kdlib.compose(tiny_overrides + [f"mode={mode.value}", "train.max_steps=2", "eval.before=false"] + MODE_OVERRIDES[mode])
+    result = kdlib.run(cfg)
+    if mode is Mode.generate:
+        lines = result.outputs["generated"].read_text().splitlines()
+        assert len(lines) == 3 and all(json.loads(line)["messages"][-1]["role"] == "assistant" for line in lines)
+        return
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["loss"] > 0 for r in rows)
+    if mode is Mode.sft:
+        assert cfg.algorithm.name == "sft" and "mode=sft" in cfg.auto_choices["algorithm"]
+        assert all(r["kd_loss"] == 0.0 for r in rows) and set(result.eval_after) == {"ce", "tokens"}
+    else:
+        assert all(r["kd_loss"] > 0 for r in rows)
+
+
+def test_sft_mode_refuses_an_algorithm_that_needs_a_teacher(tiny_overrides, monkeypatch):
+    from kdlib.algorithms import ALGORITHMS, Algorithm, register_algorithm
+    from kdlib.errors import ConfigError
+
+    monkeypatch.setattr(ALGORITHMS, "_entries", dict(ALGORITHMS._entries))  # registered for this test only
+
+    @register_algorithm("needs_teacher_test")
+    class NeedsTeacher(Algorithm):  # noqa: D401 - a throwaway entry
+        def compute_loss(self, *args):
+            raise AssertionError("never runs")
+
+    with pytest.raises(ConfigError, match="mode=sft trains without a teacher, but algorithm=needs_teacher_test"):
+        kdlib.compose(tiny_overrides + ["mode=sft", "algorithm=needs_teacher_test"])
