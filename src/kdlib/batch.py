@@ -81,10 +81,14 @@ class MicroBatch:
     teacher: Optional[TokenBatch] = None
     # Indices of the samples in their dataset, for error messages and rollout logs.
     sample_ids: list[int] = field(default_factory=list)
+    # Content keys of the teacher's view of each sample (token ids + trained span; see
+    # kdlib.cache.fingerprint.sample_key), the identity a teacher cache files outputs under.
+    # None for samples that are never cached (fresh on-policy rollouts).
+    teacher_keys: Optional[list[str]] = None
 
     def to(self, device: torch.device | str) -> "MicroBatch":
         teacher = None if self.teacher is None else self.teacher.to(device)
-        return MicroBatch(self.student.to(device), teacher, self.sample_ids)
+        return MicroBatch(self.student.to(device), teacher, self.sample_ids, self.teacher_keys)
 
     @property
     def teacher_view(self) -> TokenBatch:

@@ -20,6 +20,7 @@ from kdlib.launch import Launcher, WorkerGroup
 from kdlib.result import RunResult
 
 if TYPE_CHECKING:
+    from kdlib.cache.store import TeacherCache
     from kdlib.controller.mode import RunMode
 
 
@@ -34,6 +35,8 @@ class Pipeline:
     student: Optional[WorkerGroup] = None
     rollout: Optional[WorkerGroup] = None
     total_steps: int = 0
+    # The offline teacher cache (teacher.cache), opened by modes that use it.
+    cache: Optional["TeacherCache"] = None
     mode: Optional["RunMode"] = None
 
     @classmethod

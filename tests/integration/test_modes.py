@@ -14,14 +14,21 @@ MODE_OVERRIDES = {
     Mode.sft: [],  # no algorithm given: SFT replaces the default vanilla KD
     Mode.onpolicy: ["rollout.max_new_tokens=8", "train.global_batch_size=4", "train.micro_batch_size=2"],
     Mode.generate: ["rollout.max_new_tokens=8", "data.max_samples=3", "generate.drop_truncated=false"],
+    Mode.cache: [],  # teacher.cache is added below (a per-test directory)
 }
 
 
 @pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
 def test_every_mode_runs(mode, tiny_overrides, tmp_path):
     assert set(MODE_OVERRIDES) == set(Mode), "a new mode needs a case here"
-    cfg = kdlib.compose(tiny_overrides + [f"mode={mode.value}", "train.max_steps=2", "eval.before=false"] + MODE_OVERRIDES[mode])
+    extra = [f"teacher.cache={tmp_path / 'cache'}"] if mode is Mode.cache else []
+    cfg = kdlib.compose(tiny_overrides + [f"mode={mode.value}", "train.max_steps=2", "eval.before=false"]
+                        + MODE_OVERRIDES[mode] + extra)
     result = kdlib.run(cfg)
+    if mode is Mode.cache:
+        assert result.metrics["samples"] == 24 + 8 and result.metrics["tokens"] > 0
+        assert (tmp_path / "cache" / "manifest.json").exists()
+        return
     if mode is Mode.generate:
         lines = result.outputs["generated"].read_text().splitlines()
         assert len(lines) == 3 and all(json.loads(line)["messages"][-1]["role"] == "assistant" for line in lines)

@@ -145,3 +145,22 @@ def test_dead_worker_stops_the_run_with_its_name_and_the_checkpoint_loads(ray_cl
     resumed = kdlib.compose(tiny_overrides + [f"train.resume={run_dir}", "train.max_steps=3", "eval.before=false", f"output_dir={tmp_path / 'resumed'}"])
     result = kdlib.run(resumed)
     assert [row["step"] for row in _losses(result)] == [2, 3]
+
+
+def test_ray_students_read_the_teacher_cache_bit_identically(ray_cluster, tiny_overrides, tmp_path):
+    """Fill with 2 Ray teacher workers (mode=cache), then train on Ray from the cache alone: the same
+    losses and weights as the live Ray run, and no teacher actor."""
+    from test_teacher_cache import assert_same_training
+
+    common = [o for o in tiny_overrides if not o.startswith("teacher.dtype")] + RAY + [
+        "teacher.dtype=bfloat16", "eval.before=true",
+    ]
+    cache = f"teacher.cache={tmp_path / 'cache'}"
+    live = kdlib.run(kdlib.compose(common + [f"output_dir={tmp_path / 'live'}"]))
+    fill = kdlib.run(kdlib.compose(common + [cache, "+recipe=cache_teacher", "teacher.num_workers=2",
+                                             f"output_dir={tmp_path / 'fill'}"]))
+    assert fill.metrics["samples_computed"] == fill.metrics["samples"] > 0
+    cfg = kdlib.compose(common + [cache, f"output_dir={tmp_path / 'read'}"])
+    with Pipeline.from_config(cfg, run_dir=tmp_path / "probe") as pipeline:
+        assert pipeline.teacher is None and pipeline.student.size == 2
+    assert_same_training(live, kdlib.run(cfg))

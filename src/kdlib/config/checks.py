@@ -139,6 +139,8 @@ def _check_teacher(cfg: KDConfig) -> None:
         raise ConfigError(f"teacher.update_freq must be >= 0, got {teacher.update_freq}")
     if (teacher.ema_decay is not None or teacher.update_freq) and cfg.pipeline.prefetch:
         raise ConfigError("a teacher updated from the student needs pipeline.prefetch=0")
+    if teacher.cache and teacher.from_student:
+        raise ConfigError("teacher.cache keeps a fixed teacher's outputs; a self-distillation teacher (teacher.from_student) changes with the student")
     entry = TEACHER_BACKENDS.entry(teacher.backend)
     caps: TeacherCapabilities = entry.info or TeacherCapabilities()
     if cfg.pipeline.colocate and not caps.sleep_wake:

@@ -41,6 +41,7 @@ class Mode(str, Enum):
     onpolicy = "onpolicy"  # the student samples responses, the teacher scores them, the student learns
     sft = "sft"  # supervised fine-tuning on the dataset's responses, no teacher (algorithm sft)
     generate = "generate"  # write teacher responses for the dataset's prompts (sequence-level KD data)
+    cache = "cache"  # only fill teacher.cache with the teacher's outputs for data.train and data.eval
 
 
 class DataFormat(str, Enum):
@@ -121,6 +122,11 @@ class TeacherConfig(ModelConfig):
     # With from_student: after every step, teacher = ema_decay * teacher + (1 - ema_decay) * student
     # (null = off; excludes update_freq).
     ema_decay: Optional[float] = None
+    # Directory of an offline teacher cache: teacher outputs for data.train / data.eval samples
+    # are read from it when present and written to it when missing; a run it covers fully loads
+    # no teacher model (only its head). Refused when it was filled by another teacher, tokenizer
+    # or dtype. null = off.
+    cache: Optional[str] = None
 
 
 @dataclass

@@ -11,5 +11,6 @@ MODES.register("offpolicy", "kdlib.controller.offpolicy:OffPolicyMode")
 MODES.register("sft", "kdlib.controller.offpolicy:SFTMode")
 MODES.register("onpolicy", "kdlib.controller.onpolicy:OnPolicyMode")
 MODES.register("generate", "kdlib.controller.generate:GenerateMode")
+MODES.register("cache", "kdlib.controller.cache:CacheMode")
 
 __all__ = ["MODES"]

@@ -22,6 +22,7 @@ from kdlib.models.loading import load_tokenizer
 from kdlib.workers.specs import RolloutSpec, StudentSpec, TeacherSpec
 
 if TYPE_CHECKING:
+    from kdlib.cache.store import TeacherCache
     from kdlib.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -93,11 +94,47 @@ def start_launcher(pipeline: "Pipeline") -> None:
     pipeline.launcher = build_launcher(pipeline.cfg.launcher)
 
 
+def open_teacher_cache(pipeline: "Pipeline", teacher_tokenizer: Any) -> "TeacherCache":
+    """Open ``teacher.cache`` for this run's teacher setup (refused if it holds another's)."""
+    from kdlib.cache.fingerprint import FORMAT, CacheNamespace, tokenizer_fingerprint, weights_fingerprint
+    from kdlib.cache.store import TeacherCache
+    from kdlib.hardware import resolve_device_type
+    from kdlib.models.loading import model_location
+
+    cfg = pipeline.cfg
+    namespace = CacheNamespace(
+        format=FORMAT,
+        weights=weights_fingerprint(model_location(cfg.teacher.model)),
+        teacher_model=cfg.teacher.model,
+        dtype=cfg.teacher.dtype.value,
+        backend=cfg.teacher.backend,
+        attn_implementation=cfg.teacher.attn_implementation,
+        device_type=resolve_device_type(cfg.device),
+        tokenizer=tokenizer_fingerprint(teacher_tokenizer, apply_chat_template=cfg.data.apply_chat_template),
+        wire_dtype=cfg.transport.dtype.value,
+    )
+    pipeline.cache = TeacherCache.open(cfg.teacher.cache, namespace)
+    return pipeline.cache
+
+
+def uncached_samples(pipeline: "Pipeline") -> int:
+    """Samples of data.train and data.eval whose teacher outputs are not in the cache (entries
+    present are read and checksummed first: a damaged one counts as missing, never trusted)."""
+    data = pipeline.data
+    keys = [s.teacher_key() for s in [*data.train, *data.eval]]
+    return len(pipeline.cache.verified_missing(keys))
+
+
 def start_teacher(pipeline: "Pipeline") -> WorkerGroup:
-    """``teacher.num_workers`` teacher workers (self-distillation: built like the student)."""
+    """``teacher.num_workers`` teacher workers (self-distillation: built like the student); with a
+    teacher cache they write what they compute into it."""
     cfg = pipeline.cfg
     architecture = cfg.student if cfg.teacher.from_student else None
-    specs = [TeacherSpec(cfg.teacher, cfg.transport, cfg.device, rank, architecture) for rank in range(cfg.teacher.num_workers)]
+    namespace = pipeline.cache.namespace if pipeline.cache is not None else None
+    specs = [
+        TeacherSpec(cfg.teacher, cfg.transport, cfg.device, rank, architecture, namespace)
+        for rank in range(cfg.teacher.num_workers)
+    ]
     pipeline.teacher = pipeline.launcher.group("teacher", _worker("teacher:TeacherWorker"), specs)
     return pipeline.teacher
 
@@ -123,8 +160,15 @@ def start_students(pipeline: "Pipeline", teacher_head: Any = None) -> WorkerGrou
 
 
 def teacher_head(pipeline: "Pipeline") -> Any:
-    """The teacher's LM head, shipped to every student (None without a teacher group)."""
-    return pipeline.teacher.call("lm_head")[0] if pipeline.teacher is not None else None
+    """The teacher's LM head, shipped to every student: from a teacher worker, or read from the
+    checkpoint files when the cache serves every output (None without a teacher)."""
+    if pipeline.teacher is not None:
+        return pipeline.teacher.call("lm_head")[0]
+    if pipeline.cache is not None:
+        from kdlib.models.checkpoint_head import load_lm_head
+
+        return load_lm_head(pipeline.cfg.teacher)
+    return None
 
 
 def _worker(path: str) -> type:

@@ -1,38 +1,36 @@
-"""Splitting work across workers: teacher micro-batches by token count, students by samples.
+"""Getting teacher outputs for micro-batches: from the teacher cache, or from the teacher workers.
 
-Teacher micro-batches go largest first to the least-loaded worker (greedy longest-processing-time
-scheduling), so workers finish together when sequence lengths vary; the handles come back in the
-original order. ``submit_teacher`` starts the work and returns at once (Ray futures), so the
-controller can score the next global batch while the students train on this one.
+A micro-batch whose samples are all in the teacher cache gets a :class:`CachedOutput` handle, which
+the student resolves from the cache files itself (the cache is a transport-like store). The others
+go to the teacher group, largest first to the least-loaded worker (greedy longest-processing-time
+scheduling), so workers finish together when sequence lengths vary; teacher workers with a cache
+write what they compute into it. ``submit`` returns at once (Ray futures), so the controller can
+prepare the next global batch while the students train on this one; ``collect`` returns the handles
+in the original order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
 
 from kdlib.batch import MicroBatch
+from kdlib.cache.store import CachedOutput
 from kdlib.data.batching import assign_by_cost
+from kdlib.errors import KdlibError
 from kdlib.launch import WorkerGroup
+
+if TYPE_CHECKING:
+    from kdlib.cache.store import TeacherCache
 
 
 @dataclass
 class TeacherJob:
-    """Teacher work in flight: which worker scores which micro-batch, and its futures."""
+    """Teacher work in flight: cached handles, and which worker scores which other micro-batch."""
 
-    assignment: list[list[int]]
-    futures: list[Any]
-    n_batches: int
-
-
-def submit_teacher(group: Optional[WorkerGroup], batches: list[MicroBatch]) -> Optional[TeacherJob]:
-    """Start scoring ``batches`` (largest first to the least-loaded worker); None without a teacher."""
-    if group is None:
-        return None
-    costs = [batch.teacher_view.n_tokens for batch in batches]
-    assignment = assign_by_cost(costs, group.size)
-    futures = group.submit_each("forward", [([batches[i] for i in idx],) for idx in assignment])
-    return TeacherJob(assignment=assignment, futures=futures, n_batches=len(batches))
+    handles: list[Any]
+    assignment: list[list[int]] = field(default_factory=list)
+    futures: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -42,24 +40,64 @@ class TeacherOutputs:
     handles: list[Any]
     seconds: float = 0.0
     published_bytes: int = 0
+    cached: int = 0  # micro-batches served by the cache
 
 
-def collect_teacher(group: Optional[WorkerGroup], job: Optional[TeacherJob], n_batches: int) -> TeacherOutputs:
-    """The transport handles of a submitted job, in the order of its micro-batches."""
-    if group is None or job is None:
-        return TeacherOutputs([None] * n_batches)
-    results = group.gather(job.futures, "forward")
-    handles: list[Any] = [None] * job.n_batches
-    for indices, result in zip(job.assignment, results):
-        for index, handle in zip(indices, result.handles):
-            handles[index] = handle
-    return TeacherOutputs(
-        handles,
-        seconds=max(r.seconds for r in results),
-        published_bytes=sum(r.published_bytes for r in results),
-    )
+class TeacherDispatch:
+    """The teacher side as the controller sees it: a worker group, a cache, or both (or neither:
+    algorithms without a teacher get None handles)."""
 
+    def __init__(self, group: Optional[WorkerGroup], cache: Optional["TeacherCache"] = None) -> None:
+        self.group = group
+        self.cache = cache
 
-def teacher_forward(group: Optional[WorkerGroup], batches: list[MicroBatch]) -> list[Any]:
-    """Transport handles of the teacher outputs of ``batches``, in their order (None: no teacher)."""
-    return collect_teacher(group, submit_teacher(group, batches), len(batches)).handles
+    @property
+    def active(self) -> bool:
+        return self.group is not None or self.cache is not None
+
+    def submit(self, batches: list[MicroBatch], *, publish: bool = True) -> TeacherJob:
+        """Start getting the outputs of ``batches`` (cached ones are answered at once)."""
+        handles: list[Any] = [None] * len(batches)
+        if not self.active:
+            return TeacherJob(handles)
+        to_score = []
+        for i, batch in enumerate(batches):
+            keys = batch.teacher_keys
+            if self.cache is not None and keys is not None and not self.cache.missing(keys):
+                handles[i] = CachedOutput(tuple(keys), tuple(batch.sample_ids))
+            else:
+                to_score.append(i)
+        if not to_score:
+            return TeacherJob(handles)
+        if self.group is None:
+            raise KdlibError(
+                f"{len(to_score)} micro-batch(es) are not in teacher.cache any more (a damaged shard was "
+                "set aside); run again: the teacher will be loaded to recompute them"
+            )
+        costs = [batches[i].teacher_view.n_tokens for i in to_score]
+        assignment = [[to_score[j] for j in idx] for idx in assign_by_cost(costs, self.group.size)]
+        futures = self.group.submit_each("forward", [([batches[i] for i in idx], publish) for idx in assignment])
+        return TeacherJob(handles, assignment, futures)
+
+    def collect(self, job: TeacherJob) -> TeacherOutputs:
+        """The handles of a submitted job, in the order of its micro-batches."""
+        handles = list(job.handles)
+        cached = sum(isinstance(h, CachedOutput) for h in handles)
+        if not job.futures:
+            return TeacherOutputs(handles, cached=cached)
+        results = self.group.gather(job.futures, "forward")
+        for indices, result in zip(job.assignment, results):
+            for index, handle in zip(indices, result.handles):
+                handles[index] = handle
+        if self.cache is not None:
+            self.cache.refresh()  # learn the shards the teacher workers just wrote
+        return TeacherOutputs(
+            handles,
+            seconds=max(r.seconds for r in results),
+            published_bytes=sum(r.published_bytes for r in results),
+            cached=cached,
+        )
+
+    def outputs(self, batches: list[MicroBatch]) -> list[Any]:
+        """Handles of the outputs of ``batches``, in their order (None: no teacher)."""
+        return self.collect(self.submit(batches)).handles

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Optional
 from rich.console import Console
 from rich.table import Table
 
-from kdlib.controller.dispatch import teacher_forward
-from kdlib.data.batching import even_shares, micro_batches
+from kdlib.controller.dispatch import TeacherDispatch
+from kdlib.data.batching import even_shares
 from kdlib.evaluation import HeldoutSums
 
 if TYPE_CHECKING:
@@ -34,12 +34,11 @@ class Evaluator:
     the same hidden states every time. Call :meth:`invalidate` when the teacher's weights change.
     """
 
-    def __init__(self, pipeline: "Pipeline") -> None:
+    def __init__(self, pipeline: "Pipeline", teacher: TeacherDispatch) -> None:
         self.p = pipeline
+        self.teacher = teacher
         data = pipeline.data
-        self.batches = [] if data is None else [
-            data.collate(chunk) for chunk in micro_batches(data.eval, pipeline.cfg.eval.batch_size)
-        ]
+        self.batches = [] if data is None else data.eval_batches(pipeline.cfg.eval.batch_size)
         self._teacher_handles: Optional[list] = None
 
     def invalidate(self) -> None:
@@ -52,7 +51,7 @@ class Evaluator:
             return None
         handles = self._teacher_handles
         if handles is None:
-            handles = teacher_forward(p.teacher, self.batches)
+            handles = self.teacher.outputs(self.batches)
             if p.cfg.eval.cache_teacher:
                 self._teacher_handles = handles
         shares = even_shares(list(zip(self.batches, handles)), p.student.size)
@@ -64,7 +63,7 @@ class Evaluator:
         for sums in results:
             total = total.add(sums)
         out = total.means()
-        if p.teacher is None:
+        if not self.teacher.active:
             out.pop("kl")
             out.pop("top1_agreement")
         return out

@@ -33,6 +33,16 @@ class OffPolicyMode(TrainingLoop):
         pipeline.student_tokenizer = student.tokenizer
         pipeline.data = assembly.load_data(cfg, student, teacher)
         pipeline.total_steps = assembly.total_steps(cfg, len(pipeline.data.train), cfg.train.global_batch_size)
+        if needs_teacher and cfg.teacher.cache:
+            assembly.open_teacher_cache(pipeline, (teacher or student).tokenizer)
+            missing = assembly.uncached_samples(pipeline)
+            n_samples = len(pipeline.data.train) + len(pipeline.data.eval)
+            if missing:
+                log.info("teacher cache %s: %d of %d samples missing; the teacher computes and stores them",
+                         cfg.teacher.cache, missing, n_samples)
+            else:
+                log.info("teacher cache %s covers all %d samples: no teacher model is loaded", cfg.teacher.cache, n_samples)
+            needs_teacher = missing > 0
         assembly.start_launcher(pipeline)
         if needs_teacher:
             assembly.start_teacher(pipeline)

@@ -62,6 +62,8 @@ class OnPolicyMode(TrainingLoop):
         pipeline.data = assembly.load_data(cfg, student, teacher, prompts=True, responses=cfg.onpolicy.lmbda < 1.0)
         prompts_per_step = cfg.train.global_batch_size // cfg.rollout.n_samples_per_prompt
         pipeline.total_steps = assembly.total_steps(cfg, len(pipeline.data.prompts), prompts_per_step, "prompts")
+        if cfg.teacher.cache:  # serves the held-out evaluation and the dataset steps (lmbda < 1)
+            assembly.open_teacher_cache(pipeline, (teacher or student).tokenizer)
         assembly.start_launcher(pipeline)
         assembly.start_teacher(pipeline)
         assembly.start_rollout(pipeline, cfg.student, syncs_weights=True)

@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 
 from kdlib.batch import MicroBatch
 from kdlib.config.schema import KDConfig
-from kdlib.controller.dispatch import TeacherJob, collect_teacher, submit_teacher
+from kdlib.controller.dispatch import TeacherDispatch, TeacherJob
 from kdlib.controller.evaluator import Evaluator, comparison_table, print_table
 from kdlib.controller.mode import RunMode
-from kdlib.data.batching import StepPlan, global_batches, plan_step
+from kdlib.data.batching import StepPlan, global_batches
 from kdlib.data.samples import Sample
 from kdlib.errors import ConfigError
 from kdlib.parallel.checkpoint import is_complete, latest_checkpoint, mark_complete
@@ -55,7 +55,7 @@ class PreparedStep:
     samples: int
     plan: StepPlan
     batches: list[MicroBatch]
-    teacher: Optional[TeacherJob]
+    teacher: TeacherJob
     submitted_at: float
 
 
@@ -70,7 +70,8 @@ class TrainingLoop(RunMode):
     def __init__(self, pipeline: "Pipeline") -> None:
         super().__init__(pipeline)
         self._last_step_end: Optional[float] = None  # wall clock per step includes preparing it
-        self.evaluate = Evaluator(pipeline)
+        self.teacher = TeacherDispatch(pipeline.teacher, pipeline.cache)
+        self.evaluate = Evaluator(pipeline, self.teacher)
 
     def run(self) -> RunResult:
         p, cfg = self.p, self.cfg
@@ -162,15 +163,11 @@ class TrainingLoop(RunMode):
 
     def prepare(self, samples: list[Sample]) -> PreparedStep:
         """Plan a global batch, collate its micro-batches and start the teacher on them."""
-        p, train = self.p, self.cfg.train
-        plan = plan_step(
-            samples, p.student.size, micro_batch_size=train.micro_batch_size,
-            max_tokens=train.max_tokens_per_micro_batch, packing=train.packing,
-        )
-        batches = [p.data.collate(chunk, packing=train.packing) for chunk in plan.micro_batches]
+        p = self.p
+        plan, batches = p.data.step_batches(samples, self.cfg.train, p.student.size)
         if self.cfg.pipeline.colocate and p.teacher is not None:
             p.teacher.call("wake")
-        job = submit_teacher(p.teacher, batches)
+        job = self.teacher.submit(batches)
         return PreparedStep(len(samples), plan, batches, job, time.perf_counter())
 
     def step(self, samples: list[Sample], step: int = 1) -> dict[str, float]:
@@ -184,7 +181,7 @@ class TrainingLoop(RunMode):
         """Collect the teacher outputs of a prepared step and run the students' optimizer step."""
         p, colocate = self.p, self.cfg.pipeline.colocate
         start = time.perf_counter()
-        teacher = collect_teacher(p.teacher, prepared.teacher, len(prepared.batches))
+        teacher = self.teacher.collect(prepared.teacher)
         handles = teacher.handles
         waited = time.perf_counter() - start
         if colocate and p.teacher is not None:
@@ -218,6 +215,7 @@ class TrainingLoop(RunMode):
             "step_seconds": end - began,
             "teacher_wait_seconds": waited,
             "teacher_seconds": teacher.seconds,
+            "teacher_cached_batches": float(teacher.cached),
             "student_seconds": max(r["student_seconds"] for r in results),
             "transport_bytes": total["fetched_bytes"],
             "transport_seconds": max(r["fetch_seconds"] for r in results),

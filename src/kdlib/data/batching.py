@@ -156,7 +156,8 @@ def collate(
     if samples and samples[0].teacher is not None:
         assert teacher_pad_id is not None, "teacher sequences need the teacher pad id"
         teacher = build([s.teacher for s in samples], teacher_pad_id)
-    return MicroBatch(student=student, teacher=teacher, sample_ids=[s.index for s in samples])
+    keys = [s.teacher_key() for s in samples] if samples and all(s.cacheable for s in samples) else None
+    return MicroBatch(student=student, teacher=teacher, sample_ids=[s.index for s in samples], teacher_keys=keys)
 
 
 def _pad(sequences: list[Sequence], pad_id: int) -> TokenBatch:

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from kdlib.batch import MicroBatch
-from kdlib.data.batching import collate
+from kdlib.config.schema import TrainConfig
+from kdlib.data.batching import StepPlan, collate, micro_batches, plan_step
 from kdlib.data.encoding import ChatEncoder
 from kdlib.data.samples import FilterReport, Prompt, Sample
 
@@ -28,3 +29,16 @@ class DataBundle:
         return collate(
             samples, student_pad_id=self.student_pad_id, teacher_pad_id=self.teacher_pad_id, packing=packing
         )
+
+    def step_batches(self, samples: list[Sample], train: TrainConfig, n_workers: int) -> tuple[StepPlan, list[MicroBatch]]:
+        """A global batch planned over ``n_workers`` and collated, as a training step runs it (the
+        teacher cache fill plans the same way, so it sees the same micro-batches)."""
+        plan = plan_step(
+            samples, n_workers, micro_batch_size=train.micro_batch_size,
+            max_tokens=train.max_tokens_per_micro_batch, packing=train.packing,
+        )
+        return plan, [self.collate(chunk, packing=train.packing) for chunk in plan.micro_batches]
+
+    def eval_batches(self, batch_size: int) -> list[MicroBatch]:
+        """The held-out micro-batches, as every evaluation (and the cache fill) forms them."""
+        return [self.collate(chunk) for chunk in micro_batches(self.eval, batch_size)]

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+from kdlib.cache.fingerprint import sample_key
 from kdlib.config.schema import DataConfig, Overlong
 from kdlib.data.encoding import ChatEncoder, EncodedChat
 from kdlib.data.formats import Conversation, detect_format, privileged_conversation, row_to_conversation
@@ -41,6 +42,17 @@ class Sample:
     student: Sequence
     # The teacher's own tokens when its tokenisation differs; None = it reads the student's.
     teacher: Optional[Sequence] = None
+    # Whether a teacher cache may keep this sample's teacher output (not for one-off rollouts).
+    cacheable: bool = True
+
+    @property
+    def teacher_view(self) -> Sequence:
+        return self.teacher if self.teacher is not None else self.student
+
+    def teacher_key(self) -> str:
+        """The content key of the teacher's view of this sample (see kdlib.cache.fingerprint)."""
+        view = self.teacher_view
+        return sample_key(view.input_ids, view.response_start)
 
 
 @dataclass
@@ -209,4 +221,5 @@ def rollout_sample(prompt: Prompt, response_ids: list[int], max_len: int) -> tup
     teacher = None
     if prompt.teacher_ids is not None:
         teacher = Sequence(prompt.teacher_ids + kept, len(prompt.teacher_ids))
-    return Sample(index=prompt.index, student=student, teacher=teacher), len(kept) < len(response_ids)
+    sample = Sample(index=prompt.index, student=student, teacher=teacher, cacheable=False)
+    return sample, len(kept) < len(response_ids)

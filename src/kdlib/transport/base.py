@@ -33,6 +33,10 @@ class TransportStats:
     bytes: int = 0
     seconds: float = 0.0
 
+    def record(self, nbytes: int, seconds: float) -> None:
+        self.bytes += nbytes
+        self.seconds += seconds
+
     def take(self) -> "TransportStats":
         """The counts so far, resetting them."""
         out = TransportStats(self.bytes, self.seconds)
@@ -67,8 +71,7 @@ class Transport(ABC):
     def _timed(self, nbytes: int) -> Iterator[None]:
         start = time.perf_counter()
         yield
-        self.stats.seconds += time.perf_counter() - start
-        self.stats.bytes += nbytes
+        self.stats.record(nbytes, time.perf_counter() - start)
 
 
 def build_transport(cfg: TransportConfig) -> Transport:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from kdlib.cache.fingerprint import CacheNamespace
 from kdlib.config.schema import KDConfig, ModelConfig, RolloutConfig, TeacherConfig, TransportConfig
 
 
@@ -22,6 +23,8 @@ class TeacherSpec:
     rank: int = 0
     # Self-distillation: build the teacher with this (the student's) architecture.
     architecture: Optional[ModelConfig] = None
+    # With teacher.cache: the namespace the controller checked; the worker writes what it scores.
+    cache: Optional[CacheNamespace] = None
 
 
 @dataclass

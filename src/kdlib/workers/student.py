@@ -22,6 +22,8 @@ from transformers import set_seed
 from kdlib.algorithms import ALGORITHMS
 from kdlib.algorithms.objective import StudentObjective
 from kdlib.batch import MicroBatch
+from kdlib.cache.store import CachedOutput
+from kdlib.errors import KdlibError
 from kdlib.evaluation import HeldoutSums
 from kdlib.models.head import LMHead
 from kdlib.models.loading import resolve_device
@@ -48,6 +50,11 @@ class StudentWorker:
         set_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_student(cfg.student, self.device)
         self.transport = build_transport(cfg.transport)
+        self.cache = None
+        if cfg.teacher.cache:
+            from kdlib.cache.store import TeacherCache
+
+            self.cache = TeacherCache.for_reading(cfg.teacher.cache)
         self.objective: Optional[StudentObjective] = None
         self.optimizer = None
         self.scheduler = None
@@ -168,6 +175,16 @@ class StudentWorker:
     def _fetch(self, handle: Any) -> Optional[TeacherOutput]:
         if handle is None:
             return None
+        if isinstance(handle, CachedOutput):
+            start = time.perf_counter()
+            output = self.cache.read(list(handle.keys), list(handle.sample_ids)) if self.cache is not None else None
+            if output is None:
+                raise KdlibError(
+                    f"teacher cache {self.cfg.teacher.cache}: samples {list(handle.sample_ids)} are missing or damaged "
+                    "(damaged shards are set aside); run again to recompute them"
+                )
+            self.transport.stats.record(output.nbytes, time.perf_counter() - start)
+            return output.to(self.device)
         return self.transport.fetch(handle).to(self.device)
 
     def _clip_gradients(self) -> float:

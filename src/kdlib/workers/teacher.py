@@ -33,6 +33,8 @@ class TeacherResult:
     handles: list[Any]
     seconds: float  # time the worker spent scoring and publishing
     published_bytes: int
+    cached_samples: int = 0  # samples written to the teacher cache
+    cached_bytes: int = 0
 
 
 class TeacherWorker:
@@ -42,6 +44,11 @@ class TeacherWorker:
         self.backend = TEACHER_BACKENDS.get(spec.teacher.backend)(spec.teacher, self.device, spec.architecture)
         self.transport = build_transport(spec.transport)
         self.wire_dtype = WIRE_DTYPES[HiddenDtype(spec.transport.dtype)]
+        self.cache = None
+        if spec.cache is not None:
+            from kdlib.cache.store import TeacherCache
+
+            self.cache = TeacherCache.open(spec.teacher.cache, spec.cache)
 
     def lm_head(self) -> LMHead:
         """The teacher head on the CPU, detached (shipped once to every student)."""
@@ -62,12 +69,22 @@ class TeacherWorker:
         output.__post_init__()  # offsets and ids are consistent with the rows
         return output
 
-    def forward(self, batches: list[MicroBatch]) -> TeacherResult:
-        """Transport handles of the outputs of each micro-batch, in order, and the cost."""
+    def forward(self, batches: list[MicroBatch], publish: bool = True) -> TeacherResult:
+        """Transport handles of the outputs of each micro-batch, in order (None when not
+        ``publish``-ed: a cache fill), and the cost. With a cache, new samples are written to it."""
         start = time.perf_counter()
-        handles = [self.transport.publish(self.score(batch)) for batch in batches]
+        handles = []
+        for batch in batches:
+            output = self.score(batch)
+            if self.cache is not None and batch.teacher_keys is not None:
+                self.cache.write({key: output.sample_rows(i) for i, key in enumerate(batch.teacher_keys)})
+            handles.append(self.transport.publish(output) if publish else None)
         published = self.transport.stats.take()
-        return TeacherResult(handles, time.perf_counter() - start, published.bytes)
+        written = self.cache.stats.take() if self.cache is not None else None
+        return TeacherResult(
+            handles, time.perf_counter() - start, published.bytes,
+            cached_samples=written.written if written else 0, cached_bytes=written.bytes_written if written else 0,
+        )
 
     def load_weights(self, handles: list[Any], ema_decay: Optional[float] = None) -> None:
         """Self-distillation: take the student's weights (copied, or averaged in with ``ema_decay``)."""

@@ -1,0 +1,99 @@
+"""``mode=cache`` (``+recipe=cache_teacher``): run the teacher once over the data, fill teacher.cache.
+
+The samples are those an off-policy run of the same config trains and evaluates on (same
+tokenisation, filtering and truncation), planned into the same micro-batches as its first epoch and
+its evaluations, so a later run of that config reads outputs computed on exactly the batches it
+would have given a live teacher (bit-identical training; see docs/teacher_cache.md). Samples already
+in the cache are skipped; several teacher workers (``launcher=ray teacher.num_workers=N``) share the
+work, one global batch ahead of the one being collected. The run ends with a summary: samples,
+tokens, bytes on disk and bytes per token.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from tqdm.auto import tqdm
+
+from kdlib.config.schema import KDConfig
+from kdlib.controller import assembly
+from kdlib.controller.dispatch import TeacherDispatch
+from kdlib.controller.mode import RunMode
+from kdlib.data.batching import global_batches
+from kdlib.errors import ConfigError
+from kdlib.result import RunResult
+from kdlib.tracking import write_json
+
+if TYPE_CHECKING:
+    from kdlib.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+class CacheMode(RunMode):
+    @classmethod
+    def check(cls, cfg: KDConfig) -> None:
+        if not cfg.teacher.cache:
+            raise ConfigError("mode=cache needs teacher.cache=DIR: the directory to fill with teacher outputs")
+        if cfg.student.model in (None, "???"):
+            raise ConfigError("student.model is not set (mode=cache tokenises the data as the student's run will)")
+
+    @classmethod
+    def build(cls, pipeline: "Pipeline") -> "CacheMode":
+        cfg = pipeline.cfg
+        student, teacher = assembly.chat_encoders(cfg, with_teacher=True)
+        pipeline.student_tokenizer = student.tokenizer
+        pipeline.data = assembly.load_data(cfg, student, teacher)
+        assembly.open_teacher_cache(pipeline, (teacher or student).tokenizer)
+        assembly.start_launcher(pipeline)
+        if assembly.uncached_samples(pipeline):
+            assembly.start_teacher(pipeline)
+        return cls(pipeline)
+
+    def run(self) -> RunResult:
+        p, cfg = self.p, self.cfg
+        data, cache = p.data, p.cache
+        rounds = [
+            p.data.step_batches(samples, cfg.train, cfg.student.num_workers)[1]
+            for samples in global_batches(data.train, batch_size=cfg.train.global_batch_size,
+                                          shuffle=cfg.data.shuffle, seed=cfg.seed, epochs=1)
+        ]
+        if data.eval:
+            rounds.append(data.eval_batches(cfg.eval.batch_size))
+        n_samples = len(data.train) + len(data.eval)
+        missing_before = assembly.uncached_samples(p)
+        dispatch = TeacherDispatch(p.teacher, cache)
+        computed_seconds = 0.0
+        with tqdm(total=n_samples, desc="filling teacher cache", unit="sample", disable=not cfg.logging.progress) as bar:
+            pending = None
+            for batches in rounds + [None]:
+                job = dispatch.submit(batches, publish=False) if batches is not None else None
+                if pending is not None:
+                    done, pending_batches = dispatch.collect(pending[0]), pending[1]
+                    computed_seconds += done.seconds
+                    bar.update(sum(len(b.sample_ids) for b in pending_batches))
+                pending = (job, batches) if job is not None else None
+        cache.refresh()
+        missing_after = assembly.uncached_samples(p)
+        if missing_after:
+            raise ConfigError(f"teacher cache {cfg.teacher.cache}: {missing_after} samples are still missing after the fill")
+        cache.write_index()
+        rows, disk = cache.total_rows(), cache.disk_bytes()
+        summary = {
+            "samples": float(n_samples),
+            "samples_computed": float(missing_before),
+            "samples_already_cached": float(n_samples - missing_before),
+            "cached_samples_total": float(len(cache)),
+            "tokens": float(rows),
+            "bytes_on_disk": float(disk),
+            "bytes_per_token": disk / max(rows, 1),
+            "teacher_seconds": computed_seconds,
+        }
+        write_json(p.run_dir / "cache_report.json", {"cache": str(cache.root), **summary})
+        log.info(
+            "teacher cache %s: %d samples (%d computed now, %d already there), %d tokens, %.1f MiB on disk, "
+            "%.0f bytes per token", cache.root, n_samples, missing_before, n_samples - missing_before, rows,
+            disk / 2**20, summary["bytes_per_token"],
+        )
+        return RunResult(run_dir=p.run_dir, metrics=summary, outputs={"teacher_cache": cache.root})

@@ -1,0 +1,137 @@
+"""The offline teacher cache: exact reuse, no teacher model when covered, safe sharing, refusal."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kdlib
+from kdlib.testing import chat_rows
+from kdlib.errors import ConfigError
+from kdlib.pipeline import Pipeline
+
+
+def _rows(result) -> list[dict]:
+    return [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(result) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(result.student_dir / "model.safetensors")
+
+
+def assert_same_training(a, b) -> None:
+    """Bit-identical losses at every step, held-out metrics and final weights."""
+    for ra, rb in zip(_rows(a), _rows(b), strict=True):
+        for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
+            assert ra[key] == rb[key], key
+    assert a.eval_before == b.eval_before and a.eval_after == b.eval_after
+    wa, wb = _weights(a), _weights(b)
+    assert sorted(wa) == sorted(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture
+def cached_overrides(tiny_overrides, tmp_path):
+    # bf16 on the wire (the default) and a bf16 teacher: what a real cache holds
+    return [o for o in tiny_overrides if not o.startswith("teacher.dtype")] + [
+        "teacher.dtype=bfloat16", f"teacher.cache={tmp_path / 'cache'}", "train.max_steps=3",
+    ]
+
+
+def test_training_from_the_cache_equals_training_with_the_live_teacher(cached_overrides, tmp_path):
+    live = kdlib.run(kdlib.compose([o for o in cached_overrides if not o.startswith("teacher.cache")]
+                                   + [f"output_dir={tmp_path / 'live'}"]))
+    filling = kdlib.run(kdlib.compose(cached_overrides + [f"output_dir={tmp_path / 'fill'}"]))
+    assert_same_training(live, filling)  # writing the cache changes nothing
+    assert _rows(filling)[0]["teacher_cached_batches"] == 0
+
+    cfg = kdlib.compose(cached_overrides + [f"output_dir={tmp_path / 'read'}"])
+    with Pipeline.from_config(cfg, run_dir=tmp_path / "probe") as pipeline:
+        assert pipeline.teacher is None  # covered: no teacher model is loaded
+    reading = kdlib.run(cfg)
+    assert_same_training(live, reading)
+    assert all(r["teacher_cached_batches"] == r["micro_batches"] for r in _rows(reading))
+    assert all(r["transport_bytes"] > 0 for r in _rows(reading))
+
+
+def test_cache_mode_fills_what_training_reads(cached_overrides, tmp_path):
+    fill = kdlib.run(kdlib.compose(cached_overrides + ["+recipe=cache_teacher", f"teacher.cache={tmp_path / 'cache'}",
+                                                       f"output_dir={tmp_path / 'fill'}"]))
+    m = fill.metrics
+    distinct = {json.dumps(r["messages"]) for r in chat_rows(24, seed=0) + chat_rows(8, seed=1)}
+    assert m["samples"] == m["samples_computed"] == 24 + 8
+    assert m["cached_samples_total"] == len(distinct) < 32  # equal conversations share one entry
+    assert m["tokens"] > 0 and m["bytes_per_token"] >= 64 * 2  # hidden 64 in bf16, plus headers
+    assert json.loads((tmp_path / "cache" / "index.json").read_text())
+    again = kdlib.run(kdlib.compose(cached_overrides + ["+recipe=cache_teacher", f"teacher.cache={tmp_path / 'cache'}",
+                                                        f"output_dir={tmp_path / 'again'}"]))
+    assert again.metrics["samples_computed"] == 0 and again.metrics["samples_already_cached"] == 32
+
+    live = kdlib.run(kdlib.compose([o for o in cached_overrides if not o.startswith("teacher.cache")]
+                                   + [f"output_dir={tmp_path / 'live'}"]))
+    reading = kdlib.run(kdlib.compose(cached_overrides + [f"output_dir={tmp_path / 'read'}"]))
+    assert_same_training(live, reading)  # the fill planned the same micro-batches as training
+
+
+def test_a_damaged_shard_is_set_aside_and_recomputed(cached_overrides, tmp_path, caplog):
+    first = kdlib.run(kdlib.compose(cached_overrides + [f"output_dir={tmp_path / 'first'}"]))
+    shards = sorted((tmp_path / "cache" / "shards").glob("*.safetensors"))
+    assert len(shards) >= 2
+    data = shards[0].read_bytes()
+    shards[0].write_bytes(data[: len(data) // 2])  # truncated
+    flipped = bytearray(shards[1].read_bytes())
+    flipped[-3] ^= 0xFF  # one bit pattern changed inside a tensor
+    shards[1].write_bytes(bytes(flipped))
+    (tmp_path / "cache" / "index.json").unlink(missing_ok=True)
+
+    cfg = kdlib.compose(cached_overrides + [f"output_dir={tmp_path / 'second'}"])
+    with caplog.at_level("WARNING"):
+        second = kdlib.run(cfg)
+    assert "is damaged" in caplog.text
+    assert (tmp_path / "cache" / "shards" / shards[0].with_suffix(".corrupt").name).exists()
+    assert_same_training(first, second)  # the damaged samples were recomputed, not trusted
+
+
+def test_a_cache_of_another_teacher_is_refused(cached_overrides, tiny_qwen3, tmp_path):
+    kdlib.run(kdlib.compose(cached_overrides + ["+recipe=cache_teacher", f"output_dir={tmp_path / 'fill'}"]))
+    other = kdlib.compose(cached_overrides + [f"teacher.model={tiny_qwen3}", f"output_dir={tmp_path / 'other'}"])
+    with pytest.raises(ConfigError, match=r"holds outputs of another teacher setup .*weights \(cache: \w+, this run: \w+\)"):
+        kdlib.run(other)
+    fp32 = kdlib.compose(cached_overrides + ["teacher.dtype=float32", f"output_dir={tmp_path / 'fp32'}"])
+    with pytest.raises(ConfigError, match=r"dtype \(cache: bfloat16, this run: float32\)"):
+        kdlib.run(fp32)
+
+
+_WRITER = """
+import sys, torch
+from kdlib.cache.fingerprint import CacheNamespace, FORMAT
+from kdlib.cache.store import TeacherCache
+from kdlib.teacher_output import TeacherOutput
+ns = CacheNamespace(FORMAT, "w", "t", "bfloat16", "hf", "sdpa", "cpu", "tok", "bfloat16")
+cache = TeacherCache.open(sys.argv[1], ns)
+g = torch.Generator().manual_seed(0)  # both writers write the same values for the same keys
+for i in range(40):
+    rows = 1 + i % 5
+    cache.write({f"key{i:03d}": TeacherOutput(torch.randn(rows, 16, generator=g).bfloat16(), row_offsets=torch.tensor([0, rows]))})
+"""
+
+
+def test_concurrent_writers_leave_a_valid_cache(tmp_path):
+    from kdlib.cache.fingerprint import FORMAT, CacheNamespace
+    from kdlib.cache.store import TeacherCache
+
+    root = tmp_path / "shared"
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(root)]) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    ns = CacheNamespace(FORMAT, "w", "t", "bfloat16", "hf", "sdpa", "cpu", "tok", "bfloat16")
+    cache = TeacherCache.open(root, ns)
+    keys = [f"key{i:03d}" for i in range(40)]
+    assert not cache.missing(keys) and cache.stats.corrupt == 0
+    out = cache.read(keys)
+    assert out is not None and out.row_offsets.tolist()[-1] == sum(1 + i % 5 for i in range(40))
+    assert not list(root.rglob("*.tmp"))  # no half-written file left behind
