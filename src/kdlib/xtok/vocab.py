@@ -104,7 +104,9 @@ def match_vocabularies(student_tokenizer, teacher_tokenizer) -> VocabMatch:
     )
 
 
-def special_pairs(new_tokenizer, new_special: dict[str, int], old_tokenizer, old_special: dict[str, int]) -> dict[int, int]:
+def special_pairs(
+    new_tokenizer, new_special: dict[str, int], old_tokenizer, old_special: dict[str, int]
+) -> dict[int, int]:
     """new special id -> old special id: by equal content, then by role (eos, bos, pad, unk)."""
     pairs = {new_id: old_special[content] for content, new_id in new_special.items() if content in old_special}
     taken = set(pairs.values())
