@@ -21,6 +21,7 @@ from kdlib.models.head import LMHead
 from kdlib.xtok import method as method_module
 from kdlib.xtok.alignment import align
 from kdlib.xtok.distributions import merged_log_probs
+from kdlib.xtok.distributions import sorted_l1 as xtok_sorted_l1
 from kdlib.xtok.dskd import DSKDLoss, DSKDOptions, DSKDProjectors, T2STarget
 from kdlib.xtok.gold import GOLDLoss, GOLDOptions
 from kdlib.xtok.groups import AlignmentBatch
@@ -422,6 +423,16 @@ def test_chain_rule_merge_equals_the_joint_probability_by_hand():
     assert torch.allclose(merged[0].exp(), p[0] * p[1, 1] * p[2, 2], rtol=1e-14, atol=0)
     assert torch.allclose(log_c, torch.stack([(p[1, 1] * p[2, 2]).log(), torch.zeros((), dtype=F64)]))
     assert torch.equal(merged[1], torch.log_softmax(logits[3], -1))  # a one-token group is its row
+
+
+@pytest.mark.parametrize("widths", [(7, 12), (12, 7), (9, 9)])
+def test_sorted_l1_is_the_sort_and_pad_formula(widths):
+    g = torch.Generator().manual_seed(12)
+    p = torch.softmax(torch.randn(5, widths[0], generator=g, dtype=F64), -1)
+    q = torch.softmax(torch.randn(5, widths[1], generator=g, dtype=F64), -1)
+    q[:, :4] = q[:, 4:5]  # ties, some of them at the cut
+    expected = torch.stack([sorted_l1(p[i], q[i]) for i in range(5)])
+    assert torch.allclose(xtok_sorted_l1(p, q), expected, rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("name", ["overlap-jsd-T2", "uld", "uld-merged", "gold-kl", "gold-rkl-weighted"])

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from kdlib.losses.fused import _graph_is_kept
 from kdlib.xtok.groups import GroupRows
 
 # compute(chunk, student_hidden_rows, *params) -> (kd_sum, ce_sum), scalars with autograd.
@@ -98,7 +99,16 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total, _grad_kd, _grad_ce):
-        return (None, *(None if g is None else g * grad_total.to(g.dtype) for g in ctx.grads))
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError("the cross-tokenizer loss was already differentiated without retain_graph")
+        if _graph_is_kept():  # another backward may follow: scale copies
+            return (None, *(None if g is None else g * grad_total.to(g.dtype) for g in grads))
+        ctx.grads = None  # last use: scale in place, so each [V, H] gradient exists once
+        for g in grads:
+            if g is not None:
+                g.mul_(grad_total.to(g.dtype))
+        return (None, *grads)
 
 
 def _run(spec, hidden, params, needs):
