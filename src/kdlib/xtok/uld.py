@@ -2,8 +2,8 @@
 
 ULD compares the teacher's and the student's next-token distributions without any vocabulary
 mapping: each is sorted in decreasing order, the shorter is zero-padded to the longer, and the loss
-is the L1 distance between the two sorted vectors (a closed form of the Wasserstein-1 distance
-under a uniform cost). With p_s = softmax(s / T_s) over the student head's rows and
+is the L1 distance between the two sorted vectors (the paper's closed form for its
+optimal-transport distance). With p_s = softmax(s / T_s) over the student head's rows and
 p_t = softmax(t / T_t) over the teacher's,
 
     KD = sum over groups of sum_k |sort(p_s)_k - sort(p_t)_k|
