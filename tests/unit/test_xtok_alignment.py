@@ -11,6 +11,7 @@ failure mode has a regression case.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kdlib.data.encoding import ChatEncoder
 from kdlib.errors import DataError, ModelError
@@ -348,6 +349,8 @@ def test_batch_rows_and_teacher_row_kinds(bpe, unigram):
     assert pairs.teacher_rows.tolist() == batch.teacher_start[batch.one_to_one].tolist()
     everything = batch.rows(RowKind.group_rows)
     assert everything.teacher_rows.tolist() == list(range(batch.n_teacher_rows))  # nothing unaligned
+    per_sample = [int(((batch.sample == b) & batch.one_to_one).sum()) for b in range(len(samples))]
+    assert batch.sent_row_offsets(pairs.teacher_rows).tolist() == [0, *torch.tensor(per_sample).cumsum(0).tolist()]
     starts = batch.rows(RowKind.group_starts)
     assert starts.teacher_rows.tolist() == batch.teacher_start.tolist()
     assert (starts.teacher_ids == batch.teacher_ids[batch.teacher_start]).all()

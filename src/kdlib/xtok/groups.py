@@ -159,6 +159,11 @@ class AlignmentBatch:
         t_grouped = int(self.teacher_len.sum())
         return self.n_student_rows - s_grouped, self.n_teacher_rows - t_grouped
 
+    def sent_row_offsets(self, teacher_rows: torch.Tensor) -> torch.Tensor:
+        """[B + 1] cumulative counts of ``teacher_rows`` (sorted teacher loss rows) per sample: the
+        ``row_offsets`` of a teacher output that carries only those rows."""
+        return torch.searchsorted(teacher_rows, self.teacher_offsets)
+
     def rows(self, kind: RowKind) -> GroupRows:
         """The groups as rows for a method reading ``kind`` (see the module docstring)."""
         kind = RowKind(kind)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kdlib.config.schema import LossConfig
-from kdlib.losses.objective import LossTerms
+from kdlib.losses import LossTerms
 from kdlib.losses.registry import LOSSES, loss_params
 from kdlib.models.head import LMHead
 from kdlib.xtok.chunked import Chunk, chunked_loss, plan_chunks
