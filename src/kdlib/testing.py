@@ -3,7 +3,9 @@
 Everything here is created locally in a second or two and saved to a directory, then loaded by path
 exactly as a real run loads a hub checkpoint; nothing touches the network. The tokenizer is a small
 byte-level BPE trained on a fixed corpus, with a ChatML chat template (``chatml``) or a Llama-3-like
-one (``llama3``), so chat rendering, loss masks and generation behave as with real models.
+one (``llama3``), so chat rendering, loss masks and generation behave as with real models; a
+metaspace Unigram with a BOS token (:func:`build_unigram_tokenizer`) is the different tokenizer of
+cross-tokenizer tests.
 """
 
 from __future__ import annotations
@@ -75,6 +77,22 @@ def build_tokenizer(directory: str | Path, *, template: str = "chatml", vocab_si
     fast.chat_template = _TEMPLATES[template]
     fast.save_pretrained(str(directory))
     return fast
+
+
+def build_unigram_tokenizer(directory: str | Path, *, vocab_size: int = 600, prepend_scheme: str = "first"):
+    """A metaspace Unigram (``▁`` spaces, digits split one by one, ``<0xNN>`` byte fallback, BOS
+    ``<s>``, ChatML-like template) trained on :data:`CORPUS`, saved to ``directory``, returned.
+
+    A tokenizer genuinely unlike :func:`build_tokenizer`'s byte-level BPE, for cross-tokenizer
+    tests; ``prepend_scheme="first"`` adds Llama-2's phantom space before each text.
+    """
+    from kdlib.xtok.metaspace import build_metaspace_tokenizer
+
+    tokenizer = build_metaspace_tokenizer(
+        CORPUS * 4, model="unigram", vocab_size=vocab_size, prepend_scheme=prepend_scheme
+    )
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer
 
 
 def build_model(

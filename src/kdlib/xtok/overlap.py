@@ -1,0 +1,44 @@
+"""``overlap``: KD on the shared sub-vocabulary at 1:1 groups (KDFlow's SimpleCrossTokenizerKD).
+
+Modern tokenizers share most of their common tokens. At every 1:1 group (one student token and one
+teacher token over the same bytes, after the same text) both models predict the same piece of text
+from the same prefix, so their next-token distributions are comparable on the tokens both
+vocabularies contain. With M the matched sub-vocabulary (:mod:`kdlib.xtok.vocab`), s and t the
+tempered logits restricted to M (s_M = s[student ids of M], t_M = t[teacher ids of M]):
+
+    KD = sum over 1:1 groups of D(softmax(t_M) || softmax(s_M))
+
+where D is any divergence of kdlib's registry (``loss=kl|rkl|jsd|...``, its temperature and
+T^2 option), i.e. both distributions renormalised on M; the CE term is the student's usual
+next-token cross-entropy on every loss row. With identical tokenizers every group is 1:1, M is the
+whole vocabulary and this is exactly vanilla KD. Unlike KDFlow, tokens are matched by their bytes,
+and the unaligned tokens of a truncated side take no part in KD (KDFlow compares them anyway).
+"""
+
+from __future__ import annotations
+
+from kdlib.config.schema import LossConfig
+from kdlib.models.head import LMHead
+from kdlib.xtok.groups import RowKind
+from kdlib.xtok.method import ChunkInputs, CrossTokenizerLoss, divergence, sub_head
+from kdlib.xtok.vocab import VocabMatch
+
+
+class OverlapLoss(CrossTokenizerLoss):
+    """KD over the matched sub-vocabulary at 1:1 groups, plus CE."""
+
+    row_kind = RowKind.pairs
+
+    def __init__(self, teacher_head: LMHead, match: VocabMatch, loss: LossConfig, **weights) -> None:
+        super().__init__(teacher_head, **weights)
+        if match.size == 0:
+            raise ValueError("overlap: the two vocabularies share no token")
+        device = self.teacher_head.weight.device
+        self.match = match.to(device)
+        self.loss = loss
+        self.matched_teacher_head = sub_head(self.teacher_head, self.match.teacher_ids)
+
+    def kd_sum(self, chunk: ChunkInputs):
+        student = chunk.student_logits[chunk.student_start][:, self.match.student_ids]
+        teacher = self.teacher_logits(chunk, chunk.teacher_start, self.matched_teacher_head)
+        return divergence(self.loss, student, teacher).sum()
