@@ -54,10 +54,21 @@ CORPUS = [
 
 def build_tokenizer(directory: str | Path, *, template: str = "chatml", vocab_size: int = 384):
     """Train a byte-level BPE tokenizer on :data:`CORPUS`, save it to ``directory``, return it."""
+    specials, eos, pad, bos = _SPECIAL[template]
+    fast = bpe_tokenizer(
+        specials, vocab_size=vocab_size, eos_token=eos, pad_token=pad, bos_token=bos, additional_special_tokens=[]
+    )
+    fast.chat_template = _TEMPLATES[template]
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+def bpe_tokenizer(specials: list[str], *, vocab_size: int = 384, **token_kwargs):
+    """A byte-level BPE trained on :data:`CORPUS` with ``specials`` first in the vocabulary, as a
+    transformers fast tokenizer (``token_kwargs`` name its eos/pad/bos/... tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials, eos, pad, bos = _SPECIAL[template]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -68,12 +79,7 @@ def build_tokenizer(directory: str | Path, *, template: str = "chatml", vocab_si
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=eos, pad_token=pad, bos_token=bos, additional_special_tokens=[]
-    )
-    fast.chat_template = _TEMPLATES[template]
-    fast.save_pretrained(str(directory))
-    return fast
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **token_kwargs)
 
 
 def build_model(

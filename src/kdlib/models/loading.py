@@ -96,13 +96,17 @@ def load_tokenizer(cfg: ModelConfig):
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load tokenizer {cfg.tokenizer or cfg.model!r}: {_first_line(exc)}") from None
     if cfg.chat_template:
-        template = cfg.chat_template
-        if "{" not in template and Path(resolve_location(template)).is_file():
-            template = Path(resolve_location(template)).read_text(encoding="utf-8")
-        tokenizer.chat_template = template
+        tokenizer.chat_template = chat_template_text(cfg.chat_template)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def chat_template_text(spec: str) -> str:
+    """A ``chat_template`` option's Jinja text: inline text, or the contents of the file it names."""
+    if "{" not in spec and Path(resolve_location(spec)).is_file():
+        return Path(resolve_location(spec)).read_text(encoding="utf-8")
+    return spec
 
 
 def load_causal_lm(
