@@ -101,7 +101,11 @@ def tiny_overrides(tiny_llama, chat_data, tmp_path) -> list[str]:
 
 # Teacher-side image settings per tiny VLM family: a higher resolution, so the teacher turns the
 # same image into more placeholder tokens than the student does.
-VLM_HIRES = {"idefics3": {"longest_edge": 96}, "gemma3": {"image_size": 64, "tokens_per_image": 16}}
+VLM_HIRES = {
+    "idefics3": {"longest_edge": 96},
+    "gemma3": {"image_size": 64, "tokens_per_image": 16},
+    "qwen3_vl": {"max_pixels": 96 * 96},
+}
 
 
 @pytest.fixture(scope="session")
@@ -134,3 +138,13 @@ def vlm_images(tiny_dir) -> dict[str, Path]:
         out[f"img{i}"] = directory / f"img{i}.png"
         make_image(width, height, seed=i).save(out[f"img{i}"])
     return out
+
+
+@pytest.fixture(scope="session")
+def vlm_chat_data(tiny_dir, vlm_images) -> Path:
+    """8 image+text chats (one image, two images, text only, two turns) next to vlm_images."""
+    from kdlib.testing import write_jsonl
+    from kdlib.testing_vlm import vision_chat_rows
+
+    names = sorted(path.name for path in vlm_images.values())
+    return write_jsonl(tiny_dir / "vlm_images" / "chats.jsonl", vision_chat_rows(8, names, seed=0))

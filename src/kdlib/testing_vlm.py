@@ -245,6 +245,41 @@ def qwen3_vl_inputs(directory: str | Path, texts: list[str], images: list[list],
     return inputs
 
 
+def vision_chat_rows(n: int, images: list[str], *, seed: int = 0) -> list[dict]:
+    """``n`` image+text chats in the OpenAI parts layout, cycling through four shapes: one image,
+    two images, text only, and two turns with an image in the first; ``images`` are the file names
+    (relative to the data file) to draw from."""
+    import random
+
+    from kdlib.testing import CORPUS
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        question, answer, follow_up, answer2 = rng.sample(CORPUS, 4)
+        picked = rng.sample(images, 2)
+        image = [{"type": "image", "image": name} for name in picked]
+        text = {"type": "text", "text": question}
+        shape = i % 4
+        if shape == 0:
+            messages = [{"role": "user", "content": [image[0], text]}, _assistant(answer)]
+        elif shape == 1:
+            messages = [{"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+                        {"role": "user", "content": [image[0], {"type": "text", "text": "and"}, image[1], text]},
+                        _assistant(answer)]
+        elif shape == 2:
+            messages = [{"role": "user", "content": [text]}, _assistant(answer)]
+        else:
+            messages = [{"role": "user", "content": [text, image[0]]}, _assistant(answer),
+                        {"role": "user", "content": [{"type": "text", "text": follow_up}]}, _assistant(answer2)]
+        rows.append({"id": i, "messages": messages})
+    return rows
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
 def make_image(width: int, height: int, seed: int = 0):
     """A deterministic RGB image: smooth gradients plus noise, so no two seeds look alike."""
     import numpy as np

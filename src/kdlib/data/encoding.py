@@ -119,12 +119,18 @@ class ChatEncoder:
 
 
 def end_of_turn_ids(tokenizer) -> set[int]:
-    """Token ids that end an assistant turn for this tokenizer."""
+    """Token ids that end an assistant turn for this tokenizer: its eos, and the known end-of-turn
+    tokens it treats as special (named, like eos, or added as special control tokens, as Gemma's
+    ``<end_of_turn>`` is)."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     vocab = tokenizer.get_vocab()
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     for token in _END_OF_TURN_TOKENS:
-        if token in vocab and token in (tokenizer.all_special_tokens or []):
-            ids.add(int(vocab[token]))
+        if token not in vocab:
+            continue
+        token_id = int(vocab[token])
+        if token in (tokenizer.all_special_tokens or []) or getattr(added.get(token_id), "special", False):
+            ids.add(token_id)
     return ids
