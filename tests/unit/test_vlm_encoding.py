@@ -67,6 +67,11 @@ def test_loss_positions_equal_a_hand_computed_span(family, tiny_vlm, vlm_chat_da
         targets = tokens.input_ids[row, start : end + 1]
         assert student.tokenizer.decode(targets).strip() == answer + END_OF_TURN[family]
     assert int(tokens.loss_mask.sum()) == len(tokens.targets()) == sum(s.student.n_loss_tokens for s in samples)
+    # the generation prompt (what on-policy rollouts start from) is exactly the trained sample's prompt
+    for sample, (conversation, images) in zip(samples, _conversations(vlm_chat_data)):
+        prompt = student.encode_prompt(conversation, images, "x")
+        assert prompt.input_ids == sample.student.input_ids[: sample.student.response_start]
+        assert (prompt.images is None) == (not images)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

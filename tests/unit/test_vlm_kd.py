@@ -39,10 +39,12 @@ def _model(path):
     return AutoModelForImageTextToText.from_pretrained(path).to(torch.float64)
 
 
-@pytest.mark.parametrize("loss_name", ["kl", "jsd"])
-@pytest.mark.parametrize("implementation", [LossImplementation.naive, LossImplementation.fused])
+@pytest.mark.parametrize(
+    "loss_name, implementation",
+    [("kl", LossImplementation.naive), ("kl", LossImplementation.fused), ("jsd", LossImplementation.fused)],
+)
 @pytest.mark.parametrize("family", ["idefics3", "gemma3"])
-def test_image_text_kd_from_hidden_states_equals_full_logit_kd(family, implementation, loss_name, tiny_vlm, vlm_chat_data):
+def test_image_text_kd_from_hidden_states_equals_full_logit_kd(family, loss_name, implementation, tiny_vlm, vlm_chat_data):
     student_dir, teacher_dir = tiny_vlm(family), tiny_vlm(family, hires=True)
     student_processor, teacher_processor = AutoProcessor.from_pretrained(student_dir), AutoProcessor.from_pretrained(teacher_dir)
     student_encoder = VisionChatEncoder(student_processor, name="student")

@@ -79,11 +79,6 @@ class VisionInputs:
             token_types=move(self.token_types),
         )
 
-    @property
-    def nbytes(self) -> int:
-        tensors = [getattr(self, f.name) for f in fields(self) if f.name != "token_types_key"]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
 
 _IMAGE_KEYS = tuple(f.name for f in fields(VisionInputs) if f.name not in ("token_types", "token_types_key"))
 
