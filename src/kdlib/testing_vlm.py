@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from kdlib.testing import bpe_tokenizer
+from kdlib.testing import bpe_tokenizer, language_model_kwargs, random_model
 
 IDEFICS3_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
@@ -99,7 +99,7 @@ def build_idefics3(
         chat_template=IDEFICS3_TEMPLATE,
     )
     config = Idefics3Config(
-        text_config=dict(model_type="llama", **_language_model(tokenizer, hidden_size, num_layers)),
+        text_config=dict(model_type="llama", **language_model_kwargs(tokenizer, hidden_size=hidden_size, num_layers=num_layers)),
         vision_config=dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             image_size=tile, patch_size=patch,
@@ -138,7 +138,7 @@ def build_gemma3(
         image_seq_length=tokens_per_image,
         chat_template=GEMMA3_TEMPLATE,
     )
-    language = _language_model(tokenizer, hidden_size, num_layers)
+    language = language_model_kwargs(tokenizer, hidden_size=hidden_size, num_layers=num_layers)
     config = Gemma3Config(
         text_config=dict(
             head_dim=hidden_size // 4, sliding_window=16,
@@ -189,7 +189,7 @@ def build_qwen3_vl(
                 "rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
                 "mrope_section": [half - 2 * (half // 4), half // 4, half // 4],
             },
-            **_language_model(tokenizer, hidden_size, num_layers),
+            **language_model_kwargs(tokenizer, hidden_size=hidden_size, num_layers=num_layers),
         ),
         vision_config=dict(
             depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, spatial_merge_size=2,
@@ -221,7 +221,6 @@ def qwen3_vl_inputs(directory: str | Path, texts: list[str], images: list[list],
     Reproduces what ``Qwen3VLProcessor`` does for images, for model-level tests where the processor
     cannot be built (no torchvision); right padding, no special tokens added.
     """
-    import torch
     from transformers import AutoImageProcessor, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
@@ -293,34 +292,12 @@ def make_image(width: int, height: int, seed: int = 0):
 
 
 
-def _language_model(tokenizer, hidden_size: int, num_layers: int) -> dict:
-    return dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-
-
 def _save(directory: str | Path, config, processor: Optional[object], seed: int) -> Path:
-    import torch
     from transformers import AutoModelForImageTextToText
 
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config)
-    with torch.no_grad():  # larger-than-default init so random models have non-trivial outputs
-        for param in model.parameters():
-            if param.ndim == 2:
-                param.normal_(0.0, 0.2)
-    model.save_pretrained(str(path))
+    random_model(AutoModelForImageTextToText, config, seed).save_pretrained(str(path))
     if processor is not None:
         processor.save_pretrained(str(path))
     return path

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from kdlib.data.encoding import end_of_turn_ids
+from kdlib.data.encoding import TurnTokens, end_of_turn_ids
 from kdlib.data.multimodal import VisionConversation
 from kdlib.errors import DataError, ModelError
 
@@ -103,7 +103,7 @@ class VisionEncoding:
         return len(self.input_ids)
 
 
-class VisionChatEncoder:
+class VisionChatEncoder(TurnTokens):
     """Renders and processes image+text conversations for one model."""
 
     def __init__(self, processor, *, name: str = "model") -> None:
@@ -128,23 +128,11 @@ class VisionChatEncoder:
         self.token_types_key = next((key for key in TOKEN_TYPE_KEYS if key in names), None)
         self.model_input_names = set(names)
 
-    @property
-    def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else sorted(self.end_of_turn_ids)[0]
-
-    @property
-    def eos_id(self) -> int:
-        eos = self.tokenizer.eos_token_id
-        return eos if eos is not None else sorted(self.end_of_turn_ids)[0]
-
     def signature(self) -> tuple:
         """Equal signatures mean equal token ids and image tensors for every sample."""
-        vocab = self.tokenizer.get_vocab()
         return (
             type(self.processor).__name__,
-            len(vocab),
-            hash(frozenset(vocab.items())),
+            *self.vocabulary_signature(),
             self.processor.chat_template,
             self.processor.to_json_string(),
         )
@@ -171,7 +159,7 @@ class VisionChatEncoder:
             )
         encoded = self._process(prompt_text, images[: len(prompt.images)], where)
         response = self._ids(full_text[len(prompt_text):])
-        response = _through_end_of_turn(response, self.end_of_turn_ids, self.eos_id)
+        response = self._through_end_of_turn(response)
         if self.image_token_ids.intersection(response):
             raise DataError(f"{where}: the response text contains the {self.name} image token; it cannot be trained")
         types = None if encoded.token_types is None else encoded.token_types + [0] * len(response)
@@ -238,14 +226,6 @@ class VisionChatEncoder:
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _through_end_of_turn(ids: list[int], end_of_turn: set[int], eos_id: int) -> list[int]:
-    """``ids`` up to and including the first end-of-turn token (eos appended when there is none)."""
-    for i, token in enumerate(ids):
-        if token in end_of_turn:
-            return ids[: i + 1]
-    return ids + [eos_id]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -25,8 +25,7 @@ from kdlib.data.batching import collate
 from kdlib.data.encoding import EncodedChat
 from kdlib.data.images import BadImageError, BadImages, ImageDataConfig, ImageRef, open_image
 from kdlib.data.multimodal import data_root, detect_vision_format, row_to_vision_conversation
-from kdlib.data.samples import FilterReport, Sample, Sequence, _fit, _match_teacher
-from kdlib.data.sources import load_rows
+from kdlib.data.samples import FilterReport, Sample, Sequence, _fit, _match_teacher, load_split
 from kdlib.data.vision_encoding import VisionChatEncoder, VisionEncoding, VisionInputs
 
 
@@ -71,13 +70,7 @@ def build_vision_samples(
 
     ``teacher`` is given only when the teacher renders samples differently from the student.
     """
-    spec = cfg.train if split == "train" else cfg.eval
-    source = load_rows(
-        spec,
-        split=cfg.train_split if split == "train" else cfg.eval_split,
-        key=f"data.{split}",
-        max_rows=cfg.max_samples if split == "train" else cfg.eval_max_samples,
-    )
+    source = load_split(cfg, split)
     fmt = detect_vision_format(list(source.rows.column_names), cfg, f"{source.key}: {source.name}")
     base_dir = data_root(source.name)
     report = FilterReport(source=source.name, rows=len(source.rows))

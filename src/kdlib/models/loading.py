@@ -115,9 +115,15 @@ def load_causal_lm(
     """A transformers causal LM in the configured dtype on ``device``."""
     from transformers import AutoModelForCausalLM
 
+    return load_pretrained(AutoModelForCausalLM, cfg, device=device, location=location)
+
+
+def load_pretrained(auto_class, cfg: ModelConfig, *, device: torch.device, location: Optional[str] = None, what: str = "model"):
+    """``auto_class.from_pretrained`` with the config's revision, dtype, attention implementation
+    and remote-code setting, on ``device``; a load failure is a one-line ModelError."""
     location = location or model_location(cfg.model)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             location,
             revision=cfg.revision,
             dtype=torch_dtype(cfg.dtype),
@@ -125,7 +131,7 @@ def load_causal_lm(
             trust_remote_code=cfg.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model {cfg.model!r}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot load {what} {cfg.model!r}: {_first_line(exc)}") from None
     return model.to(device)
 
 

@@ -26,7 +26,7 @@ from kdlib.config.schema import ModelConfig, Precision, StudentConfig
 from kdlib.data.vision_encoding import VisionInputs
 from kdlib.errors import ModelError
 from kdlib.models.head import LMHead, decoder_of, lm_head_of, multimodal_body_of, verify_lm_head
-from kdlib.models.loading import chat_template_text, model_location, torch_dtype
+from kdlib.models.loading import chat_template_text, load_pretrained, model_location, torch_dtype
 from kdlib.models.pruning import prune_as_configured
 
 log = logging.getLogger(__name__)
@@ -68,18 +68,7 @@ def load_vlm(cfg: ModelConfig, *, device: torch.device, location: Optional[str] 
     """A transformers image-text-to-text model in the configured dtype on ``device``."""
     from transformers import AutoModelForImageTextToText
 
-    location = location or model_location(cfg.model)
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            location,
-            revision=cfg.revision,
-            dtype=torch_dtype(cfg.dtype),
-            attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-        )
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load vision-language model {cfg.model!r}: {_first_line(exc)}") from None
-    return model.to(device)
+    return load_pretrained(AutoModelForImageTextToText, cfg, device=device, location=location, what="vision-language model")
 
 
 def build_vlm(cfg: ModelConfig, device: torch.device, *, dtype: Optional[Precision] = None) -> nn.Module:
