@@ -97,3 +97,54 @@ def tiny_overrides(tiny_llama, chat_data, tmp_path) -> list[str]:
         "device=cpu",
         f"output_dir={tmp_path / 'run'}",
     ]
+
+
+# Teacher-side image settings per tiny VLM family: a higher resolution, so the teacher turns the
+# same image into more placeholder tokens than the student does.
+VLM_HIRES = {
+    "idefics3": {"longest_edge": 96},
+    "gemma3": {"image_size": 64, "tokens_per_image": 16},
+    "qwen3_vl": {"max_pixels": 96 * 96},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tiny_dir):
+    """``tiny_vlm(family)``: a tiny random VLM with its processor (idefics3, gemma3, qwen3_vl);
+    ``tiny_vlm(family, hires=True)``: another of the same family with higher-resolution image
+    preprocessing (the teacher in tests). Each is built once per session, in a fraction of a second."""
+    from kdlib.testing_vlm import build_vlm
+
+    built: dict[tuple[str, bool], Path] = {}
+
+    def get(family: str, hires: bool = False) -> Path:
+        if (family, hires) not in built:
+            options = dict(VLM_HIRES[family], seed=3) if hires else {}
+            built[family, hires] = build_vlm(tiny_dir / f"vlm_{family}{'_hires' if hires else ''}", family, **options)
+        return built[family, hires]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def vlm_images(tiny_dir) -> dict[str, Path]:
+    """Generated PNG images of different sizes and aspect ratios: img0 .. img3."""
+    from kdlib.testing_vlm import make_image
+
+    directory = tiny_dir / "vlm_images"
+    directory.mkdir(exist_ok=True)
+    out = {}
+    for i, (width, height) in enumerate([(64, 48), (40, 40), (24, 64), (80, 30)]):
+        out[f"img{i}"] = directory / f"img{i}.png"
+        make_image(width, height, seed=i).save(out[f"img{i}"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def vlm_chat_data(tiny_dir, vlm_images) -> Path:
+    """8 image+text chats (one image, two images, text only, two turns) next to vlm_images."""
+    from kdlib.testing import write_jsonl
+    from kdlib.testing_vlm import vision_chat_rows
+
+    names = sorted(path.name for path in vlm_images.values())
+    return write_jsonl(tiny_dir / "vlm_images" / "chats.jsonl", vision_chat_rows(8, names, seed=0))

@@ -57,10 +57,21 @@ CORPUS = [
 
 def build_tokenizer(directory: str | Path, *, template: str = "chatml", vocab_size: int = 384):
     """Train a byte-level BPE tokenizer on :data:`CORPUS`, save it to ``directory``, return it."""
+    specials, eos, pad, bos = _SPECIAL[template]
+    fast = bpe_tokenizer(
+        specials, vocab_size=vocab_size, eos_token=eos, pad_token=pad, bos_token=bos, additional_special_tokens=[]
+    )
+    fast.chat_template = _TEMPLATES[template]
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+def bpe_tokenizer(specials: list[str], *, vocab_size: int = 384, **token_kwargs):
+    """A byte-level BPE trained on :data:`CORPUS` with ``specials`` first in the vocabulary, as a
+    transformers fast tokenizer (``token_kwargs`` name its eos/pad/bos/... tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials, eos, pad, bos = _SPECIAL[template]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -71,12 +82,7 @@ def build_tokenizer(directory: str | Path, *, template: str = "chatml", vocab_si
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=eos, pad_token=pad, bos_token=bos, additional_special_tokens=[]
-    )
-    fast.chat_template = _TEMPLATES[template]
-    fast.save_pretrained(str(directory))
-    return fast
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **token_kwargs)
 
 
 def build_unigram_tokenizer(directory: str | Path, *, vocab_size: int = 600, prepend_scheme: str = "first"):
@@ -107,23 +113,12 @@ def build_model(
     seed: int = 0,
 ):
     """A random causal LM of family ``arch`` (llama | qwen3), saved with its tokenizer."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3Config
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir)) if tokenizer_dir else None
-    vocab = vocab_size or (len(tokenizer) if tokenizer is not None else 384)
     common = dict(
-        vocab_size=vocab,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
+        language_model_kwargs(tokenizer, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers),
         tie_word_embeddings=tie_word_embeddings,
-        eos_token_id=tokenizer.eos_token_id if tokenizer is not None else None,
-        pad_token_id=tokenizer.pad_token_id if tokenizer is not None else None,
-        bos_token_id=tokenizer.bos_token_id if tokenizer is not None else None,
     )
     if arch == "llama":
         config = LlamaConfig(**common)
@@ -131,15 +126,41 @@ def build_model(
         config = Qwen3Config(head_dim=hidden_size // 4, **common)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose llama or qwen3")
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # larger-than-default init so random models have non-trivial outputs
-        for param in model.parameters():
-            if param.ndim == 2:
-                param.normal_(0.0, 0.2)
+    model = random_model(AutoModelForCausalLM, config, seed)
     model.save_pretrained(str(directory))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
+    return model
+
+
+def language_model_kwargs(tokenizer, *, vocab_size: int | None = None, hidden_size: int = 64, num_layers: int = 4) -> dict:
+    """Config values every tiny language model shares: its sizes and the tokenizer's special ids
+    (the vocabulary is the tokenizer's unless ``vocab_size`` is given; 384 without a tokenizer)."""
+    return dict(
+        vocab_size=vocab_size or (len(tokenizer) if tokenizer is not None else 384),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id if tokenizer is not None else None,
+        pad_token_id=tokenizer.pad_token_id if tokenizer is not None else None,
+        bos_token_id=tokenizer.bos_token_id if tokenizer is not None else None,
+    )
+
+
+def random_model(auto_class, config, seed: int):
+    """``auto_class.from_config(config)`` seeded, with a larger-than-default init (matrices drawn
+    from N(0, 0.2^2)) so that random models have non-trivial outputs."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = auto_class.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.normal_(0.0, 0.2)
     return model
 
 

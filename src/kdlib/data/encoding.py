@@ -11,7 +11,7 @@ two pieces are tokenised separately so that the token boundary sits exactly at t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from kdlib.data.formats import Conversation
 from kdlib.errors import DataError
@@ -36,7 +36,39 @@ class EncodedChat:
         return len(self.input_ids)
 
 
-class ChatEncoder:
+class TurnTokens:
+    """A tokenizer's pad, eos and end-of-turn tokens, and cutting a response after its turn.
+
+    Shared by the text and the image+text encoders; subclasses set ``tokenizer`` and
+    ``end_of_turn_ids``.
+    """
+
+    tokenizer: Any
+    end_of_turn_ids: set[int]
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else sorted(self.end_of_turn_ids)[0]
+
+    @property
+    def eos_id(self) -> int:
+        eos = self.tokenizer.eos_token_id
+        return eos if eos is not None else sorted(self.end_of_turn_ids)[0]
+
+    def vocabulary_signature(self) -> tuple:
+        """Equal for tokenizers with the same vocabulary."""
+        vocab = self.tokenizer.get_vocab()
+        return len(vocab), hash(frozenset(vocab.items()))
+
+    def _through_end_of_turn(self, response_ids: list[int]) -> list[int]:
+        for i, token in enumerate(response_ids):
+            if token in self.end_of_turn_ids:
+                return response_ids[: i + 1]
+        return response_ids + [self.eos_id]  # templates (or raw text) that end without one
+
+
+class ChatEncoder(TurnTokens):
     """Renders and tokenises conversations for one model."""
 
     def __init__(self, tokenizer, *, apply_chat_template: bool = True, name: str = "model") -> None:
@@ -52,23 +84,11 @@ class ChatEncoder:
         if not self.end_of_turn_ids:
             raise DataError(f"the {name} tokenizer has no eos / end-of-turn token")
 
-    @property
-    def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else sorted(self.end_of_turn_ids)[0]
-
-    @property
-    def eos_id(self) -> int:
-        eos = self.tokenizer.eos_token_id
-        return eos if eos is not None else sorted(self.end_of_turn_ids)[0]
-
     def signature(self) -> tuple:
         """Equal signatures mean equal token ids for every conversation."""
-        vocab = self.tokenizer.get_vocab()
         return (
             type(self.tokenizer).__name__,
-            len(vocab),
-            hash(frozenset(vocab.items())),
+            *self.vocabulary_signature(),
             self.apply_chat_template,
             getattr(self.tokenizer, "chat_template", None),
         )
@@ -111,20 +131,20 @@ class ChatEncoder:
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _through_end_of_turn(self, response_ids: list[int]) -> list[int]:
-        for i, token in enumerate(response_ids):
-            if token in self.end_of_turn_ids:
-                return response_ids[: i + 1]
-        return response_ids + [self.eos_id]  # templates (or raw text) that end without one
-
 
 def end_of_turn_ids(tokenizer) -> set[int]:
-    """Token ids that end an assistant turn for this tokenizer."""
+    """Token ids that end an assistant turn for this tokenizer: its eos, and the known end-of-turn
+    tokens it treats as special (named, like eos, or added as special control tokens, as Gemma's
+    ``<end_of_turn>`` is)."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     vocab = tokenizer.get_vocab()
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     for token in _END_OF_TURN_TOKENS:
-        if token in vocab and token in (tokenizer.all_special_tokens or []):
-            ids.add(int(vocab[token]))
+        if token not in vocab:
+            continue
+        token_id = int(vocab[token])
+        if token in (tokenizer.all_special_tokens or []) or getattr(added.get(token_id), "special", False):
+            ids.add(token_id)
     return ids

@@ -152,13 +152,7 @@ def build_samples(
 
     ``teacher`` is given only when the teacher tokenises differently from the student.
     """
-    spec = cfg.train if split == "train" else cfg.eval
-    source = load_rows(
-        spec,
-        split=cfg.train_split if split == "train" else cfg.eval_split,
-        key=f"data.{split}",
-        max_rows=cfg.max_samples if split == "train" else cfg.eval_max_samples,
-    )
+    source = load_split(cfg, split)
     report = FilterReport(source=source.name, rows=len(source.rows))
     samples = []
     for row in load_conversations(source, cfg):
@@ -183,6 +177,17 @@ def build_samples(
         report.truncated += int(truncated)
         samples.append(Sample(index=index, student=student_seq, teacher=teacher_seq))
     return samples, report
+
+
+def load_split(cfg: DataConfig, split: str) -> RowSource:
+    """The rows of ``split`` ("train": data.train, "eval": data.eval) with the split's row limit."""
+    train = split == "train"
+    return load_rows(
+        cfg.train if train else cfg.eval,
+        split=cfg.train_split if train else cfg.eval_split,
+        key=f"data.{split}",
+        max_rows=cfg.max_samples if train else cfg.eval_max_samples,
+    )
 
 
 def _fit(encoded: EncodedChat, cfg: DataConfig) -> tuple[Optional[Sequence], str, bool]:

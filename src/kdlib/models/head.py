@@ -88,18 +88,41 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return base
 
 
+def multimodal_body_of(model: nn.Module) -> nn.Module:
+    """The base model of a vision-language model (vision tower, projector and language model): its
+    ``last_hidden_state``, given token ids and pixel inputs, is the post-norm input of the head."""
+    body = model.base_model
+    if body is model:
+        raise HeadMismatchError(f"cannot find the base model of {type(model).__name__}")
+    return body
+
+
 @torch.no_grad()
-def verify_lm_head(model: nn.Module, head: LMHead, *, probe_len: int = 8, rtol: float = 1e-3) -> None:
+def verify_lm_head(
+    model: nn.Module,
+    head: LMHead,
+    *,
+    probe_len: int = 8,
+    rtol: float = 1e-3,
+    probe_inputs: Optional[dict[str, torch.Tensor]] = None,
+) -> None:
     """Fail unless ``head(decoder(x).last_hidden_state)`` reproduces ``model(x).logits``.
 
     Runs one short forward pass on fixed token ids; the relative tolerance absorbs bf16 rounding.
+    ``probe_inputs`` (a VLM's processor outputs: token ids with image tokens, pixel tensors) replace
+    the random ids, and the hidden states then come from the whole multimodal base model, so the
+    check covers the images' path into the language model too.
     """
     device = head.weight.device
-    vocab = min(head.vocab_size, getattr(model.config.get_text_config(), "vocab_size", head.vocab_size))
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, probe_len), generator=generator).to(device)
-    reference = model(input_ids=ids).logits.float()
-    hidden = decoder_of(model)(input_ids=ids).last_hidden_state
+    if probe_inputs is None:
+        vocab = min(head.vocab_size, getattr(model.config.get_text_config(), "vocab_size", head.vocab_size))
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (1, probe_len), generator=generator).to(device)
+        reference = model(input_ids=ids).logits.float()
+        hidden = decoder_of(model)(input_ids=ids).last_hidden_state
+    else:
+        reference = model(**probe_inputs, use_cache=False).logits.float()
+        hidden = multimodal_body_of(model)(**probe_inputs, use_cache=False).last_hidden_state
     recomputed = head.logits(hidden).float()
     if recomputed.shape != reference.shape:
         raise HeadMismatchError(

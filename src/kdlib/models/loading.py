@@ -96,13 +96,17 @@ def load_tokenizer(cfg: ModelConfig):
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load tokenizer {cfg.tokenizer or cfg.model!r}: {_first_line(exc)}") from None
     if cfg.chat_template:
-        template = cfg.chat_template
-        if "{" not in template and Path(resolve_location(template)).is_file():
-            template = Path(resolve_location(template)).read_text(encoding="utf-8")
-        tokenizer.chat_template = template
+        tokenizer.chat_template = chat_template_text(cfg.chat_template)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def chat_template_text(spec: str) -> str:
+    """A ``chat_template`` option's Jinja text: inline text, or the contents of the file it names."""
+    if "{" not in spec and Path(resolve_location(spec)).is_file():
+        return Path(resolve_location(spec)).read_text(encoding="utf-8")
+    return spec
 
 
 def load_causal_lm(
@@ -111,9 +115,15 @@ def load_causal_lm(
     """A transformers causal LM in the configured dtype on ``device``."""
     from transformers import AutoModelForCausalLM
 
+    return load_pretrained(AutoModelForCausalLM, cfg, device=device, location=location)
+
+
+def load_pretrained(auto_class, cfg: ModelConfig, *, device: torch.device, location: Optional[str] = None, what: str = "model"):
+    """``auto_class.from_pretrained`` with the config's revision, dtype, attention implementation
+    and remote-code setting, on ``device``; a load failure is a one-line ModelError."""
     location = location or model_location(cfg.model)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             location,
             revision=cfg.revision,
             dtype=torch_dtype(cfg.dtype),
@@ -121,7 +131,7 @@ def load_causal_lm(
             trust_remote_code=cfg.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model {cfg.model!r}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot load {what} {cfg.model!r}: {_first_line(exc)}") from None
     return model.to(device)
 
 

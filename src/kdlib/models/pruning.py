@@ -9,12 +9,15 @@ renumbered so the pruned model generates, saves and reloads like any other.
 
 from __future__ import annotations
 
-from typing import Sequence
+import logging
+from typing import Optional, Sequence
 
 from torch import nn
 
 from kdlib.errors import ConfigError
 from kdlib.models.head import decoder_of
+
+log = logging.getLogger(__name__)
 
 
 def evenly_spaced_layers(n_total: int, n_keep: int) -> list[int]:
@@ -50,3 +53,17 @@ def prune_decoder_layers(model: nn.Module, keep: Sequence[int]) -> nn.Module:
             text_config.layer_types = [layer_types[i] for i in keep]
         text_config.num_hidden_layers = len(keep)
     return model
+
+
+def prune_as_configured(model: nn.Module, keep_layers: Optional[Sequence[int]], num_layers: Optional[int]) -> Optional[list[int]]:
+    """Prune ``model`` as a student config asks (``keep_layers``, else ``num_layers`` evenly
+    spaced); the kept indices, or None when the config keeps every layer."""
+    keep = list(keep_layers) if keep_layers is not None else None
+    n_before = model.config.get_text_config().num_hidden_layers
+    if keep is None and num_layers is not None:
+        keep = evenly_spaced_layers(n_before, num_layers)
+    if keep is None:
+        return None
+    prune_decoder_layers(model, keep)
+    log.info("kept decoder layers %s of %d", keep, n_before)
+    return keep

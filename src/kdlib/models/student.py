@@ -7,7 +7,6 @@ and its initial weights.
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
@@ -15,22 +14,14 @@ from torch import nn
 
 from kdlib.config.schema import ModelConfig, Precision, StudentConfig
 from kdlib.models.loading import load_causal_lm, torch_dtype
-from kdlib.models.pruning import evenly_spaced_layers, prune_decoder_layers
-
-log = logging.getLogger(__name__)
+from kdlib.models.pruning import prune_as_configured
 
 
 def build_model(cfg: ModelConfig, device: torch.device, *, dtype: Optional[Precision] = None) -> nn.Module:
     """``cfg``'s model on ``device``, depth-pruned when ``cfg`` is a student config that asks for it."""
     model = load_causal_lm(cfg, device=device)
     if isinstance(cfg, StudentConfig):
-        keep = cfg.keep_layers
-        if keep is None and cfg.num_layers is not None:
-            keep = evenly_spaced_layers(model.config.get_text_config().num_hidden_layers, cfg.num_layers)
-        if keep is not None:
-            n_before = model.config.get_text_config().num_hidden_layers
-            prune_decoder_layers(model, keep)
-            log.info("kept decoder layers %s of %d", list(keep), n_before)
+        prune_as_configured(model, cfg.keep_layers, cfg.num_layers)
     if dtype is not None:
         model.to(torch_dtype(dtype))
     return model
