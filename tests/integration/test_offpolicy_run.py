@@ -105,3 +105,20 @@ def test_colocation_and_dynamic_batches_do_not_change_the_objective(tiny_overrid
         assert row["loss_tokens"] == first["loss_tokens"] and row["samples"] == first["samples"], name
         if name != "colocate":  # the token budget regrouped the 8 samples (2 micro-batches of 4)
             assert row["micro_batches"] > first["micro_batches"], name
+
+
+def test_an_explicit_max_steps_cycles_epochs(tiny_overrides, tmp_path):
+    """24 samples, 8 per step: 3 steps per epoch; max_steps=7 runs 7 steps (as transformers'
+    Trainer does), each epoch a new seeded order covering every sample once."""
+    from kdlib.pipeline import Pipeline
+
+    cfg = kdlib.compose(tiny_overrides + ["train.max_steps=7", "train.epochs=1", "eval.before=false"])
+    with Pipeline.from_config(cfg, run_dir=tmp_path / "probe") as pipeline:
+        assert pipeline.total_steps == 7
+        stream = pipeline.mode.sample_batches()
+        steps = [[s.index for s in next(stream)] for _ in range(7)]
+    epoch1, epoch2 = steps[0:3], steps[3:6]
+    assert sorted(i for b in epoch1 for i in b) == list(range(24)) == sorted(i for b in epoch2 for i in b)
+    assert epoch1 != epoch2  # reshuffled
+    result = kdlib.run(cfg)
+    assert [r["step"] for r in (json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines())] == list(range(1, 8))
