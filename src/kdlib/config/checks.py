@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kdlib.config.schema import KDConfig, Precision
+from kdlib.config.schema import SGLANG_MEMORY_TAGS, KDConfig, Precision, SGLangRolloutConfig, WeightSync
 from kdlib.config.store import registry_groups
 from kdlib.errors import ConfigError
 
@@ -43,6 +43,12 @@ def resolve_auto(cfg: KDConfig) -> None:
     if cfg.transport.name == AUTO:
         cfg.transport.name = "ray" if cfg.launcher.name == "ray" else "inprocess"
         cfg.auto_choices["transport"] = f"{cfg.transport.name}: follows launcher={cfg.launcher.name}"
+    if cfg.teacher.backend == "sglang" and cfg.teacher.sglang.offload_tags is None:
+        colocate = cfg.pipeline.colocate
+        cfg.teacher.sglang.offload_tags = list(SGLANG_MEMORY_TAGS) if colocate else []
+        cfg.auto_choices["teacher.sglang.offload_tags"] = (
+            f"{cfg.teacher.sglang.offload_tags}: follows pipeline.colocate={str(colocate).lower()}"
+        )
 
 
 def validate(cfg: KDConfig) -> None:
@@ -57,6 +63,7 @@ def validate(cfg: KDConfig) -> None:
     _check_ranges(cfg)
     _check_placement(cfg)
     _check_teacher(cfg)
+    _check_sglang(cfg)
     _check_group_options(cfg)
     _check_loss(cfg)
     _check_mode(cfg)
@@ -150,6 +157,27 @@ def _check_teacher(cfg: KDConfig) -> None:
         if not isinstance(options, entry.config_cls):
             raise ConfigError(f"teacher.{teacher.backend}: expected {entry.config_cls.__name__} options")
         _call_check(options, f"teacher.{teacher.backend}")
+
+
+def _check_sglang(cfg: KDConfig) -> None:
+    """The SGLang backends' options (the teacher's own check ran with the teacher's)."""
+    from kdlib.sglang_engine import RESERVED_SERVER_ARGS
+
+    engines = []
+    if cfg.teacher.backend == "sglang":
+        engines.append(("teacher.sglang", cfg.teacher.sglang))
+    if isinstance(cfg.rollout, SGLangRolloutConfig):
+        _call_check(cfg.rollout.sglang, "rollout.sglang")
+        engines.append(("rollout.sglang", cfg.rollout.sglang))
+        if cfg.rollout.sglang.weight_sync is WeightSync.distributed and cfg.launcher.name != "ray":
+            raise ConfigError(
+                "rollout.sglang.weight_sync=distributed needs launcher=ray: student rank 0 and the engines "
+                "must take part in the broadcast at the same time"
+            )
+    for key, options in engines:
+        clashes = sorted(set(options.server_args) & RESERVED_SERVER_ARGS)
+        if clashes:
+            raise ConfigError(f"{key}.server_args: {clashes} are set by kdlib; use the typed options instead")
 
 
 def _check_group_options(cfg: KDConfig) -> None:
