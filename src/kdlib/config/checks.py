@@ -43,6 +43,11 @@ def resolve_auto(cfg: KDConfig) -> None:
     if cfg.transport.name == AUTO:
         cfg.transport.name = "ray" if cfg.launcher.name == "ray" else "inprocess"
         cfg.auto_choices["transport"] = f"{cfg.transport.name}: follows launcher={cfg.launcher.name}"
+    for role, tp_size in _sglang_engines(cfg).items():
+        placement = getattr(cfg.launcher, role, None)
+        if device == "cuda" and placement is not None and placement.gpus_per_worker is None:
+            placement.gpus_per_worker = float(tp_size)
+            cfg.auto_choices[f"launcher.{role}.gpus_per_worker"] = f"{tp_size}: {role}.sglang.tp_size"
     if cfg.teacher.backend == "sglang" and cfg.teacher.sglang.offload_tags is None:
         colocate = cfg.pipeline.colocate
         cfg.teacher.sglang.offload_tags = list(SGLANG_MEMORY_TAGS) if colocate else []
@@ -159,6 +164,16 @@ def _check_teacher(cfg: KDConfig) -> None:
         _call_check(options, f"teacher.{teacher.backend}")
 
 
+def _sglang_engines(cfg: KDConfig) -> dict[str, int]:
+    """Role -> tp_size of the roles that run SGLang engines."""
+    engines = {}
+    if cfg.teacher.backend == "sglang":
+        engines["teacher"] = cfg.teacher.sglang.tp_size
+    if isinstance(cfg.rollout, SGLangRolloutConfig):
+        engines["rollout"] = cfg.rollout.sglang.tp_size
+    return engines
+
+
 def _check_sglang(cfg: KDConfig) -> None:
     """The SGLang backends' options (the teacher's own check ran with the teacher's)."""
     from kdlib.sglang_engine import RESERVED_SERVER_ARGS
@@ -178,6 +193,10 @@ def _check_sglang(cfg: KDConfig) -> None:
         clashes = sorted(set(options.server_args) & RESERVED_SERVER_ARGS)
         if clashes:
             raise ConfigError(f"{key}.server_args: {clashes} are set by kdlib; use the typed options instead")
+    for role, tp_size in _sglang_engines(cfg).items():
+        gpus = getattr(getattr(cfg.launcher, role, None), "gpus_per_worker", None)
+        if gpus is not None and 0 < gpus < tp_size:
+            raise ConfigError(f"launcher.{role}.gpus_per_worker={gpus:g} is fewer than {role}.sglang.tp_size={tp_size}")
 
 
 def _check_group_options(cfg: KDConfig) -> None:
