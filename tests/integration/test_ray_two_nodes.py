@@ -140,6 +140,24 @@ def test_a_role_the_cluster_cannot_place_fails_with_what_it_asked_for(two_nodes,
         Pipeline.from_config(cfg, run_dir=None)
 
 
+def test_colocated_students_share_the_teachers_bundles(two_nodes, tiny_overrides, tmp_path):
+    """launcher.student.colocate_with=teacher: student i runs in teacher i's bundle, which
+    reserves both (with fractional GPUs: one teacher engine and one student rank per GPU)."""
+    from ray.util import placement_group_table
+
+    cfg = kdlib.compose(tiny_overrides + RAY + [
+        "teacher.num_workers=2", "+launcher.teacher.resources={node_a: 1}", "launcher.student.colocate_with=teacher",
+        "launcher.student.cpus_per_worker=0.25", "train.max_steps=1",
+    ])
+    with Pipeline.from_config(cfg, run_dir=None) as pipeline:
+        assert pipeline.student.node_ids == pipeline.teacher.node_ids
+        assert all("[node_a]" in node for node in pipeline.student.nodes)
+        tables = [t for t in placement_group_table().values() if t["state"] == "CREATED"]
+        assert [t["bundles"] for t in tables] == [{0: {"CPU": 0.75, "node_a": 1.0}, 1: {"CPU": 0.75, "node_a": 1.0}}]
+        loop = pipeline.mode
+        assert loop.step(next(loop.sample_batches()))["loss"] > 0
+
+
 def test_a_stopped_node_ends_the_run_naming_the_role_and_the_node(two_nodes, tiny_overrides, tmp_path):
     """Runs last in this module: it stops node B."""
     cfg = kdlib.compose(tiny_overrides + SPLIT + ["train.max_steps=3"])

@@ -195,8 +195,11 @@ def _check_sglang(cfg: KDConfig) -> None:
             raise ConfigError(f"{key}.server_args: {clashes} are set by kdlib; use the typed options instead")
     for role, tp_size in _sglang_engines(cfg).items():
         gpus = getattr(getattr(cfg.launcher, role, None), "gpus_per_worker", None)
-        if gpus is not None and 0 < gpus < tp_size:
-            raise ConfigError(f"launcher.{role}.gpus_per_worker={gpus:g} is fewer than {role}.sglang.tp_size={tp_size}")
+        if tp_size > 1 and gpus is not None and gpus < tp_size:
+            raise ConfigError(
+                f"launcher.{role}.gpus_per_worker={gpus:g} is fewer than {role}.sglang.tp_size={tp_size} "
+                "(only a tp_size=1 engine can share its GPU)"
+            )
 
 
 def _check_group_options(cfg: KDConfig) -> None:

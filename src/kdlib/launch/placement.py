@@ -7,8 +7,12 @@ custom resources, such as ``{node_b: 1}`` for a node started with
 placement group (one bundle per worker, strategy PACK by default), so a role that cannot be placed
 fails at start with what it asked for and what the cluster has, instead of waiting forever; the
 students of one group land together, and the teacher engines and students can be pinned to
-different nodes. Actors record the node they run on, so a failure names the role, the worker and
-its node, and says whether the node itself left the cluster.
+different nodes. A role can instead share another role's bundles (``colocate_with``): worker i of
+both runs in bundle i, which reserves what both ask for, so with fractional GPUs a teacher engine,
+a rollout engine and a student rank share each GPU (KDFlow's colocated layout; Ray would otherwise
+pack two fractional workers of the same role onto one GPU). Actors record the node they run on, so
+a failure names the role, the worker and its node, and says whether the node itself left the
+cluster.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Any, Optional
 
 from kdlib.errors import ConfigError
 
+# The order in which the modes start their roles; a role can only share the bundles of an earlier one.
+ROLE_ORDER = ("teacher", "rollout", "student")
 # Resources Ray defines itself; the rest of a node's resources are the names users gave it.
 _BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory", "accelerator_type:", "node:")
 
@@ -45,33 +51,58 @@ class RolePlacement:
     gpus_per_worker: Optional[float] = None
     # How the role's workers are packed onto nodes (one placement group per role).
     strategy: PlacementStrategy = PlacementStrategy.PACK
+    # Share the bundles of a role started earlier (teacher, then rollout, then student): worker i
+    # runs in that role's bundle i, which also reserves this role's resources (null: own bundles).
+    colocate_with: Optional[str] = None
 
 
-def reserve(role: str, placement: RolePlacement, n_workers: int, cpus: float, gpus: float, timeout_s: float) -> Any:
-    """A ready placement group of ``n_workers`` bundles for ``role``; a ConfigError naming
-    ``launcher.<role>`` when the cluster cannot hold it."""
+def check_colocation(placements: dict[str, RolePlacement]) -> None:
+    """``colocate_with`` names an earlier role that has its own bundles."""
+    for role, placement in placements.items():
+        host = placement.colocate_with
+        if host is None:
+            continue
+        if host not in ROLE_ORDER or ROLE_ORDER.index(host) >= ROLE_ORDER.index(role):
+            earlier = [r for r in ROLE_ORDER[: ROLE_ORDER.index(role)]] or ["none"]
+            raise ValueError(f"{role}.colocate_with={host}: choose a role started before {role}: {', '.join(earlier)}")
+        if placements[host].colocate_with is not None:
+            raise ValueError(f"{role}.colocate_with={host}, which itself shares the bundles of {placements[host].colocate_with}")
+
+
+def worker_bundle(placement: RolePlacement, cpus: float, gpus: float) -> dict[str, float]:
+    """What one worker asks for, as a Ray resource dict."""
+    bundle = {"CPU": float(cpus), **{k: float(v) for k, v in placement.resources.items()}}
+    if gpus:
+        bundle["GPU"] = float(gpus)
+    return bundle
+
+
+def combined(*bundles: dict[str, float]) -> dict[str, float]:
+    """One bundle holding all of ``bundles`` (colocated workers)."""
+    total: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+def reserve(role: str, strategy: PlacementStrategy, n_workers: int, bundle: dict[str, float], timeout_s: float) -> Any:
+    """A ready placement group of ``n_workers`` copies of ``bundle`` for ``role``; a ConfigError
+    naming ``launcher.<role>`` when the cluster cannot hold it."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    bundle = bundle_of(placement, cpus, gpus)
-    group = placement_group([dict(bundle) for _ in range(n_workers)], strategy=placement.strategy.value)
+    group = placement_group([dict(bundle) for _ in range(n_workers)], strategy=strategy.value)
     try:
         ray.get(group.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(group)
         raise ConfigError(
             f"launcher.{role}: {n_workers} {role} worker(s) asking for {bundle} each "
-            f"({placement.strategy.value}) could not be placed in {timeout_s:.0f} s; the cluster's nodes have "
+            f"({strategy.value}) could not be placed in {timeout_s:.0f} s; the cluster's nodes have "
             f"{'; '.join(node_summaries())} (set launcher.{role}.resources, cpus_per_worker or gpus_per_worker)"
         ) from None
     return group
-
-
-def bundle_of(placement: RolePlacement, cpus: float, gpus: float) -> dict[str, float]:
-    bundle = {"CPU": float(cpus), **{k: float(v) for k, v in placement.resources.items()}}
-    if gpus:
-        bundle["GPU"] = float(gpus)
-    return bundle
 
 
 def node_summaries() -> list[str]:

@@ -27,9 +27,18 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from kdlib.config.schema import LauncherConfig
-from kdlib.errors import WorkerError
+from kdlib.errors import ConfigError, WorkerError
 from kdlib.launch.base import Launcher, WorkerGroup
-from kdlib.launch.placement import RolePlacement, node_alive, node_names, reserve
+from kdlib.launch.placement import (
+    ROLE_ORDER,
+    RolePlacement,
+    check_colocation,
+    combined,
+    node_alive,
+    node_names,
+    reserve,
+    worker_bundle,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,9 @@ class RayLauncherConfig(LauncherConfig):
     rollout: RolePlacement = field(default_factory=RolePlacement)
     # Seconds to wait for a role's resources before failing with what is missing.
     placement_timeout_s: float = 120.0
+
+    def check(self) -> None:
+        check_colocation({role: getattr(self, role) for role in ROLE_ORDER})
 
 
 def _actor_class():
@@ -155,6 +167,7 @@ class RayLauncher(Launcher):
         self._started = False
         self._actors: list = []
         self._placement_groups: list = []
+        self._bundles: dict[str, tuple[Any, int]] = {}  # role -> (its placement group, bundles)
         if not ray.is_initialized():
             ray.init(
                 address=cfg.address,
@@ -171,14 +184,11 @@ class RayLauncher(Launcher):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         cfg = self.cfg
-        placement: RolePlacement = getattr(cfg, role, None) or RolePlacement()
-        cpus = placement.cpus_per_worker if placement.cpus_per_worker is not None else cfg.cpus_per_worker
-        gpus = next((g for g in (placement.gpus_per_worker, cfg.gpus_per_worker) if g is not None),
-                    1.0 if self.has_gpus else 0.0)
+        placement = self._placement(role)
+        cpus, gpus = self._cpus_gpus(role)
         threads = cfg.threads_per_worker or max(1, int(cpus))
         base_env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
-        reserved = reserve(role, placement, len(specs), cpus, gpus, cfg.placement_timeout_s)
-        self._placement_groups.append(reserved)
+        reserved = self._reserve(role, len(specs))
         actors = [
             _actor_class().options(
                 num_cpus=cpus, num_gpus=gpus, resources=dict(placement.resources) or None,
@@ -202,6 +212,37 @@ class RayLauncher(Launcher):
         log.info("%s group: %d Ray actor(s), pids %s, nodes %s", role, len(actors), group.pids, group.nodes)
         return group
 
+    def _placement(self, role: str) -> RolePlacement:
+        return getattr(self.cfg, role, None) or RolePlacement()
+
+    def _cpus_gpus(self, role: str) -> tuple[float, float]:
+        """What one worker of ``role`` asks for (role option, else the launcher's, else 1 GPU
+        when the cluster has GPUs)."""
+        placement, cfg = self._placement(role), self.cfg
+        cpus = placement.cpus_per_worker if placement.cpus_per_worker is not None else cfg.cpus_per_worker
+        gpus = next((g for g in (placement.gpus_per_worker, cfg.gpus_per_worker) if g is not None),
+                    1.0 if self.has_gpus else 0.0)
+        return cpus, gpus
+
+    def _reserve(self, role: str, n_workers: int) -> Any:
+        """The placement group ``role``'s workers run in: its own (reserving room for the roles
+        that colocate with it too), or the bundles of the role it colocates with."""
+        placement = self._placement(role)
+        host = placement.colocate_with
+        if host is not None:
+            if host not in self._bundles:
+                raise ConfigError(f"launcher.{role}.colocate_with={host}: this run starts no {host} workers before the {role}")
+            group, n_host = self._bundles[host]
+            if n_workers > n_host:
+                raise ConfigError(f"launcher.{role}.colocate_with={host}: {n_workers} {role} workers for {n_host} {host} bundles")
+            return group
+        guests = [r for r in ROLE_ORDER if r != role and self._placement(r).colocate_with == role]
+        bundle = combined(*(worker_bundle(self._placement(r), *self._cpus_gpus(r)) for r in [role, *guests]))
+        group = reserve(role, placement.strategy, n_workers, bundle, self.cfg.placement_timeout_s)
+        self._placement_groups.append(group)
+        self._bundles[role] = (group, n_workers)
+        return group
+
     def shutdown(self) -> None:
         import ray
 
@@ -215,6 +256,7 @@ class RayLauncher(Launcher):
             with contextlib.suppress(Exception):  # its node is gone
                 remove_placement_group(reserved)
         self._placement_groups.clear()
+        self._bundles.clear()
         if self._started and ray.is_initialized():
             ray.shutdown()
             self._started = False
