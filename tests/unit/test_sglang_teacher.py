@@ -107,18 +107,18 @@ def test_a_prefix_cache_hit_or_a_chunked_prefill_is_refused(double, tiny_llama):
                            "chunked_prefill_size": -1}, "teacher")
     prompt = list(range(1, 13))
     first, second = engine.generate([prompt, prompt[:8] + [99, 98]], SCORING, return_hidden_states=True)
-    assert prefill_hidden(first, 12, "teacher").shape == (12, 64)
+    assert prefill_hidden(first, 12, range(12), "teacher").shape == (12, 64)
     with pytest.raises(ModelError, match=r"shape \(2, 64\) for a prompt of 10 tokens.*radix cache"):
-        prefill_hidden(second, 10, "teacher")  # the shared 8-token prefix came from the radix cache
+        prefill_hidden(second, 10, [3], "teacher")  # the shared 8-token prefix came from the radix cache
 
     chunked = SGLangEngine({"model_path": str(tiny_llama), "dtype": "float32", "enable_return_hidden_states": True,
                             "disable_radix_cache": True}, "teacher")
     (long,) = chunked.generate([list(range(1, 41))], SCORING, return_hidden_states=True)
     with pytest.raises(ModelError, match="chunked prefill"):
-        prefill_hidden(long, 40, "teacher")
+        prefill_hidden(long, 40, [3], "teacher")
     (nothing,) = chunked.generate([prompt], {"max_new_tokens": 0}, return_hidden_states=True)
     with pytest.raises(ModelError, match="no hidden states"):
-        prefill_hidden(nothing, 12, "teacher")
+        prefill_hidden(nothing, 12, [3], "teacher")
 
 
 def test_topk_logprobs_are_the_engines_at_each_loss_row(double, tiny_llama):

@@ -45,7 +45,7 @@ def resolve_auto(cfg: KDConfig) -> None:
         cfg.auto_choices["transport"] = f"{cfg.transport.name}: follows launcher={cfg.launcher.name}"
     for role, tp_size in _sglang_engines(cfg).items():
         placement = getattr(cfg.launcher, role, None)
-        if device == "cuda" and placement is not None and placement.gpus_per_worker is None:
+        if device == "cuda" and tp_size > 1 and placement is not None and placement.gpus_per_worker is None:
             placement.gpus_per_worker = float(tp_size)
             cfg.auto_choices[f"launcher.{role}.gpus_per_worker"] = f"{tp_size}: {role}.sglang.tp_size"
     if cfg.teacher.backend == "sglang" and cfg.teacher.sglang.offload_tags is None:
@@ -69,6 +69,7 @@ def validate(cfg: KDConfig) -> None:
     _check_placement(cfg)
     _check_teacher(cfg)
     _check_sglang(cfg)
+    _check_attention(cfg)
     _check_group_options(cfg)
     _check_loss(cfg)
     _check_mode(cfg)
@@ -162,6 +163,25 @@ def _check_teacher(cfg: KDConfig) -> None:
         if not isinstance(options, entry.config_cls):
             raise ConfigError(f"teacher.{teacher.backend}: expected {entry.config_cls.__name__} options")
         _call_check(options, f"teacher.{teacher.backend}")
+
+
+def _check_attention(cfg: KDConfig) -> None:
+    """FlashAttention-2 (packing becomes variable-length attention) needs CUDA and bf16 compute.
+    (Whether flash-attn is installed is for the workers' machines to say: transformers names it.)"""
+    from kdlib.hardware import resolve_device_type
+
+    roles = ["student"] + (["teacher"] if cfg.teacher.backend == "hf" else [])
+    for role in roles:
+        model = getattr(cfg, role)
+        if model.attn_implementation != "flash_attention_2":
+            continue
+        key = f"{role}.attn_implementation=flash_attention_2"
+        if resolve_device_type(cfg.device) != "cuda":
+            raise ConfigError(f"{key} needs device=cuda")
+        bf16 = model.dtype is Precision.bfloat16 or (role == "student" and cfg.student.autocast is True)
+        if not bf16:
+            raise ConfigError(f"{key} computes in bf16 only: set {role}.dtype=bfloat16"
+                              + (" or student.autocast=true" if role == "student" else ""))
 
 
 def _sglang_engines(cfg: KDConfig) -> dict[str, int]:

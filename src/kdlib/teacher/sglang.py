@@ -107,7 +107,7 @@ class SGLangTeacherBackend(TeacherBackend):
         )
         hidden, top_ids, top_logprobs = [], [], []
         for sample, output in zip(samples, outputs):
-            hidden.append(prefill_hidden(output, len(sample.input_ids), "teacher")[sample.loss_positions])
+            hidden.append(prefill_hidden(output, len(sample.input_ids), sample.loss_positions.tolist(), "teacher"))
             if k:
                 ids, values = input_top_logprobs(output, sample.loss_positions, k, "teacher")
                 top_ids.append(ids)
@@ -140,7 +140,7 @@ def check_head(engine: SGLangEngine, head: LMHead) -> HeadCheck:
         [probe], SCORING, return_hidden_states=True, return_logprob=True, logprob_start_len=0,
         token_ids_logprob=token_ids,
     )
-    hidden = prefill_hidden(output, len(probe), "teacher head self-check")[:-1]
+    hidden = prefill_hidden(output, len(probe), range(len(probe) - 1), "teacher head self-check")
     logits = _float32_logits(head, hidden)
     ours = torch.log_softmax(logits, dim=-1)
     engine_ids = input_token_ids_logprobs(output, token_ids, "teacher head self-check")

@@ -29,8 +29,9 @@ of the prefill block, and top-k entry t + 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from kdlib.batch import TokenBatch
@@ -60,21 +61,26 @@ def split_samples(batch: TokenBatch) -> list[ScoredSample]:
     return samples
 
 
-def prefill_hidden(output: dict[str, Any], n_tokens: int, what: str) -> torch.Tensor:
-    """The prefill block of ``meta_info["hidden_states"]`` as float32 [n_tokens, hidden]."""
+def prefill_hidden(output: dict[str, Any], n_tokens: int, positions: Sequence[int], what: str) -> torch.Tensor:
+    """Rows ``positions`` of the prefill block of ``meta_info["hidden_states"]``, float32
+    [len(positions), hidden]. Only those rows are converted from Python floats (numpy converts
+    nested lists about 3x faster than ``torch.tensor``; the conversion is a visible part of a
+    teacher step, see docs/gpu.md)."""
     blocks = output["meta_info"].get("hidden_states")
     if not blocks:
         raise ModelError(
             f"{what}: SGLang returned no hidden states (the engine must start with "
             "enable_return_hidden_states and score with max_new_tokens >= 1)"
         )
-    block = torch.tensor(blocks[0], dtype=torch.float32)
-    if block.dim() != 2 or block.shape[0] != n_tokens:
+    block = blocks[0]
+    if len(block) != n_tokens or not block or not isinstance(block[0], list):
+        shape = (len(block), len(block[0]) if block and isinstance(block[0], list) else 0)
         raise ModelError(
-            f"{what}: SGLang returned hidden states of shape {tuple(block.shape)} for a prompt of "
-            f"{n_tokens} tokens; every position must be recomputed (radix cache and chunked prefill off)"
+            f"{what}: SGLang returned hidden states of shape {shape} for a prompt of {n_tokens} "
+            "tokens; every position must be recomputed (radix cache and chunked prefill off)"
         )
-    return block
+    rows = np.array([block[i] for i in positions], dtype=np.float32).reshape(len(positions), len(block[0]))
+    return torch.from_numpy(rows)
 
 
 def input_top_logprobs(output: dict[str, Any], positions: torch.Tensor, k: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:

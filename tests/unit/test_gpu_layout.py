@@ -1,4 +1,4 @@
-"""Ray placement options: per-role bundles, colocation rules, node names (no cluster needed)."""
+"""GPU and cluster layout options checked at composition: Ray placement, colocation, SGLang GPUs, FlashAttention-2."""
 
 from __future__ import annotations
 
@@ -52,3 +52,14 @@ def test_nodes_are_named_by_address_custom_resources_and_id():
             "Resources": {"CPU": 8.0, "GPU": 8.0, "memory": 1e9, "node:10.0.0.2": 1.0, "node_b": 64.0,
                           "accelerator_type:H20": 1.0}}
     assert describe(node) == "10.0.0.2 [node_b] (id 3f2a1c9b)"
+
+
+def test_flash_attention_needs_cuda_and_bf16(tiny_llama, monkeypatch):
+    base = [f"teacher.model={tiny_llama}", f"student.model={tiny_llama}", "student.attn_implementation=flash_attention_2"]
+    with pytest.raises(ConfigError, match="flash_attention_2 needs device=cuda"):
+        kdlib.compose(base + ["device=cpu"])
+    monkeypatch.setattr("kdlib.hardware.resolve_device_type", lambda spec: "cuda")
+    with pytest.raises(ConfigError, match="computes in bf16 only: set student.dtype=bfloat16 or student.autocast=true"):
+        kdlib.compose(base + ["device=cuda", "student.dtype=float32", "student.autocast=false", "teacher.dtype=float32"])
+    cfg = kdlib.compose(base + ["device=cuda", "student.autocast=true", "teacher.dtype=bfloat16"])
+    assert cfg.student.attn_implementation == "flash_attention_2"
