@@ -17,6 +17,7 @@ states, its logits), so kdlib's conversions are checked against real values.
 from __future__ import annotations
 
 import datetime
+import os
 from types import SimpleNamespace
 from typing import Any, ClassVar, Optional
 
@@ -25,6 +26,21 @@ import torch
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # The double's prefill chunk when chunked prefill is on (SGLang's default is thousands of tokens).
 DEFAULT_CHUNK = 16
+
+
+class _CallLog(list):
+    """The calls made on an engine; also appended to a file when the engine lives in another
+    process (a Ray actor) and the test set $ENGINE_DOUBLE_LOG."""
+
+    def __init__(self, path: Optional[str]) -> None:
+        super().__init__()
+        self.path = path
+
+    def append(self, call) -> None:
+        super().append(call)
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(f"{os.getpid()} {call[0]}\n")
 
 
 class EngineDouble:
@@ -40,7 +56,7 @@ class EngineDouble:
         self.server_args = server_args
         self.model = AutoModelForCausalLM.from_pretrained(server_args["model_path"], dtype=_DTYPES[server_args["dtype"]])
         self.model.eval().requires_grad_(False)
-        self.calls: list[tuple[str, Any]] = []
+        self.calls: list[tuple[str, Any]] = _CallLog(os.environ.get("ENGINE_DOUBLE_LOG"))
         self.released: set[str] = set()
         self.session = False
         self.groups: dict[str, Any] = {}

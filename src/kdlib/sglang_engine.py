@@ -11,7 +11,9 @@ through :class:`SGLangEngine`, so that test sees them all; the calls that report
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 from importlib import metadata
 from typing import Any, Callable, Optional, Sequence
 
@@ -25,9 +27,11 @@ log = logging.getLogger(__name__)
 # SGLang releases whose Engine API, ServerArgs and output layout kdlib was checked against.
 SUPPORTED_VERSIONS = ("0.5.23",)
 
-# Set by tests: a class taking sglang.Engine's keyword arguments and reproducing its outputs (an
-# engine double). None: sglang.Engine, after the version check.
+# The class started instead of sglang.Engine, taking its keyword arguments: a subclass with
+# plugins, or the tests' engine double. None: $KDLIB_SGLANG_ENGINE ("module:Class", which worker
+# processes inherit), else sglang.Engine after the version check.
 engine_class: Optional[Callable[..., Any]] = None
+ENGINE_VARIABLE = "KDLIB_SGLANG_ENGINE"
 
 # ServerArgs fields kdlib sets itself (its protocol depends on them); `server_args` may not.
 RESERVED_SERVER_ARGS = frozenset({
@@ -60,6 +64,17 @@ def check_version() -> str:
             "with tests/unit/test_sglang_contract.py and add it to kdlib.sglang_engine.SUPPORTED_VERSIONS"
         )
     return version
+
+
+def _engine_from_environment() -> Optional[Callable[..., Any]]:
+    path = os.environ.get(ENGINE_VARIABLE)
+    if not path:
+        return None
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(f"${ENGINE_VARIABLE}={path}: cannot load it ({exc})") from None
 
 
 def server_args(
@@ -96,7 +111,7 @@ class SGLangEngine:
 
     def __init__(self, args: dict[str, Any], what: str) -> None:
         self.what = what
-        factory = engine_class
+        factory = engine_class or _engine_from_environment()
         if factory is None:
             version = check_version()
             import sglang
