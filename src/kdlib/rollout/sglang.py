@@ -5,6 +5,8 @@ requests per prompt, in order; temperature 0 is SGLang's greedy; ``stop_token_id
 end-of-turn ids with ``no_stop_trim`` so the end token stays in the response, as with
 ``rollout=hf``). A response ends at its first end-of-turn token ("stop") or at
 ``max_new_tokens`` ("length"); an engine that also stops at its model's own EOS reports "stop".
+All prompts of a call go to the engine at once (it batches itself; ``rollout.batch_size`` is the
+hf backend's).
 
 Weights arrive after every optimizer step, in buckets, through one SGLang weight-update session:
 ``begin_weight_update`` before the first bucket, ``update_weights_from_tensor`` (buckets through
