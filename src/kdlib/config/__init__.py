@@ -17,10 +17,15 @@ from kdlib.config.schema import (
     Overlong,
     Precision,
     RolloutConfig,
+    SGLangEngineConfig,
+    SGLangRolloutConfig,
+    SGLangRolloutOptions,
+    SGLangTeacherConfig,
     StudentConfig,
     TeacherConfig,
     TrainConfig,
     TransportConfig,
+    WeightSync,
 )
 
 __all__ = [
@@ -40,8 +45,13 @@ __all__ = [
     "Overlong",
     "Precision",
     "RolloutConfig",
+    "SGLangEngineConfig",
+    "SGLangRolloutConfig",
+    "SGLangRolloutOptions",
+    "SGLangTeacherConfig",
     "StudentConfig",
     "TeacherConfig",
     "TrainConfig",
     "TransportConfig",
+    "WeightSync",
 ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kdlib.config.schema import KDConfig, Precision
+from kdlib.config.schema import SGLANG_MEMORY_TAGS, KDConfig, Precision, SGLangRolloutConfig, WeightSync
 from kdlib.config.store import registry_groups
 from kdlib.errors import ConfigError
 
@@ -43,6 +43,17 @@ def resolve_auto(cfg: KDConfig) -> None:
     if cfg.transport.name == AUTO:
         cfg.transport.name = "ray" if cfg.launcher.name == "ray" else "inprocess"
         cfg.auto_choices["transport"] = f"{cfg.transport.name}: follows launcher={cfg.launcher.name}"
+    for role, tp_size in _sglang_engines(cfg).items():
+        placement = getattr(cfg.launcher, role, None)
+        if device == "cuda" and tp_size > 1 and placement is not None and placement.gpus_per_worker is None:
+            placement.gpus_per_worker = float(tp_size)
+            cfg.auto_choices[f"launcher.{role}.gpus_per_worker"] = f"{tp_size}: {role}.sglang.tp_size"
+    if cfg.teacher.backend == "sglang" and cfg.teacher.sglang.offload_tags is None:
+        colocate = cfg.pipeline.colocate
+        cfg.teacher.sglang.offload_tags = list(SGLANG_MEMORY_TAGS) if colocate else []
+        cfg.auto_choices["teacher.sglang.offload_tags"] = (
+            f"{cfg.teacher.sglang.offload_tags}: follows pipeline.colocate={str(colocate).lower()}"
+        )
 
 
 def validate(cfg: KDConfig) -> None:
@@ -57,6 +68,8 @@ def validate(cfg: KDConfig) -> None:
     _check_ranges(cfg)
     _check_placement(cfg)
     _check_teacher(cfg)
+    _check_sglang(cfg)
+    _check_attention(cfg)
     _check_group_options(cfg)
     _check_loss(cfg)
     _check_mode(cfg)
@@ -152,6 +165,63 @@ def _check_teacher(cfg: KDConfig) -> None:
         if not isinstance(options, entry.config_cls):
             raise ConfigError(f"teacher.{teacher.backend}: expected {entry.config_cls.__name__} options")
         _call_check(options, f"teacher.{teacher.backend}")
+
+
+def _check_attention(cfg: KDConfig) -> None:
+    """FlashAttention-2 (packing becomes variable-length attention) needs CUDA and bf16 compute.
+    (Whether flash-attn is installed is for the workers' machines to say: transformers names it.)"""
+    from kdlib.hardware import resolve_device_type
+
+    roles = ["student"] + (["teacher"] if cfg.teacher.backend == "hf" else [])
+    for role in roles:
+        model = getattr(cfg, role)
+        if model.attn_implementation != "flash_attention_2":
+            continue
+        key = f"{role}.attn_implementation=flash_attention_2"
+        if resolve_device_type(cfg.device) != "cuda":
+            raise ConfigError(f"{key} needs device=cuda")
+        bf16 = model.dtype is Precision.bfloat16 or (role == "student" and cfg.student.autocast is True)
+        if not bf16:
+            raise ConfigError(f"{key} computes in bf16 only: set {role}.dtype=bfloat16"
+                              + (" or student.autocast=true" if role == "student" else ""))
+
+
+def _sglang_engines(cfg: KDConfig) -> dict[str, int]:
+    """Role -> tp_size of the roles that run SGLang engines."""
+    engines = {}
+    if cfg.teacher.backend == "sglang":
+        engines["teacher"] = cfg.teacher.sglang.tp_size
+    if isinstance(cfg.rollout, SGLangRolloutConfig):
+        engines["rollout"] = cfg.rollout.sglang.tp_size
+    return engines
+
+
+def _check_sglang(cfg: KDConfig) -> None:
+    """The SGLang backends' options (the teacher's own check ran with the teacher's)."""
+    from kdlib.sglang_engine import RESERVED_SERVER_ARGS
+
+    engines = []
+    if cfg.teacher.backend == "sglang":
+        engines.append(("teacher.sglang", cfg.teacher.sglang))
+    if isinstance(cfg.rollout, SGLangRolloutConfig):
+        _call_check(cfg.rollout.sglang, "rollout.sglang")
+        engines.append(("rollout.sglang", cfg.rollout.sglang))
+        if cfg.rollout.sglang.weight_sync is WeightSync.distributed and cfg.launcher.name != "ray":
+            raise ConfigError(
+                "rollout.sglang.weight_sync=distributed needs launcher=ray: student rank 0 and the engines "
+                "must take part in the broadcast at the same time"
+            )
+    for key, options in engines:
+        clashes = sorted(set(options.server_args) & RESERVED_SERVER_ARGS)
+        if clashes:
+            raise ConfigError(f"{key}.server_args: {clashes} are set by kdlib; use the typed options instead")
+    for role, tp_size in _sglang_engines(cfg).items():
+        gpus = getattr(getattr(cfg.launcher, role, None), "gpus_per_worker", None)
+        if tp_size > 1 and gpus is not None and gpus < tp_size:
+            raise ConfigError(
+                f"launcher.{role}.gpus_per_worker={gpus:g} is fewer than {role}.sglang.tp_size={tp_size} "
+                "(only a tp_size=1 engine can share its GPU)"
+            )
 
 
 def _check_group_options(cfg: KDConfig) -> None:

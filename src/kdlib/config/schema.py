@@ -105,11 +105,100 @@ class FSDPConfig:
     reshard_after_forward: bool = True
 
 
+# What an SGLang engine can release and take back (sglang.srt.constants GPU_MEMORY_TYPE_*).
+SGLANG_MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
+
+
+class WeightSync(str, Enum):
+    """How the student's weights reach SGLang rollout engines after every optimizer step."""
+
+    # Buckets through kdlib's transport, loaded with Engine.update_weights_from_tensor: engines
+    # that share the students' GPUs (colocated), or any placement the transport reaches.
+    tensor = "tensor"
+    # Broadcast from student rank 0 into the engines over NCCL (gloo on CPU):
+    # init_weights_update_group + update_weights_from_distributed; engines on their own GPUs.
+    distributed = "distributed"
+
+
+@dataclass
+class SGLangEngineConfig:
+    """Options of one SGLang ``Engine`` (teacher or rollout), passed to it as ServerArgs fields.
+
+    kdlib sets the fields its protocol depends on itself (model path, dtype, hidden-state return,
+    radix cache, chunked prefill, memory saver, seed); ``server_args`` adds any other field.
+    """
+
+    # GPUs per engine (tensor parallelism); on Ray the worker holding it asks for this many GPUs.
+    tp_size: int = 1
+    # Fraction of each GPU's memory SGLang reserves for weights and KV cache (null: SGLang's own
+    # choice); set it lower when the engine shares its GPUs with student workers.
+    mem_fraction_static: Optional[float] = None
+    # Quantization applied at load, e.g. fp8 (an FP8 teacher, as in KDFlow); null: the checkpoint's.
+    quantization: Optional[str] = None
+    # Attention kernels: fa3, flashinfer, triton, ... (null: SGLang picks by GPU).
+    attention_backend: Optional[str] = None
+    # Longest sequence the engine accepts (null: the model's own limit).
+    context_length: Optional[int] = None
+    # Log level of the engine's processes.
+    log_level: str = "error"
+    # Further ServerArgs fields, passed as given (checked against the installed SGLang at start).
+    server_args: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
+            raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+        if self.context_length is not None and self.context_length < 1:
+            raise ValueError(f"context_length must be positive, got {self.context_length}")
+
+
+@dataclass
+class SGLangTeacherConfig(SGLangEngineConfig):
+    """teacher.backend=sglang: one SGLang Engine per teacher worker, prefill only, hidden states out."""
+
+    # What the engine releases while the students train: any of kv_cache, weights, cuda_graph;
+    # null: all three with pipeline.colocate, none otherwise (resolved at composition).
+    offload_tags: Optional[list[str]] = None
+    # Keep a host copy of the weights while they are released; without it SGLang resumes with
+    # lost weights (the teacher is never re-synced), so offloading weights requires it.
+    weights_cpu_backup: bool = True
+    # Also send the engine's own top-k log-probabilities at every loss row (0 = off).
+    top_logprobs_num: int = 0
+
+    def check(self) -> None:
+        super().check()
+        tags = self.offload_tags or []
+        unknown = sorted(set(tags) - set(SGLANG_MEMORY_TAGS))
+        if unknown:
+            raise ValueError(f"offload_tags: unknown {unknown}; choose among {list(SGLANG_MEMORY_TAGS)}")
+        if "weights" in tags and not self.weights_cpu_backup:
+            raise ValueError(
+                "offload_tags has weights but weights_cpu_backup=false: SGLang would resume the "
+                "teacher with lost weights; keep the backup or drop weights from offload_tags"
+            )
+        if self.top_logprobs_num < 0:
+            raise ValueError(f"top_logprobs_num must be >= 0, got {self.top_logprobs_num}")
+
+
+@dataclass
+class SGLangRolloutOptions(SGLangEngineConfig):
+    """Options of the SGLang rollout engines (rollout=sglang)."""
+
+    # How the student's weights reach the engines after every step: tensor or distributed.
+    weight_sync: WeightSync = WeightSync.tensor
+    # Release the engine's GPU memory (weights, KV cache, CUDA graphs) after every generation and
+    # take it back at the next weight sync: for engines sharing their GPUs with the students.
+    release_memory: bool = False
+    # SGLang's deterministic inference, each sample seeded from kdlib's seed (slower).
+    deterministic: bool = False
+
+
 @dataclass
 class TeacherConfig(ModelConfig):
     """The model that only runs forward passes and sends hidden states."""
 
-    # Inference backend (registry `teacher backend`): hf.
+    # Inference backend (registry `teacher backend`): hf or sglang.
     backend: str = "hf"
     # Number of teacher workers (more than one needs launcher=ray).
     num_workers: int = 1
@@ -127,6 +216,8 @@ class TeacherConfig(ModelConfig):
     # no teacher model (only its head). Refused when it was filled by another teacher, tokenizer
     # or dtype. null = off.
     cache: Optional[str] = None
+    # Options of teacher.backend=sglang.
+    sglang: SGLangTeacherConfig = field(default_factory=SGLangTeacherConfig)
 
 
 @dataclass
@@ -183,7 +274,7 @@ class LossConfig:
 class RolloutConfig:
     """Sampling settings for generation (teacher data synthesis, student rollouts)."""
 
-    # Generation backend (registry `rollout backend`): hf.
+    # Generation backend (registry `rollout backend`): hf or sglang.
     backend: str = "hf"
     # Longest response, in tokens; longer ones are cut and counted as truncated.
     max_new_tokens: int = 256
@@ -200,6 +291,15 @@ class RolloutConfig:
     # Log one sampled prompt and response every this many steps (0 = never); every rollout is
     # written to rollouts.jsonl in the run directory either way.
     print_every: int = 0
+
+
+@dataclass
+class SGLangRolloutConfig(RolloutConfig):
+    """rollout=sglang: the rollout options above, sampled by SGLang engines."""
+
+    backend: str = "sglang"
+    # Options of the SGLang engines.
+    sglang: SGLangRolloutOptions = field(default_factory=SGLangRolloutOptions)
 
 
 @dataclass

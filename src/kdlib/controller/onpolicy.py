@@ -39,6 +39,7 @@ class OnPolicyMode(TrainingLoop):
         super().__init__(pipeline)
         self._rollout_metrics: dict[str, float] = {}
         self._rollout_log = None
+        self._broadcast = _weight_broadcast(pipeline)
 
     @classmethod
     def check(cls, cfg: KDConfig) -> None:
@@ -140,8 +141,11 @@ class OnPolicyMode(TrainingLoop):
     def sync_rollout(self) -> float:
         """Push the student's weights to every rollout engine; seconds spent."""
         start = time.perf_counter()
-        handles = self.export_student_weights()
-        self.p.rollout.call("load_weights", handles)
+        if self._broadcast is not None:
+            self._broadcast.sync()
+        else:
+            handles = self.export_student_weights()
+            self.p.rollout.call("load_weights", handles)
         return time.perf_counter() - start
 
     def _write_rollouts(self, rows: list[dict], step: int) -> None:
@@ -158,3 +162,18 @@ class OnPolicyMode(TrainingLoop):
             prompt = row["prompt"][-1]["content"] if row["prompt"] else ""
             log.info("step %d rollout (%s, %d tokens)\n  prompt: %s\n  response: %s",
                      step, row["finish_reason"], row["response_tokens"], prompt, row["response"])
+
+
+def _weight_broadcast(pipeline: "Pipeline"):
+    """``rollout.sglang.weight_sync=distributed``: the broadcast that replaces transport buckets."""
+    from kdlib.config.schema import SGLangRolloutConfig, WeightSync
+
+    rollout = pipeline.cfg.rollout
+    if not isinstance(rollout, SGLangRolloutConfig) or rollout.sglang.weight_sync is not WeightSync.distributed:
+        return None
+    from kdlib.hardware import resolve_device_type
+    from kdlib.rollout.sglang_sync import DistributedWeightSync
+
+    backend = "nccl" if resolve_device_type(pipeline.cfg.device) == "cuda" else "gloo"
+    return DistributedWeightSync(pipeline.student, pipeline.rollout, pipeline.cfg.onpolicy.sync_bucket_mb * 2**20,
+                                 rollout.sglang.tp_size, backend)

@@ -5,10 +5,16 @@ inside the actor; a group call sends the method name and arguments and returns t
 order. Student groups are data-parallel: rank 0's actor picks ``MASTER_ADDR``/``MASTER_PORT``
 before any worker is built, so the workers can form their torch.distributed group.
 
+Each role's workers are reserved as one placement group with the role's resources
+(``launcher.teacher`` / ``launcher.student`` / ``launcher.rollout``, see
+:mod:`kdlib.launch.placement`), which is how teacher engines, rollout engines and students are
+laid out across the nodes of a cluster (``launcher.address``).
+
 Results are gathered fail-fast: the first worker that raises or dies stops the call with a
-:class:`~kdlib.errors.WorkerError` naming the role, rank and process, instead of leaving the other
-ranks waiting in a collective. Ray is shut down with the launcher (also after a failure), so a
-sweep starts each job with a fresh cluster unless ``launcher.address`` joins a running one.
+:class:`~kdlib.errors.WorkerError` naming the role, rank, process and node (and whether the node
+itself stopped), instead of leaving the other ranks waiting in a collective. Ray is shut down with
+the launcher (also after a failure), so a sweep starts each job with a fresh cluster unless
+``launcher.address`` joins a running one.
 """
 
 from __future__ import annotations
@@ -16,12 +22,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from kdlib.config.schema import LauncherConfig
-from kdlib.errors import WorkerError
+from kdlib.errors import ConfigError, WorkerError
 from kdlib.launch.base import Launcher, WorkerGroup
+from kdlib.launch.placement import (
+    ROLE_ORDER,
+    RolePlacement,
+    check_colocation,
+    combined,
+    node_alive,
+    node_names,
+    reserve,
+    worker_bundle,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +59,15 @@ class RayLauncherConfig(LauncherConfig):
     threads_per_worker: Optional[int] = None
     # Seconds a collective may wait before a student rank gives up (a dead peer).
     collective_timeout_s: float = 300.0
+    # Placement of each role's workers: resources per worker, packing strategy.
+    teacher: RolePlacement = field(default_factory=RolePlacement)
+    student: RolePlacement = field(default_factory=RolePlacement)
+    rollout: RolePlacement = field(default_factory=RolePlacement)
+    # Seconds to wait for a role's resources before failing with what is missing.
+    placement_timeout_s: float = 120.0
+
+    def check(self) -> None:
+        check_colocation({role: getattr(self, role) for role in ROLE_ORDER})
 
 
 def _actor_class():
@@ -63,10 +89,11 @@ def _actor_class():
 
             return node_address(), free_port(), os.getpid()
 
-        def build(self, worker_cls: type, spec: Any, env: dict[str, str]) -> int:
+        def build(self, worker_cls: type, spec: Any, env: dict[str, str]) -> tuple[int, str]:
+            """Construct the worker; its process id and Ray node id."""
             os.environ.update(env)
             self.worker = worker_cls(spec)
-            return os.getpid()
+            return os.getpid(), ray.get_runtime_context().get_node_id()
 
         def call(self, method: str, args: tuple, kwargs: dict) -> Any:
             return getattr(self.worker, method)(*args, **kwargs)
@@ -83,6 +110,8 @@ class RayWorkerGroup(WorkerGroup):
         self.role = role
         self.actors = actors
         self.pids = pids
+        self.node_ids: list[str] = ["?"] * len(actors)
+        self.nodes: list[str] = ["?"] * len(actors)  # readable node names, for messages
 
     @property
     def size(self) -> int:
@@ -115,12 +144,16 @@ class RayWorkerGroup(WorkerGroup):
                 try:
                     ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - translated into one named error
-                    rank = index[ref]
-                    raise WorkerError(
-                        f"{self.role} worker {rank} (pid {self.pids[rank]}) failed in {method}(): "
-                        f"{_describe(exc)}"
-                    ) from exc
+                    raise self._error(index[ref], method, exc) from exc
         return ray.get(refs)
+
+    def _error(self, rank: int, method: str, exc: BaseException) -> WorkerError:
+        where = f"node {self.nodes[rank]}"
+        if _node_stopped(self.node_ids[rank], exc):
+            reason = f"its {where} stopped (the node left the cluster)"
+        else:
+            reason = f"{_describe(exc)}; it ran on {where}"
+        return WorkerError(f"{self.role} worker {rank} (pid {self.pids[rank]}) failed in {method}(): {reason}")
 
 
 class RayLauncher(Launcher):
@@ -133,6 +166,8 @@ class RayLauncher(Launcher):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         self._started = False
         self._actors: list = []
+        self._placement_groups: list = []
+        self._bundles: dict[str, tuple[Any, int]] = {}  # role -> (its placement group, bundles)
         if not ray.is_initialized():
             ray.init(
                 address=cfg.address,
@@ -146,12 +181,21 @@ class RayLauncher(Launcher):
         self.has_gpus = ray.cluster_resources().get("GPU", 0) > 0
 
     def group(self, role: str, worker_cls: type, specs: Sequence[Any], *, distributed: bool = False) -> WorkerGroup:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         cfg = self.cfg
-        gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if self.has_gpus else 0.0)
-        threads = cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker))
+        placement = self._placement(role)
+        cpus, gpus = self._cpus_gpus(role)
+        threads = cfg.threads_per_worker or max(1, int(cpus))
         base_env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
-        actor_cls = _actor_class().options(num_cpus=cfg.cpus_per_worker, num_gpus=gpus)
-        actors = [actor_cls.remote(base_env, threads) for _ in specs]
+        reserved = self._reserve(role, len(specs))
+        actors = [
+            _actor_class().options(
+                num_cpus=cpus, num_gpus=gpus, resources=dict(placement.resources) or None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(reserved, placement_group_bundle_index=rank),
+            ).remote(base_env, threads)
+            for rank in range(len(specs))
+        ]
         self._actors.extend(actors)
         group = RayWorkerGroup(role, actors, [-1] * len(actors))
         env: dict[str, str] = {}
@@ -160,30 +204,99 @@ class RayLauncher(Launcher):
             env = {"MASTER_ADDR": host, "MASTER_PORT": str(port),
                    "KDLIB_COLLECTIVE_TIMEOUT_S": str(cfg.collective_timeout_s)}
         refs = [a.build.remote(worker_cls, spec, env) for a, spec in zip(actors, specs)]
-        group.pids = [int(p) for p in group.gather(refs, "__init__")]
-        log.info("%s group: %d Ray actor(s), pids %s", role, len(actors), group.pids)
+        built = group.gather(refs, "__init__")
+        names = node_names()
+        group.pids = [int(pid) for pid, _ in built]
+        group.node_ids = [node for _, node in built]
+        group.nodes = [names.get(node, node) for node in group.node_ids]
+        log.info("%s group: %d Ray actor(s), pids %s, nodes %s", role, len(actors), group.pids, group.nodes)
+        return group
+
+    def _placement(self, role: str) -> RolePlacement:
+        return getattr(self.cfg, role, None) or RolePlacement()
+
+    def _cpus_gpus(self, role: str) -> tuple[float, float]:
+        """What one worker of ``role`` asks for (role option, else the launcher's, else 1 GPU
+        when the cluster has GPUs)."""
+        placement, cfg = self._placement(role), self.cfg
+        cpus = placement.cpus_per_worker if placement.cpus_per_worker is not None else cfg.cpus_per_worker
+        gpus = next((g for g in (placement.gpus_per_worker, cfg.gpus_per_worker) if g is not None),
+                    1.0 if self.has_gpus else 0.0)
+        return cpus, gpus
+
+    def _reserve(self, role: str, n_workers: int) -> Any:
+        """The placement group ``role``'s workers run in: its own (reserving room for the roles
+        that colocate with it too), or the bundles of the role it colocates with."""
+        placement = self._placement(role)
+        host = placement.colocate_with
+        if host is not None:
+            if host not in self._bundles:
+                raise ConfigError(f"launcher.{role}.colocate_with={host}: this run starts no {host} workers before the {role}")
+            group, n_host = self._bundles[host]
+            if n_workers > n_host:
+                raise ConfigError(f"launcher.{role}.colocate_with={host}: {n_workers} {role} workers for {n_host} {host} bundles")
+            return group
+        guests = [r for r in ROLE_ORDER if r != role and self._placement(r).colocate_with == role]
+        bundle = combined(*(worker_bundle(self._placement(r), *self._cpus_gpus(r)) for r in [role, *guests]))
+        group = reserve(role, placement.strategy, n_workers, bundle, self.cfg.placement_timeout_s)
+        self._placement_groups.append(group)
+        self._bundles[role] = (group, n_workers)
         return group
 
     def shutdown(self) -> None:
         import ray
 
+        from ray.util.placement_group import remove_placement_group
+
         for actor in self._actors:
             with contextlib.suppress(Exception):  # already dead
                 ray.kill(actor)
         self._actors.clear()
+        for reserved in self._placement_groups:
+            with contextlib.suppress(Exception):  # its node is gone
+                remove_placement_group(reserved)
+        self._placement_groups.clear()
+        self._bundles.clear()
         if self._started and ray.is_initialized():
             ray.shutdown()
             self._started = False
+
+
+def _cause(exc: BaseException) -> BaseException:
+    import ray
+
+    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+        return exc.cause
+    return exc
 
 
 def _describe(exc: BaseException) -> str:
     """One line for a Ray task error: the worker's own exception, or how the actor died."""
     import ray
 
-    cause = exc
-    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
-        cause = exc.cause
+    cause = _cause(exc)
+    if isinstance(cause, ray.exceptions.ActorUnavailableError):
+        return "the worker became unreachable"
     if isinstance(cause, ray.exceptions.RayActorError):
         return "the worker process died (killed, out of memory, or crashed)"
     text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[-1] if text else ''}"
+
+
+# A worker that became unreachable may be on a node that stopped; Ray's GCS declares a node dead
+# after its health checks fail (about 15 s with Ray's defaults), so wait that long to tell.
+NODE_DEATH_WAIT_S = 30.0
+
+
+def _node_stopped(node_id: str, exc: BaseException) -> bool:
+    import ray
+
+    cause = _cause(exc)
+    if node_id == "?" or not isinstance(cause, ray.exceptions.RayActorError):
+        return False  # the worker raised: its node is fine
+    deadline = time.monotonic() + (NODE_DEATH_WAIT_S if isinstance(cause, ray.exceptions.ActorUnavailableError) else 0)
+    while node_alive(node_id):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+    return True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kdlib.config.schema import RolloutConfig
 from kdlib.models.loading import resolve_device
 from kdlib.rollout import ROLLOUT_BACKENDS, Generation
 from kdlib.transport import build_transport
@@ -18,7 +19,10 @@ class RolloutWorker:
     def __init__(self, spec: RolloutSpec) -> None:
         self.rank = spec.rank
         self.cfg = spec.rollout
-        self.backend = ROLLOUT_BACKENDS.get(spec.rollout.backend)(spec.model, resolve_device(spec.device))
+        entry = ROLLOUT_BACKENDS.entry(spec.rollout.backend)
+        # a backend registered with its own options (a RolloutConfig subclass) takes them at start
+        options = (spec.rollout,) if entry.config_cls not in (None, RolloutConfig) else ()
+        self.backend = entry.load()(spec.model, resolve_device(spec.device), *options)
         self.transport = build_transport(spec.transport) if spec.transport is not None else None
 
     def load_weights(self, handles: list[Any]) -> None:
@@ -30,3 +34,12 @@ class RolloutWorker:
     def generate(self, prompts: list[list[int]], stop_ids: set[int], pad_id: int, seed: int) -> list[list[Generation]]:
         """``rollout.n_samples_per_prompt`` responses per prompt, ending at a ``stop_ids`` token."""
         return self.backend.generate(prompts, self.cfg, stop_ids=set(stop_ids), pad_id=pad_id, seed=seed)
+
+    # rollout.sglang.weight_sync=distributed (kdlib.rollout.sglang_sync): the engine receives a
+    # broadcast from student rank 0 instead of transport buckets
+
+    def join_weight_group(self, *args: Any) -> None:
+        self.backend.join_weight_group(*args)
+
+    def receive_weights(self, plan: list, group_name: str) -> None:
+        self.backend.receive_weights(plan, group_name)

@@ -140,13 +140,48 @@ class StudentWorker:
     def export_weights(self, bucket_bytes: int) -> list[Any]:
         """The full weights in transport buckets, for the rollout engine or a self-distillation
         teacher (gathered from the shards; every rank calls, rank 0 returns the handles)."""
-        if self.world_size > 1:
-            state = ckpt.full_model_state(self.objective)
-        else:
-            state = {k: v.detach() for k, v in self.model.state_dict().items()}
+        state = self.full_state()
         if self.rank != 0:
             return []
         return [self.transport.publish_state(bucket) for bucket in state_buckets(state, bucket_bytes)]
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The unsharded weights: every rank calls (gathering the shards), rank 0 gets them."""
+        if self.world_size > 1:
+            return ckpt.full_model_state(self.objective)
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    # rollout.sglang.weight_sync=distributed: rank 0 broadcasts into the rollout engines
+    # (kdlib.rollout.sglang_sync); every rank calls, since gathering the weights is collective.
+
+    def weight_sync_address(self) -> tuple[str, int]:
+        from kdlib.parallel.distributed import free_port, node_address
+
+        return node_address(), free_port()
+
+    def open_weight_broadcast(
+        self, address: str, port: int, world_size: int, group_name: str, backend: str, bucket_bytes: int
+    ) -> list:
+        """Open rank 0's side of the weight-sync group; rank 0 returns the bucket plan."""
+        from kdlib.rollout.sglang_sync import bucket_plan, open_sender_group
+
+        state = self.full_state()
+        if self.rank != 0:
+            return []
+        timeout = float(os.environ.get("KDLIB_COLLECTIVE_TIMEOUT_S", 600))
+        plan = bucket_plan(state, bucket_bytes)
+        self._weight_broadcast = (open_sender_group(address, port, world_size, group_name, backend, timeout), plan)
+        return plan
+
+    def broadcast_weights(self) -> int:
+        """Send the current weights to the rollout engines (bytes sent by rank 0)."""
+        from kdlib.rollout.sglang_sync import broadcast_state
+
+        state = self.full_state()
+        if self.rank != 0:
+            return 0
+        group, plan = self._weight_broadcast
+        return broadcast_state(group, state, plan, self.device)
 
     def set_teacher_head(self, teacher_head: LMHead) -> None:
         """A self-distillation teacher changed: use its new head from now on."""
