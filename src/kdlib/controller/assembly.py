@@ -19,6 +19,7 @@ from kdlib.data.samples import build_prompts, build_samples
 from kdlib.errors import ConfigError
 from kdlib.launch import WorkerGroup, build_launcher
 from kdlib.models.loading import load_tokenizer
+from kdlib.progress import phase
 from kdlib.workers.specs import RolloutSpec, StudentSpec, TeacherSpec
 
 if TYPE_CHECKING:
@@ -98,7 +99,8 @@ def start_teacher(pipeline: "Pipeline") -> WorkerGroup:
     cfg = pipeline.cfg
     architecture = cfg.student if cfg.teacher.from_student else None
     specs = [TeacherSpec(cfg.teacher, cfg.transport, cfg.device, rank, architecture) for rank in range(cfg.teacher.num_workers)]
-    pipeline.teacher = pipeline.launcher.group("teacher", _worker("teacher:TeacherWorker"), specs)
+    with _loading(cfg, "teacher", len(specs)):
+        pipeline.teacher = pipeline.launcher.group("teacher", _worker("teacher:TeacherWorker"), specs)
     return pipeline.teacher
 
 
@@ -108,7 +110,8 @@ def start_rollout(pipeline: "Pipeline", model: ModelConfig, *, syncs_weights: bo
     cfg = pipeline.cfg
     transport = cfg.transport if syncs_weights else None
     specs = [RolloutSpec(model, cfg.rollout, cfg.device, rank, transport) for rank in range(cfg.rollout.num_workers)]
-    pipeline.rollout = pipeline.launcher.group("rollout", _worker("rollout:RolloutWorker"), specs)
+    with _loading(cfg, "rollout engine", len(specs)):
+        pipeline.rollout = pipeline.launcher.group("rollout", _worker("rollout:RolloutWorker"), specs)
     return pipeline.rollout
 
 
@@ -117,14 +120,21 @@ def start_students(pipeline: "Pipeline", teacher_head: Any = None) -> WorkerGrou
     cfg = pipeline.cfg
     world = cfg.student.num_workers
     specs = [StudentSpec(cfg, rank, world) for rank in range(world)]
-    pipeline.student = pipeline.launcher.group("student", _worker("student:StudentWorker"), specs, distributed=True)
-    pipeline.student.call("setup", teacher_head, pipeline.total_steps)
+    with _loading(cfg, "student", world):
+        pipeline.student = pipeline.launcher.group("student", _worker("student:StudentWorker"), specs, distributed=True)
+        pipeline.student.call("setup", teacher_head, pipeline.total_steps)
     return pipeline.student
 
 
 def teacher_head(pipeline: "Pipeline") -> Any:
     """The teacher's LM head, shipped to every student (None without a teacher group)."""
     return pipeline.teacher.call("lm_head")[0] if pipeline.teacher is not None else None
+
+
+def _loading(cfg: KDConfig, role: str, n_workers: int):
+    """The progress of building a worker group (its models load inside the workers)."""
+    workers = f" ({n_workers} workers)" if n_workers > 1 else ""
+    return phase(f"loading the {role}{workers}", enabled=cfg.logging.progress)
 
 
 def _worker(path: str) -> type:
