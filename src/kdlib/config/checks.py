@@ -53,6 +53,7 @@ def validate(cfg: KDConfig) -> None:
         "loss.temperature", "loss.chunk_size", "data.max_len", "eval.batch_size", "logging.log_every",
         "rollout.max_new_tokens", "rollout.batch_size", "rollout.n_samples_per_prompt",
         "teacher.num_workers", "student.num_workers", "rollout.num_workers", "onpolicy.sync_bucket_mb",
+        "train.max_bad_steps",
     ])
     _check_ranges(cfg)
     _check_placement(cfg)

@@ -1,0 +1,89 @@
+"""SIGTERM or Ctrl-C (SIGINT) sent to a real ``kdlib`` process in the middle of training.
+
+The run finishes its step, writes a checkpoint, exits with 128 + the signal number and prints the
+exact command that resumes; that command, run as printed, continues to the same losses and the
+same final student as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdlib
+
+TESTS = Path(__file__).resolve().parents[1]  # fault_plugins.py lives here
+
+
+def _env(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_command(sig, tiny_overrides, tmp_path):
+    overrides = [o for o in tiny_overrides if not o.startswith("output_dir=")] + [
+        "plugins=[fault_plugins]", "algorithm=fault_injection", "train.max_steps=8", "eval.before=false",
+    ]
+    run_dir = tmp_path / "interrupted"
+    # each micro-batch sleeps 0.3 s in the plugin: the signal lands in the middle of training
+    process = subprocess.Popen([sys.executable, "-m", "kdlib", *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                               env=_env(KDLIB_TEST_STEP_SECONDS="0.3"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(_rows(run_dir)) < 2:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.05)
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + sig, stderr
+
+    stopped_at = len(_rows(run_dir))  # the step in flight was finished, not thrown away
+    assert 2 <= stopped_at < 8
+    errors = [line for line in stderr.splitlines() if line.startswith("kdlib: error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    checkpoint = run_dir / "checkpoints" / f"step_{stopped_at}"
+    expected = f"kdlib: error: interrupted by {sig.name} after step {stopped_at}/8; checkpoint {checkpoint}; resume with: kdlib "
+    assert errors[0].startswith(expected), errors[0]
+    command = shlex.split(errors[0][len(expected) - len("kdlib "):])
+    assert command[0] == "kdlib" and command[-1] == f"train.resume={run_dir}"
+    assert (checkpoint / ".complete").exists()
+
+    # the printed command, as printed (plus where to put its run directory)
+    resumed_dir = tmp_path / "resumed"
+    subprocess.run([sys.executable, "-m", "kdlib", *command[1:], f"hydra.run.dir={resumed_dir}"], cwd=tmp_path,
+                   env=_env(), check=True, capture_output=True, timeout=600)
+
+    reference = kdlib.run(kdlib.compose(overrides + [f"output_dir={tmp_path / 'reference'}"]))
+    expected_rows = _rows(reference.run_dir)[stopped_at:]
+    resumed_rows = _rows(resumed_dir)
+    assert [r["step"] for r in resumed_rows] == [r["step"] for r in expected_rows] == list(range(stopped_at + 1, 9))
+    for a, b in zip(expected_rows, resumed_rows, strict=True):
+        for key in ("loss", "kd_loss", "ce_loss", "grad_norm", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), (b["step"], key)
+
+    from safetensors.torch import load_file
+
+    final, uninterrupted = load_file(resumed_dir / "student" / "model.safetensors"), load_file(reference.student_dir / "model.safetensors")
+    assert final.keys() == uninterrupted.keys()
+    for name in final:
+        torch.testing.assert_close(final[name], uninterrupted[name], rtol=1e-6, atol=1e-7)
