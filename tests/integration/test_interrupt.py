@@ -34,14 +34,10 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_command(sig, tiny_overrides, tmp_path):
-    overrides = [o for o in tiny_overrides if not o.startswith("output_dir=")] + [
-        "plugins=[fault_plugins]", "algorithm=fault_injection", "train.max_steps=8", "eval.before=false",
-    ]
-    run_dir = tmp_path / "interrupted"
-    # each micro-batch sleeps 0.3 s in the plugin: the signal lands in the middle of training
-    process = subprocess.Popen([sys.executable, "-m", "kdlib", *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+def _interrupt(sig: signal.Signals, overrides: list[str], run_dir: Path, cwd: Path) -> tuple[int, list[str], Path]:
+    """Start ``kdlib overrides`` (each micro-batch sleeping 0.3 s in the plugin), send ``sig``
+    once two steps are logged, check how it ends; (step it stopped at, resume command, checkpoint)."""
+    process = subprocess.Popen([sys.executable, "-m", "kdlib", *overrides, f"hydra.run.dir={run_dir}"], cwd=cwd,
                                env=_env(KDLIB_TEST_STEP_SECONDS="0.3"), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
@@ -67,6 +63,25 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_command(
     command = shlex.split(errors[0][len(expected) - len("kdlib "):])
     assert command[0] == "kdlib" and command[-1] == f"train.resume={run_dir}"
     assert (checkpoint / ".complete").exists()
+    return stopped_at, command, checkpoint
+
+
+def _assert_continues(reference_rows: list[dict], resumed_rows: list[dict], stopped_at: int, rel: float) -> None:
+    expected_rows = reference_rows[stopped_at:]
+    assert [r["step"] for r in resumed_rows] == [r["step"] for r in expected_rows] == list(range(stopped_at + 1, 9))
+    for a, b in zip(expected_rows, resumed_rows, strict=True):
+        for key in ("loss", "kd_loss", "ce_loss", "grad_norm", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=rel), (b["step"], key)
+
+
+PLUGIN = ["plugins=[fault_plugins]", "algorithm=fault_injection", "train.max_steps=8", "eval.before=false"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_command(sig, tiny_overrides, tmp_path):
+    overrides = [o for o in tiny_overrides if not o.startswith("output_dir=")] + PLUGIN
+    run_dir = tmp_path / "interrupted"
+    stopped_at, command, _ = _interrupt(sig, overrides, run_dir, tmp_path)
 
     # the printed command, as printed (plus where to put its run directory)
     resumed_dir = tmp_path / "resumed"
@@ -74,12 +89,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_command(
                    env=_env(), check=True, capture_output=True, timeout=600)
 
     reference = kdlib.run(kdlib.compose(overrides + [f"output_dir={tmp_path / 'reference'}"]))
-    expected_rows = _rows(reference.run_dir)[stopped_at:]
-    resumed_rows = _rows(resumed_dir)
-    assert [r["step"] for r in resumed_rows] == [r["step"] for r in expected_rows] == list(range(stopped_at + 1, 9))
-    for a, b in zip(expected_rows, resumed_rows, strict=True):
-        for key in ("loss", "kd_loss", "ce_loss", "grad_norm", "lr"):
-            assert b[key] == pytest.approx(a[key], rel=1e-6), (b["step"], key)
+    _assert_continues(_rows(reference.run_dir), _rows(resumed_dir), stopped_at, rel=1e-6)
 
     from safetensors.torch import load_file
 
@@ -87,3 +97,18 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_command(
     assert final.keys() == uninterrupted.keys()
     for name in final:
         torch.testing.assert_close(final[name], uninterrupted[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigterm_to_a_ray_run_checkpoints_every_rank(tiny_overrides, tmp_path):
+    """The driver of a Ray run (2 FSDP2 student actors) takes the signal: every rank writes its
+    shards, Ray shuts down, and the checkpoint resumes on one local worker as the run continues."""
+    local = [o for o in tiny_overrides if not o.startswith("output_dir=")] + PLUGIN
+    overrides = local + ["+recipe=ray", "student.num_workers=2", "launcher.num_cpus=2"]
+    stopped_at, command, checkpoint = _interrupt(signal.SIGTERM, overrides, tmp_path / "ray", tmp_path)
+    assert "+recipe=ray" in command
+    assert {p.name for p in checkpoint.glob("extra_rank*.pt")} == {"extra_rank0.pt", "extra_rank1.pt"}
+    resumed = kdlib.run(kdlib.compose(local + [f"train.resume={tmp_path / 'ray'}", f"output_dir={tmp_path / 'resumed'}"]))
+    reference = kdlib.run(kdlib.compose(local + [f"output_dir={tmp_path / 'reference'}"]))
+    _assert_continues(_rows(reference.run_dir), _rows(resumed.run_dir), stopped_at, rel=1e-4)  # Ray == local to 1e-4
