@@ -60,6 +60,7 @@ def validate(cfg: KDConfig) -> None:
     _check_teacher(cfg)
     _check_group_options(cfg)
     _check_loss(cfg)
+    _check_resume(cfg)
     _check_mode(cfg)
 
 
@@ -191,6 +192,21 @@ def _check_loss(cfg: KDConfig) -> None:
                       scale_by_temperature_squared=loss.scale_by_temperature_squared, **params).backward()
     except (ValueError, TypeError, RuntimeError, AssertionError) as exc:
         raise ConfigError(f"loss={loss.name}: {_first_line(exc)}") from None
+
+
+def _check_resume(cfg: KDConfig) -> None:
+    """``train.resume`` names a complete checkpoint, or a run directory that has one."""
+    if not cfg.train.resume:
+        return
+    from pathlib import Path
+
+    from kdlib.parallel.checkpoint import is_complete, latest_checkpoint
+
+    path = Path(cfg.train.resume)
+    if not path.exists():
+        raise ConfigError(f"train.resume: {path} does not exist")
+    if not is_complete(path) and latest_checkpoint(path) is None:
+        raise ConfigError(f"train.resume: no complete checkpoint in {path} (a checkpoint directory, or a run directory with checkpoints/step_<n>)")
 
 
 def _check_mode(cfg: KDConfig) -> None:
