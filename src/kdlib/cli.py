@@ -10,6 +10,7 @@ directory per job, ``+recipe=...``, ``hydra.run.dir=...``.
 from __future__ import annotations
 
 import itertools
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -55,6 +56,8 @@ def _task(cfg) -> None:
         _fail(exc)
     except KdlibError as exc:
         _fail(exc)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps, or a second one inside them
+        _fail(Interrupted("interrupted by SIGINT; no checkpoint written", signal_number=signal.SIGINT, resume_dir=None))
 
 
 def resume_command(task_overrides: list[str], resume_dir: str) -> str:

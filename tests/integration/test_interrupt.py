@@ -77,7 +77,19 @@ def _assert_continues(reference_rows: list[dict], resumed_rows: list[dict], stop
 PLUGIN = ["plugins=[fault_plugins]", "algorithm=fault_injection", "train.max_steps=8", "eval.before=false"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+_REFERENCE: dict[tuple, kdlib.RunResult] = {}
+
+
+def _reference(overrides: list[str], output_dir: Path):
+    """The uninterrupted run of ``overrides`` (run once per configuration in this module)."""
+    key = tuple(overrides)
+    if key not in _REFERENCE:
+        _REFERENCE[key] = kdlib.run(kdlib.compose(list(overrides) + [f"output_dir={output_dir}"]))
+    return _REFERENCE[key]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_command(sig, tiny_overrides, tmp_path):
     overrides = [o for o in tiny_overrides if not o.startswith("output_dir=")] + PLUGIN
     run_dir = tmp_path / "interrupted"
@@ -88,7 +100,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_command(
     subprocess.run([sys.executable, "-m", "kdlib", *command[1:], f"hydra.run.dir={resumed_dir}"], cwd=tmp_path,
                    env=_env(), check=True, capture_output=True, timeout=600)
 
-    reference = kdlib.run(kdlib.compose(overrides + [f"output_dir={tmp_path / 'reference'}"]))
+    reference = _reference(overrides, tmp_path / "reference")
     _assert_continues(_rows(reference.run_dir), _rows(resumed_dir), stopped_at, rel=1e-6)
 
     from safetensors.torch import load_file
@@ -110,5 +122,36 @@ def test_sigterm_to_a_ray_run_checkpoints_every_rank(tiny_overrides, tmp_path):
     assert "+recipe=ray" in command
     assert {p.name for p in checkpoint.glob("extra_rank*.pt")} == {"extra_rank0.pt", "extra_rank1.pt"}
     resumed = kdlib.run(kdlib.compose(local + [f"train.resume={tmp_path / 'ray'}", f"output_dir={tmp_path / 'resumed'}"]))
-    reference = kdlib.run(kdlib.compose(local + [f"output_dir={tmp_path / 'reference'}"]))
+    reference = _reference(local, tmp_path / "reference")
     _assert_continues(_rows(reference.run_dir), _rows(resumed.run_dir), stopped_at, rel=1e-4)  # Ray == local to 1e-4
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tiny_overrides, tmp_path):
+    overrides = [o for o in tiny_overrides if not o.startswith("output_dir=")] + PLUGIN
+    run_dir = tmp_path / "twice"
+    process = subprocess.Popen([sys.executable, "-m", "kdlib", *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                               env=_env(KDLIB_TEST_STEP_SECONDS="0.3"), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # log lines (stdout) and errors, in order
+    try:
+        deadline = time.monotonic() + 300
+        while len(_rows(run_dir)) < 1:
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        seen = []
+        for line in process.stdout:  # wait until the first one was taken as a request
+            seen.append(line)
+            if "received SIGINT" in line:
+                break
+        process.send_signal(signal.SIGINT)
+        stderr = "".join(seen) + process.stdout.read()
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert [line for line in stderr.splitlines() if line.startswith("kdlib: error:")] == [
+        "kdlib: error: interrupted by SIGINT; no checkpoint written"
+    ]
+    assert "Traceback" not in stderr and not (run_dir / "checkpoints").exists()
