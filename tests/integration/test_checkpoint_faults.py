@@ -44,10 +44,17 @@ def _assert_continues(reference: list[dict], resumed: list[dict], first_step: in
             assert b[key] == pytest.approx(a[key], rel=1e-6), (b["step"], key)
 
 
+_REFERENCE: dict[tuple, list[dict]] = {}
+
+
 @pytest.fixture
 def reference(tiny_overrides, tmp_path) -> list[dict]:
-    """The uninterrupted run's metrics."""
-    return _rows(kdlib.run(kdlib.compose(tiny_overrides + STEPS + [f"output_dir={tmp_path / 'reference'}"])).run_dir)
+    """The uninterrupted run's metrics (run once per module: the tests share the configuration)."""
+    key = tuple(o for o in tiny_overrides if not o.startswith("output_dir="))
+    if key not in _REFERENCE:
+        run = kdlib.run(kdlib.compose(tiny_overrides + STEPS + [f"output_dir={tmp_path / 'reference'}"]))
+        _REFERENCE[key] = _rows(run.run_dir)
+    return _REFERENCE[key]
 
 
 KILLABLE_RUN = textwrap.dedent('''
@@ -85,7 +92,7 @@ KILLABLE_RUN = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("where", ["shards", "rename"])
+@pytest.mark.parametrize("where", ["shards", pytest.param("rename", marks=pytest.mark.slow)])
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(where, tiny_overrides, reference, tmp_path):
     run_dir, ready = tmp_path / "killed", tmp_path / "ready"
     script = tmp_path / "killable_run.py"
@@ -161,6 +168,7 @@ def _can_mount_tmpfs(tmp_path: Path) -> bool:
     return out.returncode == 0
 
 
+@pytest.mark.slow
 def test_a_real_full_disk_stops_the_cli_run_with_one_line(tiny_overrides, reference, tmp_path):
     """The CLI run's checkpoint directory is a 2.5 MB tmpfs: step_1 (1.7 MB) fits, step_2 does not."""
     if shutil.which("unshare") is None or not _can_mount_tmpfs(tmp_path):

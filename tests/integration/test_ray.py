@@ -157,6 +157,7 @@ def test_dead_worker_stops_the_run_with_its_name_and_the_checkpoint_loads(ray_cl
             assert b[key] == pytest.approx(a[key], rel=1e-4), (b["step"], key)
 
 
+@pytest.mark.slow
 def test_a_bad_update_is_skipped_on_every_rank(ray_cluster, tiny_overrides, tmp_path):
     """A NaN loss in one rank's micro-batch: both FSDP2 ranks skip the update (their shards stay
     one model), the run goes on, and it ends where the local run with the same fault ends."""

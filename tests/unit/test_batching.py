@@ -133,13 +133,11 @@ def _one_fused_step(overrides: list[str]) -> tuple[dict, dict, dict, dict]:
         params = dict(worker.objective.named_parameters())
         before = {n: p.detach().clone() for n, p in params.items()}
         grads: dict[str, torch.Tensor] = {}
-        adam_step = worker.optimizer.step
 
-        def recording_step(*args, **kwargs):
+        def record_gradients(optimizer, args, kwargs):
             grads.update({n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None})
-            return adam_step(*args, **kwargs)
 
-        worker.optimizer.step = recording_step
+        worker.optimizer.register_step_pre_hook(record_gradients)
         metrics = pipeline.mode.step(pipeline.data.train[:8])
         after = {n: p.detach().clone() for n, p in params.items()}
     return metrics, before, grads, after
