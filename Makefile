@@ -6,11 +6,12 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= gguf,ray,test
 STAMP := $(VENV)/.kdlib-installed
-# Default test selection: everything but GPU tests (slow tests included: the suite stays ~10 min).
-PYTEST_ARGS ?= -m "not gpu"
+# Default test selection: everything but slow and GPU tests (under 10 min on 2 cores); `make
+# test-all` adds the slow ones (the real SmolLM2 teacher, heavier fault injections).
+PYTEST_ARGS ?= -m "not gpu and not slow"
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast bench clean
+.PHONY: help install run test test-all test-fast bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -33,6 +34,9 @@ run: install ## Run the default job (SmolLM2 teacher -> pruned student, CPU); AR
 
 test: install ## Run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: install ## Run the test suite with the slow tests (GPU tests skip themselves without CUDA)
+	$(PY) -m pytest -m "not gpu"
 
 test-fast: install ## Run the unit tests only
 	$(PY) -m pytest tests/unit -m "not slow and not gpu"

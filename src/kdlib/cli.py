@@ -10,10 +10,11 @@ directory per job, ``+recipe=...``, ``hydra.run.dir=...``.
 from __future__ import annotations
 
 import itertools
+import signal
 import sys
 from typing import Optional, Sequence
 
-from kdlib.errors import ConfigError, KdlibError
+from kdlib.errors import ConfigError, Interrupted, KdlibError
 
 # Hydra flags that take a value, and flags that only ask for information.
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -49,8 +50,23 @@ def _task(cfg) -> None:
 
     try:
         run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+    except Interrupted as exc:
+        if exc.resume_dir is not None:
+            exc.command = resume_command(list(HydraConfig.get().overrides.task), exc.resume_dir)
+        _fail(exc)
     except KdlibError as exc:
         _fail(exc)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps, or a second one inside them
+        _fail(Interrupted("interrupted by SIGINT; no checkpoint written", signal_number=signal.SIGINT, resume_dir=None))
+
+
+def resume_command(task_overrides: list[str], resume_dir: str) -> str:
+    """The command line that continues a job from ``resume_dir``: its own overrides (a sweep's
+    job, not the sweep) with ``train.resume`` set."""
+    import shlex
+
+    kept = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") != "train.resume"]
+    return shlex.join(["kdlib", *kept, f"train.resume={resume_dir}"])
 
 
 def split_arguments(args: Sequence[str]) -> tuple[set[str], list[str]]:
@@ -110,7 +126,7 @@ def preflight(overrides: list[str], *, multirun: bool) -> None:
 
 def _fail(exc: Exception) -> None:
     print(f"kdlib: error: {exc}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(getattr(exc, "exit_code", 2))
 
 
 if __name__ == "__main__":

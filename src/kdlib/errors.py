@@ -23,3 +23,33 @@ class ModelError(KdlibError, RuntimeError):
 
 class WorkerError(KdlibError, RuntimeError):
     """A worker process failed or died; the message names it."""
+
+
+class CheckpointError(KdlibError, RuntimeError):
+    """A checkpoint or the final student could not be written (a full disk, no permission); the
+    message names the directory and the complete checkpoint that is still intact."""
+
+
+class TrainingError(KdlibError, RuntimeError):
+    """Training cannot go on (the loss or the gradients stayed non-finite for too many steps)."""
+
+
+class Interrupted(KdlibError):
+    """The run stopped on SIGINT or SIGTERM after writing a checkpoint it can resume from.
+
+    ``exit_code`` follows the shell convention (128 + signal number); ``resume_dir`` is what
+    ``train.resume`` takes to continue (None when nothing was trained yet); the command line sets
+    ``command`` to the exact command that resumes."""
+
+    def __init__(self, message: str, *, signal_number: int, resume_dir: "str | None") -> None:
+        super().__init__(message)
+        self.what = message
+        self.signal_number = signal_number
+        self.resume_dir = resume_dir
+        self.command: "str | None" = None
+        self.exit_code = 128 + signal_number
+
+    def __str__(self) -> str:
+        if self.resume_dir is None:
+            return self.what
+        return f"{self.what}; resume with: {self.command or f'train.resume={self.resume_dir}'}"

@@ -19,6 +19,7 @@ from kdlib.config.compose import import_plugins, to_typed
 from kdlib.config.schema import KDConfig
 from kdlib.data.preflight import check_data_files
 from kdlib.pipeline import Pipeline
+from kdlib.progress import configured as progress_shown
 from kdlib.result import RunResult
 
 log = logging.getLogger("kdlib")
@@ -33,7 +34,7 @@ def run(cfg: KDConfig | DictConfig, *, run_dir: Optional[str | Path] = None) -> 
     directory = Path(run_dir or typed.output_dir or default_run_dir())
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(typed), resolve=True), encoding="utf-8")
-    with _run_logging(directory):
+    with _run_logging(directory), progress_shown(typed.logging.progress):
         log.info("run directory: %s", directory.resolve())
         for key, choice in typed.auto_choices.items():
             log.info("%s = %s", key, choice)

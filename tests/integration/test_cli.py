@@ -14,8 +14,8 @@ import yaml
 KDLIB = [sys.executable, "-m", "kdlib"]
 
 
-def _run(args, cwd, check=True):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+def _run(args, cwd, check=True, env=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
     out = subprocess.run([*KDLIB, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     if check and out.returncode != 0:
         raise AssertionError(f"kdlib {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
@@ -27,11 +27,23 @@ def _cli_overrides(overrides: list[str]) -> list[str]:
 
 
 def test_cli_run_writes_the_run_directory(tiny_overrides, tmp_path):
+    """Also: with stderr not a terminal, every phase reports progress as log lines, and each line
+    of kdlib.log is written once."""
     run_dir = tmp_path / "cli_run"
-    _run(_cli_overrides(tiny_overrides) + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    args = _cli_overrides(tiny_overrides) + [f"hydra.run.dir={run_dir}", "logging.progress=true"]
+    _run(args, cwd=tmp_path, env={"KDLIB_PROGRESS_SECONDS": "0.05"})
     assert (run_dir / "student" / "config.json").exists()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "config.yaml").exists()
+
+    lines = (run_dir / "kdlib.log").read_text().splitlines()
+    duplicated = sorted({line for line in lines if lines.count(line) > 1})
+    assert not duplicated, duplicated
+    messages = [line.split(" - ", 1)[-1] for line in lines]
+    for done in ("loading the teacher done: took", "loading the student done: took", "evaluating done: 1/1 batch",
+                 "distilling done: 3/3 step", "saving the student done: took"):
+        assert any(m.startswith(done) for m in messages), done
+    assert sum(m.startswith("evaluating done:") for m in messages) == 2  # before and after training
 
 
 def test_cli_multirun_sweeps_losses_into_separate_directories(tiny_overrides, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,10 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    tests = str(Path(__file__).resolve().parents[1])  # the actors import tests/fault_plugins.py
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield
     ray.shutdown()
 
@@ -141,10 +145,35 @@ def test_dead_worker_stops_the_run_with_its_name_and_the_checkpoint_loads(ray_cl
     checkpoint = latest_checkpoint(run_dir)
     assert checkpoint is not None and checkpoint.name == "step_1"
 
-    # the sharded checkpoint of 2 ranks resumes on one local worker
-    resumed = kdlib.compose(tiny_overrides + [f"train.resume={run_dir}", "train.max_steps=3", "eval.before=false", f"output_dir={tmp_path / 'resumed'}"])
-    result = kdlib.run(resumed)
-    assert [row["step"] for row in _losses(result)] == [2, 3]
+    # the sharded checkpoint of 2 ranks resumes on one local worker and continues as an
+    # uninterrupted run would (the Ray and local launchers agree to 1e-4, see above)
+    local = tiny_overrides + ["train.max_steps=3", "eval.before=false"]
+    result = kdlib.run(kdlib.compose(local + [f"train.resume={run_dir}", f"output_dir={tmp_path / 'resumed'}"]))
+    uninterrupted = kdlib.run(kdlib.compose(local + [f"output_dir={tmp_path / 'uninterrupted'}"]))
+    resumed_rows, expected_rows = _losses(result), _losses(uninterrupted)[1:]
+    assert [row["step"] for row in resumed_rows] == [row["step"] for row in expected_rows] == [2, 3]
+    for a, b in zip(expected_rows, resumed_rows, strict=True):
+        for key in ("loss", "kd_loss", "ce_loss", "grad_norm", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (b["step"], key)
+
+
+@pytest.mark.slow
+def test_a_bad_update_is_skipped_on_every_rank(ray_cluster, tiny_overrides, tmp_path):
+    """A NaN loss in one rank's micro-batch: both FSDP2 ranks skip the update (their shards stay
+    one model), the run goes on, and it ends where the local run with the same fault ends."""
+    from safetensors.torch import load_file
+
+    poisoned = ["plugins=[fault_plugins]", "algorithm=fault_injection", "algorithm.nan_samples=[5]",
+                "train.max_steps=3", "eval.before=false"]
+    local = kdlib.run(kdlib.compose(tiny_overrides + poisoned + [f"output_dir={tmp_path / 'local'}"]))
+    on_ray = kdlib.run(kdlib.compose(tiny_overrides + RAY + poisoned + [f"output_dir={tmp_path / 'ray'}"]))
+    rows = _losses(on_ray)
+    assert [r["skipped"] for r in rows] == [r["skipped"] for r in _losses(local)]
+    assert sum(r["skipped"] for r in rows) == 1 and rows[-1]["skipped_steps"] == 1
+    a, b = load_file(local.student_dir / "model.safetensors"), load_file(on_ray.student_dir / "model.safetensors")
+    for key in a:
+        assert torch.isfinite(b[key]).all(), key
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
 
 
 def test_ray_students_read_the_teacher_cache_bit_identically(ray_cluster, tiny_overrides, tmp_path):

@@ -120,3 +120,56 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(tiny_llama, 
         out.append((terms.loss.item(), model.model.layers[1].self_attn.q_proj.weight.grad.clone()))
     assert out[1][0] == pytest.approx(out[0][0], rel=1e-5)
     torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-4, atol=1e-6)
+
+
+def _one_fused_step(overrides: list[str]) -> tuple[dict, dict, dict, dict]:
+    """One optimizer step of the fused loss on the first 8 training samples: (metrics, parameters
+    before, gradients the optimizer stepped with, parameters after)."""
+    from kdlib.pipeline import Pipeline
+
+    cfg = kdlib.compose(overrides)
+    with Pipeline.from_config(cfg, run_dir=None) as pipeline:
+        worker = pipeline.student.workers[0]
+        params = dict(worker.objective.named_parameters())
+        before = {n: p.detach().clone() for n, p in params.items()}
+        grads: dict[str, torch.Tensor] = {}
+
+        def record_gradients(optimizer, args, kwargs):
+            grads.update({n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None})
+
+        worker.optimizer.register_step_pre_hook(record_gradients)
+        metrics = pipeline.mode.step(pipeline.data.train[:8])
+        after = {n: p.detach().clone() for n, p in params.items()}
+    return metrics, before, grads, after
+
+
+def test_fused_loss_accumulation_and_packing_give_the_same_update(tiny_overrides):
+    """The fused KD + CE loss: one micro-batch of 8, 2 x 4 accumulated, and 2 x 4 packed give the
+    same gradients and the same parameters after one step, to float32 round-off. (Teacher
+    outputs travel in float32 here: bf16 on the wire rounds differently for other batch shapes.)"""
+    common = tiny_overrides + ["train.global_batch_size=8", "loss.implementation=fused", "loss.chunk_size=16",
+                               "transport.dtype=float32", "eval.before=false", "train.warmup_ratio=0"]
+    variants = {
+        "one micro-batch of 8": ["train.micro_batch_size=8"],
+        "2 x 4 accumulated": ["train.micro_batch_size=4"],
+        "2 x 4 packed": ["train.micro_batch_size=4", "train.packing=true"],
+    }
+    steps = {name: _one_fused_step(common + extra) for name, extra in variants.items()}
+    metrics, before, grads, after = steps.pop("one micro-batch of 8")
+    assert metrics["micro_batches"] == 1.0 and metrics["kd_loss"] > 0 and metrics["ce_loss"] > 0
+    assert len(grads) == len(before) and all(float(g.abs().max()) > 0 for g in grads.values())
+    lr = 1e-3  # tiny_overrides' train.lr, no warmup
+    for name, (m, b, g, a) in steps.items():
+        assert m["micro_batches"] == 2.0, name
+        for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
+            assert m[key] == pytest.approx(metrics[key], rel=1e-5), (name, key)
+        for param in before:
+            assert torch.equal(b[param], before[param])  # the same starting point
+            scale = float(grads[param].abs().max())
+            assert float((g[param] - grads[param]).abs().max()) <= 1e-5 * scale, (name, param)
+            # Adam's first step is lr * g / (|g| + eps): elements whose gradient is round-off-sized
+            # may move by up to 2 * lr apart; every element with a real gradient lands in the same place
+            real = grads[param].abs() > 1e-3 * scale
+            torch.testing.assert_close(a[param][real], after[param][real], rtol=1e-6, atol=1e-7, msg=f"{name} {param}")
+            assert float((a[param] - after[param]).abs().max()) <= 2 * lr * 1.01, (name, param)
+            assert not torch.equal(after[param], before[param]), param  # the step did move it

@@ -64,6 +64,7 @@ def validate(cfg: KDConfig) -> None:
         "loss.temperature", "loss.chunk_size", "data.max_len", "eval.batch_size", "logging.log_every",
         "rollout.max_new_tokens", "rollout.batch_size", "rollout.n_samples_per_prompt",
         "teacher.num_workers", "student.num_workers", "rollout.num_workers", "onpolicy.sync_bucket_mb",
+        "train.max_bad_steps",
     ])
     _check_ranges(cfg)
     _check_placement(cfg)
@@ -72,6 +73,7 @@ def validate(cfg: KDConfig) -> None:
     _check_attention(cfg)
     _check_group_options(cfg)
     _check_loss(cfg)
+    _check_resume(cfg)
     _check_mode(cfg)
 
 
@@ -262,6 +264,21 @@ def _check_loss(cfg: KDConfig) -> None:
                       scale_by_temperature_squared=loss.scale_by_temperature_squared, **params).backward()
     except (ValueError, TypeError, RuntimeError, AssertionError) as exc:
         raise ConfigError(f"loss={loss.name}: {_first_line(exc)}") from None
+
+
+def _check_resume(cfg: KDConfig) -> None:
+    """``train.resume`` names a complete checkpoint, or a run directory that has one."""
+    if not cfg.train.resume:
+        return
+    from pathlib import Path
+
+    from kdlib.parallel.checkpoint import is_complete, latest_checkpoint
+
+    path = Path(cfg.train.resume)
+    if not path.exists():
+        raise ConfigError(f"train.resume: {path} does not exist")
+    if not is_complete(path) and latest_checkpoint(path) is None:
+        raise ConfigError(f"train.resume: no complete checkpoint in {path} (a checkpoint directory, or a run directory with checkpoints/step_<n>)")
 
 
 def _check_mode(cfg: KDConfig) -> None:

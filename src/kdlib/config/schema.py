@@ -374,6 +374,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # Resume from a checkpoint directory, or a run directory (its newest complete checkpoint).
     resume: Optional[str] = None
+    # An update whose loss or gradients are NaN or inf is skipped (no optimizer or scheduler
+    # step; counted as skipped_steps in the metrics); after this many skipped steps in a row the
+    # run stops with an error naming the step and its sample ids (1 = at the first one).
+    max_bad_steps: int = 5
 
 
 @dataclass

@@ -19,6 +19,7 @@ from kdlib.data.samples import build_prompts, build_samples
 from kdlib.errors import ConfigError
 from kdlib.launch import WorkerGroup, build_launcher
 from kdlib.models.loading import load_tokenizer
+from kdlib.progress import phase
 from kdlib.workers.specs import RolloutSpec, StudentSpec, TeacherSpec
 
 if TYPE_CHECKING:
@@ -135,7 +136,8 @@ def start_teacher(pipeline: "Pipeline") -> WorkerGroup:
         TeacherSpec(cfg.teacher, cfg.transport, cfg.device, rank, architecture, namespace)
         for rank in range(cfg.teacher.num_workers)
     ]
-    pipeline.teacher = pipeline.launcher.group("teacher", _worker("teacher:TeacherWorker"), specs)
+    with _loading(cfg, "teacher", len(specs)):
+        pipeline.teacher = pipeline.launcher.group("teacher", _worker("teacher:TeacherWorker"), specs)
     return pipeline.teacher
 
 
@@ -145,7 +147,8 @@ def start_rollout(pipeline: "Pipeline", model: ModelConfig, *, syncs_weights: bo
     cfg = pipeline.cfg
     transport = cfg.transport if syncs_weights else None
     specs = [RolloutSpec(model, cfg.rollout, cfg.device, rank, transport) for rank in range(cfg.rollout.num_workers)]
-    pipeline.rollout = pipeline.launcher.group("rollout", _worker("rollout:RolloutWorker"), specs)
+    with _loading(cfg, "rollout engine", len(specs)):
+        pipeline.rollout = pipeline.launcher.group("rollout", _worker("rollout:RolloutWorker"), specs)
     return pipeline.rollout
 
 
@@ -154,8 +157,9 @@ def start_students(pipeline: "Pipeline", teacher_head: Any = None) -> WorkerGrou
     cfg = pipeline.cfg
     world = cfg.student.num_workers
     specs = [StudentSpec(cfg, rank, world) for rank in range(world)]
-    pipeline.student = pipeline.launcher.group("student", _worker("student:StudentWorker"), specs, distributed=True)
-    pipeline.student.call("setup", teacher_head, pipeline.total_steps)
+    with _loading(cfg, "student", world):
+        pipeline.student = pipeline.launcher.group("student", _worker("student:StudentWorker"), specs, distributed=True)
+        pipeline.student.call("setup", teacher_head, pipeline.total_steps)
     return pipeline.student
 
 
@@ -169,6 +173,12 @@ def teacher_head(pipeline: "Pipeline") -> Any:
 
         return load_lm_head(pipeline.cfg.teacher)
     return None
+
+
+def _loading(cfg: KDConfig, role: str, n_workers: int):
+    """The progress of building a worker group (its models load inside the workers)."""
+    workers = f" ({n_workers} workers)" if n_workers > 1 else ""
+    return phase(f"loading the {role}{workers}", enabled=cfg.logging.progress)
 
 
 def _worker(path: str) -> type:

@@ -14,14 +14,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
-
 from kdlib.config.schema import KDConfig
 from kdlib.controller import assembly
 from kdlib.controller.dispatch import TeacherDispatch
 from kdlib.controller.mode import RunMode
 from kdlib.data.batching import global_batches
 from kdlib.errors import ConfigError
+from kdlib.progress import progress
 from kdlib.result import RunResult
 from kdlib.tracking import write_json
 
@@ -65,7 +64,7 @@ class CacheMode(RunMode):
         missing_before = assembly.uncached_samples(p)
         dispatch = TeacherDispatch(p.teacher, cache)
         computed_seconds = 0.0
-        with tqdm(total=n_samples, desc="filling teacher cache", unit="sample", disable=not cfg.logging.progress) as bar:
+        with progress("filling teacher cache", total=n_samples, unit="sample", enabled=cfg.logging.progress) as bar:
             pending = None
             for batches in rounds + [None]:
                 job = dispatch.submit(batches, publish=False) if batches is not None else None

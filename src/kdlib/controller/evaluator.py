@@ -1,7 +1,10 @@
 """Held-out evaluation: teacher and student on the eval split, summed over workers.
 
 Reports per-token KL(teacher || student), student cross-entropy on the responses and top-1
-agreement with the teacher, and renders the before/after table the run prints at the end.
+agreement with the teacher, and renders the before/after table the run prints at the end. The
+eval set is processed in rounds (one micro-batch per student worker, or per teacher worker when
+there are more of those), the teacher scoring the next round while the students evaluate this
+one, so a progress bar can follow it and a long evaluation is never silent.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from rich.table import Table
 from kdlib.controller.dispatch import TeacherDispatch
 from kdlib.data.batching import even_shares
 from kdlib.evaluation import HeldoutSums
+from kdlib.progress import progress
 
 if TYPE_CHECKING:
     from kdlib.pipeline import Pipeline
@@ -49,19 +53,31 @@ class Evaluator:
         p = self.p
         if not self.batches:
             return None
-        handles = self._teacher_handles
-        if handles is None:
-            handles = self.teacher.outputs(self.batches)
-            if p.cfg.eval.cache_teacher:
-                self._teacher_handles = handles
-        shares = even_shares(list(zip(self.batches, handles)), p.student.size)
-        results = p.student.call_each(
-            "evaluate",
-            [([b for (b, _), _ in share], [h for (_, h), _ in share], [w for _, w in share]) for share in shares],
-        )
+        width = max(p.student.size, p.teacher.size if p.teacher is not None else 1)
+        rounds = [self.batches[i : i + width] for i in range(0, len(self.batches), width)]
+        cached = self._teacher_handles
+        handles: list = []
         total = HeldoutSums()
-        for sums in results:
-            total = total.add(sums)
+        job = None if cached is not None else self.teacher.submit(rounds[0])
+        with progress("evaluating", total=len(self.batches), unit="batch", enabled=p.cfg.logging.progress) as bar:
+            for index, batches in enumerate(rounds):
+                if cached is not None:
+                    round_handles = cached[len(handles) : len(handles) + len(batches)]
+                else:
+                    round_handles = self.teacher.collect(job).handles
+                    if index + 1 < len(rounds):  # the teacher scores the next round meanwhile
+                        job = self.teacher.submit(rounds[index + 1])
+                handles.extend(round_handles)
+                shares = even_shares(list(zip(batches, round_handles)), p.student.size)
+                results = p.student.call_each(
+                    "evaluate",
+                    [([b for (b, _), _ in share], [h for (_, h), _ in share], [w for _, w in share]) for share in shares],
+                )
+                for sums in results:
+                    total = total.add(sums)
+                bar.update(len(batches))
+        if cached is None and p.cfg.eval.cache_teacher:
+            self._teacher_handles = handles
         out = total.means()
         if not self.teacher.active:
             out.pop("kl")

@@ -16,14 +16,13 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
-
 from kdlib.controller import assembly
 from kdlib.controller.mode import RunMode
 from kdlib.data.encoding import ChatEncoder
 from kdlib.data.samples import load_conversations
 from kdlib.data.sources import load_rows
 from kdlib.models.loading import load_tokenizer
+from kdlib.progress import progress
 from kdlib.result import RunResult
 from kdlib.tracking import write_json
 
@@ -62,8 +61,8 @@ class GenerateMode(RunMode):
         output = Path(cfg.generate.output) if cfg.generate.output else p.run_dir / "generated.jsonl"
         output.parent.mkdir(parents=True, exist_ok=True)
         batch = max(cfg.rollout.batch_size, 1)
-        with output.open("w", encoding="utf-8") as handle, tqdm(
-            total=len(jobs), desc="generating", unit="prompt", disable=not cfg.logging.progress
+        with output.open("w", encoding="utf-8") as handle, progress(
+            "generating", total=len(jobs), unit="prompt", enabled=cfg.logging.progress
         ) as bar:
             for start in range(0, len(jobs), batch):
                 chunk = jobs[start : start + batch]

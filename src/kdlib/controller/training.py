@@ -12,15 +12,16 @@ With ``pipeline.prefetch=k`` the teacher scores up to k global batches ahead whi
 train; with ``pipeline.colocate`` the two phases take turns and free the devices for each other.
 A self-distillation teacher (``teacher.from_student``) is refreshed from the student every
 ``teacher.update_freq`` steps or averaged with ``teacher.ema_decay`` after every step. Training
-checkpoints are written every ``train.checkpoint_every`` steps and ``train.resume`` continues from
-one (same data order: the seeded batch sequence is replayed up to the checkpoint's step).
+checkpoints (``controller/checkpointing.py``) are written every ``train.checkpoint_every`` steps
+and ``train.resume`` continues from one (same data order: the seeded batch sequence is replayed up
+to the checkpoint's step). A SIGINT or SIGTERM stops the loop after the current step with a
+checkpoint and the command that resumes (``controller/interrupt.py``); a step whose loss or
+gradients are not finite is skipped and counted (``controller/bad_steps.py``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from abc import abstractmethod
 from collections import deque
@@ -28,17 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from tqdm.auto import tqdm
-
 from kdlib.batch import MicroBatch
 from kdlib.config.schema import KDConfig
+from kdlib.controller.bad_steps import BadSteps
+from kdlib.controller.checkpointing import Checkpoints
 from kdlib.controller.dispatch import TeacherDispatch, TeacherJob
 from kdlib.controller.evaluator import Evaluator, comparison_table, print_table
+from kdlib.controller.interrupt import StopRequests
 from kdlib.controller.mode import RunMode
 from kdlib.data.batching import StepPlan, global_batches
 from kdlib.data.samples import Sample
-from kdlib.errors import ConfigError
-from kdlib.parallel.checkpoint import is_complete, latest_checkpoint, mark_complete
+from kdlib.errors import ConfigError, Interrupted
+from kdlib.progress import progress
 from kdlib.result import RunResult
 from kdlib.tracking import MetricsWriter, plot_loss_curves, write_json
 
@@ -58,6 +60,10 @@ class PreparedStep:
     teacher: TeacherJob
     submitted_at: float
 
+    @property
+    def sample_ids(self) -> list[int]:
+        return [i for batch in self.batches for i in batch.sample_ids]
+
 
 class TrainingLoop(RunMode):
     """The optimizer-step loop of the training modes (off-policy, SFT, on-policy)."""
@@ -72,47 +78,76 @@ class TrainingLoop(RunMode):
         self._last_step_end: Optional[float] = None  # wall clock per step includes preparing it
         self.teacher = TeacherDispatch(pipeline.teacher, pipeline.cache)
         self.evaluate = Evaluator(pipeline, self.teacher)
+        self.checkpoints = Checkpoints(pipeline, teacher_follows_student=self._teacher_follows_student())
+        self.bad_steps = BadSteps(pipeline.cfg.train.max_bad_steps)
+        self.stop = StopRequests()
 
     def run(self) -> RunResult:
         p, cfg = self.p, self.cfg
         result = RunResult(run_dir=p.run_dir)
         evaluate = self.evaluate
         write_json(p.run_dir / "data_report.json", {k: r.as_dict() for k, r in p.data.reports.items()})
-        first_step = self.resume() + 1
-        if cfg.eval.before and first_step == 1:
-            result.eval_before = evaluate()
-            if result.eval_before:
-                log.info("eval before training: %s", _fmt(result.eval_before))
-        writer = MetricsWriter(p.run_dir)
-        self.start(first_step)
+        evals: list[dict] = []
+        with self.stop:
+            first_step = self.resume() + 1
+            if cfg.eval.before and first_step == 1:
+                result.eval_before = evaluate()
+                if result.eval_before:
+                    log.info("eval before training: %s", _fmt(result.eval_before))
+            self._stop_if_requested(first_step - 1)
+            writer = MetricsWriter(p.run_dir)
+            try:
+                self.start(first_step)
+                self._train_steps(first_step, writer, result, evals)
+            finally:
+                writer.close()
+            self._stop_if_requested(p.total_steps, saved=self._saved_step)
+        result.eval_after = evaluate()
+        self._finish(result, writer, evals)
+        return result
+
+    def _train_steps(self, first_step: int, writer: MetricsWriter, result: RunResult, evals: list[dict]) -> None:
+        """Steps ``first_step`` .. ``total_steps``; stops early (with a checkpoint) when asked to."""
+        p, cfg = self.p, self.cfg
         batches = self.sample_batches(skip=first_step - 1)
         self._last_step_end = time.perf_counter()
         pending: deque[PreparedStep] = deque()
-        evals = []
-        with tqdm(total=p.total_steps, initial=first_step - 1, desc="distilling", unit="step",
-                  disable=not cfg.logging.progress) as bar:
+        with progress("distilling", total=p.total_steps, unit="step", initial=first_step - 1,
+                      enabled=cfg.logging.progress) as bar:
             for step in range(first_step, p.total_steps + 1):
                 while len(pending) < cfg.pipeline.prefetch + 1:
                     samples = next(batches, None)
                     if samples is None:
                         break
                     pending.append(self.prepare(samples))
-                metrics = self.train(pending.popleft())
+                prepared = pending.popleft()
+                metrics = self.train(prepared)
                 metrics.update(self.after_step(step))
                 metrics["step"] = step
+                self.bad_steps.record(step, metrics, prepared.sample_ids, metrics.pop("bad_sample_ids"))
                 if step % cfg.logging.log_every == 0 or step == p.total_steps:
                     writer.write(metrics)
                     result.metrics = metrics
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", kd=f"{metrics['kd_loss']:.4f}", refresh=False)
+                bar.set_postfix(loss=metrics["loss"], kd=metrics["kd_loss"])
                 bar.update(1)
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     self.save_checkpoint(step)
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < p.total_steps:
-                    evals.append({"step": step, **(evaluate() or {})})
-        writer.close()
-        result.eval_after = evaluate()
-        self._finish(result, writer, evals)
-        return result
+                    evals.append({"step": step, **(self.evaluate() or {})})
+                if step < p.total_steps:
+                    self._stop_if_requested(step, saved=self._saved_step)
+
+    def _stop_if_requested(self, step: int, saved: Optional[int] = None) -> None:
+        """After a SIGINT/SIGTERM: write a checkpoint of ``step`` (unless ``saved`` is it) and stop."""
+        if not self.stop.requested:
+            return
+        name, total = self.stop.signal_name, self.p.total_steps
+        if step < 1 or self.p.run_dir is None:
+            raise Interrupted(f"interrupted by {name} before the first training step; nothing to resume",
+                              signal_number=self.stop.signal_number, resume_dir=None)
+        directory = self.checkpoints.latest() if saved == step else self.save_checkpoint(step)
+        raise Interrupted(f"interrupted by {name} after step {step}/{total}; checkpoint {directory}",
+                          signal_number=self.stop.signal_number, resume_dir=str(self.p.run_dir))
 
     @abstractmethod
     def sample_batches(self, skip: int = 0) -> Iterator[list[Sample]]:
@@ -130,10 +165,7 @@ class TrainingLoop(RunMode):
         return stream
 
     def start(self, first_step: int) -> None:
-        """Before the first step (of this process): a resumed self-distillation teacher catches up."""
-        if first_step > 1 and self._teacher_follows_student():
-            log.warning("resumed: the self-distillation teacher restarts from the resumed student's weights")
-            self.update_teacher(ema_decay=None)
+        """Before the first step of this process (after :meth:`resume`); subclasses add to it."""
 
     def after_step(self, step: int) -> dict[str, float]:
         """After each optimizer step: update a self-distillation teacher; extra metrics."""
@@ -201,6 +233,8 @@ class TrainingLoop(RunMode):
         self._last_step_end = end
         total = {k: sum(r[k] for r in results) for k in ("loss_sum", "kd_sum", "ce_sum", "tokens", "loss_tokens", "fetched_bytes")}
         return {
+            "skipped": results[0]["skipped"],  # the ranks agree
+            "bad_sample_ids": [i for r in results for i in r["bad_sample_ids"]],
             "loss": total["loss_sum"] / normaliser,
             "kd_loss": total["kd_sum"] / normaliser,
             "ce_loss": total["ce_sum"] / normaliser,
@@ -224,32 +258,22 @@ class TrainingLoop(RunMode):
     # ------------------------------------------------------------------------------------------
     # Checkpoints
 
+    _saved_step: Optional[int] = None  # the step of the last checkpoint this process wrote
+
     def save_checkpoint(self, step: int) -> Path:
-        directory = self.p.run_dir / "checkpoints" / f"step_{step}"
-        self.p.student.call("save_checkpoint", str(directory), {"step": step})
-        write_json(directory / "trainer_state.json", {"step": step, "total_steps": self.p.total_steps, "seed": self.cfg.seed})
-        mark_complete(directory)
-        log.info("checkpoint saved: %s", directory)
-        kept = sorted(
-            (int(d.name.split("_")[1]), d) for d in directory.parent.glob("step_*") if is_complete(d)
-        )
-        for _, old in kept[: -self.cfg.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        directory = self.checkpoints.save(step, self.bad_steps.state())
+        self._saved_step = step
         return directory
 
     def resume(self) -> int:
         """Restore ``train.resume``; returns the step it ended at (0 without resuming)."""
-        source = self.cfg.train.resume
-        if not source:
-            return 0
-        path = Path(source)
-        directory = path if is_complete(path) else latest_checkpoint(path)
-        if directory is None:
-            raise ConfigError(f"train.resume: no complete checkpoint in {path}")
-        state = json.loads((directory / "trainer_state.json").read_text())
-        self.p.student.call("load_checkpoint", str(directory))
-        log.info("resumed from %s (step %d)", directory, state["step"])
-        return int(state["step"])
+        resumed = self.checkpoints.resume()
+        if resumed.step:
+            self.bad_steps.total = int(resumed.state.get("skipped_steps", 0))
+            self.bad_steps.in_row = int(resumed.state.get("bad_steps_in_row", 0))
+            if self._teacher_follows_student() and not resumed.teacher_restored:
+                self.update_teacher(ema_decay=None)
+        return resumed.step
 
     def _finish(self, result: RunResult, writer: MetricsWriter, evals: list[dict]) -> None:
         p, cfg = self.p, self.cfg
@@ -263,9 +287,7 @@ class TrainingLoop(RunMode):
             if plot is not None:
                 result.outputs["loss_plot"] = plot
         if cfg.save_student:
-            student_dir = p.run_dir / "student"
-            p.student.call_each("save", [(str(student_dir),)] + [(None,)] * (p.student.size - 1))
-            p.student_tokenizer.save_pretrained(student_dir)
+            student_dir = self.checkpoints.save_student(p.run_dir / "student")
             result.student_dir = student_dir
             log.info("student saved to %s", student_dir)
         write_json(p.run_dir / "results.json", {

@@ -67,20 +67,23 @@ def converted_gguf(path: Path) -> Path:
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from kdlib.progress import phase
+
         log.info("converting %s to safetensors once (cached in %s)", path.name, target)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
-        except (ImportError, ValueError) as exc:  # missing gguf/accelerate, unsupported architecture
-            raise ModelError(f"cannot load {path.name}: {_first_line(exc)} (install kdlib[gguf])") from None
-        # A GGUF-loaded model carries a quantizer that refuses save_pretrained; the weights are
-        # already dequantised, so drop it.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(target)
-        tokenizer.save_pretrained(target)
-        done.touch()
+        with phase(f"converting {path.name}"):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+            except (ImportError, ValueError) as exc:  # missing gguf/accelerate, unsupported architecture
+                raise ModelError(f"cannot load {path.name}: {_first_line(exc)} (install kdlib[gguf])") from None
+            # A GGUF-loaded model carries a quantizer that refuses save_pretrained; the weights are
+            # already dequantised, so drop it.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(target)
+            tokenizer.save_pretrained(target)
+            done.touch()
     return target
 
 

@@ -31,6 +31,20 @@ def state_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> Iterator
         yield bucket
 
 
+def distinct_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each tensor once (tied weights appear under several names; the first name
+    is kept, which :func:`apply_state` restores into every name sharing it), contiguous on the CPU."""
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
 @torch.no_grad()
 def apply_state(model: nn.Module, bucket: dict[str, torch.Tensor], *, ema_decay: Optional[float] = None) -> None:
     """Copy ``bucket`` into ``model``'s parameters and buffers (or average it in with ``ema_decay``)."""

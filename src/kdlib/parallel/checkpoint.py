@@ -1,17 +1,27 @@
-"""Training checkpoints with torch.distributed.checkpoint, and the final Hugging Face export.
+"""Training checkpoints with torch.distributed.checkpoint, written atomically; the final export.
 
 A checkpoint directory ``<run dir>/checkpoints/step_<n>/`` holds the sharded model and optimizer
-state (DCP: every rank writes its shards, any world size can load them), plus per-rank extras
-(scheduler, RNG states) and ``trainer_state.json`` (step, data position) written by the controller.
-It is complete only when ``.complete`` exists, so a run killed while saving never leaves a
-half-written checkpoint that looks loadable. The same code serves one process and FSDP2 ranks.
+state (DCP: every rank writes its shards, any world size can load them), per-rank extras
+(scheduler, RNG states), the weights of a self-distillation teacher when it follows the student,
+and ``trainer_state.json`` (step, data position) written by the controller.
+
+Writes are atomic: every writer (all student ranks, possibly in several processes, the teacher and
+the controller) writes into a hidden staging directory ``.step_<n>.partial-<id>`` next to the final
+one; when all of them are done the controller syncs the files to disk and renames the staging
+directory to ``step_<n>`` in one ``rename(2)``. A run killed at any moment before that (or a full
+disk) leaves the previous checkpoint untouched and a staging directory that nothing loads and the
+next save removes. ``.complete`` is still written inside, for checkpoints made by older versions.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -19,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 COMPLETE = ".complete"
+PARTIAL = ".partial-"
 
 
 def _rank() -> int:
@@ -53,17 +64,104 @@ def save_checkpoint(directory: str | Path, module: nn.Module, optimizer: torch.o
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model_state, optim_state = get_state_dict(module, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
-    torch.save(extra, directory / f"extra_rank{_rank()}.pt")
+    with storage_errors(directory):
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+        torch.save(extra, directory / f"extra_rank{_rank()}.pt")
     _barrier()
 
 
-def mark_complete(directory: str | Path) -> None:
-    (Path(directory) / COMPLETE).touch()
+@contextmanager
+def storage_errors(directory: str | Path) -> Iterator[None]:
+    """Report a failed write as the OS error behind it. torch's zip writer turns a full disk into
+    ``RuntimeError: unexpected pos ...`` and DCP wraps every error in a CheckpointException (a
+    BaseException); when a write fails, a small synced probe write in ``directory`` recovers the
+    real cause (ENOSPC, EDQUOT, EROFS, ...), otherwise the original error stands."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except OSError:
+        raise
+    except (Exception, CheckpointException) as exc:
+        cause = _first_failure(exc) if isinstance(exc, CheckpointException) else exc
+        if isinstance(cause, OSError):
+            raise cause from None
+        raise _probe_write(Path(directory)) or cause from None
+
+
+def _first_failure(exc: BaseException) -> Exception:
+    """The underlying error of a DCP CheckpointException."""
+    for failure, _trace in getattr(exc, "failures", {}).values():
+        return failure if isinstance(failure, Exception) else RuntimeError(str(failure))
+    return RuntimeError(str(exc).strip().splitlines()[0])
+
+
+def _probe_write(directory: Path) -> OSError | None:
+    probe = directory / ".write-probe"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * 65536)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        return exc
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
+def staging_dir(final: str | Path) -> Path:
+    """A fresh hidden directory next to ``final`` that every writer of one checkpoint writes into."""
+    final = Path(final)
+    return final.parent / f".{final.name}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def publish(staging: str | Path, final: str | Path, *, mark_complete: bool = True) -> Path:
+    """Make a fully written staging directory ``final``: sync every file, mark it complete and
+    rename it in one step (an existing ``final`` is replaced only after that)."""
+    staging, final = Path(staging), Path(final)
+    if mark_complete:
+        (staging / COMPLETE).touch()
+    for path in _files(staging):
+        _fsync(path)
+    _fsync(staging)
+    replaced = None
+    if final.exists():  # e.g. a resumed run saving a step again: move the old one aside first
+        replaced = final.parent / f".{final.name}.replaced-{uuid.uuid4().hex[:8]}"
+        os.rename(final, replaced)
+    os.rename(staging, final)
+    _fsync(final.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    return final
+
+
+def partial_dirs(root: str | Path) -> list[Path]:
+    """Staging directories left under ``root`` by writes that never finished."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(".") and (PARTIAL in p.name or ".replaced-" in p.name))
 
 
 def is_complete(directory: str | Path) -> bool:
-    return (Path(directory) / COMPLETE).exists()
+    directory = Path(directory)
+    return not directory.name.startswith(".") and (directory / COMPLETE).exists()
+
+
+def _files(directory: Path) -> Iterator[Path]:
+    for root, _dirs, names in os.walk(directory):
+        for name in names:
+            yield Path(root) / name
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(directory: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -93,12 +191,17 @@ def full_model_state(module: nn.Module, prefix: str = "model.") -> dict[str, tor
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete ``checkpoints/step_<n>`` of a run directory."""
-    root = Path(run_dir) / "checkpoints"
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of the complete ``step_<n>`` directories under ``root``, oldest first."""
+    root = Path(root)
     if not root.is_dir():
-        return None
-    steps = sorted(
+        return []
+    return sorted(
         (int(p.name.split("_")[1]), p) for p in root.glob("step_*") if p.name.split("_")[1].isdigit() and is_complete(p)
     )
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete ``checkpoints/step_<n>`` of a run directory."""
+    steps = complete_checkpoints(Path(run_dir) / "checkpoints")
     return steps[-1][1] if steps else None

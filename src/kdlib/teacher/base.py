@@ -69,6 +69,10 @@ class TeacherBackend(ABC):
         """Self-distillation: copy (or average in) a bucket of the student's weights."""
         raise self._missing("load_weights")
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Self-distillation checkpoints: the current weights, as :meth:`load_weights` takes them."""
+        raise self._missing("load_weights")
+
     def sleep(self) -> None:
         """Colocation: free the accelerator while the students train."""
         raise self._missing("sleep_wake")

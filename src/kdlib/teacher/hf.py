@@ -43,6 +43,9 @@ class HFTeacherBackend(TeacherBackend):
     def load_weights(self, state: dict[str, torch.Tensor], *, ema_decay: Optional[float] = None) -> None:
         apply_state(self.model, state, ema_decay=ema_decay)
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach() for name, tensor in self.model.state_dict().items()}
+
     def sleep(self) -> None:
         if self.device.type == "cuda":
             self.model.to("cpu")

@@ -7,10 +7,15 @@ micro-batches from the transport, accumulates gradients (a micro-batch of weight
 ranks' collectives in step), clips and steps, and returns additive sums (loss terms, token counts,
 timings) that the controller adds up across workers. Every rank must receive the same number of
 micro-batches; the controller pads with weight-0 ones.
+
+An update whose loss or gradients are not finite (NaN or inf) is skipped: no optimizer or
+scheduler step, gradients dropped; the ranks agree on it (one all-reduce), so the shards of an
+FSDP2 student never diverge. The step's result says so and names the samples whose loss was bad.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -24,6 +29,7 @@ from kdlib.algorithms.objective import StudentObjective
 from kdlib.batch import MicroBatch
 from kdlib.cache.store import CachedOutput
 from kdlib.errors import KdlibError
+from kdlib.config.compose import import_plugins
 from kdlib.evaluation import HeldoutSums
 from kdlib.models.head import LMHead
 from kdlib.models.loading import resolve_device
@@ -40,6 +46,7 @@ from kdlib.workers.specs import StudentSpec
 class StudentWorker:
     def __init__(self, spec: StudentSpec) -> None:
         cfg = spec.cfg
+        import_plugins(cfg.plugins)  # in a Ray actor, a user's algorithm or loss registers here too
         self.cfg = cfg
         self.rank = spec.rank
         self.world_size = spec.world_size
@@ -77,8 +84,9 @@ class StudentWorker:
 
     def train_step(
         self, batches: list[MicroBatch], handles: list[Any], normaliser: float, weights: Optional[list[float]] = None
-    ) -> dict[str, float]:
-        """One optimizer step over this worker's micro-batches; returns additive sums."""
+    ) -> dict[str, Any]:
+        """One optimizer step over this worker's micro-batches (skipped when the loss or the
+        gradients are not finite); returns additive sums, ``skipped`` and ``bad_sample_ids``."""
         assert self.objective is not None, "setup() must run before train_step()"
         weights = weights or [1.0] * len(batches)
         start = time.perf_counter()
@@ -86,20 +94,28 @@ class StudentWorker:
         self.optimizer.zero_grad(set_to_none=True)
         kd_sum = ce_sum = loss_sum = 0.0
         n_loss_tokens = n_tokens = 0
+        bad_samples: list[int] = []
         for batch, handle, weight in zip(batches, handles, weights, strict=True):
             teacher = self._fetch(handle)
             loss, kd, ce = self.objective(batch.to(self.device), teacher, normaliser, weight)
             loss.backward()
             kd_sum += float(kd)
             ce_sum += float(ce)
-            loss_sum += float(loss.detach()) * normaliser
+            micro_loss = float(loss.detach()) * normaliser
+            loss_sum += micro_loss
             if weight:
                 n_loss_tokens += batch.n_loss_tokens
                 n_tokens += batch.n_tokens
+                if not math.isfinite(micro_loss):
+                    bad_samples.extend(batch.sample_ids)
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = self._clip_gradients()
-        self.optimizer.step()
-        self.scheduler.step()
+        skipped = not self._all_ranks_finite(math.isfinite(loss_sum) and math.isfinite(grad_norm))
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
         fetched = self.transport.stats.take()
         return {
             "loss_sum": loss_sum,
@@ -110,6 +126,8 @@ class StudentWorker:
             "padding_batches": float(sum(1 for w in weights if not w)),
             "grad_norm": grad_norm,
             "lr": lr,
+            "skipped": float(skipped),
+            "bad_sample_ids": bad_samples,
             "student_seconds": time.perf_counter() - start,
             "fetch_seconds": fetched.seconds,
             "fetched_bytes": float(fetched.bytes),
@@ -134,7 +152,8 @@ class StudentWorker:
         if path is None:
             return None
         Path(path).mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, state_dict=state)
+        with ckpt.storage_errors(path):
+            self.model.save_pretrained(path, state_dict=state)
         return path
 
     def export_weights(self, bucket_bytes: int) -> list[Any]:
@@ -221,6 +240,16 @@ class StudentWorker:
             self.transport.stats.record(output.nbytes, time.perf_counter() - start)
             return output.to(self.device)
         return self.transport.fetch(handle).to(self.device)
+
+    def _all_ranks_finite(self, finite: bool) -> bool:
+        """True when the update is finite on every rank (they must all step, or all skip)."""
+        if self.world_size == 1:
+            return finite
+        import torch.distributed as dist
+
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() == 0.0)
 
     def _clip_gradients(self) -> float:
         params = [p for p in self.objective.parameters() if p.grad is not None]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -18,6 +19,7 @@ from kdlib.batch import MicroBatch
 from kdlib.config.schema import HiddenDtype
 from kdlib.models.head import LMHead
 from kdlib.models.loading import resolve_device
+from kdlib.models.weights import distinct_tensors
 from kdlib.teacher import TEACHER_BACKENDS
 from kdlib.teacher_output import TeacherOutput
 from kdlib.transport import build_transport
@@ -90,6 +92,24 @@ class TeacherWorker:
         """Self-distillation: take the student's weights (copied, or averaged in with ``ema_decay``)."""
         for handle in handles:
             self.backend.load_weights(self.transport.fetch_state(handle), ema_decay=ema_decay)
+
+    def save_weights(self, path: Optional[str]) -> None:
+        """Self-distillation checkpoint: write the teacher's current weights to ``path`` (one rank
+        gets a path; the others, holding the same weights, get None)."""
+        if path is None:
+            return
+        from safetensors.torch import save_file
+
+        from kdlib.parallel.checkpoint import storage_errors
+
+        with storage_errors(Path(path).parent):
+            save_file(distinct_tensors(self.backend.weights()), path)
+
+    def load_saved_weights(self, path: str) -> None:
+        """Resume: take exactly the weights :meth:`save_weights` wrote."""
+        from safetensors.torch import load_file
+
+        self.backend.load_weights(load_file(path), ema_decay=None)
 
     def sleep(self) -> None:
         """Colocation: release the accelerator while the students train."""

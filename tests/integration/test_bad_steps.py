@@ -1,0 +1,105 @@
+"""NaN or inf in the loss or the gradients: the update is skipped, counted, and too many stop the run.
+
+The faults are real: a plugin algorithm (tests/fault_plugins.py) poisons the micro-batches that
+hold chosen sample ids, so the NaN or inf goes through the worker's backward, clipping and the
+skip decision exactly as a diverging batch would.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kdlib
+from kdlib.errors import TrainingError
+from kdlib.pipeline import Pipeline
+
+POISONED = 5  # a sample id of the 24-row training set
+
+
+def _cfg(tiny_overrides, *extra):
+    return kdlib.compose(tiny_overrides + ["plugins=[fault_plugins]", "algorithm=fault_injection",
+                                           "eval.before=false", *extra])
+
+
+def _snapshot(worker):
+    params = {k: v.detach().clone() for k, v in worker.model.state_dict().items()}
+    optimizer = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                 for p, s in worker.optimizer.state.items()}
+    return params, optimizer, worker.scheduler.last_epoch
+
+
+@pytest.mark.parametrize("fault", ["nan_samples", "inf_grad_samples"])
+def test_a_poisoned_step_changes_nothing_and_the_next_one_trains(fault, tiny_overrides):
+    cfg = _cfg(tiny_overrides, f"algorithm.{fault}=[{POISONED}]", "train.max_steps=3")
+    with Pipeline.from_config(cfg, run_dir=None) as pipeline:
+        loop, worker = pipeline.mode, pipeline.student.workers[0]
+        batches = loop.sample_batches()
+        seen_poison = False
+        for step in (1, 2, 3):  # one epoch: the poisoned sample is in exactly one step
+            samples = next(batches)
+            poisoned = POISONED in [s.index for s in samples]
+            params, optimizer, schedule = _snapshot(worker)
+            metrics = loop.step(samples, step)
+            after_params, after_optimizer, after_schedule = _snapshot(worker)
+            assert metrics["skipped"] == float(poisoned)
+            if poisoned:
+                seen_poison = True
+                if fault == "nan_samples":  # the micro-batch with the bad loss is named
+                    assert POISONED in metrics["bad_sample_ids"] and metrics["loss"] != metrics["loss"]
+                else:  # a finite loss, infinite gradients
+                    assert metrics["bad_sample_ids"] == [] and metrics["loss"] == metrics["loss"]
+                    assert not torch.isfinite(torch.tensor(metrics["grad_norm"]))
+                assert all(torch.equal(params[k], after_params[k]) for k in params)
+                assert after_schedule == schedule  # no scheduler step
+                assert after_optimizer.keys() == optimizer.keys()
+                for key, state in optimizer.items():  # no optimizer step (Adam moments and count)
+                    assert all(torch.equal(v, after_optimizer[key][n]) if torch.is_tensor(v) else v == after_optimizer[key][n]
+                               for n, v in state.items())
+                assert all(p.grad is None for p in worker.objective.parameters())  # gradients dropped
+            else:
+                assert after_schedule == schedule + 1
+                assert any(not torch.equal(params[k], after_params[k]) for k in params)
+                assert all(torch.isfinite(v).all() for v in after_params.values())
+        assert seen_poison
+
+
+def test_a_run_survives_a_bad_batch_and_counts_it(tiny_overrides, tmp_path):
+    result = kdlib.run(_cfg(tiny_overrides, f"algorithm.nan_samples=[{POISONED}]", "train.max_steps=6",
+                            f"output_dir={tmp_path / 'run'}"))
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert sum(r["skipped"] for r in rows) == 2  # the sample comes once per epoch of 3 steps
+    assert rows[-1]["skipped_steps"] == 2
+    assert [r["skipped_steps"] for r in rows] == sorted(r["skipped_steps"] for r in rows)
+    assert all(r["loss"] == r["loss"] for r in rows if not r["skipped"])
+    assert result.eval_after["kl"] == result.eval_after["kl"]  # the student stayed finite
+    assert result.student_dir is not None
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run_naming_step_and_samples(tiny_overrides, tmp_path):
+    everything = ",".join(str(i) for i in range(24))
+    cfg = _cfg(tiny_overrides, f"algorithm.nan_samples=[{everything}]", "train.max_bad_steps=2",
+               "train.max_steps=3", f"output_dir={tmp_path / 'run'}")
+    with Pipeline.from_config(cfg, run_dir=None) as pipeline:
+        batches = pipeline.mode.sample_batches()
+        next(batches)
+        second = sorted(s.index for s in next(batches))
+    with pytest.raises(TrainingError) as caught:
+        kdlib.run(cfg)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("step 2: loss or gradients not finite (loss=nan")
+    assert "for 2 steps in a row (train.max_bad_steps=2)" in message
+    assert f"samples {second}" in message
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped"], r["skipped_steps"]) for r in rows] == [(1, 1.0, 1.0)]
+
+
+def test_max_bad_steps_must_be_positive(tiny_overrides):
+    from kdlib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.max_bad_steps must be positive, got 0"):
+        kdlib.compose(tiny_overrides + ["train.max_bad_steps=0"])
