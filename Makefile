@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch 2.13 (on these machines it is a local wheel); override for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= gguf,ray,test
+EXTRAS ?= gguf,ray,test,lora,trackers
 STAMP := $(VENV)/.kdlib-installed
 # Default test selection: everything but GPU tests (slow tests included: the suite stays ~10 min).
 PYTEST_ARGS ?= -m "not gpu"

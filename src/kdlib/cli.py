@@ -46,9 +46,11 @@ def _task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from kdlib.runner import run
+    from kdlib.tracking.trackers import identity_from_hydra
 
+    hydra_cfg = HydraConfig.get()
     try:
-        run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+        run(cfg, run_dir=hydra_cfg.runtime.output_dir, identity=identity_from_hydra(hydra_cfg))
     except KdlibError as exc:
         _fail(exc)
 

@@ -4,6 +4,7 @@ Everything a component would reject later is rejected here, before any model or 
 :class:`~kdlib.errors.ConfigError` line naming the key: registry names; sizes and ranges; worker
 and launcher combinations; what the chosen teacher backend can do (its declared capabilities);
 each registry-backed group's own ``check()`` (algorithm, rollout, launcher, transport options);
+the student transforms (LoRA, freezing) and the experiment trackers (known, installed);
 the loss, by evaluating it once, value and gradient, on a tiny random input (so a bad parameter
 of any divergence, built-in or user-registered, is caught by the code that would reject it); and
 the mode's own checks.
@@ -57,6 +58,8 @@ def validate(cfg: KDConfig) -> None:
     _check_ranges(cfg)
     _check_placement(cfg)
     _check_teacher(cfg)
+    _check_student_transforms(cfg)
+    _check_trackers(cfg)
     _check_group_options(cfg)
     _check_loss(cfg)
     _check_mode(cfg)
@@ -150,6 +153,18 @@ def _check_teacher(cfg: KDConfig) -> None:
         if not isinstance(options, entry.config_cls):
             raise ConfigError(f"teacher.{teacher.backend}: expected {entry.config_cls.__name__} options")
         _call_check(options, f"teacher.{teacher.backend}")
+
+
+def _check_student_transforms(cfg: KDConfig) -> None:
+    from kdlib.models.transforms import check_transforms
+
+    check_transforms(cfg.student)
+
+
+def _check_trackers(cfg: KDConfig) -> None:
+    from kdlib.tracking.trackers import check_trackers
+
+    check_trackers(cfg)
 
 
 def _check_group_options(cfg: KDConfig) -> None:

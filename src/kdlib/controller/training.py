@@ -82,7 +82,8 @@ class TrainingLoop(RunMode):
             result.eval_before = evaluate()
             if result.eval_before:
                 log.info("eval before training: %s", _fmt(result.eval_before))
-        writer = MetricsWriter(p.run_dir)
+                p.trackers.log_eval(result.eval_before, step=0)
+        writer = MetricsWriter(p.run_dir, p.trackers)
         self.start(first_step)
         batches = self.sample_batches(skip=first_step - 1)
         self._last_step_end = time.perf_counter()
@@ -107,9 +108,12 @@ class TrainingLoop(RunMode):
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     self.save_checkpoint(step)
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < p.total_steps:
-                    evals.append({"step": step, **(evaluate() or {})})
+                    during = evaluate()
+                    p.trackers.log_eval(during, step)
+                    evals.append({"step": step, **(during or {})})
         writer.close()
         result.eval_after = evaluate()
+        p.trackers.log_eval(result.eval_after, p.total_steps)
         self._finish(result, writer, evals)
         return result
 
@@ -260,16 +264,20 @@ class TrainingLoop(RunMode):
         if result.eval_after:
             text = print_table(comparison_table(result.eval_before, result.eval_after))
             (p.run_dir / "eval.txt").write_text(text, encoding="utf-8")
+            p.trackers.log_eval_table(result.eval_before, result.eval_after, p.total_steps)
         if cfg.logging.plot:
             plot = plot_loss_curves(writer.rows, p.run_dir / "plots" / "loss.png")
             if plot is not None:
                 result.outputs["loss_plot"] = plot
+                p.trackers.log_image("plots/loss", plot, p.total_steps)
         if cfg.save_student:
             student_dir = p.run_dir / "student"
-            p.student.call_each("save", [(str(student_dir),)] + [(None,)] * (p.student.size - 1))
-            p.student_tokenizer.save_pretrained(student_dir)
+            saved = p.student.call_each("save", [(str(student_dir),)] + [(None,)] * (p.student.size - 1))[0]
+            for name, directory in saved.items():  # student/ and, with LoRA, student_adapter/
+                p.student_tokenizer.save_pretrained(directory)
+                result.outputs[name] = Path(directory)
+                log.info("%s saved to %s", name, directory)
             result.student_dir = student_dir
-            log.info("student saved to %s", student_dir)
         write_json(p.run_dir / "results.json", {
             "metrics": result.metrics,
             "eval_before": result.eval_before,
