@@ -37,6 +37,7 @@ test-fast: install ## Run the unit tests only
 bench: install ## Run the benchmarks (see docs/benchmarks.md)
 	$(PY) benchmarks/kd_loss.py
 	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/lora.py
 
 clean: ## Remove the virtual environment and run outputs
 	rm -rf $(VENV) outputs multirun .pytest_cache

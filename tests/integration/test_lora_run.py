@@ -97,6 +97,13 @@ def test_rollout_engine_and_self_teacher_receive_the_merged_student(tiny_overrid
             assert torch.equal(own[peft_key].detach(), tensor), key
         assert any(not torch.equal(reference[k], initial[k]) for k in initial)  # and the adapters did learn
 
+        # AdamW holds two float32 moments (and a step count) per adapter tensor, nothing else
+        stats = pipeline.student.call("parameter_stats")[0]
+        adapters = [p for p in student.parameters() if p.requires_grad]
+        assert stats["trainable_parameters"] == sum(p.numel() for p in adapters) == 4 * 1024 * 2  # r (in + out) x 7 x 2 layers
+        assert stats["optimizer_state_bytes"] == 2 * 4 * stats["trainable_parameters"] + 4 * len(adapters)
+        assert stats["parameters"] == sum(p.numel() for p in student.parameters())
+
 
 def test_lora_resume_reproduces_the_uninterrupted_run(tiny_overrides, tmp_path):
     from torch.distributed.checkpoint import FileSystemReader

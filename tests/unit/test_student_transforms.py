@@ -1,5 +1,6 @@
 """Student transforms: LoRA through peft (merged export == peft's own merge, bit for bit; only
-adapters train; base weights untouched), freezing, the head lookup and the composition checks."""
+adapters train; base weights untouched), freezing, the head lookup, a plugin transform (the
+composition checks of their options are in test_composition_checks.py)."""
 
 from __future__ import annotations
 
@@ -128,26 +129,26 @@ def test_freeze_transform_freezes_embeddings_and_first_layers(tiny_qwen3):
         build_student(StudentConfig(model=str(tiny_qwen3), freeze=FreezeConfig(first_layers=9)), torch.device("cpu"))
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["student.lora.r=-1"], "student.lora: r must be >= 0"),
-    (["student.lora.r=4", "student.lora.alpha=0"], "student.lora: alpha must be positive"),
-    (["student.lora.r=4", "student.lora.dropout=1.0"], r"student.lora: dropout must be in \[0, 1\)"),
-    (["student.lora.r=4", "student.lora.target_modules=[]"], "student.lora: target_modules is empty"),
-    (["student.freeze.first_layers=-1"], "student.freeze: first_layers must be >= 0"),
-    (["student.freeze.embeddings=true", "student.lora.r=4"], "student.freeze: has no effect with student.lora"),
-    (["student.transforms=[lora,nope]"], "unknown student transform 'nope'; choose from: freeze, lora"),
-    (["student.transforms=[lora,lora]"], "lists a transform twice"),
-])
-def test_bad_transform_options_fail_at_composition(overrides, message):
-    with pytest.raises(ConfigError, match=message):
-        kdlib.compose(overrides)
+def test_a_plugin_transform_runs_in_the_listed_order(tiny_llama):
+    from kdlib.models.transforms import StudentTransform, register_student_transform
 
+    seen = []
 
-def test_lora_without_peft_is_a_one_line_error(monkeypatch):
-    import importlib.util
+    @register_student_transform("test_freeze_norms")
+    class FreezeNorms(StudentTransform):
+        def apply(self, model):
+            seen.append(sorted(n for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n)[:1])
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.requires_grad_(False)
+            return model
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"student.lora: LoRA needs the peft package: pip install 'kdlib\[lora\]'"):
-        kdlib.compose(["student.lora.r=8"])
-    kdlib.compose([])  # LoRA off: peft is not needed
+    cfg = _student_cfg(tiny_llama, r=2)
+    cfg.transforms = ["lora", "test_freeze_norms"]
+    from kdlib.models.transforms import check_transforms
+
+    check_transforms(cfg)  # a registered name passes the composition check
+    student = build_student(cfg, torch.device("cpu"))
+    assert seen and seen[0]  # it ran after LoRA: the adapters existed
+    assert [type(t).__name__ for t in student.transforms] == ["LoraTransform", "FreezeNorms"]
+    assert not any(p.requires_grad for n, p in student.model.named_parameters() if "norm" in n)

@@ -1,4 +1,5 @@
-"""The tracker fan-out: composition checks, a failing tracker dropped (never the run), sweep names."""
+"""The tracker fan-out: a failing tracker dropped (never the run), sweep names, log directories
+(composition checks of the options: test_composition_checks.py)."""
 
 from __future__ import annotations
 
@@ -71,27 +72,6 @@ def test_a_tracker_failing_mid_run_is_dropped_and_the_others_go_on(caplog):
     assert trackers.trackers == [healthy]
     warnings = [r.getMessage() for r in caplog.records]
     assert warnings == ["tracker Recorder failed in log_metrics (log_metrics broke); it gets nothing more from this run"]
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (["logging.trackers=[mlflow]"], "logging.trackers: unknown tracker 'mlflow'; choose from: tensorboard, wandb"),
-    (["logging.trackers=[wandb,wandb]"], "logging.trackers lists a tracker twice"),
-    (["logging.tracker_samples=-1"], "logging.tracker_samples must be >= 0"),
-    (["logging.wandb.mode=sometimes"], "logging.wandb.mode"),
-])
-def test_bad_tracker_options_fail_at_composition(overrides, message):
-    with pytest.raises(ConfigError, match=message):
-        kdlib.compose(overrides)
-
-
-def test_a_missing_tracker_package_fails_at_composition(monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"logging.trackers: wandb needs the wandb package: pip install 'kdlib\[trackers\]'"):
-        kdlib.compose(["logging.trackers=[tensorboard,wandb]"])
-    kdlib.compose(["logging.trackers=[tensorboard]"])
 
 
 def _hydra_cfg(tmp_path: Path, mode: str, task: list[str], num: int = 0, override_dirname: str = "") -> object:
