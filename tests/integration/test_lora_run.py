@@ -129,14 +129,16 @@ def test_lora_resume_reproduces_the_uninterrupted_run(tiny_overrides, tmp_path):
 
 
 def test_lora_with_packing_and_accumulation_keeps_the_objective(tiny_overrides, tmp_path):
-    """Micro-batches of 2 (four accumulated per step) or packed by a token budget: same losses."""
+    """Micro-batches of 2 (four accumulated per step), packed by a token budget, or with activation
+    checkpointing: same losses."""
     base = tiny_overrides + LORA + ["train.max_steps=2", "eval.before=false", "save_student=false", "train.lr=1e-2"]
     runs = {}
     for name, extra in {"plain": [], "accumulated": ["train.micro_batch_size=2"],
-                        "packed": ["train.max_tokens_per_micro_batch=200", "train.packing=true"]}.items():
+                        "packed": ["train.max_tokens_per_micro_batch=200", "train.packing=true"],
+                        "checkpointed": ["student.gradient_checkpointing=true"]}.items():
         runs[name] = _rows(kdlib.run(kdlib.compose(base + extra + [f"output_dir={tmp_path / name}"])))
     assert runs["accumulated"][0]["micro_batches"] == 4 and runs["packed"][0]["micro_batches"] > 2
-    for name in ("accumulated", "packed"):
+    for name in ("accumulated", "packed", "checkpointed"):
         for a, b in zip(runs["plain"], runs[name], strict=True):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), name
             assert b["loss_tokens"] == a["loss_tokens"], name
