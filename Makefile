@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch 2.13 (on these machines it is a local wheel); override for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= gguf,ray,test
+EXTRAS ?= gguf,ray,test,lora,trackers
 STAMP := $(VENV)/.kdlib-installed
 # Default test selection: everything but slow and GPU tests (under 10 min on 2 cores); `make
 # test-all` adds the slow ones (the real SmolLM2 teacher, heavier fault injections).
@@ -44,6 +44,7 @@ test-fast: install ## Run the unit tests only
 bench: install ## Run the benchmarks (see docs/benchmarks.md)
 	$(PY) benchmarks/kd_loss.py
 	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/lora.py
 
 clean: ## Remove the virtual environment and run outputs
 	rm -rf $(VENV) outputs multirun .pytest_cache

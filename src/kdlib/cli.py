@@ -47,12 +47,14 @@ def _task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from kdlib.runner import run
+    from kdlib.tracking.trackers import identity_from_hydra
 
+    hydra_cfg = HydraConfig.get()
     try:
-        run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+        run(cfg, run_dir=hydra_cfg.runtime.output_dir, identity=identity_from_hydra(hydra_cfg))
     except Interrupted as exc:
         if exc.resume_dir is not None:
-            exc.command = resume_command(list(HydraConfig.get().overrides.task), exc.resume_dir)
+            exc.command = resume_command(list(hydra_cfg.overrides.task), exc.resume_dir)
         _fail(exc)
     except KdlibError as exc:
         _fail(exc)

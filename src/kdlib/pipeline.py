@@ -5,12 +5,12 @@ rollout: whichever the mode needs), the tokenised data and the step count. Build
 business: ``from_config`` looks the mode up in :data:`kdlib.controller.MODES` and lets its
 ``build`` fill the pipeline (each mode builds what it needs, nothing else branches on the mode);
 ``run`` runs that mode. The launcher is shut down when the pipeline closes, also after a failure
-while building.
+while building. The run's experiment trackers (started before, by ``kdlib.run``) ride along.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -18,6 +18,7 @@ from kdlib.config.schema import KDConfig
 from kdlib.data.bundle import DataBundle
 from kdlib.launch import Launcher, WorkerGroup
 from kdlib.result import RunResult
+from kdlib.tracking.trackers import Trackers
 
 if TYPE_CHECKING:
     from kdlib.cache.store import TeacherCache
@@ -38,12 +39,14 @@ class Pipeline:
     # The offline teacher cache (teacher.cache), opened by modes that use it.
     cache: Optional["TeacherCache"] = None
     mode: Optional["RunMode"] = None
+    # W&B / TensorBoard (none: nothing but the run directory's files).
+    trackers: Trackers = field(default_factory=Trackers)
 
     @classmethod
-    def from_config(cls, cfg: KDConfig, run_dir: Optional[Path]) -> "Pipeline":
+    def from_config(cls, cfg: KDConfig, run_dir: Optional[Path], trackers: Optional[Trackers] = None) -> "Pipeline":
         from kdlib.controller import MODES
 
-        pipeline = cls(cfg=cfg, run_dir=None if run_dir is None else Path(run_dir))
+        pipeline = cls(cfg=cfg, run_dir=None if run_dir is None else Path(run_dir), trackers=trackers or Trackers())
         try:
             pipeline.mode = MODES.get(cfg.mode.value).build(pipeline)
         except BaseException:

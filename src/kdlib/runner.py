@@ -2,7 +2,8 @@
 
 Resolves the run directory (Hydra's under the CLI; ``outputs/<date>/<time>`` otherwise), writes
 the resolved config there, routes kdlib's log records to ``<run dir>/kdlib.log`` (and to the
-console when nothing else shows them), builds the pipeline and runs its controller loop.
+console when nothing else shows them), starts the experiment trackers (before any model loads, so
+one that cannot start costs seconds), builds the pipeline and runs its controller loop.
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ from kdlib.data.preflight import check_data_files
 from kdlib.pipeline import Pipeline
 from kdlib.progress import configured as progress_shown
 from kdlib.result import RunResult
+from kdlib.tracking.trackers import RunIdentity, Trackers
 
 log = logging.getLogger("kdlib")
 
 
-def run(cfg: KDConfig | DictConfig, *, run_dir: Optional[str | Path] = None) -> RunResult:
-    """Run ``cfg`` (from ``kdlib.compose`` or Hydra) and return its metrics and paths."""
+def run(
+    cfg: KDConfig | DictConfig, *, run_dir: Optional[str | Path] = None, identity: Optional[RunIdentity] = None
+) -> RunResult:
+    """Run ``cfg`` (from ``kdlib.compose`` or Hydra) and return its metrics and paths.
+    ``identity``: the run's name and sweep for the trackers (the CLI passes Hydra's)."""
     if isinstance(cfg, KDConfig):
         import_plugins(cfg.plugins)
     typed = to_typed(cfg)
@@ -39,7 +44,8 @@ def run(cfg: KDConfig | DictConfig, *, run_dir: Optional[str | Path] = None) -> 
         for key, choice in typed.auto_choices.items():
             log.info("%s = %s", key, choice)
         start = time.perf_counter()
-        with Pipeline.from_config(typed, directory) as pipeline:
+        with Trackers.start(typed, directory, identity) as trackers, \
+                Pipeline.from_config(typed, directory, trackers) as pipeline:
             result = pipeline.run()
         log.info("finished in %.1f s", time.perf_counter() - start)
     return result

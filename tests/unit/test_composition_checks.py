@@ -104,3 +104,38 @@ def test_a_missing_backend_capability_fails_at_composition(monkeypatch):
         kdlib.compose(["teacher.backend=frozen_test", "+recipe=self_distill"])
     with pytest.raises(ConfigError, match="unknown teacher backend 'nope'; choose one of: frozen_test, hf"):
         kdlib.compose(["teacher.backend=nope"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["student.lora.r=-1"], "student.lora: r must be >= 0"),
+    (["student.lora.r=4", "student.lora.alpha=0"], "student.lora: alpha must be positive"),
+    (["student.lora.r=4", "student.lora.dropout=1.0"], r"student.lora: dropout must be in \[0, 1\)"),
+    (["student.lora.r=4", "student.lora.target_modules=[]"], "student.lora: target_modules is empty"),
+    (["student.freeze.first_layers=-1"], "student.freeze: first_layers must be >= 0"),
+    (["student.freeze.embeddings=true", "student.lora.r=4"], "student.freeze: has no effect with student.lora"),
+    (["student.transforms=[lora,nope]"], "unknown student transform 'nope'; choose from: freeze, lora"),
+    (["student.transforms=[lora,lora]"], "lists a transform twice"),
+    (["logging.trackers=[mlflow]"], "logging.trackers: unknown tracker 'mlflow'; choose from: tensorboard, wandb"),
+    (["logging.trackers=[wandb,wandb]"], "logging.trackers lists a tracker twice"),
+    (["logging.tracker_samples=-1"], "logging.tracker_samples must be >= 0"),
+    (["logging.wandb.mode=sometimes"], "logging.wandb.mode"),
+])
+def test_bad_transform_and_tracker_options_fail_at_composition(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        kdlib.compose(overrides)
+
+
+@pytest.mark.parametrize("package, needed_by, message", [
+    ("peft", ["student.lora.r=8"], r"student.lora: LoRA needs the peft package: pip install 'kdlib\[lora\]'"),
+    ("wandb", ["logging.trackers=[tensorboard,wandb]"],
+     r"logging.trackers: wandb needs the wandb package: pip install 'kdlib\[trackers\]'"),
+    ("tensorboard", ["logging.trackers=[tensorboard]"], r"tensorboard needs the tensorboard package"),
+])
+def test_a_missing_optional_package_fails_at_composition_only_when_needed(monkeypatch, package, needed_by, message):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    with pytest.raises(ConfigError, match=message):
+        kdlib.compose(needed_by)
+    kdlib.compose([])  # the default config needs none of them

@@ -4,6 +4,7 @@ Everything a component would reject later is rejected here, before any model or 
 :class:`~kdlib.errors.ConfigError` line naming the key: registry names; sizes and ranges; worker
 and launcher combinations; what the chosen teacher backend can do (its declared capabilities);
 each registry-backed group's own ``check()`` (algorithm, rollout, launcher, transport options);
+the student transforms (LoRA, freezing) and the experiment trackers (known, installed);
 the loss, by evaluating it once, value and gradient, on a tiny random input (so a bad parameter
 of any divergence, built-in or user-registered, is caught by the code that would reject it); and
 the mode's own checks.
@@ -71,6 +72,8 @@ def validate(cfg: KDConfig) -> None:
     _check_teacher(cfg)
     _check_sglang(cfg)
     _check_attention(cfg)
+    _check_student_transforms(cfg)
+    _check_trackers(cfg)
     _check_group_options(cfg)
     _check_loss(cfg)
     _check_resume(cfg)
@@ -224,6 +227,18 @@ def _check_sglang(cfg: KDConfig) -> None:
                 f"launcher.{role}.gpus_per_worker={gpus:g} is fewer than {role}.sglang.tp_size={tp_size} "
                 "(only a tp_size=1 engine can share its GPU)"
             )
+
+
+def _check_student_transforms(cfg: KDConfig) -> None:
+    from kdlib.models.transforms import check_transforms
+
+    check_transforms(cfg.student)
+
+
+def _check_trackers(cfg: KDConfig) -> None:
+    from kdlib.tracking.trackers import check_trackers
+
+    check_trackers(cfg)
 
 
 def _check_group_options(cfg: KDConfig) -> None:

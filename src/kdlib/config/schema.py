@@ -221,6 +221,33 @@ class TeacherConfig(ModelConfig):
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the student, through peft: only the adapters train (off while r = 0)."""
+
+    # Rank of each adapter's update B @ A; 0 = no LoRA (every student weight trains).
+    r: int = 0
+    # The update is scaled by alpha / r.
+    alpha: float = 16.0
+    # Dropout on the adapters' input during training.
+    dropout: float = 0.0
+    # Linear layers that get adapters, by the last part of their name (q_proj, down_proj, ...);
+    # null = every linear layer of the decoder blocks (attention and MLP projections).
+    target_modules: Optional[list[str]] = None
+    # Modules trained in full beside the adapters (e.g. [lm_head]); saved with the adapter.
+    modules_to_save: Optional[list[str]] = None
+
+
+@dataclass
+class FreezeConfig:
+    """Student weights kept fixed while the rest trains (full fine-tuning of the rest)."""
+
+    # Keep the input embeddings fixed (and a head tied to them).
+    embeddings: bool = False
+    # Keep the first this many decoder layers (of the pruned student) fixed.
+    first_layers: int = 0
+
+
+@dataclass
 class StudentConfig(ModelConfig):
     """The model that trains."""
 
@@ -238,6 +265,14 @@ class StudentConfig(ModelConfig):
     autocast: Any = False
     # Sharding of the student across its workers (used when num_workers > 1).
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    # LoRA adapters through peft (student.lora.r > 0 turns them on).
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # Frozen embeddings or first decoder layers (off by default).
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    # Student transforms (registry `student transform`) in the order they run, after loading and
+    # pruning, before sharding; each does nothing unless its options (student.<name>) turn it on.
+    # A plugin's own transform is added by name here.
+    transforms: list[str] = field(default_factory=lambda: ["freeze", "lora"])
 
 
 @dataclass
@@ -436,6 +471,30 @@ class LauncherConfig:
     name: str = MISSING
 
 
+class WandbMode(str, Enum):
+    """Where a Weights & Biases run goes."""
+
+    online = "online"  # to the W&B server as the run goes
+    offline = "offline"  # a local run directory that `wandb sync` uploads later
+    disabled = "disabled"  # nowhere (the calls do nothing)
+
+
+@dataclass
+class WandbConfig:
+    """Options of the Weights & Biases tracker (logging.trackers=[wandb])."""
+
+    # Project the runs go to.
+    project: str = "kdlib"
+    # Team or user; null = the account's default entity.
+    entity: Optional[str] = None
+    # online, offline or disabled; null = W&B's own choice (WANDB_MODE, else online).
+    mode: Optional[WandbMode] = None
+    # Runs shown together; null = the Hydra sweep of a -m run (none for a single run).
+    group: Optional[str] = None
+    # Tags of the run.
+    tags: list[str] = field(default_factory=list)
+
+
 @dataclass
 class LoggingConfig:
     """What the run reports."""
@@ -446,6 +505,15 @@ class LoggingConfig:
     log_every: int = 1
     # Draw loss curves into plots/loss.png at the end.
     plot: bool = True
+    # Experiment trackers (registry `tracker`: wandb, tensorboard) that receive every metrics
+    # line, the resolved config, the eval table, the loss plot and on-policy rollout samples;
+    # metrics.jsonl is written either way.
+    trackers: list[str] = field(default_factory=list)
+    # Options of the W&B tracker.
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # On-policy: rollouts of each logged step sent to the trackers as samples (all of them go to
+    # rollouts.jsonl).
+    tracker_samples: int = 4
 
 
 @dataclass

@@ -115,21 +115,26 @@ class Checkpoints:
                  ", with the self-distillation teacher" if resumed.teacher_restored else "")
         return resumed
 
-    def save_student(self, directory: Path) -> Path:
-        """The final student in Hugging Face format (with its tokenizer), published atomically."""
+    def save_student(self, directory: Path) -> dict[str, Path]:
+        """The final student in Hugging Face format (with its tokenizer), published atomically,
+        and whatever the student transforms save beside it (LoRA: ``student_adapter/``); returns
+        the directories by name."""
         p = self.p
         staging = ckpt.staging_dir(directory)
         try:
             with phase("saving the student"):
-                p.student.call_each("save", [(str(staging),)] + [(None,)] * (p.student.size - 1))
-                p.student_tokenizer.save_pretrained(staging)
+                saved = p.student.call_each("save", [(str(staging),)] + [(None,)] * (p.student.size - 1))[0]
+                outputs = {name: Path(out) for name, out in saved.items()}
+                for out in outputs.values():
+                    p.student_tokenizer.save_pretrained(out)
                 ckpt.publish(staging, directory, mark_complete=False)
         except (OSError, WorkerError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
             latest = self.latest() if p.run_dir is not None and self.root.is_dir() else None
             intact = f"the last checkpoint {latest} is intact" if latest else "no training checkpoint was written"
             raise CheckpointError(f"cannot save the student to {directory}: {_reason(exc)}; {intact}") from None
-        return directory
+        outputs["student"] = directory
+        return outputs
 
     def _intact(self) -> str:
         latest = self.latest()

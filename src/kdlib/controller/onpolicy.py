@@ -7,8 +7,9 @@ scores the same ids, or its own privileged prompt + the same ids), then push the
 weights to the rollout engines. With ``onpolicy.lmbda < 1`` a seeded coin decides per step whether
 the batch comes from rollouts or from data.train's own responses (TRL GKD's lmbda).
 
-Every rollout is appended to ``rollouts.jsonl`` in the run directory; one is logged every
-``rollout.print_every`` steps. Sampling is seeded per step, so a resumed run samples as the
+Every rollout is appended to ``rollouts.jsonl`` in the run directory (and the first
+``logging.tracker_samples`` of each logged step go to the experiment trackers); one is logged
+every ``rollout.print_every`` steps. Sampling is seeded per step, so a resumed run samples as the
 uninterrupted one would.
 """
 
@@ -156,6 +157,8 @@ class OnPolicyMode(TrainingLoop):
         for row in rows:
             self._rollout_log.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._rollout_log.flush()
+        if step % self.cfg.logging.log_every == 0:
+            self.p.trackers.log_samples(rows[: self.cfg.logging.tracker_samples], step)
         every = self.cfg.rollout.print_every
         if every and step % every == 0 and rows:
             row = rows[0]

@@ -94,8 +94,9 @@ class TrainingLoop(RunMode):
                 result.eval_before = evaluate()
                 if result.eval_before:
                     log.info("eval before training: %s", _fmt(result.eval_before))
+                    p.trackers.log_eval(result.eval_before, step=0)
             self._stop_if_requested(first_step - 1)
-            writer = MetricsWriter(p.run_dir)
+            writer = MetricsWriter(p.run_dir, p.trackers)
             try:
                 self.start(first_step)
                 self._train_steps(first_step, writer, result, evals)
@@ -103,6 +104,7 @@ class TrainingLoop(RunMode):
                 writer.close()
             self._stop_if_requested(p.total_steps, saved=self._saved_step)
         result.eval_after = evaluate()
+        p.trackers.log_eval(result.eval_after, p.total_steps)
         self._finish(result, writer, evals)
         return result
 
@@ -133,7 +135,9 @@ class TrainingLoop(RunMode):
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     self.save_checkpoint(step)
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < p.total_steps:
-                    evals.append({"step": step, **(self.evaluate() or {})})
+                    during = self.evaluate()
+                    p.trackers.log_eval(during, step)
+                    evals.append({"step": step, **(during or {})})
                 if step < p.total_steps:
                     self._stop_if_requested(step, saved=self._saved_step)
 
@@ -282,14 +286,18 @@ class TrainingLoop(RunMode):
         if result.eval_after:
             text = print_table(comparison_table(result.eval_before, result.eval_after))
             (p.run_dir / "eval.txt").write_text(text, encoding="utf-8")
+            p.trackers.log_eval_table(result.eval_before, result.eval_after, p.total_steps)
         if cfg.logging.plot:
             plot = plot_loss_curves(writer.rows, p.run_dir / "plots" / "loss.png")
             if plot is not None:
                 result.outputs["loss_plot"] = plot
+                p.trackers.log_image("plots/loss", plot, p.total_steps)
         if cfg.save_student:
-            student_dir = self.checkpoints.save_student(p.run_dir / "student")
-            result.student_dir = student_dir
-            log.info("student saved to %s", student_dir)
+            outputs = self.checkpoints.save_student(p.run_dir / "student")
+            for name, directory in outputs.items():  # student/ and, with LoRA, student_adapter/ ...
+                result.outputs[name] = directory
+                log.info("%s saved to %s", name, directory)
+            result.student_dir = outputs["student"]
         write_json(p.run_dir / "results.json", {
             "metrics": result.metrics,
             "eval_before": result.eval_before,

@@ -2,7 +2,9 @@
 
 The rollout engine of on-policy KD and a self-distillation teacher are built from the student's
 config by :func:`build_model`, so they have exactly the student's architecture (pruning included)
-and its initial weights.
+and its initial weights. Only the training student goes on through the student transforms
+(``models/transforms.py``: LoRA, freezing), which is why those give their weights back in the plain
+layout :func:`build_model` makes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 from kdlib.config.schema import ModelConfig, Precision, StudentConfig
 from kdlib.models.loading import load_causal_lm, torch_dtype
 from kdlib.models.pruning import prune_as_configured
+from kdlib.models.transforms import TransformedStudent, apply_transforms
 
 
 def build_model(cfg: ModelConfig, device: torch.device, *, dtype: Optional[Precision] = None) -> nn.Module:
@@ -27,11 +30,12 @@ def build_model(cfg: ModelConfig, device: torch.device, *, dtype: Optional[Preci
     return model
 
 
-def build_student(cfg: StudentConfig, device: torch.device) -> nn.Module:
-    """The student model on ``device`` in training mode."""
+def build_student(cfg: StudentConfig, device: torch.device) -> TransformedStudent:
+    """The student on ``device`` in training mode: loaded, pruned, then transformed (not sharded)."""
     model = build_model(cfg, device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    model.train()
-    return model
+    student = apply_transforms(model, cfg)
+    student.model.train()
+    return student

@@ -11,6 +11,9 @@ one; when all of them are done the controller syncs the files to disk and rename
 directory to ``step_<n>`` in one ``rename(2)``. A run killed at any moment before that (or a full
 disk) leaves the previous checkpoint untouched and a staging directory that nothing loads and the
 next save removes. ``.complete`` is still written inside, for checkpoints made by older versions.
+Frozen parameters (a LoRA student's base weights, frozen layers) are not saved: a resumed run
+rebuilds them from the same config, so a LoRA checkpoint holds only the adapters and their
+optimizer state.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ from torch import nn
 
 COMPLETE = ".complete"
 PARTIAL = ".partial-"
+
+
+def _trainable_only():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True)
 
 
 def _rank() -> int:
@@ -63,7 +72,7 @@ def save_checkpoint(directory: str | Path, module: nn.Module, optimizer: torch.o
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model_state, optim_state = get_state_dict(module, optimizer)
+    model_state, optim_state = get_state_dict(module, optimizer, options=_trainable_only())
     with storage_errors(directory):
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
         torch.save(extra, directory / f"extra_rank{_rank()}.pt")
@@ -167,15 +176,23 @@ def _fsync(path: Path) -> None:
 def load_checkpoint(directory: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model + optimizer in place; returns this rank's ``extra``."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     directory = Path(directory)
     if not is_complete(directory):
         raise FileNotFoundError(f"{directory} is not a complete kdlib checkpoint (no {COMPLETE})")
-    model_state, optim_state = get_state_dict(module, optimizer)
+    model_state, optim_state = get_state_dict(module, optimizer, options=_trainable_only())
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(directory))
-    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # not strict: the frozen parameters are not in the checkpoint; everything else must be
+    missing, unexpected = set_state_dict(
+        module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+        options=StateDictOptions(strict=False),
+    )
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    if unexpected or set(missing) - frozen:
+        raise RuntimeError(f"{directory}: checkpoint does not fit the model (missing {sorted(set(missing) - frozen)[:3]}, "
+                           f"unexpected {sorted(unexpected)[:3]})")
     extra_path = directory / f"extra_rank{_rank()}.pt"
     if not extra_path.exists():
         extra_path = directory / "extra_rank0.pt"

@@ -11,6 +11,11 @@ micro-batches; the controller pads with weight-0 ones.
 An update whose loss or gradients are not finite (NaN or inf) is skipped: no optimizer or
 scheduler step, gradients dropped; the ranks agree on it (one all-reduce), so the shards of an
 FSDP2 student never diverge. The step's result says so and names the samples whose loss was bad.
+
+Whatever the student transforms did to the model (LoRA adapters, frozen parts), the weights leave
+the worker through :meth:`StudentWorker.export_state`: the plain transformers names and layout,
+adapters merged. The rollout engine, a self-distillation teacher and the saved ``student/`` get
+them from there.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ class StudentWorker:
             timeout = float(os.environ.get("KDLIB_COLLECTIVE_TIMEOUT_S", 600))
             init_process_group(self.rank, self.world_size, self.device, timeout_s=timeout)
         set_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = build_student(cfg.student, self.device)
+        self.student = build_student(cfg.student, self.device)
+        self.model = self.student.model
         self.transport = build_transport(cfg.transport)
         self.cache = None
         if cfg.teacher.cache:
@@ -145,30 +151,46 @@ class StudentWorker:
         self.transport.stats.take()
         return total
 
-    def save(self, path: Optional[str]) -> Optional[str]:
+    def save(self, path: Optional[str]) -> dict[str, str]:
         """Write the student in Hugging Face format to ``path`` (given to one rank; the others pass
-        None and only take part in gathering the shards); returns the path written."""
-        state = ckpt.full_model_state(self.objective) if self.world_size > 1 else None
+        None and only take part in gathering the shards), adapters merged, and what the transforms
+        add beside it (LoRA: ``student_adapter/``); returns {output name: directory written}."""
+        state = self._full_state()
         if path is None:
-            return None
-        Path(path).mkdir(parents=True, exist_ok=True)
-        with ckpt.storage_errors(path):
-            self.model.save_pretrained(path, state_dict=state)
-        return path
+            return {}
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        with ckpt.storage_errors(directory):
+            self.student.plain_model().save_pretrained(directory, state_dict=self.student.plain_state(state))
+            outputs = {"student": directory, **self.student.save_extras(state, directory)}
+        return {name: str(out) for name, out in outputs.items()}
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The student's full weights as every consumer expects them: the plain transformers names
+        and layout, LoRA adapters merged into their base weights. Gathered from the shards (every
+        rank calls; rank 0 gets the weights, the others an empty dict)."""
+        state = self._full_state()
+        return self.student.plain_state(state) if self.rank == 0 else {}
 
     def export_weights(self, bucket_bytes: int) -> list[Any]:
-        """The full weights in transport buckets, for the rollout engine or a self-distillation
-        teacher (gathered from the shards; every rank calls, rank 0 returns the handles)."""
-        state = self.full_state()
-        if self.rank != 0:
-            return []
+        """:meth:`export_state` in transport buckets, for the rollout engine or a self-distillation
+        teacher (every rank calls, rank 0 returns the handles)."""
+        state = self.export_state()
         return [self.transport.publish_state(bucket) for bucket in state_buckets(state, bucket_bytes)]
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """The unsharded weights: every rank calls (gathering the shards), rank 0 gets them."""
-        if self.world_size > 1:
-            return ckpt.full_model_state(self.objective)
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+    def parameter_stats(self) -> dict[str, float]:
+        """This rank's parameter and optimizer-state sizes (shards under FSDP2: add over ranks)."""
+        params = list(self.model.parameters())
+        optimizer_bytes = sum(
+            _local_numel(value) * value.element_size()
+            for state in (self.optimizer.state.values() if self.optimizer is not None else [])
+            for value in state.values() if isinstance(value, torch.Tensor)
+        )
+        return {
+            "parameters": float(sum(_local_numel(p) for p in params)),
+            "trainable_parameters": float(sum(_local_numel(p) for p in params if p.requires_grad)),
+            "optimizer_state_bytes": float(optimizer_bytes),
+        }
 
     # rollout.sglang.weight_sync=distributed: rank 0 broadcasts into the rollout engines
     # (kdlib.rollout.sglang_sync); every rank calls, since gathering the weights is collective.
@@ -184,7 +206,7 @@ class StudentWorker:
         """Open rank 0's side of the weight-sync group; rank 0 returns the bucket plan."""
         from kdlib.rollout.sglang_sync import bucket_plan, open_sender_group
 
-        state = self.full_state()
+        state = self.export_state()
         if self.rank != 0:
             return []
         timeout = float(os.environ.get("KDLIB_COLLECTIVE_TIMEOUT_S", 600))
@@ -196,7 +218,7 @@ class StudentWorker:
         """Send the current weights to the rollout engines (bytes sent by rank 0)."""
         from kdlib.rollout.sglang_sync import broadcast_state
 
-        state = self.full_state()
+        state = self.export_state()
         if self.rank != 0:
             return 0
         group, plan = self._weight_broadcast
@@ -225,6 +247,13 @@ class StudentWorker:
 
     def wake(self) -> None:
         _move_optimizer_state(self.optimizer, self.device)
+
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        """The whole (transformed) model's state dict, gathered from the shards on rank 0 (every
+        rank must call; ranks > 0 get an empty dict under FSDP2)."""
+        if self.world_size > 1:
+            return ckpt.full_model_state(self.objective)
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
 
     def _fetch(self, handle: Any) -> Optional[TeacherOutput]:
         if handle is None:
@@ -258,6 +287,12 @@ class StudentWorker:
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
             norm = norm.full_tensor()
         return float(norm)
+
+
+def _local_numel(tensor: torch.Tensor) -> int:
+    """Elements this rank holds (a DTensor's local shard)."""
+    local = getattr(tensor, "to_local", None)
+    return local().numel() if local is not None else tensor.numel()
 
 
 def _move_optimizer_state(optimizer: Optional[torch.optim.Optimizer], device: torch.device) -> None:

@@ -1,28 +1,35 @@
 """Run records: metrics as JSON Lines, the loss-curve plot, JSON results.
 
 ``metrics.jsonl`` gets one line per logged step (flushed at once, so a crashed run keeps its
-history); ``plots/loss.png`` is drawn from it at the end with matplotlib's object API (no pyplot state).
+history), and the same line goes to the run's experiment trackers; ``plots/loss.png`` is drawn
+from it at the end with matplotlib's object API (no pyplot state).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+if TYPE_CHECKING:
+    from kdlib.tracking.trackers import Trackers
 
 
 class MetricsWriter:
-    """Appends metric rows to ``<run_dir>/metrics.jsonl``."""
+    """Appends metric rows to ``<run_dir>/metrics.jsonl`` and sends them to the trackers."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, trackers: Optional["Trackers"] = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
+        self.trackers = trackers
         self._handle = self.path.open("a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         self._handle.write(json.dumps(row) + "\n")
         self._handle.flush()
+        if self.trackers:
+            self.trackers.log_metrics(row)
 
     def close(self) -> None:
         self._handle.close()
