@@ -169,12 +169,30 @@ class LossConfig:
     chunk_size: int = 256
 
 
+class RolloutEngine(str, Enum):
+    """How the hf rollout backend decodes (all sample the model's own distribution)."""
+
+    # `static` when the model passes the engine's checks (static KV cache decoding reproduces its
+    # full forward), else `generate`, with the reason logged once
+    auto = "auto"
+    # transformers' model.generate as is (dynamic KV cache): the reference
+    generate = "generate"
+    # kdlib's decode loop on generate's preparation: static KV cache kept across calls, batched
+    # prefill, a faster head product; same processors and random draws as generate
+    static = "static"
+    # `static` with the decode step compiled by torch.compile (inductor); compile time is paid
+    # on the first call of each batch size
+    compiled = "compiled"
+
+
 @dataclass
 class RolloutConfig:
     """Sampling settings for generation (teacher data synthesis, student rollouts)."""
 
     # Generation backend (registry `rollout backend`): hf.
     backend: str = "hf"
+    # Decoding engine of the hf backend: auto | generate | static | compiled (see RolloutEngine).
+    engine: RolloutEngine = RolloutEngine.auto
     # Longest response, in tokens; longer ones are cut and counted as truncated.
     max_new_tokens: int = 256
     # Sampling temperature; 0 means greedy decoding.

@@ -1,0 +1,248 @@
+"""kdlib's decode engine: transformers' ``generate`` preparation, a lean decode loop of its own.
+
+Plain ``model.generate`` spends most of a small model's decode step outside the arithmetic it
+needs: a dynamic KV cache that grows by concatenation, per-step input preparation, and, on CPU,
+an output-head product (``[batch, hidden] x [vocab, hidden]^T``) that MKL runs at a quarter of the
+memory bandwidth when it is laid out as ``nn.Linear`` lays it out. This engine keeps everything
+``generate`` decides (generation config merged with the model's defaults, logits processors in
+their order, stopping criteria, position ids) by running ``generate`` itself with a callable
+``custom_generate`` (transformers' documented hook for replacing the decoding loop), and replaces
+only the loop: a pre-allocated :class:`transformers.StaticCache` kept across calls, one batched
+prefill, the head as ``weight @ hidden^T`` (same dot products, 3-4x faster on CPU), and the next
+token chosen exactly as ``generate``'s sampling loop chooses it (processors, softmax,
+``torch.multinomial`` on the global generator, so the same seed draws the same tokens). The decode
+step can be compiled with ``torch.compile`` (inductor); parameters are graph inputs, so weights
+copied in place at sync are the ones the next call uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from kdlib.models.head import LMHead, decoder_of, lm_head_of, verify_lm_head
+
+log = logging.getLogger(__name__)
+
+# The cache's length grows in steps of this many positions, so prompts of varying lengths reuse
+# one cache (and one compiled graph) instead of reallocating and recompiling per call.
+CAPACITY_STEP = 256
+
+
+@dataclass
+class Decoded:
+    """What one decode call returns: generate's ``sequences`` and, if asked, sampling log-probs."""
+
+    sequences: torch.Tensor  # [batch, prompt + generated], pad after a row's stop token
+    # [batch, generated]: log-probability of each chosen token under the processed distribution it
+    # was drawn from (None unless asked for).
+    logprobs: Optional[torch.Tensor] = None
+
+
+class EngineUnsupported(RuntimeError):
+    """The model cannot run on this engine (the message says why); callers fall back to generate."""
+
+
+class _CompileFailure(RuntimeError):
+    """The first call of the compiled decode step raised (the cause is chained)."""
+
+
+class DecodeEngine:
+    """A static-cache decode loop around one causal LM, kept alive across ``generate`` calls."""
+
+    def __init__(self, model: nn.Module, *, compile: bool = False) -> None:
+        self.model = model
+        self.decoder = decoder_of(model)
+        self.head: LMHead = lm_head_of(model)
+        self.compiled = compile
+        self._caches: dict[int, object] = {}  # batch size -> StaticCache
+        self._capacity = 0
+        self._step: Callable = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self._step_ran = False  # whether the compiled step has run once (compile errors surface there)
+
+    # ------------------------------------------------------------------ public
+    @torch.inference_mode()
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs) -> Decoded:
+        """``model.generate(input_ids, attention_mask, **generate_kwargs)`` on this engine's loop.
+
+        ``generate_kwargs`` are generate's own (``max_new_tokens``, ``do_sample``, ``temperature``,
+        ``top_p``, ``top_k``, ``eos_token_id``, ``pad_token_id``) plus ``record_logprobs``. A
+        compile failure at the first compiled step is logged once and the engine continues eagerly;
+        the call is redone from the same random state, so it samples what it would have sampled.
+        """
+        cache = self._cache_for(input_ids.shape[0], input_ids.shape[1] + generate_kwargs["max_new_tokens"])
+        rng = torch.get_rng_state()
+        try:
+            return self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                custom_generate=self._decode_loop, **generate_kwargs,
+            )
+        except _CompileFailure as failure:
+            log.warning("rollout engine: torch.compile of the decode step failed (%s); decoding eagerly",
+                        _first_line(failure.__cause__))
+            self.compiled = False
+            self._step = self._forward
+            torch.set_rng_state(rng)
+            return self.decode(input_ids, attention_mask, **generate_kwargs)
+
+    @torch.inference_mode()
+    def forward_logits(self, ids: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        """float32 logits at the last position of ``ids``, through ``cache`` (eager)."""
+        return self._forward(ids, position, mask, cache)
+
+    # ------------------------------------------------------------------ the loop
+    def _decode_loop(
+        self, model, input_ids, logits_processor, stopping_criteria, generation_config,
+        synced_gpus: bool = False, streamer=None, record_logprobs: bool = False, **model_kwargs,
+    ) -> Decoded:
+        """generate's sampling loop (``GenerationMixin._sample``) with a lean forward."""
+        if synced_gpus or streamer is not None:
+            raise EngineUnsupported("synced_gpus and streamers are not supported by the rollout engine")
+        cache = model_kwargs["cache"]
+        position = model_kwargs.get("position_ids")
+        if position is None:
+            raise EngineUnsupported(f"{type(model).__name__}.forward takes no position_ids")
+        batch, prompt_len = input_ids.shape
+        total = generation_config.max_length
+        pad = generation_config._pad_token_tensor
+        sequence = torch.full((batch, total), int(pad), dtype=input_ids.dtype, device=input_ids.device)
+        sequence[:, :prompt_len] = input_ids
+        # the 2D mask over the whole cache: the prompt's own mask, then 1 for each decoded position
+        mask = torch.zeros((batch, self._capacity), dtype=torch.long, device=input_ids.device)
+        attention = model_kwargs.get("attention_mask")  # generate drops it when nothing is padded
+        mask[:, :prompt_len] = 1 if attention is None else attention
+        logprobs = torch.zeros((batch, total - prompt_len), device=input_ids.device) if record_logprobs else None
+        unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
+
+        logits = self._forward(input_ids, position, mask, cache)  # batched prefill, eager
+        next_position = position[:, -1:] + 1
+        length = prompt_len
+        while True:
+            scores = logits_processor(sequence[:, :length], logits)
+            if generation_config.do_sample:
+                tokens = torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                tokens = torch.argmax(scores, dim=-1)
+            if logprobs is not None:
+                logprobs[:, length - prompt_len] = scores.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+            tokens = tokens * unfinished + pad * (1 - unfinished)
+            sequence[:, length] = tokens
+            length += 1
+            unfinished = unfinished & ~stopping_criteria(sequence[:, :length], scores)
+            if unfinished.max() == 0:  # max_length is one of the stopping criteria
+                break
+            mask[:, length - 1] = 1
+            logits = self._decode_step(tokens[:, None], next_position, mask, cache)
+            next_position = next_position + 1
+        return Decoded(sequence[:, :length], None if logprobs is None else logprobs[:, : length - prompt_len])
+
+    def _decode_step(self, ids: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        if not self.compiled:
+            return self._step(ids, position, mask, cache)
+        # (re)compiling must not draw from the generator the sampler uses
+        with torch.random.fork_rng(devices=[ids.device] if ids.device.type != "cpu" else [],
+                                   device_type=ids.device.type if ids.device.type != "cpu" else "cuda"):
+            if self._step_ran:
+                return self._step(ids, position, mask, cache)
+            try:  # the first compiled call compiles: its failure is the engine's, not the model's
+                logits = self._step(ids, position, mask, cache)
+            except Exception as exc:  # noqa: BLE001
+                raise _CompileFailure() from exc
+        self._step_ran = True
+        return logits
+
+    def _forward(self, ids: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        hidden = self.decoder(
+            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True
+        ).last_hidden_state[:, -1]
+        return head_logits(self.head, hidden)
+
+    # ------------------------------------------------------------------ caches
+    def _cache_for(self, batch: int, length: int):
+        from transformers import StaticCache
+
+        if length > self._capacity:  # grow: every batch size gets a new, longer cache
+            self._capacity = -(-length // CAPACITY_STEP) * CAPACITY_STEP
+            self._caches.clear()
+        cache = self._caches.get(batch)
+        if cache is None:
+            cache = StaticCache(config=self.model.config, max_cache_len=self._capacity)
+            self._caches[batch] = cache
+        cache.reset()
+        return cache
+
+
+def head_logits(head: LMHead, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 ``head(hidden)`` for ``hidden`` [batch, H], as ``weight @ hidden^T``.
+
+    The same dot products as ``nn.Linear``; on CPU, MKL streams the [V, H] weight about 3.5x
+    faster in this orientation when the batch is a few rows (SmolLM2's head, 4 rows: 5.4 ms vs 19 ms).
+    """
+    logits = torch.mm(head.weight, hidden.to(head.weight.dtype).t()).t()
+    if head.bias is not None:
+        logits = logits + head.bias
+    return head.finish(logits).to(dtype=torch.float32, memory_format=torch.contiguous_format)
+
+
+def build_engine(model: nn.Module, *, compile: bool) -> DecodeEngine:
+    """An engine for ``model``, or :class:`EngineUnsupported` saying why this model cannot use it.
+
+    Checks that the head reproduces the model's logits (kdlib's head identity) and that decoding
+    through the static cache, with left padding, gives the model's own full-forward logits.
+    """
+    try:
+        engine = DecodeEngine(model, compile=compile)
+        verify_lm_head(model, engine.head)
+        _probe_cache_path(engine)
+    except EngineUnsupported:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure here means "use plain generate"
+        raise EngineUnsupported(f"{type(model).__name__}: {_first_line(exc)}") from exc
+    return engine
+
+
+@torch.inference_mode()
+def _probe_cache_path(engine: DecodeEngine, *, prompt_len: int = 6, steps: int = 3) -> None:
+    """Prefill + decode of a left-padded probe batch against the model's full forward."""
+    model = engine.model
+    device = engine.head.weight.device
+    # float32 agrees to rounding (~1e-6 of the logit scale); half types to their own precision
+    rtol = 1e-4 if engine.head.weight.dtype == torch.float32 else 2e-2
+    vocab = engine.head.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, prompt_len + steps), generator=generator).to(device)
+    attention = torch.ones_like(ids)
+    attention[1, :2] = 0  # row 1 is left-padded by two positions
+    reference = model(input_ids=ids, attention_mask=attention, position_ids=_positions(attention)).logits.float()
+    cache = engine._cache_for(2, ids.shape[1])
+    mask = torch.zeros((2, engine._capacity), dtype=torch.long, device=device)
+    mask[:, :prompt_len] = attention[:, :prompt_len]
+    position = _positions(attention)
+    got = [engine.forward_logits(ids[:, :prompt_len], position[:, :prompt_len], mask, cache)]
+    for t in range(prompt_len, prompt_len + steps - 1):
+        mask[:, t] = 1
+        got.append(engine.forward_logits(ids[:, t : t + 1], position[:, t : t + 1], mask, cache))
+    got_logits = torch.stack(got, dim=1)
+    expected = reference[:, prompt_len - 1 : prompt_len + steps - 1]
+    err = (got_logits - expected).abs().max().item()
+    scale = expected.abs().max().item() + 1e-6
+    if not err <= rtol * scale:
+        raise EngineUnsupported(
+            f"{type(model).__name__}: decoding through a static KV cache does not reproduce the full "
+            f"forward (max abs error {err:.3g} vs logit scale {scale:.3g})"
+        )
+    engine._caches.clear()
+
+
+def _positions(attention: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch, as generate computes them."""
+    return (attention.long().cumsum(-1) - 1).masked_fill(attention == 0, 0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
