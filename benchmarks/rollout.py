@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="a random 4-layer Llama instead of SmolLM2")
     p.add_argument("--layers", type=int, default=10, help="decoder layers the student keeps")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the student's weights")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -57,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--levers", action="store_true", help="also time the engine's pieces (see above)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or this process's CPU time (less sensitive to other processes on a "
+                        "shared machine; use it with --threads 1, where CPU time is the time a core works)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -71,26 +75,26 @@ def build_setup(args, root: Path):
     if args.tiny:
         build_tokenizer(root / "tok")
         build_model(root / "tiny", arch="llama", tokenizer_dir=root / "tok", num_layers=4)
-        cfg = StudentConfig(model=str(root / "tiny"))
+        cfg = StudentConfig(model=str(root / "tiny"), dtype=args.dtype)
         data = str(write_jsonl(root / "prompts.jsonl", chat_rows(args.prompts, seed=0)))
     else:
-        cfg = StudentConfig(model=SMOLLM2, num_layers=args.layers)
+        cfg = StudentConfig(model=SMOLLM2, num_layers=args.layers, dtype=args.dtype)
         data = DATA
     encoder = ChatEncoder(load_tokenizer(cfg))
     prompts, _ = build_prompts(DataConfig(train=data), encoder)
     return cfg, [p.student_ids for p in prompts[: args.prompts]], encoder.end_of_turn_ids, encoder.pad_id
 
 
-def time_engines(backend, args, prompts, stop_ids, pad_id) -> dict[str, dict]:
+def time_engines(backend, args, prompts, stop_ids, pad_id, clock) -> dict[str, dict]:
     engines = [RolloutEngine(e) for e in args.engines.split(",")]
     base = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                 batch_size=len(prompts))
 
     def call(engine):
         cfg = RolloutConfig(engine=engine, **base)
-        start = time.perf_counter()
+        start = clock()
         out = backend.generate(prompts, cfg, stop_ids=stop_ids, pad_id=pad_id, seed=args.seed)
-        return time.perf_counter() - start, out
+        return clock() - start, out
 
     results = {}
     for engine in engines:  # first calls: engine build, compile
@@ -116,8 +120,10 @@ def time_engines(backend, args, prompts, stop_ids, pad_id) -> dict[str, dict]:
     return results
 
 
-def time_levers(backend, prompts, pad_id) -> dict[str, float]:
-    """ms of the engine's pieces on this model (median of interleaved repeats)."""
+def time_levers(backend, prompts, pad_id, clock) -> dict[str, float]:
+    """ms of the engine's pieces and of the levers tried (median of interleaved repeats)."""
+    import contextlib
+
     from kdlib.rollout.engine import head_logits
     from kdlib.rollout.hf import left_pad
 
@@ -126,15 +132,19 @@ def time_levers(backend, prompts, pad_id) -> dict[str, float]:
     hidden = torch.randn(len(prompts), head.hidden_size, dtype=head.weight.dtype)
     probs = torch.softmax(torch.randn(len(prompts), head.vocab_size), dim=-1)
     pieces = {
-        "head nn.Linear": lambda: torch.nn.functional.linear(hidden, head.weight),
-        "head weight @ hidden^T": lambda: head_logits(head, hidden),
-        "multinomial over the vocabulary": lambda: torch.multinomial(probs, 1),
+        "head product, nn.Linear": lambda: head_logits(head, hidden, transposed=False),
+        "head product, weight @ hidden^T": lambda: head_logits(head, hidden, transposed=True),
+        "sampling, torch.multinomial": lambda: torch.multinomial(probs, 1),
+        "sampling, inverse CDF in float64": lambda: torch.searchsorted(
+            probs.double().cumsum(-1), torch.rand(len(prompts), 1, dtype=torch.float64)),
     }
     with torch.inference_mode():
         for batch in (1, 2, 4):
-            pieces[f"decode step, batch {batch}"] = _decode_step_timer(engine, left_pad(prompts[:1] * batch, pad_id))
+            step = _decode_step_timer(engine, left_pad(prompts[:1] * batch, pad_id))
+            pieces[f"decode step, batch {batch}"] = _within(engine.lean_products, step)
+        pieces["decode step, batch 4, every layer nn.Linear"] = _within(contextlib.nullcontext, step)
     threads = torch.get_num_threads()
-    for n in sorted({1, threads}):
+    for n in sorted({1, 2, threads}):
         def with_threads(step=pieces["decode step, batch 4"], n=n):
             torch.set_num_threads(n)
             try:
@@ -147,11 +157,18 @@ def time_levers(backend, prompts, pad_id) -> dict[str, float]:
         for _ in range(7):
             for name, fn in pieces.items():
                 fn()  # warm
-                start = time.perf_counter()
+                start = clock()
                 for _ in range(5):
                     fn()
-                samples[name].append((time.perf_counter() - start) / 5 * 1e3)
+                samples[name].append((clock() - start) / 5 * 1e3)
     return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def _within(context, fn):
+    def run():
+        with context():
+            fn()
+    return run
 
 
 def _decode_step_timer(engine, padded):
@@ -206,14 +223,16 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg, prompts, stop_ids, pad_id = build_setup(args, Path(tmp))
         backend = HFRolloutBackend(cfg, torch.device("cpu"))
-        results = time_engines(backend, args, prompts, stop_ids, pad_id)
-        levers = time_levers(backend, prompts, pad_id) if args.levers else {}
+        clock = time.perf_counter if args.clock == "wall" else time.process_time
+        results = time_engines(backend, args, prompts, stop_ids, pad_id, clock)
+        levers = time_levers(backend, prompts, pad_id, clock) if args.levers else {}
     info["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
     what = "tiny random Llama (4 layers)" if args.tiny else f"SmolLM2-135M-Instruct, {args.layers} of 30 layers"
-    print(f"\nrollout decode | {what}, float32 | {len(prompts)} prompts (lengths "
+    print(f"\nrollout decode | {what}, {args.dtype} | {len(prompts)} prompts (lengths "
           f"{', '.join(str(len(p)) for p in prompts)}), max_new_tokens={args.max_new_tokens}, "
-          f"temperature={args.temperature}, top_p={args.top_p}, seed={args.seed}, median of {args.repeats}")
+          f"temperature={args.temperature}, top_p={args.top_p}, seed={args.seed}, median of {args.repeats}, "
+          f"{args.clock} clock")
     print(" | ".join(f"{k}: {v}" for k, v in info.items()))
     header = (f"{'engine':<10}{'first call s':>13}{'s/call':>9}{'ms/step':>9}{'tokens/s':>10}"
               f"{'vs generate':>13}{'same tokens':>13}{'break-even':>12}{f'{args.run_steps}-call run s':>16}")
