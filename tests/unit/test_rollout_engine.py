@@ -60,20 +60,46 @@ def test_engine_samples_the_same_tokens_as_generate(arch, sampling, request):
         assert all(a == b for a, b in engine)
 
 
+@pytest.mark.parametrize("sampler", ["multinomial", "inverse_cdf"])
 @pytest.mark.parametrize("sampling", ["sampling", "top_p"])
-def test_sampled_logprobs_are_the_students_own(llama, sampling):
+def test_sampled_logprobs_are_the_students_own(llama, sampling, sampler):
     """The log-probability the engine drew each token with equals the student's full forward's
     (the check that stays valid where compile or the head product reorder float32 sums)."""
-    _check_logprobs(llama, llama.engine(RolloutEngine.static), sampling)
+    _check_logprobs(llama, llama.engine(RolloutEngine.static), sampling, sampler)
 
 
-def _check_logprobs(backend, engine, sampling):
+def test_inverse_cdf_draws_the_distribution():
+    from kdlib.rollout.engine import inverse_cdf_draw
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.0, 0.05])
+    n = 200_000
+    torch.manual_seed(0)
+    draws = inverse_cdf_draw(probs.expand(n, -1))
+    counts = torch.bincount(draws, minlength=len(probs)).double()
+    assert counts[1] == counts[4] == 0  # zero-probability tokens are never drawn
+    sigma = (n * probs.double() * (1 - probs.double())).sqrt()
+    assert ((counts - n * probs.double()).abs() <= 4 * sigma).all(), counts / n
+    assert not torch.equal(draws[:1000], inverse_cdf_draw(probs.expand(1000, -1)))  # it is random
+    torch.manual_seed(0)
+    assert torch.equal(inverse_cdf_draw(probs.expand(n, -1)), draws)  # and seeded
+
+
+def test_inverse_cdf_sampler_is_seeded_and_differs_from_generates_draws(llama):
+    cfg = _cfg("static", sampler="inverse_cdf")
+    first = _generate(llama, cfg)
+    assert _generate(llama, cfg) == first
+    assert first != _generate(llama, _cfg("generate"))
+    assert all(len(g.token_ids) > 0 for per in first for g in per)
+
+
+def _check_logprobs(backend, engine, sampling, sampler="multinomial"):
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
     cfg = _cfg("static", sampling, max_new_tokens=12)
     ids, attention = left_pad(PROMPTS, PAD)
     torch.manual_seed(3)
-    decoded = engine.decode(ids, attention, record_logprobs=True, **generate_kwargs(cfg, stop_ids={1}, pad_id=PAD))
+    decoded = engine.decode(ids, attention, record_logprobs=True, sampler=sampler,
+                            **generate_kwargs(cfg, stop_ids={1}, pad_id=PAD))
     processors = LogitsProcessorList([TemperatureLogitsWarper(cfg.temperature)])
     if cfg.top_p < 1:
         processors.append(TopPLogitsWarper(cfg.top_p))
@@ -120,10 +146,10 @@ def test_engine_state_is_kept_across_calls(llama):
     engine = llama.engine(RolloutEngine.static)
     _generate(llama, _cfg("static"))
     caches = dict(engine._caches)
-    assert {3, 2} <= set(caches)  # batches of 3 and the remainder of 2
+    assert {3, 2} <= {batch for batch, _ in caches}  # batches of 3 and the remainder of 2
     _generate(llama, _cfg("static"))
     assert llama.engine(RolloutEngine.static) is engine
-    assert all(engine._caches[b] is cache for b, cache in caches.items())
+    assert all(engine._caches[key] is cache for key, cache in caches.items())
 
 
 def _check_weight_sync(path, engine_kind):

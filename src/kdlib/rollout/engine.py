@@ -30,9 +30,13 @@ from kdlib.models.head import LMHead, decoder_of, lm_head_of, verify_lm_head
 
 log = logging.getLogger(__name__)
 
-# The cache's length grows in steps of this many positions, so prompts of varying lengths reuse
-# one cache (and one compiled graph) instead of reallocating and recompiling per call.
-CAPACITY_STEP = 256
+# Cache lengths are rounded up to a multiple of these. Attention reads the whole cache, so eager
+# decoding keeps it tight; a compiled step is specialised to the cache length, so its cache only
+# grows, in large steps: prompts of varying lengths reuse one cache and one compiled graph.
+EAGER_CAPACITY_STEP = 32
+COMPILED_CAPACITY_STEP = 256
+# Caches kept (one per batch size and length) before the oldest are dropped.
+MAX_CACHES = 8
 
 
 @dataclass
@@ -64,8 +68,8 @@ class DecodeEngine:
         self.transposed_products = self.head.weight.device.type == "cpu" and self.head.weight.dtype == torch.float32
         self._wide_linears = _WideLinears(self.decoder) if self.transposed_products else None
         self.compiled = compile
-        self._caches: dict[int, object] = {}  # batch size -> StaticCache
-        self._capacity = 0
+        self._caches: dict[tuple[int, int], object] = {}  # (batch size, length) -> StaticCache
+        self._capacity = 0  # length of the cache of the current (or last) call
         self._step: Callable = torch.compile(self._forward, dynamic=False) if compile else self._forward
         self._step_ran = False  # whether the compiled step has run once (compile errors surface there)
 
@@ -75,7 +79,8 @@ class DecodeEngine:
         """``model.generate(input_ids, attention_mask, **generate_kwargs)`` on this engine's loop.
 
         ``generate_kwargs`` are generate's own (``max_new_tokens``, ``do_sample``, ``temperature``,
-        ``top_p``, ``top_k``, ``eos_token_id``, ``pad_token_id``) plus ``record_logprobs``. A
+        ``top_p``, ``top_k``, ``eos_token_id``, ``pad_token_id``) plus the loop's own ``sampler``
+        (a key of :data:`SAMPLERS`) and ``record_logprobs``. A
         compile failure at the first compiled step is logged once and the engine continues eagerly;
         the call is redone from the same random state, so it samples what it would have sampled.
         """
@@ -107,7 +112,8 @@ class DecodeEngine:
     # ------------------------------------------------------------------ the loop
     def _decode_loop(
         self, model, input_ids, logits_processor, stopping_criteria, generation_config,
-        synced_gpus: bool = False, streamer=None, record_logprobs: bool = False, **model_kwargs,
+        synced_gpus: bool = False, streamer=None, record_logprobs: bool = False, sampler: str = "multinomial",
+        **model_kwargs,
     ) -> Decoded:
         """generate's sampling loop (``GenerationMixin._sample``) with a lean forward."""
         if synced_gpus or streamer is not None:
@@ -127,6 +133,7 @@ class DecodeEngine:
         mask[:, :prompt_len] = 1 if attention is None else attention
         logprobs = torch.zeros((batch, total - prompt_len), device=input_ids.device) if record_logprobs else None
         unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
+        draw = SAMPLERS[sampler]
 
         logits = self._forward(input_ids, position, mask, cache)  # batched prefill, eager
         next_position = position[:, -1:] + 1
@@ -134,7 +141,7 @@ class DecodeEngine:
         while True:
             scores = logits_processor(sequence[:, :length], logits)
             if generation_config.do_sample:
-                tokens = torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                tokens = draw(nn.functional.softmax(scores, dim=-1))
             else:
                 tokens = torch.argmax(scores, dim=-1)
             if logprobs is not None:
@@ -173,17 +180,26 @@ class DecodeEngine:
 
     # ------------------------------------------------------------------ caches
     def _cache_for(self, batch: int, length: int):
+        """A reset static cache for ``batch`` rows of at least ``length`` positions (kept for reuse)."""
         from transformers import StaticCache
 
-        if length > self._capacity:  # grow: every batch size gets a new, longer cache
-            self._capacity = -(-length // CAPACITY_STEP) * CAPACITY_STEP
-            self._caches.clear()
-        cache = self._caches.get(batch)
+        if self.compiled:
+            capacity = max(self._capacity, _round_up(length, COMPILED_CAPACITY_STEP))
+        else:
+            capacity = _round_up(length, EAGER_CAPACITY_STEP)
+        cache = self._caches.pop((batch, capacity), None)
         if cache is None:
-            cache = StaticCache(config=self.model.config, max_cache_len=self._capacity)
-            self._caches[batch] = cache
+            cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+        self._caches[(batch, capacity)] = cache  # most recently used last
+        while len(self._caches) > MAX_CACHES:
+            del self._caches[next(iter(self._caches))]
         cache.reset()
+        self._capacity = capacity
         return cache
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 def head_logits(head: LMHead, hidden: torch.Tensor, *, transposed: bool) -> torch.Tensor:
@@ -202,9 +218,26 @@ def head_logits(head: LMHead, hidden: torch.Tensor, *, transposed: bool) -> torc
     return head.finish(logits).to(dtype=torch.float32, memory_format=torch.contiguous_format)
 
 
+def multinomial_draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` [batch, V], drawn as ``generate`` draws it."""
+    return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
+def inverse_cdf_draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs``: the first index whose float64 cumulative probability
+    exceeds a uniform draw (zero-probability tokens have empty intervals and are never drawn)."""
+    cdf = probs.to(torch.float64).cumsum(-1)
+    uniform = torch.rand((probs.shape[0], 1), dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, uniform, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+SAMPLERS = {"multinomial": multinomial_draw, "inverse_cdf": inverse_cdf_draw}
+
+
 class _WideLinears:
-    """While active, the decoder's ``nn.Linear`` layers with ``out_features >= in_features`` compute
-    inputs of at most :data:`FEW_ROWS` rows as ``weight @ x^T`` (float32 on CPU).
+    """While active, the decoder's ``nn.Linear`` layers with ``out_features >= in_features`` (and
+    at least :data:`WIDE_MIN_NUMEL` weights) compute inputs of at most :data:`FEW_ROWS` rows as
+    ``weight @ x^T`` (float32 on CPU).
 
     Measured with weights streamed from memory, 4 rows, SmolLM2 shapes: 576->576 and 576->1536
     are 1.5-1.7x faster this way, 1536->576 is slower, hence the rule. Prefill (many rows) keeps
@@ -216,6 +249,7 @@ class _WideLinears:
             (module, functools.partial(_few_rows_linear, module))
             for module in decoder.modules()
             if type(module) is nn.Linear and module.out_features >= module.in_features
+            and module.weight.numel() >= WIDE_MIN_NUMEL
         ]
 
     def __enter__(self) -> None:
@@ -228,6 +262,8 @@ class _WideLinears:
 
 
 FEW_ROWS = 16
+# Smaller weights stay in cache and gain nothing from the orientation (only Python overhead).
+WIDE_MIN_NUMEL = 1 << 18
 
 
 def _few_rows_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from kdlib.config.schema import ModelConfig, RolloutConfig, RolloutEngine
+from kdlib.config.schema import ModelConfig, RolloutConfig, RolloutEngine, RolloutSampler
 from kdlib.models.student import build_model
 from kdlib.rollout.base import Generation, RolloutBackend
 
@@ -63,7 +63,7 @@ class HFRolloutBackend(RolloutBackend):
             if engine is None:
                 sequences = self.model.generate(input_ids=ids, attention_mask=attention, **kwargs)
             else:
-                sequences = engine.decode(ids, attention, **kwargs).sequences
+                sequences = engine.decode(ids, attention, sampler=RolloutSampler(cfg.sampler).value, **kwargs).sequences
             new_tokens = sequences[:, ids.shape[1]:].tolist()
             for (prompt_index, _), tokens in zip(chunk, new_tokens):
                 out[prompt_index].append(until_stop(tokens, stop_ids))
