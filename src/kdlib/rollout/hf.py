@@ -19,6 +19,7 @@ import torch
 from kdlib.config.schema import ModelConfig, RolloutConfig, RolloutEngine, RolloutSampler
 from kdlib.models.student import build_model
 from kdlib.rollout.base import Generation, RolloutBackend
+from kdlib.rollout.engine import EngineUnsupported, build_engine
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,6 @@ class HFRolloutBackend(RolloutBackend):
 
     def engine(self, choice: RolloutEngine):
         """The :class:`DecodeEngine` for ``choice`` (built once, then kept), or None for generate."""
-        from kdlib.rollout.engine import EngineUnsupported, build_engine
-
         choice = RolloutEngine(choice)
         kind = RolloutEngine.static if choice == RolloutEngine.auto else choice
         if kind == RolloutEngine.generate:
@@ -51,7 +50,6 @@ class HFRolloutBackend(RolloutBackend):
     def generate(
         self, prompts: list[list[int]], cfg: RolloutConfig, *, stop_ids: set[int], pad_id: int, seed: int
     ) -> list[list[Generation]]:
-        engine = self.engine(cfg.engine)
         kwargs = generate_kwargs(cfg, stop_ids=stop_ids, pad_id=pad_id)
         out: list[list[Generation]] = [[] for _ in prompts]
         repeated = [(i, p) for i, p in enumerate(prompts) for _ in range(cfg.n_samples_per_prompt)]
@@ -59,15 +57,22 @@ class HFRolloutBackend(RolloutBackend):
         for start in range(0, len(repeated), cfg.batch_size):
             chunk = repeated[start : start + cfg.batch_size]
             ids, attention = left_pad([p for _, p in chunk], pad_id)
-            ids, attention = ids.to(self.device), attention.to(self.device)
-            if engine is None:
-                sequences = self.model.generate(input_ids=ids, attention_mask=attention, **kwargs)
-            else:
-                sequences = engine.decode(ids, attention, sampler=RolloutSampler(cfg.sampler).value, **kwargs).sequences
+            sequences = self._decode_batch(ids.to(self.device), attention.to(self.device), cfg, kwargs)
             new_tokens = sequences[:, ids.shape[1]:].tolist()
             for (prompt_index, _), tokens in zip(chunk, new_tokens):
                 out[prompt_index].append(until_stop(tokens, stop_ids))
         return out
+
+    def _decode_batch(self, ids: torch.Tensor, attention: torch.Tensor, cfg: RolloutConfig, kwargs: dict) -> torch.Tensor:
+        """generate's ``sequences`` for one left-padded batch, on the configured engine."""
+        engine = self.engine(cfg.engine)
+        if engine is not None:
+            try:
+                return engine.decode(ids, attention, sampler=RolloutSampler(cfg.sampler).value, **kwargs).sequences
+            except EngineUnsupported as exc:  # raised before anything is drawn
+                log.warning("rollout.engine=%s: %s; decoding with plain generate", RolloutEngine(cfg.engine).value, exc)
+                self._engines = dict.fromkeys(self._engines)
+        return self.model.generate(input_ids=ids, attention_mask=attention, **kwargs)
 
 
 def generate_kwargs(cfg: RolloutConfig, *, stop_ids: set[int], pad_id: int) -> dict:
