@@ -144,7 +144,7 @@ def time_levers(backend, prompts, pad_id, clock) -> dict[str, float]:
         for batch in (1, 2, 4):
             step = _decode_step_timer(engine, left_pad(prompts[:1] * batch, pad_id))
             pieces[f"decode step, batch {batch}"] = _within(engine.lean_products, step)
-        pieces["decode step, batch 4, every layer nn.Linear"] = _within(contextlib.nullcontext, step)
+        pieces["decode step, batch 4, layers as nn.Linear"] = _within(contextlib.nullcontext, step)
     threads = torch.get_num_threads()
     for n in sorted({1, 2, threads}):
         def with_threads(step=pieces["decode step, batch 4"], n=n):

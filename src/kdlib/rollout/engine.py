@@ -17,7 +17,6 @@ copied in place at sync are the ones the next call uses.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import logging
@@ -67,7 +66,7 @@ class DecodeEngine:
         self.head: LMHead = lm_head_of(model)
         # float32 on CPU: few-row products as weight @ x^T where MKL streams the weight faster
         self.transposed_products = self.head.weight.device.type == "cpu" and self.head.weight.dtype == torch.float32
-        self._wide_linears = _WideLinears(self.decoder) if self.transposed_products else None
+        self._linears = _FewRowLinears(self.decoder, transposed=self.transposed_products)
         self.compiled = compile
         self._caches: dict[tuple[int, int], object] = {}  # (batch size, length) -> StaticCache
         self._capacity = 0  # length of the cache of the current (or last) call
@@ -101,9 +100,9 @@ class DecodeEngine:
             torch.set_rng_state(rng)
             return self.decode(input_ids, attention_mask, **generate_kwargs)
 
-    def lean_products(self):
-        """A context in which the decoder's few-row products take the faster orientation."""
-        return self._wide_linears or contextlib.nullcontext()
+    def lean_products(self) -> "_FewRowLinears":
+        """A context in which the decoder's few-row products are 2D, in the faster orientation."""
+        return self._linears
 
     @torch.inference_mode()
     def forward_logits(self, ids: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
@@ -235,22 +234,25 @@ def inverse_cdf_draw(probs: torch.Tensor) -> torch.Tensor:
 SAMPLERS = {"multinomial": multinomial_draw, "inverse_cdf": inverse_cdf_draw}
 
 
-class _WideLinears:
-    """While active, the decoder's ``nn.Linear`` layers with ``out_features >= in_features`` (and
-    at least :data:`WIDE_MIN_NUMEL` weights) compute inputs of at most :data:`FEW_ROWS` rows as
-    ``weight @ x^T`` (float32 on CPU).
+class _FewRowLinears:
+    """While active, every ``nn.Linear`` of the decoder computes an input of at most
+    :data:`FEW_ROWS` rows as one 2D product; ``transposed``: wide layers as ``weight @ x^T``.
 
-    Measured with weights streamed from memory, 4 rows, SmolLM2 shapes: 576->576 and 576->1536
-    are 1.5-1.7x faster this way, 1536->576 is slower, hence the rule. Prefill (many rows) keeps
-    ``nn.Linear``. The forwards are made once, so a compiled step sees the same functions each call.
+    Wide means ``out_features >= in_features`` and at least :data:`WIDE_MIN_NUMEL` weights:
+    measured with weights streamed from memory, 4 rows, SmolLM2 shapes, float32 on CPU, 576->576 and
+    576->1536 run 1.5-1.7x faster transposed, 1536->576 slower. The 2D form matters when the step
+    is compiled: inductor lowers a [batch, 1, in] x [in, out] product as a batched product with
+    one row per batch and then as its own loops, which read the weight once per row (measured:
+    the compiled step 1.6x slower than eager; with 2D products 1.2x faster). Prefill (many rows)
+    keeps ``nn.Linear``. The forwards are made once, so a compiled step sees the same functions on
+    every call.
     """
 
-    def __init__(self, decoder: nn.Module) -> None:
+    def __init__(self, decoder: nn.Module, *, transposed: bool) -> None:
         self._forwards = [
-            (module, functools.partial(_few_rows_linear, module))
+            (module, functools.partial(_few_rows_linear, module, transposed and _is_wide(module)))
             for module in decoder.modules()
-            if type(module) is nn.Linear and module.out_features >= module.in_features
-            and module.weight.numel() >= WIDE_MIN_NUMEL
+            if type(module) is nn.Linear
         ]
 
     def __enter__(self) -> None:
@@ -263,17 +265,24 @@ class _WideLinears:
 
 
 FEW_ROWS = 16
-# Smaller weights stay in cache and gain nothing from the orientation (only Python overhead).
+# Smaller weights stay in cache and gain nothing from the orientation.
 WIDE_MIN_NUMEL = 1 << 18
 
 
-def _few_rows_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _is_wide(module: nn.Linear) -> bool:
+    return module.out_features >= module.in_features and module.weight.numel() >= WIDE_MIN_NUMEL
+
+
+def _few_rows_linear(module: nn.Linear, transposed: bool, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
     if rows > FEW_ROWS:
         return nn.functional.linear(x, module.weight, module.bias)
-    out = torch.mm(module.weight, x.reshape(rows, x.shape[-1]).t()).t()
-    if module.bias is not None:
-        out = out + module.bias
+    flat = x.reshape(rows, x.shape[-1])
+    if transposed:
+        out = torch.mm(module.weight, flat.t()).t()
+        out = out if module.bias is None else out + module.bias
+    else:
+        out = nn.functional.linear(flat, module.weight, module.bias)
     return out.reshape(*x.shape[:-1], module.out_features)
 
 
