@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--engines", default="generate,static,compiled,static:inverse_cdf",
+    p.add_argument("--engines", default="generate,static,compiled,static:inverse_cdf,compiled:inverse_cdf",
                    help="comma-separated rollout.engine values, each optionally :<rollout.sampler>")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per engine after the first")
     p.add_argument("--run-steps", type=int, default=12, help="rollout calls of the on-policy run to amortise over")
@@ -107,6 +107,9 @@ def time_engines(backend, args, prompts, stop_ids, pad_id, clock) -> dict[str, d
             seconds, out = call(engine)
             assert out == results[engine]["out"], "the same seed must sample the same tokens"
             results[engine]["calls"].append(seconds)
+    for spec, r in results.items():  # what ran: generate, or the engine eager or compiled
+        engine = backend.engine(RolloutEngine(spec.partition(":")[0]))
+        r["ran"] = "generate" if engine is None else ("compiled" if engine.compiled else "eager")
     reference = results.get("generate", {}).get("out")
     for r in results.values():
         gens = [g for per_prompt in r.pop("out") for g in per_prompt]
@@ -236,8 +239,8 @@ def main(argv=None) -> None:
           f"temperature={args.temperature}, top_p={args.top_p}, seed={args.seed}, median of {args.repeats}, "
           f"{args.clock} clock")
     print(" | ".join(f"{k}: {v}" for k, v in info.items()))
-    header = (f"{'engine':<22}{'first call s':>13}{'s/call':>9}{'ms/step':>9}{'tokens/s':>10}"
-              f"{'vs generate':>13}{'same tokens':>13}{'break-even':>12}{f'{args.run_steps}-call run s':>16}")
+    header = (f"{'engine':<22}{'ran':>9}{'first call s':>13}{'s/call':>9}{'ms/step':>9}{'tokens/s':>10}"
+              f"{'vs generate':>13}{'same tokens':>13}{'break-even':>14}{f'{args.run_steps}-call run s':>16}")
     print(header)
     print("-" * len(header))
     plain = results.get("generate")
@@ -247,8 +250,8 @@ def main(argv=None) -> None:
         extra = r["first_s"] - r["call_s"]  # what the first call costs beyond a warm one
         break_even = f"{max(extra, 0) / saved:.1f} calls" if saved > 0 and name != "generate" else "-"
         run = r["first_s"] + (args.run_steps - 1) * r["call_s"]
-        print(f"{name:<22}{r['first_s']:>13.2f}{r['call_s']:>9.3f}{r['ms_per_step']:>9.1f}{r['tokens_per_s']:>10.1f}"
-              f"{ratio:>12.2f}x{str(r['identical']):>13}{break_even:>12}{run:>16.1f}")
+        print(f"{name:<22}{r['ran']:>9}{r['first_s']:>13.2f}{r['call_s']:>9.3f}{r['ms_per_step']:>9.1f}{r['tokens_per_s']:>10.1f}"
+              f"{ratio:>12.2f}x{str(r['identical']):>13}{break_even:>14}{run:>16.1f}")
     print(f"responses: {results[next(iter(results))]['tokens']} tokens in all, finish reasons "
           f"{results[next(iter(results))]['stop_reasons']}")
     if levers:

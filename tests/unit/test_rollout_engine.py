@@ -194,20 +194,28 @@ def test_unsupported_model_falls_back_to_generate_with_one_reason(tiny_dir, chat
     assert auto[0] == auto[1] == _generate(backend, _cfg("generate"))
 
 
-def test_compile_failure_falls_back_to_the_eager_loop(tiny_llama, monkeypatch, caplog):
+def _raising_compile(fn, **kwargs):
+    def compiled(*args, **kw):
+        raise RuntimeError("inductor: no C++ compiler (simulated)")
+    return compiled
+
+
+def _miscompiling_compile(fn, **kwargs):  # e.g. the NaNs inductor's AVX2 code gives SmolLM2 at 1 thread
+    def compiled(*args, **kw):
+        return fn(*args, **kw) * float("nan")
+    return compiled
+
+
+@pytest.mark.parametrize("compile, reason", [(_raising_compile, "no C++ compiler"), (_miscompiling_compile, "disagrees")])
+def test_compile_failure_falls_back_to_the_eager_loop(tiny_llama, monkeypatch, caplog, compile, reason):
     import kdlib.rollout.engine as engine_module
 
-    def broken_compile(fn, **kwargs):
-        def compiled(*args, **kw):
-            raise RuntimeError("inductor: no C++ compiler (simulated)")
-        return compiled
-
-    monkeypatch.setattr(engine_module.torch, "compile", broken_compile)
+    monkeypatch.setattr(engine_module.torch, "compile", compile)
     backend = _backend(tiny_llama)
     with caplog.at_level(logging.WARNING, logger="kdlib.rollout.engine"):
         outs = [_generate(backend, _cfg("compiled")) for _ in range(2)]
     reasons = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
-    assert len(reasons) == 1 and "no C++ compiler" in reasons[0]
+    assert len(reasons) == 1 and reason in reasons[0]
     assert not backend.engine(RolloutEngine.compiled).compiled
     assert outs[0] == outs[1] == _generate(backend, _cfg("generate"))  # the redo drew the same numbers
 

@@ -54,7 +54,7 @@ class EngineUnsupported(RuntimeError):
 
 
 class _CompileFailure(RuntimeError):
-    """The first call of the compiled decode step raised (the cause is chained)."""
+    """The first compiled decode step of a shape raised or disagreed with eager (the cause is chained)."""
 
 
 class DecodeEngine:
@@ -71,7 +71,7 @@ class DecodeEngine:
         self._caches: dict[tuple[int, int], object] = {}  # (batch size, length) -> StaticCache
         self._capacity = 0  # length of the cache of the current (or last) call
         self._step: Callable = torch.compile(self._forward, dynamic=False) if compile else self._forward
-        self._step_ran = False  # whether the compiled step has run once (compile errors surface there)
+        self._verified: set[tuple[int, int]] = set()  # (batch, cache length) the compiled step passed
 
     # ------------------------------------------------------------------ public
     @torch.inference_mode()
@@ -81,8 +81,9 @@ class DecodeEngine:
         ``generate_kwargs`` are generate's own (``max_new_tokens``, ``do_sample``, ``temperature``,
         ``top_p``, ``top_k``, ``eos_token_id``, ``pad_token_id``) plus the loop's own ``sampler``
         (a key of :data:`SAMPLERS`) and ``record_logprobs``. A
-        compile failure at the first compiled step is logged once and the engine continues eagerly;
-        the call is redone from the same random state, so it samples what it would have sampled.
+        compiled step is checked against the eager step at its first call for each shape; a compile
+        failure or a disagreement is logged once and the engine continues eagerly; the call is
+        redone from the same random state, so it samples what it would have sampled.
         """
         cache = self._cache_for(input_ids.shape[0], input_ids.shape[1] + generate_kwargs["max_new_tokens"])
         rng = torch.get_rng_state()
@@ -93,7 +94,7 @@ class DecodeEngine:
                     custom_generate=self._decode_loop, **generate_kwargs,
                 )
         except _CompileFailure as failure:
-            log.warning("rollout engine: torch.compile of the decode step failed (%s); decoding eagerly",
+            log.warning("rollout engine: the torch.compile'd decode step failed (%s); decoding eagerly",
                         _first_line(failure.__cause__))
             self.compiled = False
             self._step = self._forward
@@ -163,13 +164,21 @@ class DecodeEngine:
         # (re)compiling must not draw from the generator the sampler uses
         with torch.random.fork_rng(devices=[ids.device] if ids.device.type != "cpu" else [],
                                    device_type=ids.device.type if ids.device.type != "cpu" else "cuda"):
-            if self._step_ran:
+            shape = (ids.shape[0], mask.shape[1])
+            if shape in self._verified:
                 return self._step(ids, position, mask, cache)
-            try:  # the first compiled call compiles: its failure is the engine's, not the model's
+            # the first call of a shape compiles: a failure or a wrong result is the compiler's
+            try:
                 logits = self._step(ids, position, mask, cache)
             except Exception as exc:  # noqa: BLE001
                 raise _CompileFailure() from exc
-        self._step_ran = True
+            cache.crop(-1)  # redo the step eagerly: it rewrites the same cache slot
+            reference = self._forward(ids, position, mask, cache)
+            err = (logits - reference).abs().max()
+            if not err <= _rtol(self.head.weight.dtype) * reference.abs().max():
+                raise _CompileFailure() from ArithmeticError(
+                    f"the compiled decode step disagrees with the eager one (max abs error {err.item():.3g})")
+        self._verified.add(shape)
         return logits
 
     def _forward(self, ids: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
@@ -310,8 +319,7 @@ def _probe_cache_path(engine: DecodeEngine, *, prompt_len: int = 6, steps: int =
     """Prefill + decode of a left-padded probe batch against the model's full forward."""
     model = engine.model
     device = engine.head.weight.device
-    # float32 agrees to rounding (~1e-6 of the logit scale); half types to their own precision
-    rtol = 1e-4 if engine.head.weight.dtype == torch.float32 else 2e-2
+    rtol = _rtol(engine.head.weight.dtype)
     vocab = engine.head.vocab_size
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (2, prompt_len + steps), generator=generator).to(device)
@@ -337,6 +345,12 @@ def _probe_cache_path(engine: DecodeEngine, *, prompt_len: int = 6, steps: int =
             f"forward (max abs error {err:.3g} vs logit scale {scale:.3g})"
         )
     engine._caches.clear()
+
+
+def _rtol(dtype: torch.dtype) -> float:
+    """Agreement expected between two float orders of the same logits, relative to their scale:
+    float32 agrees to rounding (~1e-6 of the logit scale), half types to their own precision."""
+    return 1e-4 if dtype == torch.float32 else 2e-2
 
 
 def _positions(attention: torch.Tensor) -> torch.Tensor:
