@@ -4,21 +4,27 @@ The on-policy setup of the default job: the embedded SmolLM2-135M-Instruct teach
 to ``--layers`` of its 30 decoder layers as the student, in float32; ``--prompts`` prompts of
 kdlib's built-in instruction set rendered with the chat template; ``--max-new-tokens`` 128,
 temperature 1.0, top_p 1.0 (``--tiny`` swaps in a random 4-layer Llama for a quick run). Every
-engine decodes the same prompts from the same seed through ``HFRolloutBackend.generate`` (the
-path on-policy runs take), ``--repeats`` times after a first call that is timed on its own (it
-builds the engine, and for ``compiled`` compiles the decode step). Repeats are interleaved across
-engines so that a change in machine load hits all of them alike. Printed per engine: first-call
-seconds, then the median of the repeats as seconds per call, ms per decode step, tokens/s, the
-speed-up over generate, whether the sampled tokens equal generate's, and the break-even of the
-first-call cost over an on-policy run (``--run-steps`` calls).
+engine (``rollout.engine``, optionally ``:rollout.sampler``) decodes the same prompts from the
+same seed through ``HFRolloutBackend.generate`` (the path on-policy runs take), ``--repeats``
+times after a first call that is timed on its own (it builds the engine and, for ``compiled``,
+compiles the decode step; ``--cold-compile`` starts from an empty inductor cache). Repeats are
+interleaved across engines so that a change in machine load hits all of them alike. Printed per
+engine: what ran (generate, the engine eager or compiled), first-call seconds (and its wall
+time), the median of the repeats as seconds per call, ms per decode step, tokens/s, the speed-up
+over generate, whether the sampled tokens equal generate's, how many calls repay the first
+call's extra cost, and the time of an on-policy run of ``--run-steps`` calls.
 
 ``--levers`` also times the pieces the engine is made of or was tried with: the output head as
-``nn.Linear`` against ``weight @ hidden^T``; ``torch.multinomial`` over the vocabulary; the
-static engine's decode step at batch 1, 2 and 4 (what dropping finished rows could save); and
-1 against 2 threads.
+``nn.Linear`` against ``weight @ hidden^T``; ``torch.multinomial`` against an inverse-CDF draw;
+the engine's decode step at batch 1, 2 and 4 (what dropping finished rows could save), with the
+decoder's products as ``nn.Linear`` lays them out, and with 1 and 2 threads.
+
+On a shared machine, ``--threads 1 --clock cpu`` measures the CPU time of one core's work, which
+other processes disturb far less than the wall time of two OpenMP threads.
 
     python benchmarks/rollout.py                          # SmolLM2 10/30 layers, float32
-    python benchmarks/rollout.py --tiny --max-new-tokens 32
+    python benchmarks/rollout.py --tiny --max-new-tokens 32 --engines generate,static
+    python benchmarks/rollout.py --threads 1 --clock cpu --levers
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/rollout.py   # an AVX2-only CPU
 """
 
@@ -62,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall time, or this process's CPU time (less sensitive to other processes on a "
                         "shared machine; use it with --threads 1, where CPU time is the time a core works)")
+    p.add_argument("--cold-compile", action="store_true",
+                   help="compile into an empty inductor cache (as a first run on a machine does)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -94,17 +102,17 @@ def time_engines(backend, args, prompts, stop_ids, pad_id, clock) -> dict[str, d
     def call(spec):
         engine, _, sampler = spec.partition(":")
         cfg = RolloutConfig(engine=RolloutEngine(engine), sampler=RolloutSampler(sampler or "multinomial"), **base)
-        start = clock()
+        start, wall = clock(), time.perf_counter()
         out = backend.generate(prompts, cfg, stop_ids=stop_ids, pad_id=pad_id, seed=args.seed)
-        return clock() - start, out
+        return clock() - start, time.perf_counter() - wall, out
 
     results = {}
     for engine in engines:  # first calls: engine build, compile
-        seconds, out = call(engine)
-        results[engine] = {"first_s": seconds, "calls": [], "out": out}
+        seconds, wall, out = call(engine)
+        results[engine] = {"first_s": seconds, "first_wall_s": wall, "calls": [], "out": out}
     for _ in range(args.repeats):
         for engine in engines:
-            seconds, out = call(engine)
+            seconds, _, out = call(engine)
             assert out == results[engine]["out"], "the same seed must sample the same tokens"
             results[engine]["calls"].append(seconds)
     for spec, r in results.items():  # what ran: generate, or the engine eager or compiled
@@ -226,6 +234,8 @@ def main(argv=None) -> None:
 
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.cold_compile:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
         cfg, prompts, stop_ids, pad_id = build_setup(args, Path(tmp))
         backend = HFRolloutBackend(cfg, torch.device("cpu"))
         clock = time.perf_counter if args.clock == "wall" else time.process_time
@@ -239,7 +249,7 @@ def main(argv=None) -> None:
           f"temperature={args.temperature}, top_p={args.top_p}, seed={args.seed}, median of {args.repeats}, "
           f"{args.clock} clock")
     print(" | ".join(f"{k}: {v}" for k, v in info.items()))
-    header = (f"{'engine':<22}{'ran':>9}{'first call s':>13}{'s/call':>9}{'ms/step':>9}{'tokens/s':>10}"
+    header = (f"{'engine':<22}{'ran':>9}{'first call s':>13}{'(wall)':>8}{'s/call':>9}{'ms/step':>9}{'tokens/s':>10}"
               f"{'vs generate':>13}{'same tokens':>13}{'break-even':>14}{f'{args.run_steps}-call run s':>16}")
     print(header)
     print("-" * len(header))
@@ -250,7 +260,7 @@ def main(argv=None) -> None:
         extra = r["first_s"] - r["call_s"]  # what the first call costs beyond a warm one
         break_even = f"{max(extra, 0) / saved:.1f} calls" if saved > 0 and name != "generate" else "-"
         run = r["first_s"] + (args.run_steps - 1) * r["call_s"]
-        print(f"{name:<22}{r['ran']:>9}{r['first_s']:>13.2f}{r['call_s']:>9.3f}{r['ms_per_step']:>9.1f}{r['tokens_per_s']:>10.1f}"
+        print(f"{name:<22}{r['ran']:>9}{r['first_s']:>13.2f}{r['first_wall_s']:>8.1f}{r['call_s']:>9.3f}{r['ms_per_step']:>9.1f}{r['tokens_per_s']:>10.1f}"
               f"{ratio:>12.2f}x{str(r['identical']):>13}{break_even:>14}{run:>16.1f}")
     print(f"responses: {results[next(iter(results))]['tokens']} tokens in all, finish reasons "
           f"{results[next(iter(results))]['stop_reasons']}")
