@@ -1,12 +1,27 @@
-"""transformers rollout backend: batched ``generate`` with left padding, on CPU or GPU."""
+"""transformers rollout backend: a copy of the model sampling batches of left-padded prompts.
+
+``rollout.engine`` chooses how a batch is decoded: plain ``model.generate`` (the reference), or
+kdlib's :class:`~kdlib.rollout.engine.DecodeEngine` (static KV cache kept across calls, a lean
+decode loop, optionally compiled), which runs generate's own preparation and samples the same
+tokens from the same seed. The engine is built on first use and kept for the life of the backend,
+so its caches and compiled graphs survive from one on-policy step to the next; weight syncs copy
+into the model's parameters in place, which the engine reads on its next call. A model the engine
+cannot serve (its checks fail) falls back to plain generate, with the reason logged once.
+"""
 
 from __future__ import annotations
 
+import logging
+from typing import Optional
+
 import torch
 
-from kdlib.config.schema import ModelConfig, RolloutConfig
+from kdlib.config.schema import ModelConfig, RolloutConfig, RolloutEngine, RolloutSampler
 from kdlib.models.student import build_model
 from kdlib.rollout.base import Generation, RolloutBackend
+from kdlib.rollout.engine import EngineUnsupported, build_engine
+
+log = logging.getLogger(__name__)
 
 
 class HFRolloutBackend(RolloutBackend):
@@ -15,37 +30,64 @@ class HFRolloutBackend(RolloutBackend):
         self.model = build_model(model, device)
         self.model.eval()
         self.model.requires_grad_(False)
+        self._engines: dict[RolloutEngine, Optional[object]] = {}  # None: fell back to generate
+
+    def engine(self, choice: RolloutEngine):
+        """The :class:`DecodeEngine` for ``choice`` (built once, then kept), or None for generate."""
+        choice = RolloutEngine(choice)
+        kind = RolloutEngine.static if choice == RolloutEngine.auto else choice
+        if kind == RolloutEngine.generate:
+            return None
+        if kind not in self._engines:
+            try:
+                self._engines[kind] = build_engine(self.model, compile=kind == RolloutEngine.compiled)
+            except EngineUnsupported as exc:
+                log.warning("rollout.engine=%s: %s; decoding with plain generate", choice.value, exc)
+                self._engines[kind] = None
+        return self._engines[kind]
 
     @torch.inference_mode()
     def generate(
         self, prompts: list[list[int]], cfg: RolloutConfig, *, stop_ids: set[int], pad_id: int, seed: int
     ) -> list[list[Generation]]:
+        kwargs = generate_kwargs(cfg, stop_ids=stop_ids, pad_id=pad_id)
         out: list[list[Generation]] = [[] for _ in prompts]
         repeated = [(i, p) for i, p in enumerate(prompts) for _ in range(cfg.n_samples_per_prompt)]
         torch.manual_seed(seed)
         for start in range(0, len(repeated), cfg.batch_size):
             chunk = repeated[start : start + cfg.batch_size]
-            ids, attention = _left_pad([p for _, p in chunk], pad_id)
-            sampling = (
-                {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
-                if cfg.temperature > 0
-                else {"do_sample": False}
-            )
-            sequences = self.model.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=attention.to(self.device),
-                max_new_tokens=cfg.max_new_tokens,
-                eos_token_id=sorted(stop_ids),
-                pad_token_id=pad_id,
-                **sampling,
-            )
+            ids, attention = left_pad([p for _, p in chunk], pad_id)
+            sequences = self._decode_batch(ids.to(self.device), attention.to(self.device), cfg, kwargs)
             new_tokens = sequences[:, ids.shape[1]:].tolist()
             for (prompt_index, _), tokens in zip(chunk, new_tokens):
-                out[prompt_index].append(_until_stop(tokens, stop_ids))
+                out[prompt_index].append(until_stop(tokens, stop_ids))
         return out
 
+    def _decode_batch(self, ids: torch.Tensor, attention: torch.Tensor, cfg: RolloutConfig, kwargs: dict) -> torch.Tensor:
+        """generate's ``sequences`` for one left-padded batch, on the configured engine."""
+        engine = self.engine(cfg.engine)
+        if engine is not None:
+            try:
+                return engine.decode(ids, attention, sampler=RolloutSampler(cfg.sampler).value, **kwargs).sequences
+            except EngineUnsupported as exc:  # raised before anything is drawn
+                log.warning("rollout.engine=%s: %s; decoding with plain generate", RolloutEngine(cfg.engine).value, exc)
+                self._engines = dict.fromkeys(self._engines)
+        return self.model.generate(input_ids=ids, attention_mask=attention, **kwargs)
 
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def generate_kwargs(cfg: RolloutConfig, *, stop_ids: set[int], pad_id: int) -> dict:
+    """``model.generate`` arguments for ``cfg``: sampling with temperature and top_p (no top-k), or
+    greedy when the temperature is 0; every engine decodes with exactly these."""
+    sampling = (
+        {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+        if cfg.temperature > 0
+        else {"do_sample": False}
+    )
+    return {"max_new_tokens": cfg.max_new_tokens, "eos_token_id": sorted(stop_ids), "pad_token_id": pad_id, **sampling}
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of ``prompts``, padded on the left to the longest."""
     length = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(prompts), length), dtype=torch.long)
@@ -55,7 +97,8 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, attention
 
 
-def _until_stop(tokens: list[int], stop_ids: set[int]) -> Generation:
+def until_stop(tokens: list[int], stop_ids: set[int]) -> Generation:
+    """The response through its first stop token (kept), or all of it, cut by max_new_tokens."""
     for i, token in enumerate(tokens):
         if token in stop_ids:
             return Generation(tokens[: i + 1], "stop")
