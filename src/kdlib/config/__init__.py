@@ -21,6 +21,7 @@ from kdlib.config.schema import (
     TeacherConfig,
     TrainConfig,
     TransportConfig,
+    Unalignable,
 )
 
 __all__ = [
@@ -44,4 +45,5 @@ __all__ = [
     "TeacherConfig",
     "TrainConfig",
     "TransportConfig",
+    "Unalignable",
 ]

@@ -1,8 +1,8 @@
 """Models as configured: loaded and depth-pruned (any role), and set up for training (the student).
 
 The rollout engine of on-policy KD and a self-distillation teacher are built from the student's
-config by :func:`build_model`, so they have exactly the student's architecture (pruning included)
-and its initial weights.
+config by :func:`build_model`, so they have exactly the student's architecture (pruning and a
+transferred vocabulary included) and its initial weights.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import nn
 from kdlib.config.schema import ModelConfig, Precision, StudentConfig
 from kdlib.models.loading import load_causal_lm, torch_dtype
 from kdlib.models.pruning import prune_as_configured
+from kdlib.models.vocabulary import transfer_student_vocabulary
 
 
 def build_model(cfg: ModelConfig, device: torch.device, *, dtype: Optional[Precision] = None) -> nn.Module:
@@ -22,6 +23,7 @@ def build_model(cfg: ModelConfig, device: torch.device, *, dtype: Optional[Preci
     model = load_causal_lm(cfg, device=device)
     if isinstance(cfg, StudentConfig):
         prune_as_configured(model, cfg.keep_layers, cfg.num_layers)
+        transfer_student_vocabulary(model, cfg)  # student.tokenizer with another vocabulary
     if dtype is not None:
         model.to(torch_dtype(dtype))
     return model
