@@ -105,9 +105,9 @@ class TeacherWorker:
 def rows_to_send(output: TeacherOutput, batch: MicroBatch) -> TeacherOutput:
     """The rows of ``output`` the micro-batch's algorithm reads (``batch.teacher_rows``, with
     per-sample offsets of the rows kept and the rows themselves in the ``alignment`` field), or
-    ``output`` unchanged when it reads every loss row."""
+    ``output`` unchanged when it reads every loss row (identical tokenizers, all groups 1:1)."""
     rows = batch.teacher_rows
-    if rows is None:
+    if rows is None or rows.numel() == output.n_rows:  # (sorted, distinct: then every row, in order)
         return output
     rows = rows.to(output.hidden.device)
     return TeacherOutput(
