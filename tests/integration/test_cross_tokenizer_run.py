@@ -153,3 +153,21 @@ def test_onpolicy_across_tokenizers(tiny_overrides, unigram_dir):
     assert {"bits_per_byte", "teacher_bits_per_byte", "top1_agreement"} <= set(result.eval_after)
     rollouts = [json.loads(line) for line in (result.run_dir / "rollouts.jsonl").read_text().splitlines()]
     assert len(rollouts) == 8
+
+
+@pytest.mark.slow
+def test_the_cross_tokenizer_recipe_on_smollm2(tmp_path):
+    """+recipe=cross_tokenizer in a few steps: SmolLM2 teaches its pruned copy that reads the demo
+    tokenizer (vocabulary transferred when the student is built)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = kdlib.run(kdlib.compose([
+        "+recipe=cross_tokenizer", "train.max_steps=2", "data.max_samples=16", "data.eval_max_samples=4",
+        "logging.progress=false", f"output_dir={tmp_path / 'run'}",
+    ]))
+    before, after = result.eval_before, result.eval_after
+    assert after["bits_per_byte"] < before["bits_per_byte"]
+    assert 0 < after["teacher_bits_per_byte"] < after["bits_per_byte"]
+    student = AutoModelForCausalLM.from_pretrained(result.student_dir)
+    assert student.config.vocab_size == 4096 and student.config.num_hidden_layers == 16
+    assert len(AutoTokenizer.from_pretrained(result.student_dir)) == 4096
