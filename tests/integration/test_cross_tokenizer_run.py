@@ -19,15 +19,6 @@ import kdlib
 from kdlib.testing import chat_rows, write_jsonl
 
 
-@pytest.fixture(scope="module")
-def unigram_dir(tmp_path_factory):
-    from kdlib.testing import build_unigram_tokenizer
-
-    path = tmp_path_factory.mktemp("unigram_student")
-    build_unigram_tokenizer(path)
-    return path
-
-
 @pytest.fixture
 def repeat_data(tmp_path):
     """8 rows and a global batch of 8: every step sees the same batch, so the loss must fall."""
@@ -35,9 +26,9 @@ def repeat_data(tmp_path):
 
 
 @pytest.fixture
-def xtok_overrides(tiny_overrides, unigram_dir, repeat_data):
+def xtok_overrides(tiny_overrides, unigram_tokenizer_dir, repeat_data):
     return tiny_overrides + [
-        f"student.tokenizer={unigram_dir}", f"data.train={repeat_data}", "train.global_batch_size=8",
+        f"student.tokenizer={unigram_tokenizer_dir}", f"data.train={repeat_data}", "train.global_batch_size=8",
         "train.micro_batch_size=4", "train.warmup_ratio=0", "train.lr=3e-3",
     ]
 
@@ -53,7 +44,7 @@ def _rows(result) -> list[dict]:
     ["algorithm=gold", "loss=jsd"],
     ["algorithm=dskd", "algorithm.projector_lr=1e-3"],
 ])
-def test_each_method_distils_across_tokenizers(algorithm, xtok_overrides, unigram_dir):
+def test_each_method_distils_across_tokenizers(algorithm, xtok_overrides, unigram_tokenizer_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,7 +61,7 @@ def test_each_method_distils_across_tokenizers(algorithm, xtok_overrides, unigra
     assert "student bits per byte" in text and "teacher bits per byte" in text
 
     # the exported student has the new vocabulary, its tokenizer, and nothing of the algorithm
-    unigram = AutoTokenizer.from_pretrained(str(unigram_dir))
+    unigram = AutoTokenizer.from_pretrained(str(unigram_tokenizer_dir))
     student = AutoModelForCausalLM.from_pretrained(result.student_dir)
     assert student.config.vocab_size == len(unigram) == student.get_input_embeddings().weight.shape[0]
     assert AutoTokenizer.from_pretrained(result.student_dir).get_vocab() == unigram.get_vocab()
@@ -140,10 +131,10 @@ def test_teacher_cache_serves_every_method_its_rows(xtok_overrides, tmp_path):
         assert cached_run.eval_after == live_run.eval_after
 
 
-def test_onpolicy_across_tokenizers(tiny_overrides, unigram_dir):
+def test_onpolicy_across_tokenizers(tiny_overrides, unigram_tokenizer_dir):
     """The student samples in its own tokens; the teacher scores the text in its own tokens."""
     result = kdlib.run(kdlib.compose(tiny_overrides + [
-        "+recipe=onpolicy", "algorithm=overlap", f"student.tokenizer={unigram_dir}", "train.max_steps=2",
+        "+recipe=onpolicy", "algorithm=overlap", f"student.tokenizer={unigram_tokenizer_dir}", "train.max_steps=2",
         "train.global_batch_size=4", "train.micro_batch_size=2", "rollout.max_new_tokens=12", "rollout.print_every=0",
     ]))
     rows = _rows(result)

@@ -53,16 +53,13 @@ def test_ray_fsdp_reproduces_the_local_run(ray_cluster, tiny_overrides, tmp_path
     assert _losses(ray_run)[-1]["transport_bytes"] > 0
 
 
-def test_ray_cross_tokenizer_run_equals_local(ray_cluster, tiny_overrides, tmp_path):
+def test_ray_cross_tokenizer_run_equals_local(ray_cluster, tiny_overrides, unigram_tokenizer_dir, tmp_path):
     """DSKD across tokenizers (a vocabulary-transferred student, alignments in the micro-batches,
     only the rows DSKD reads on the wire, projectors sharded by FSDP2 with the student): the local
     run's losses, metrics and student."""
     from safetensors.torch import load_file
 
-    from kdlib.testing import build_unigram_tokenizer
-
-    build_unigram_tokenizer(tmp_path / "unigram")
-    xtok = tiny_overrides + ["algorithm=dskd", f"student.tokenizer={tmp_path / 'unigram'}", "algorithm.projector_lr=1e-2"]
+    xtok = tiny_overrides + ["algorithm=dskd", f"student.tokenizer={unigram_tokenizer_dir}", "algorithm.projector_lr=1e-2"]
     local = kdlib.run(kdlib.compose(xtok + ["eval.before=false", f"output_dir={tmp_path / 'local'}"]))
     ray_run = kdlib.run(kdlib.compose(xtok + RAY + [f"output_dir={tmp_path / 'ray'}"]))
     for a, b in zip(_losses(local), _losses(ray_run), strict=True):

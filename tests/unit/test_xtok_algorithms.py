@@ -160,18 +160,16 @@ def test_dskd_projectors_train_with_the_student_at_their_own_rate_and_stay_out_o
     assert set(exported) == set(student.state_dict()) and not any("projector" in k for k in exported)
 
 
-def test_the_student_gets_the_configured_tokenizers_vocabulary(tiny_llama, tmp_path):
+def test_the_student_gets_the_configured_tokenizers_vocabulary(tiny_llama, unigram_tokenizer_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kdlib.config.schema import StudentConfig
     from kdlib.models.student import build_model
-    from kdlib.testing import build_unigram_tokenizer
     from kdlib.xtok.transfer import transfer_plan
 
-    build_unigram_tokenizer(tmp_path / "unigram")
-    new, old = AutoTokenizer.from_pretrained(str(tmp_path / "unigram")), AutoTokenizer.from_pretrained(str(tiny_llama))
+    new, old = AutoTokenizer.from_pretrained(str(unigram_tokenizer_dir)), AutoTokenizer.from_pretrained(str(tiny_llama))
     source = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
-    model = build_model(StudentConfig(model=str(tiny_llama), tokenizer=str(tmp_path / "unigram"), num_layers=2),
+    model = build_model(StudentConfig(model=str(tiny_llama), tokenizer=str(unigram_tokenizer_dir), num_layers=2),
                         torch.device("cpu"))
     assert model.config.vocab_size == len(new) != len(old) and model.config.num_hidden_layers == 2
     plan, _ = transfer_plan(old, new)

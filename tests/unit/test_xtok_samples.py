@@ -31,15 +31,10 @@ RESPONSES = [
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
+def tokenizers(chatml_tokenizer_dir, unigram_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from kdlib.testing import build_tokenizer, build_unigram_tokenizer
-
-    root = tmp_path_factory.mktemp("xtok_samples")
-    build_tokenizer(root / "bpe")
-    build_unigram_tokenizer(root / "unigram")
-    return AutoTokenizer.from_pretrained(str(root / "bpe")), AutoTokenizer.from_pretrained(str(root / "unigram"))
+    return AutoTokenizer.from_pretrained(str(chatml_tokenizer_dir)), AutoTokenizer.from_pretrained(str(unigram_tokenizer_dir))
 
 
 @pytest.fixture

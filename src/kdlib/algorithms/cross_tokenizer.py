@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass, fields
-from typing import Any, Optional, TypeVar
+from typing import Any, ClassVar, Optional, TypeVar
 
 import torch
 from torch import nn
@@ -64,14 +64,13 @@ class CrossTokenizerAlgorithm(Algorithm):
         self.method: Optional[CrossTokenizerLoss] = None
         self.vocab_match: Optional[VocabMatch] = None
 
-    @classmethod
-    def teacher_row_kind(cls, cfg: AlgorithmConfig) -> RowKind:
-        return cls.row_kind(cfg)
+    # The teacher rows of the groups the method reads (a method whose rows depend on its options
+    # overrides teacher_row_kind instead).
+    row_kind: ClassVar[RowKind]
 
     @classmethod
-    @abstractmethod
-    def row_kind(cls, cfg: AlgorithmConfig) -> RowKind:
-        """The teacher rows of the groups the method reads."""
+    def teacher_row_kind(cls, cfg: AlgorithmConfig) -> RowKind:
+        return cls.row_kind
 
     @abstractmethod
     def build_method(self, student_head: LMHead, match: VocabMatch, weights: dict[str, Any]) -> CrossTokenizerLoss:

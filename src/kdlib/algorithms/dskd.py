@@ -38,9 +38,7 @@ class DSKDConfig(CrossTokenizerConfig, DSKDOptions):
 class DSKD(CrossTokenizerAlgorithm):
     cfg: DSKDConfig
 
-    @classmethod
-    def row_kind(cls, cfg) -> RowKind:
-        return RowKind.pairs
+    row_kind = RowKind.pairs
 
     def build_method(self, student_head, match, weights) -> DSKDLoss:
         self.projectors = DSKDProjectors.from_heads(student_head, self.teacher_head, match)

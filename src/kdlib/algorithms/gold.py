@@ -23,9 +23,7 @@ class GOLDConfig(CrossTokenizerConfig, GOLDOptions):
 
 @register_algorithm("gold", config=GOLDConfig)
 class GOLD(CrossTokenizerAlgorithm):
-    @classmethod
-    def row_kind(cls, cfg) -> RowKind:
-        return RowKind.group_rows
+    row_kind = RowKind.group_rows
 
     def build_method(self, student_head, match, weights) -> GOLDLoss:
         return GOLDLoss(self.teacher_head, match, self.loss_cfg, options_of(self.cfg, GOLDOptions), **weights)

@@ -22,9 +22,7 @@ class OverlapConfig(CrossTokenizerConfig):
 
 @register_algorithm("overlap", config=OverlapConfig)
 class Overlap(CrossTokenizerAlgorithm):
-    @classmethod
-    def row_kind(cls, cfg) -> RowKind:
-        return RowKind.pairs
+    row_kind = RowKind.pairs
 
     def build_method(self, student_head, match, weights) -> OverlapLoss:
         return OverlapLoss(self.teacher_head, match, self.loss_cfg, **weights)

@@ -24,7 +24,7 @@ class ULDConfig(CrossTokenizerConfig, ULDOptions):
 @register_algorithm("uld", config=ULDConfig)
 class ULD(CrossTokenizerAlgorithm):
     @classmethod
-    def row_kind(cls, cfg) -> RowKind:
+    def teacher_row_kind(cls, cfg) -> RowKind:
         return RowKind.group_rows if cfg.merge_groups else RowKind.group_starts
 
     def build_method(self, student_head, match, weights) -> ULDLoss:
