@@ -21,7 +21,6 @@ from kdlib.config.schema import (
     TeacherConfig,
     TrainConfig,
     TransportConfig,
-    Unalignable,
 )
 
 __all__ = [
@@ -45,5 +44,4 @@ __all__ = [
     "TeacherConfig",
     "TrainConfig",
     "TransportConfig",
-    "Unalignable",
 ]

@@ -141,7 +141,9 @@ def _check_teacher(cfg: KDConfig) -> None:
         raise ConfigError("a teacher updated from the student needs pipeline.prefetch=0")
     if teacher.cache and teacher.from_student:
         raise ConfigError("teacher.cache keeps a fixed teacher's outputs; a self-distillation teacher (teacher.from_student) changes with the student")
-    if (teacher.ema_decay is not None or teacher.update_freq) and _cross_tokenizer(cfg):
+    from kdlib.algorithms import ALGORITHMS
+
+    if (teacher.ema_decay is not None or teacher.update_freq) and ALGORITHMS.get(cfg.algorithm.name).needs_alignment:
         raise ConfigError(
             f"algorithm={cfg.algorithm.name} builds its loss on a fixed teacher head; a self-distillation "
             "teacher updated from the student (teacher.update_freq / teacher.ema_decay) needs algorithm=vanilla"
@@ -157,12 +159,6 @@ def _check_teacher(cfg: KDConfig) -> None:
         if not isinstance(options, entry.config_cls):
             raise ConfigError(f"teacher.{teacher.backend}: expected {entry.config_cls.__name__} options")
         _call_check(options, f"teacher.{teacher.backend}")
-
-
-def _cross_tokenizer(cfg: KDConfig) -> bool:
-    from kdlib.algorithms import ALGORITHMS
-
-    return ALGORITHMS.get(cfg.algorithm.name).needs_alignment
 
 
 def _check_group_options(cfg: KDConfig) -> None:
