@@ -94,6 +94,22 @@ def test_each_side_is_fitted_on_its_own_and_the_tail_is_counted(tokenizers, data
     assert "unaligned" in report.summary() and report.as_dict()["unaligned_teacher_tokens"] == report.unaligned_teacher_tokens
 
 
+def test_same_tokenizer_samples_count_their_response_bytes(tokenizers, data):
+    """Bits per byte in every run: the bytes of the response text the kept tokens spell."""
+    bpe, _ = tokenizers
+    encoder = ChatEncoder(bpe, name="student")
+    samples, _ = build_samples(DataConfig(train=str(data)), "train", encoder)
+    assert [s.response_bytes for s in samples] == [len(t.encode()) for t in RESPONSES]
+    assert all(s.alignment is None and s.teacher_response_bytes is None for s in samples)
+    cut, _ = build_samples(DataConfig(train=str(data), max_len=len(samples[0].student) - 4), "train", encoder)
+    kept = bpe.decode(cut[0].student.input_ids[cut[0].student.response_start:])
+    assert cut[0].response_bytes == len(kept.encode()) < len(RESPONSES[0].encode())
+    prompt = Prompt(index=0, student_ids=[1, 2])
+    sample, _ = rollout_sample(prompt, bpe("Café!", add_special_tokens=False)["input_ids"] + [encoder.end_of_turn_id],
+                               max_len=64, encoder=encoder)
+    assert sample.response_bytes == len("Café!".encode())
+
+
 def test_identical_tokenizers_give_only_one_to_one_groups(tokenizers, data):
     bpe, _ = tokenizers
     encoder = ChatEncoder(bpe, name="student")
