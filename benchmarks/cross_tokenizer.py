@@ -5,10 +5,13 @@ Teacher: SmolLM2-135M-Instruct (49,152 tokens). Student: its 16-layer depth-prun
 with the teacher's own tokenizer (the same-tokenizer baseline, vanilla KD) or with kdlib's 4,096-token
 demo tokenizer and a transferred vocabulary (``+recipe=cross_tokenizer``).
 
-``--part step`` runs a few optimizer steps of each configuration through ``kdlib.run`` (no
-evaluation) and prints the mean wall-clock seconds per step after the first (warm-up) step, the
-per-step share of the alignment (measured separately: the data side with and without the
-aligner, per sample, times the samples of a step), and the ratio to the same-tokenizer step.
+``--part step`` builds each configuration's pipeline and runs a few optimizer steps on the same
+global batches one by one, timing each step's wall clock and this process's CPU time (all threads:
+with the local launcher teacher and student run here; on a machine shared with other work CPU time
+moves far less with the load than wall time), and prints the means after the first (warm-up) step,
+the per-step share of the alignment, which runs once when the data is loaded (measured separately:
+the data side with and without the teacher's encoding and the aligner, per sample, times the
+samples of a step), and the ratio to the same-tokenizer step.
 ``--part quality`` runs ``+recipe=cross_tokenizer`` with ``overlap``, ``uld``, ``gold``, ``dskd``
 and CE only (``sft``) for the same number of steps and prints held-out bits per byte before (one
 evaluation: every run starts from the same student) and after (student and teacher), top-1
@@ -95,22 +98,42 @@ def alignment_seconds_per_sample() -> float:
     return timings["with"] - timings["without"]
 
 
+def timed_steps(name: str, overrides: list[str], steps: int, out: Path) -> tuple[list[float], list[float]]:
+    """(wall seconds, CPU seconds of this process, all threads) of each of ``steps`` optimizer steps
+    on the same global batches (the seeded data order), run one by one through the pipeline."""
+    import kdlib
+    from kdlib.pipeline import Pipeline
+
+    cfg = kdlib.compose([*overrides, "data.eval=null", "logging.progress=false", "save_student=false",
+                         f"train.max_steps={steps}"])
+    wall, cpu = [], []
+    with Pipeline.from_config(cfg, run_dir=out / re.sub(r"[^A-Za-z0-9]+", "_", name)) as pipeline:
+        loop = pipeline.mode
+        batches = loop.sample_batches()
+        for step in range(1, steps + 1):
+            samples = next(batches)
+            w0, c0 = time.perf_counter(), time.process_time()
+            loop.step(samples, step)
+            wall.append(time.perf_counter() - w0)
+            cpu.append(time.process_time() - c0)
+    return wall, cpu
+
+
 def part_step(args, out: Path) -> dict:
-    common = [f"train.max_steps={args.steps}", "data.eval=null"]
     results = {}
     for name, overrides in STEP_CONFIGS.items():
-        rows, _, _ = run(name, common + overrides, out)
-        results[name] = statistics.fmean(r["step_seconds"] for r in rows[1:])
+        wall, cpu = timed_steps(name, overrides, args.steps, out)
+        results[name] = {"wall": statistics.fmean(wall[1:]), "cpu": statistics.fmean(cpu[1:])}
     align = alignment_seconds_per_sample()
     batch = 8  # train.global_batch_size of the recipe
     base = results["same tokenizer, vanilla (baseline)"]
-    print(f"\nseconds per optimizer step (8 samples), mean of steps 2..{args.steps}")
-    print(f"{'configuration':<38}{'step s':>9}{'+ alignment s':>15}{'ratio':>8}")
-    for name, seconds in results.items():
+    print(f"\nseconds per optimizer step (8 samples), mean of steps 2..{args.steps}; CPU = this process, all threads")
+    print(f"{'configuration':<38}{'wall s':>8}{'CPU s':>8}{'CPU s + alignment':>19}{'ratio (CPU)':>13}")
+    for name, r in results.items():
         extra = align * batch if name.startswith("demo") else 0.0
-        print(f"{name:<38}{seconds:>9.2f}{seconds + extra:>15.2f}{(seconds + extra) / base:>7.2f}x")
-    print(f"alignment (both encodings' byte offsets + the walk): {align * 1e3:.2f} ms per sample")
-    return {"step_seconds": results, "alignment_seconds_per_sample": align}
+        print(f"{name:<38}{r['wall']:>8.2f}{r['cpu']:>8.2f}{r['cpu'] + extra:>19.2f}{(r['cpu'] + extra) / base['cpu']:>12.2f}x")
+    print(f"alignment (the teacher's encoding, both sides' byte offsets, the walk): {align * 1e3:.2f} ms per sample")
+    return {"steps": results, "alignment_seconds_per_sample": align}
 
 
 def part_quality(args, out: Path) -> dict:
