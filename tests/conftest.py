@@ -50,6 +50,17 @@ def llama3_tokenizer_dir(tiny_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def unigram_tokenizer_dir(tiny_dir) -> Path:
+    """A metaspace Unigram (BOS, split digits, byte fallback, phantom prefix space): the different
+    tokenizer of cross-tokenizer tests."""
+    from kdlib.testing import build_unigram_tokenizer
+
+    path = tiny_dir / "tok_unigram"
+    build_unigram_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tiny_dir, chatml_tokenizer_dir) -> Path:
     """4-layer Llama (untied head) with the ChatML tokenizer."""
     from kdlib.testing import build_model

@@ -9,14 +9,21 @@ gathers its own, so row i of both refers to the same predicted token.
 
 Loss-mask convention: ``loss_mask[b, t]`` is True when the hidden state at position t is trained to
 predict token ``input_ids[b, t + 1]`` (a response token), so no label shifting happens anywhere else.
+
+Across tokenizers a micro-batch also carries the byte-offset groups of its samples
+(:class:`~kdlib.xtok.groups.AlignmentBatch`) and the teacher loss rows the algorithm reads, so the
+teacher sends only those.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from kdlib.xtok.groups import AlignmentBatch
 
 
 @dataclass
@@ -85,10 +92,24 @@ class MicroBatch:
     # kdlib.cache.fingerprint.sample_key), the identity a teacher cache files outputs under.
     # None for samples that are never cached (fresh on-policy rollouts).
     teacher_keys: Optional[list[str]] = None
+    # Cross-tokenizer algorithms: the byte-offset groups of the samples, in order.
+    alignment: Optional["AlignmentBatch"] = None
+    # The teacher loss rows the algorithm reads (sorted; the teacher sends only these); None = all.
+    teacher_rows: Optional[torch.Tensor] = None
+    # [n_samples] long: UTF-8 bytes of response text the student's kept tokens spell (the
+    # denominator of bits per byte), and the teacher's (None: the same tokens, the same bytes).
+    response_bytes: Optional[torch.Tensor] = None
+    teacher_response_bytes: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device | str) -> "MicroBatch":
-        teacher = None if self.teacher is None else self.teacher.to(device)
-        return MicroBatch(self.student.to(device), teacher, self.sample_ids, self.teacher_keys)
+        def move(value):
+            return None if value is None else value.to(device)
+
+        return replace(
+            self, student=self.student.to(device), teacher=move(self.teacher), alignment=move(self.alignment),
+            teacher_rows=move(self.teacher_rows), response_bytes=move(self.response_bytes),
+            teacher_response_bytes=move(self.teacher_response_bytes),
+        )
 
     @property
     def teacher_view(self) -> TokenBatch:

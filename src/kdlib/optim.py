@@ -1,10 +1,13 @@
 """Optimizer and learning-rate schedule of the student: AdamW, linear warmup, cosine decay.
 
 The schedule comes from transformers (cosine with a floor at ``min_lr_ratio * lr``); only the
-parameter grouping (no weight decay on biases and norms) is decided here.
+parameter grouping (no weight decay on biases and norms; parameters under a given name prefix at
+their own learning rate, such as DSKD's projectors) is decided here.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -12,15 +15,26 @@ from torch import nn
 from kdlib.config.schema import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, lr_by_prefix: Optional[dict[str, Optional[float]]] = None
+) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s trainable parameters; those whose name starts with a key of
+    ``lr_by_prefix`` get that learning rate (None: ``cfg.lr``) in a group of their own."""
+    own_lr = {prefix: lr for prefix, lr in (lr_by_prefix or {}).items() if lr is not None}
     decay, no_decay = [], []
+    special: dict[str, list[nn.Parameter]] = {prefix: [] for prefix in own_lr}
     for name, param in model.named_parameters():
         if not param.requires_grad:
+            continue
+        prefix = next((p for p in own_lr if name.startswith(p)), None)
+        if prefix is not None:
+            special[prefix].append(param)
             continue
         (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        *({"params": params, "lr": own_lr[prefix], "weight_decay": cfg.weight_decay} for prefix, params in special.items()),
     ]
     return torch.optim.AdamW(
         [g for g in groups if g["params"]],

@@ -38,7 +38,7 @@ def test_every_mode_runs(mode, tiny_overrides, tmp_path):
     assert all(r["loss"] > 0 for r in rows)
     if mode is Mode.sft:
         assert cfg.algorithm.name == "sft" and "mode=sft" in cfg.auto_choices["algorithm"]
-        assert all(r["kd_loss"] == 0.0 for r in rows) and set(result.eval_after) == {"ce", "tokens"}
+        assert all(r["kd_loss"] == 0.0 for r in rows) and set(result.eval_after) == {"ce", "bits_per_byte", "tokens"}
     else:
         assert all(r["kd_loss"] > 0 for r in rows)
 

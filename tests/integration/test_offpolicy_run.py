@@ -36,6 +36,8 @@ def test_three_step_offpolicy_run(teacher_fixture, student_fixture, repeat_data,
     for key in ("kd_loss", "ce_loss", "lr", "grad_norm", "tokens_per_s"):
         assert all(key in r and r[key] == r[key] for r in rows), key
     assert result.eval_after["kl"] < result.eval_before["kl"]
+    assert result.eval_after["bits_per_byte"] < result.eval_before["bits_per_byte"]  # same tokenizer too
+    assert result.eval_after["teacher_bits_per_byte"] == result.eval_before["teacher_bits_per_byte"]
 
     # the run directory holds what users look for
     for name in ("config.yaml", "metrics.jsonl", "eval.json", "results.json", "data_report.json", "plots/loss.png", "kdlib.log"):
@@ -60,7 +62,7 @@ def test_sft_runs_without_a_teacher(tiny_overrides):
         assert pipeline.teacher is None
     result = kdlib.run(cfg)
     assert result.metrics["kd_loss"] == 0.0 and result.metrics["ce_loss"] > 0
-    assert set(result.eval_after) == {"ce", "tokens"}
+    assert set(result.eval_after) == {"ce", "bits_per_byte", "tokens"}  # nothing about a teacher
 
 
 def test_same_seed_same_run(tiny_overrides, tmp_path):

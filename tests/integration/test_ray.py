@@ -57,6 +57,28 @@ def test_ray_fsdp_reproduces_the_local_run(ray_cluster, tiny_overrides, tmp_path
     assert _losses(ray_run)[-1]["transport_bytes"] > 0
 
 
+def test_ray_cross_tokenizer_run_equals_local(ray_cluster, tiny_overrides, unigram_tokenizer_dir, tmp_path):
+    """DSKD across tokenizers (a vocabulary-transferred student, alignments in the micro-batches,
+    only the rows DSKD reads on the wire, projectors sharded by FSDP2 with the student): the local
+    run's losses, metrics and student."""
+    from safetensors.torch import load_file
+
+    xtok = tiny_overrides + ["algorithm=dskd", f"student.tokenizer={unigram_tokenizer_dir}", "algorithm.projector_lr=1e-2"]
+    local = kdlib.run(kdlib.compose(xtok + ["eval.before=false", f"output_dir={tmp_path / 'local'}"]))
+    ray_run = kdlib.run(kdlib.compose(xtok + RAY + [f"output_dir={tmp_path / 'ray'}"]))
+    for a, b in zip(_losses(local), _losses(ray_run), strict=True):
+        for key in ("loss", "kd_loss", "ce_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+        assert b["transport_bytes"] == a["transport_bytes"]
+    for key in ("bits_per_byte", "teacher_bits_per_byte", "top1_agreement", "ce"):
+        assert ray_run.eval_after[key] == pytest.approx(local.eval_after[key], rel=1e-4), key
+    a = load_file(local.student_dir / "model.safetensors")
+    b = load_file(ray_run.student_dir / "model.safetensors")
+    assert sorted(a) == sorted(b) and not any("projector" in key for key in b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
 def test_object_store_transport_is_zero_copy_and_moves_every_field(ray_cluster):
     import ray
 

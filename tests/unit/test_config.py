@@ -73,6 +73,9 @@ def test_recipes_set_what_they_promise():
     assert kdlib.compose(["+recipe=generate"]).mode is Mode.generate
     assert kdlib.compose(["+recipe=sft"]).algorithm.name == "sft"
     assert kdlib.compose(["+recipe=quickstart"]).train.max_steps == 5
+    xtok = kdlib.compose(["+recipe=cross_tokenizer"])
+    assert xtok.algorithm.name == "overlap" and xtok.student.tokenizer == "pkg://kdlib/data/builtin/demo_tokenizer"
+    assert kdlib.compose(["+recipe=cross_tokenizer", "algorithm=dskd"]).algorithm.name == "dskd"
     # a recipe composes with group choices and overrides given after it
     cfg = kdlib.compose(["+recipe=offpolicy", "loss=jsd", "loss.beta=0.3", "algorithm.kd_ratio=1.0"])
     assert cfg.loss.name == "jsd" and cfg.loss.beta == 0.3 and cfg.algorithm.kd_ratio == 1.0

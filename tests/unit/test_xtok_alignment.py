@@ -68,7 +68,7 @@ def encode(tokenizer, conversation, side: str, *, keep: int | None = None):
     """(EncodedChat, ResponseTokens) as the data side would compute them; ``keep`` cuts the response."""
     encoder = ChatEncoder(tokenizer, name=side)
     encoded = encoder.encode(conversation, "row 7")
-    piece = encoder._render_full(conversation)[len(encoder._render_prompt(conversation[:-1])):]
+    piece = encoded.response_text
     ids = encoded.response_ids if keep is None else encoded.response_ids[:keep]
     tokens = response_tokens(
         tokenizer, ids, end_of_turn_ids=encoder.end_of_turn_ids, text=piece, model=side, row="row 7"

@@ -73,7 +73,7 @@ def test_every_shipped_conversation_aligns_with_smollm2(demo):
             tokens = {}
             for side, encoder in sides.items():
                 encoded = encoder.encode(conversation, f"{name}:{i}")
-                piece = encoder._render_full(conversation)[len(encoder._render_prompt(conversation[:-1])):]
+                piece = encoded.response_text
                 tokens[side] = response_tokens(encoder.tokenizer, encoded.response_ids, text=piece, model=side,
                                                row=f"{name}:{i}", end_of_turn_ids=encoder.end_of_turn_ids,
                                                token_bytes=token_bytes[side])

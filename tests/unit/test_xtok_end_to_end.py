@@ -64,7 +64,7 @@ def build(models, *, student_keep=None):
             ids = encoded.response_ids
             if side == "student" and student_keep and i == 1:
                 ids = ids[:student_keep]  # data.max_len cut this student response
-            piece = encoder._render_full(conversation)[len(encoder._render_prompt(conversation[:-1])):]
+            piece = encoded.response_text
             tokens[side] = response_tokens(encoder.tokenizer, ids, text=piece, model=side, row=f"row {i}",
                                            end_of_turn_ids=encoder.end_of_turn_ids)
             sequences[side] = Sequence(encoded.input_ids[: encoded.response_start] + ids, encoded.response_start)

@@ -2,5 +2,6 @@
 
 from kdlib.algorithms.base import ALGORITHMS, Algorithm, StudentForward, register_algorithm
 from kdlib.algorithms import sft as _sft, vanilla as _vanilla  # noqa: F401  (register built-ins)
+from kdlib.algorithms import dskd as _dskd, gold as _gold, overlap as _overlap, uld as _uld  # noqa: F401
 
 __all__ = ["ALGORITHMS", "Algorithm", "StudentForward", "register_algorithm"]

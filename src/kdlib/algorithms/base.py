@@ -5,13 +5,18 @@ step's :class:`~kdlib.losses.LossTerms`. The part every hidden-state algorithm s
 forward to the final hidden states at the loss positions, next-token targets, the student head) is
 :meth:`Algorithm.student_forward`, written once here. Users add algorithms with
 ``@kdlib.register_algorithm("name", config=MyConfig)`` and select them with ``algorithm=name``.
+
+Cross-tokenizer algorithms (``needs_alignment``) say which teacher rows they read
+(:meth:`Algorithm.teacher_row_kind`), build their parts once the student exists
+(:meth:`Algorithm.attach`) and may own trainable modules (:meth:`Algorithm.modules`: DSKD's
+projectors), which the student worker trains, checkpoints and never exports.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -23,6 +28,10 @@ from kdlib.losses import LossTerms
 from kdlib.models.forward import hidden_at_loss_positions
 from kdlib.models.head import LMHead, lm_head_of
 from kdlib.registry import Registry
+
+if TYPE_CHECKING:
+    from kdlib.xtok.groups import RowKind
+    from kdlib.xtok.vocab import VocabMatch
 
 ALGORITHMS: Registry[type["Algorithm"]] = Registry("algorithm")
 
@@ -41,6 +50,9 @@ class Algorithm(ABC):
 
     # Whether the controller must run a teacher for this algorithm.
     needs_teacher: ClassVar[bool] = True
+    # Whether it compares the models across tokenizers: its micro-batches then carry the
+    # byte-offset alignment of the two tokenisations, and the tokenizers may differ.
+    needs_alignment: ClassVar[bool] = False
 
     def __init__(self, cfg: AlgorithmConfig, loss: LossConfig, teacher_head: Optional[LMHead]) -> None:
         if self.needs_teacher and teacher_head is None:
@@ -48,6 +60,25 @@ class Algorithm(ABC):
         self.cfg = cfg
         self.loss_cfg = loss
         self.teacher_head = teacher_head
+
+    @classmethod
+    def teacher_row_kind(cls, cfg: AlgorithmConfig) -> Optional["RowKind"]:
+        """The teacher rows of the alignment groups this algorithm reads (None: every loss row)."""
+        return None
+
+    def attach(self, student: nn.Module, vocab_match: Optional["VocabMatch"]) -> None:
+        """Called once by the student worker with the built student (before sharding) and, for
+        cross-tokenizer algorithms, the matched vocabulary of the two tokenizers: the place to
+        build what depends on them. Nothing by default."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Trainable modules of the algorithm itself, by name (none by default; DSKD's
+        projectors): trained with the student, saved in its checkpoints, never exported."""
+        return {}
+
+    def modules_lr(self) -> Optional[float]:
+        """Learning rate of :meth:`modules`' parameters (None: train.lr)."""
+        return None
 
     @abstractmethod
     def compute_loss(

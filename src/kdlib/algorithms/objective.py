@@ -3,7 +3,10 @@
 Every student computation (training loss, held-out sums) goes through this module's ``forward``.
 That makes it the natural root for FSDP2: the root gathers the parameters outside the decoder
 layers (embeddings, final norm, the head the fused loss reads directly) for the whole computation
-and reduces their gradients afterwards, without the algorithm knowing about sharding.
+and reduces their gradients afterwards, without the algorithm knowing about sharding. The
+algorithm's own trainable modules (DSKD's projectors) are registered here as well
+(``algorithm_modules``), so the optimizer, FSDP2 and training checkpoints see them like the
+student's parameters; the exported student is ``model`` alone.
 """
 
 from __future__ import annotations
@@ -16,18 +19,23 @@ from torch import nn
 from kdlib.algorithms.base import Algorithm
 from kdlib.batch import MicroBatch
 from kdlib.teacher_output import TeacherOutput
-from kdlib.evaluation import HeldoutSums, heldout_sums
+from kdlib.evaluation import HeldoutSums, cross_tokenizer_heldout_sums, heldout_sums
 from kdlib.models.forward import hidden_at_loss_positions
 from kdlib.models.head import LMHead, lm_head_of
+from kdlib.xtok.vocab import VocabMatch
 
 
 class StudentObjective(nn.Module):
     def __init__(
-        self, model: nn.Module, algorithm: Algorithm, *, device_type: str, autocast: bool = False, chunk_size: int = 256
+        self, model: nn.Module, algorithm: Algorithm, *, device_type: str, autocast: bool = False, chunk_size: int = 256,
+        vocab_match: Optional[VocabMatch] = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.algorithm = algorithm
+        self.algorithm_modules = nn.ModuleDict(algorithm.modules())
+        # Across tokenizers: the matched vocabulary (top-1 agreement at 1:1 groups).
+        self.vocab_match = vocab_match
         self.device_type = device_type  # where compute runs (parameters may be offloaded)
         self.autocast = autocast
         self.chunk_size = chunk_size
@@ -52,8 +60,19 @@ class StudentObjective(nn.Module):
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
             hidden = hidden_at_loss_positions(self.model, batch.student)
         teacher_head: Optional[LMHead] = self.algorithm.teacher_head
-        return heldout_sums(
-            hidden, lm_head_of(self.model), None if teacher is None else teacher.hidden, teacher_head,
-            batch.student.targets(), chunk_size=self.chunk_size,
-        )
-
+        head = lm_head_of(self.model)
+        if teacher is not None and batch.alignment is not None and self.vocab_match is not None:
+            sums = cross_tokenizer_heldout_sums(
+                hidden, head, teacher.hidden, teacher_head, batch.alignment, self.vocab_match, chunk_size=self.chunk_size,
+            )
+        else:
+            sums = heldout_sums(
+                hidden, head, None if teacher is None else teacher.hidden, teacher_head,
+                batch.student.targets(), chunk_size=self.chunk_size,
+            )
+        if batch.response_bytes is not None:
+            sums.student_bytes = int(batch.response_bytes.sum())
+            if sums.teacher_tokens:
+                teacher_bytes = batch.teacher_response_bytes if batch.teacher_response_bytes is not None else batch.response_bytes
+                sums.teacher_bytes = int(teacher_bytes.sum())
+        return sums

@@ -159,6 +159,13 @@ def _check_teacher(cfg: KDConfig) -> None:
         raise ConfigError("a teacher updated from the student needs pipeline.prefetch=0")
     if teacher.cache and teacher.from_student:
         raise ConfigError("teacher.cache keeps a fixed teacher's outputs; a self-distillation teacher (teacher.from_student) changes with the student")
+    from kdlib.algorithms import ALGORITHMS
+
+    if (teacher.ema_decay is not None or teacher.update_freq) and ALGORITHMS.get(cfg.algorithm.name).needs_alignment:
+        raise ConfigError(
+            f"algorithm={cfg.algorithm.name} builds its loss on a fixed teacher head; a self-distillation "
+            "teacher updated from the student (teacher.update_freq / teacher.ema_decay) needs algorithm=vanilla"
+        )
     entry = TEACHER_BACKENDS.entry(teacher.backend)
     caps: TeacherCapabilities = entry.info or TeacherCapabilities()
     if cfg.pipeline.colocate and not caps.sleep_wake:

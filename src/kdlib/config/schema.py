@@ -61,6 +61,14 @@ class Overlong(str, Enum):
     drop = "drop"  # leave the sample out; counted in the log
 
 
+class Unalignable(str, Enum):
+    """What happens to a sample whose response cannot be aligned across two tokenizers (its text
+    differs between the two renderings, or tokens that cannot be placed in it exactly)."""
+
+    error = "error"  # stop with a one-line error naming the row and the model
+    drop = "drop"  # leave the sample out; counted in the log and data_report.json
+
+
 class LossImplementation(str, Enum):
     """How the KD loss is computed from hidden states."""
 
@@ -391,6 +399,9 @@ class DataConfig:
     max_len: int = 1024
     # What to do with longer samples.
     overlong: Overlong = Overlong.truncate
+    # Cross-tokenizer algorithms: what to do with a sample whose response cannot be aligned
+    # between the two tokenizers.
+    unalignable: Unalignable = Unalignable.error
     # Use at most this many training rows (null = all).
     max_samples: Optional[int] = None
     # Use at most this many evaluation rows (null = all).

@@ -37,29 +37,55 @@ def chat_encoders(cfg: KDConfig, *, with_teacher: bool) -> tuple[ChatEncoder, Op
         return student, None
     teacher_tok = student_tok if cfg.teacher.from_student else load_tokenizer(cfg.teacher)
     teacher = ChatEncoder(teacher_tok, apply_chat_template=cfg.data.apply_chat_template, name="teacher")
-    check_vocabularies(teacher, student)
+    if not cross_tokenizer(cfg):
+        check_vocabularies(teacher, student)
     if teacher.signature() == student.signature() and not cfg.data.teacher_input_key:
         return student, None  # same tokens: the teacher reads the student's batch
     return student, teacher
+
+
+def cross_tokenizer(cfg: KDConfig) -> bool:
+    """Whether the run's algorithm distils across tokenizers (its batches carry alignments)."""
+    from kdlib.algorithms import ALGORITHMS
+
+    return ALGORITHMS.get(cfg.algorithm.name).needs_alignment
 
 
 def check_vocabularies(teacher: ChatEncoder, student: ChatEncoder) -> None:
     """Token-level KD compares distributions over the same token ids."""
     t_vocab, s_vocab = teacher.tokenizer.get_vocab(), student.tokenizer.get_vocab()
     if t_vocab != s_vocab:
+        from kdlib.algorithms import ALGORITHMS
+
         shared = len(set(t_vocab.items()) & set(s_vocab.items()))
+        across = [entry.name for entry in ALGORITHMS if getattr(entry.load(), "needs_alignment", False)]
         raise ConfigError(
             f"teacher and student tokenizers differ ({len(t_vocab)} vs {len(s_vocab)} tokens, "
-            f"{shared} identical); token-level KD needs one vocabulary"
+            f"{shared} identical); token-level KD needs one vocabulary: choose a cross-tokenizer "
+            f"algorithm ({', '.join(f'algorithm={name}' for name in across)})"
         )
 
 
 def load_data(
     cfg: KDConfig, student: ChatEncoder, teacher: Optional[ChatEncoder], *, prompts: bool = False, responses: bool = True
 ) -> DataBundle:
-    """The samples a training mode needs: data.train's responses and/or prompts, and data.eval."""
+    """The samples a training mode needs: data.train's responses and/or prompts, and data.eval.
+
+    For a cross-tokenizer algorithm every sample carries the alignment of its two responses (all
+    1:1 groups when the tokenizers are the same) and training batches name the teacher rows the
+    algorithm reads."""
     bundle = DataBundle(student_pad_id=student.pad_id, teacher_pad_id=None if teacher is None else teacher.pad_id,
                         student_encoder=student)
+    if cross_tokenizer(cfg):
+        from kdlib.algorithms import ALGORITHMS
+        from kdlib.data.cross_tokenizer import ResponseAligner
+
+        bundle.aligner = ResponseAligner(
+            student, teacher or student, student_model=f"student ({cfg.student.tokenizer or cfg.student.model})",
+            teacher_model=f"teacher ({cfg.teacher.tokenizer or cfg.teacher.model})",
+        )
+        bundle.row_kind = ALGORITHMS.get(cfg.algorithm.name).teacher_row_kind(cfg.algorithm)
+    aligner = bundle.aligner
     if prompts:
         bundle.prompts, report = build_prompts(cfg.data, student, teacher)
         bundle.reports["prompts"] = report
@@ -67,13 +93,13 @@ def load_data(
         if not bundle.prompts:
             raise ConfigError(f"data.train: no usable prompt ({report.summary()})")
     if responses:
-        bundle.train, report = build_samples(cfg.data, "train", student, teacher)
+        bundle.train, report = build_samples(cfg.data, "train", student, teacher, aligner)
         bundle.reports["train"] = report
         log.info("train data: %s", report.summary())
         if not bundle.train:
             raise ConfigError(f"data.train: no usable sample in {report.source} ({report.summary()})")
     if cfg.data.eval:
-        bundle.eval, report = build_samples(cfg.data, "eval", student, teacher)
+        bundle.eval, report = build_samples(cfg.data, "eval", student, teacher, aligner)
         bundle.reports["eval"] = report
         log.info("eval data: %s", report.summary())
     return bundle
@@ -153,13 +179,16 @@ def start_rollout(pipeline: "Pipeline", model: ModelConfig, *, syncs_weights: bo
 
 
 def start_students(pipeline: "Pipeline", teacher_head: Any = None) -> WorkerGroup:
-    """The data-parallel student workers, set up with the teacher's head (None: no teacher)."""
+    """The data-parallel student workers, set up with the teacher's head (None: no teacher) and,
+    across tokenizers, the matched vocabulary (computed once here)."""
     cfg = pipeline.cfg
     world = cfg.student.num_workers
+    aligner = None if pipeline.data is None else pipeline.data.aligner
+    match = None if aligner is None else aligner.vocab_match()
     specs = [StudentSpec(cfg, rank, world) for rank in range(world)]
     with _loading(cfg, "student", world):
         pipeline.student = pipeline.launcher.group("student", _worker("student:StudentWorker"), specs, distributed=True)
-        pipeline.student.call("setup", teacher_head, pipeline.total_steps)
+        pipeline.student.call("setup", teacher_head, pipeline.total_steps, match)
     return pipeline.student
 
 

@@ -1,10 +1,12 @@
 """Held-out evaluation: teacher and student on the eval split, summed over workers.
 
-Reports per-token KL(teacher || student), student cross-entropy on the responses and top-1
-agreement with the teacher, and renders the before/after table the run prints at the end. The
-eval set is processed in rounds (one micro-batch per student worker, or per teacher worker when
-there are more of those), the teacher scoring the next round while the students evaluate this
-one, so a progress bar can follow it and a long evaluation is never silent.
+Reports per-token KL(teacher || student) (same tokenizer), student cross-entropy on the responses,
+top-1 agreement with the teacher (per token, or at 1:1 groups across tokenizers) and the
+tokenizer-free bits per byte of the response text for the student and the teacher, and renders the
+before/after table the run prints at the end. The eval set is processed in rounds (one micro-batch
+per student worker, or per teacher worker when there are more of those), the teacher scoring the
+next round while the students evaluate this one, so a progress bar can follow it and a long
+evaluation is never silent.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ LABELS = {
     "kl": ("KL(teacher || student) per token", "lower"),
     "ce": ("student cross-entropy per token", "lower"),
     "top1_agreement": ("top-1 agreement with teacher", "higher"),
+    "bits_per_byte": ("student bits per byte of the responses", "lower"),
+    "teacher_bits_per_byte": ("teacher bits per byte of the responses", "reference"),
 }
 
 
@@ -78,11 +82,7 @@ class Evaluator:
                 bar.update(len(batches))
         if cached is None and p.cfg.eval.cache_teacher:
             self._teacher_handles = handles
-        out = total.means()
-        if not self.teacher.active:
-            out.pop("kl")
-            out.pop("top1_agreement")
-        return out
+        return total.means()  # what was measured: no teacher, no KL, agreement or teacher figure
 
 
 def comparison_table(before: Optional[dict[str, float]], after: dict[str, float]) -> Table:
@@ -96,12 +96,12 @@ def comparison_table(before: Optional[dict[str, float]], after: dict[str, float]
     for key, (label, better) in LABELS.items():
         if key not in after:
             continue
-        row = [f"{label} ({better} is better)"]
+        row = [label if better == "reference" else f"{label} ({better} is better)"]
         if before is not None:
-            row.append(f"{before[key]:.4f}")
+            row.append(f"{before[key]:.4f}" if key in before else "")
         row.append(f"{after[key]:.4f}")
         if before is not None:
-            row.append(f"{after[key] - before[key]:+.4f}")
+            row.append(f"{after[key] - before[key]:+.4f}" if key in before else "")
         table.add_row(*row)
     return table
 

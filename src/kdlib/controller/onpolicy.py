@@ -7,6 +7,12 @@ scores the same ids, or its own privileged prompt + the same ids), then push the
 weights to the rollout engines. With ``onpolicy.lmbda < 1`` a seeded coin decides per step whether
 the batch comes from rollouts or from data.train's own responses (TRL GKD's lmbda).
 
+Across tokenizers (a cross-tokenizer algorithm) the student trains on its own sampled ids and the
+teacher reads the text they spell, re-tokenised with its tokenizer after its own prompt, the two
+aligned by byte offsets (:meth:`kdlib.data.cross_tokenizer.ResponseAligner.rollout`); this is the
+only re-tokenisation anywhere. Sampled tokens that cannot be aligned (text that is not valid UTF-8)
+are counted per step (``rollout_unaligned_tokens``) and trained by CE alone.
+
 Every rollout is appended to ``rollouts.jsonl`` in the run directory (and the first
 ``logging.tracker_samples`` of each logged step go to the experiment trackers); one is logged
 every ``rollout.print_every`` steps. Sampling is seeded per step, so a resumed run samples as the
@@ -105,13 +111,15 @@ class OnPolicyMode(TrainingLoop):
             for rank, share in enumerate(shares)
         ])
         generations = [g for worker in results for g in worker]
-        samples, cut_by_max_len, truncated, lengths = [], 0, 0, []
+        samples, cut_by_max_len, truncated, lengths, unaligned = [], 0, 0, [], 0
         log_rows = []
         for prompt, outs in zip(prompts, generations, strict=True):
             for out in outs:
-                sample, cut = rollout_sample(prompt, out.token_ids, cfg.data.max_len)
+                sample, cut = rollout_sample(prompt, out.token_ids, cfg.data.max_len, encoder=encoder,
+                                             aligner=p.data.aligner)
                 samples.append(sample)
                 cut_by_max_len += int(cut)
+                unaligned += sample.alignment.unaligned_student if sample.alignment is not None else 0
                 truncated += int(out.finish_reason == "length")
                 lengths.append(len(out.token_ids))
                 log_rows.append({
@@ -127,6 +135,8 @@ class OnPolicyMode(TrainingLoop):
             "rollouts_truncated": float(truncated),
             "rollouts_cut_by_max_len": float(cut_by_max_len),
         }
+        if p.data.aligner is not None:
+            self._rollout_metrics["rollout_unaligned_tokens"] = float(unaligned)
         return samples
 
     def start(self, first_step: int) -> None:

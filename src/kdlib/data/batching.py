@@ -21,6 +21,7 @@ import torch
 
 from kdlib.batch import MicroBatch, TokenBatch
 from kdlib.data.samples import Sample, Sequence
+from kdlib.xtok.groups import AlignmentBatch, RowKind
 
 
 def global_batches(
@@ -146,10 +147,17 @@ def plan_step(
 
 
 def collate(
-    samples: list[Sample], *, student_pad_id: int, teacher_pad_id: Optional[int] = None, packing: bool = False
+    samples: list[Sample],
+    *,
+    student_pad_id: int,
+    teacher_pad_id: Optional[int] = None,
+    packing: bool = False,
+    row_kind: Optional[RowKind] = None,
 ) -> MicroBatch:
     """Tensors for the student and, when it has its own tokens, the teacher: right-padded rows, or
-    one packed row without padding."""
+    one packed row without padding. Samples with an alignment give the batch its groups (rows in
+    the same (sample, position) order, padded or packed); ``row_kind`` then names the teacher rows
+    the algorithm reads, the only ones the teacher sends (None: all its loss rows)."""
     build = _pack if packing else (lambda seqs, pad: _pad(seqs, pad))
     student = build([s.student for s in samples], student_pad_id)
     teacher = None
@@ -157,7 +165,20 @@ def collate(
         assert teacher_pad_id is not None, "teacher sequences need the teacher pad id"
         teacher = build([s.teacher for s in samples], teacher_pad_id)
     keys = [s.teacher_key() for s in samples] if samples and all(s.cacheable for s in samples) else None
-    return MicroBatch(student=student, teacher=teacher, sample_ids=[s.index for s in samples], teacher_keys=keys)
+    batch = MicroBatch(
+        student=student, teacher=teacher, sample_ids=[s.index for s in samples], teacher_keys=keys,
+        response_bytes=torch.tensor([s.response_bytes for s in samples], dtype=torch.long),
+    )
+    if any(s.teacher_response_bytes is not None for s in samples):
+        batch.teacher_response_bytes = torch.tensor(
+            [s.response_bytes if s.teacher_response_bytes is None else s.teacher_response_bytes for s in samples],
+            dtype=torch.long,
+        )
+    if samples and samples[0].alignment is not None:
+        batch.alignment = AlignmentBatch.from_samples([s.alignment for s in samples])
+        if row_kind is not None:
+            batch.teacher_rows = batch.alignment.rows(row_kind).teacher_rows
+    return batch
 
 
 def _pad(sequences: list[Sequence], pad_id: int) -> TokenBatch:

@@ -10,6 +10,7 @@ two pieces are tokenised separately so that the token boundary sits exactly at t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -27,6 +28,10 @@ class EncodedChat:
     input_ids: list[int]
     # Index of the first response token; the prompt is input_ids[:response_start].
     response_start: int
+    # The rendered text the response ids were tokenised from: the template's text after the
+    # generation prompt (the content, the end-of-turn marker, anything after it). Cross-tokenizer
+    # alignment places the response tokens in it by byte offsets.
+    response_text: str = ""
 
     @property
     def response_ids(self) -> list[int]:
@@ -111,9 +116,17 @@ class ChatEncoder(TurnTokens):
                 "the whole conversation, so the response tokens cannot be located"
             )
         prompt_ids = self._ids(prompt_text)
-        response_ids = self._ids(full_text[len(prompt_text):])
-        response_ids = self._through_end_of_turn(response_ids)
-        return EncodedChat(input_ids=prompt_ids + response_ids, response_start=len(prompt_ids))
+        response_text = full_text[len(prompt_text):]
+        response_ids = self._through_end_of_turn(self._ids(response_text))
+        return EncodedChat(input_ids=prompt_ids + response_ids, response_start=len(prompt_ids), response_text=response_text)
+
+    @functools.cached_property
+    def end_of_turn_id(self) -> int:
+        """The token that ends an assistant turn in this template (``<|im_end|>``, ``<|eot_id|>``,
+        ...): the last trained token of a probe conversation."""
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        encoded = self.encode(probe, "the end-of-turn probe")
+        return encoded.response_ids[-1]
 
     def _render_prompt(self, conversation: Conversation) -> str:
         if self.apply_chat_template:

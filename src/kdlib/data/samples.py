@@ -4,19 +4,34 @@ This is where samples are kept, truncated or dropped, and every such decision is
 :class:`FilterReport` that the run logs, so no sample disappears silently. A sample longer than
 ``data.max_len`` keeps its whole prompt and loses the end of its response (``overlong=truncate``)
 or is left out (``overlong=drop``); a sample whose prompt alone does not fit is always left out.
+Across tokenizers (a :class:`~kdlib.data.cross_tokenizer.ResponseAligner` is given) each side is
+tokenised and fitted on its own, the two responses are aligned by byte offsets, and a response
+that cannot be aligned fails the run or is dropped and counted (``data.unalignable``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from itertools import takewhile
+from typing import TYPE_CHECKING, Optional
 
 from kdlib.cache.fingerprint import sample_key
-from kdlib.config.schema import DataConfig, Overlong
+from kdlib.config.schema import DataConfig, Overlong, Unalignable
 from kdlib.data.encoding import ChatEncoder, EncodedChat
 from kdlib.data.formats import Conversation, detect_format, privileged_conversation, row_to_conversation
 from kdlib.data.sources import RowSource, load_rows
+from kdlib.errors import DataError
+
+if TYPE_CHECKING:
+    from kdlib.data.cross_tokenizer import ResponseAligner
+    from kdlib.xtok.alignment import SampleAlignment
+
+log = logging.getLogger(__name__)
+
+# The FilterReport reason of a response that cannot be aligned across the tokenizers.
+UNALIGNABLE = "cannot be aligned across the tokenizers"
 
 
 @dataclass
@@ -44,6 +59,12 @@ class Sample:
     teacher: Optional[Sequence] = None
     # Whether a teacher cache may keep this sample's teacher output (not for one-off rollouts).
     cacheable: bool = True
+    # Cross-tokenizer algorithms: the byte-offset groups of the two responses.
+    alignment: Optional["SampleAlignment"] = None
+    # UTF-8 bytes of the response text the student's kept tokens spell (bits per byte), and the
+    # teacher's (None: the same tokens, the same bytes).
+    response_bytes: int = 0
+    teacher_response_bytes: Optional[int] = None
 
     @property
     def teacher_view(self) -> Sequence:
@@ -64,6 +85,10 @@ class FilterReport:
     kept: int = 0
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
+    # Cross-tokenizer: response tokens of kept samples outside every group (after a cut by
+    # data.max_len on one side), trained by CE only.
+    unaligned_student_tokens: int = 0
+    unaligned_teacher_tokens: int = 0
 
     def summary(self) -> str:
         parts = [f"{self.kept}/{self.rows} samples kept from {self.source}"]
@@ -71,6 +96,9 @@ class FilterReport:
             parts.append(f"{self.truncated} truncated")
         for reason, count in sorted(self.dropped.items()):
             parts.append(f"{count} dropped ({reason})")
+        if self.unaligned_student_tokens or self.unaligned_teacher_tokens:
+            parts.append(f"{self.unaligned_student_tokens} student / {self.unaligned_teacher_tokens} teacher "
+                         "response tokens unaligned (cut by data.max_len on one side)")
         return ", ".join(parts)
 
     def as_dict(self) -> dict:
@@ -80,6 +108,8 @@ class FilterReport:
             "kept": self.kept,
             "truncated": self.truncated,
             "dropped": dict(self.dropped),
+            "unaligned_student_tokens": self.unaligned_student_tokens,
+            "unaligned_teacher_tokens": self.unaligned_teacher_tokens,
         }
 
 
@@ -147,10 +177,13 @@ def build_samples(
     split: str,
     student: ChatEncoder,
     teacher: Optional[ChatEncoder] = None,
+    aligner: Optional["ResponseAligner"] = None,
 ) -> tuple[list[Sample], FilterReport]:
     """Samples of ``split`` ("train" or "eval") and the report of what was filtered.
 
-    ``teacher`` is given only when the teacher tokenises differently from the student.
+    ``teacher`` is given only when the teacher tokenises differently from the student;
+    ``aligner`` only for cross-tokenizer algorithms (then the two responses are aligned, with
+    ``teacher`` None meaning the teacher reads the student's tokens).
     """
     source = load_split(cfg, split)
     report = FilterReport(source=source.name, rows=len(source.rows))
@@ -166,17 +199,73 @@ def build_samples(
         if student_seq is None:
             report.dropped[reason] += 1
             continue
-        teacher_seq = None
+        teacher_encoded = None
         if teacher is not None:
             teacher_encoded = teacher.encode(row.teacher_conversation or conversation, where)
-            teacher_seq = _match_teacher(teacher_encoded, student_seq)
-            if teacher_seq is None:
-                report.dropped["teacher tokenises the response differently"] += 1
-                continue
+        if teacher is not None and teacher_encoded is None:
+            sample, reason = None, "empty teacher response"
+        elif aligner is not None:
+            sample, reason, teacher_truncated = _aligned_sample(
+                index, encoded, student_seq, teacher_encoded, cfg, aligner, where, report
+            )
+            truncated = truncated or teacher_truncated
+        else:
+            sample = Sample(index=index, student=student_seq,
+                            response_bytes=response_bytes(student, student_seq.input_ids[student_seq.response_start:]))
+            if teacher is not None:
+                sample.teacher = _match_teacher(teacher_encoded, student_seq)
+                reason = "teacher tokenises the response differently"
+                if sample.teacher is None:
+                    sample = None
+        if sample is None:
+            report.dropped[reason] += 1
+            continue
         report.kept += 1
         report.truncated += int(truncated)
-        samples.append(Sample(index=index, student=student_seq, teacher=teacher_seq))
+        samples.append(sample)
     return samples, report
+
+
+def _aligned_sample(
+    index: int, encoded: EncodedChat, student_seq: Sequence, teacher_encoded: Optional[EncodedChat], cfg: DataConfig,
+    aligner: "ResponseAligner", where: str, report: FilterReport,
+) -> tuple[Optional[Sample], str, bool]:
+    """A sample with both sides fitted to data.max_len on their own and aligned: (sample or None,
+    reason if dropped, whether the teacher side was cut)."""
+    teacher_seq, teacher_truncated = None, False
+    teacher_text = encoded.response_text
+    if teacher_encoded is not None:  # the teacher has its own tokens (None: it reads the student's)
+        teacher_seq, reason, teacher_truncated = _fit(teacher_encoded, cfg)
+        if teacher_seq is None:
+            return None, f"teacher: {reason}", False
+        teacher_text = teacher_encoded.response_text
+    teacher_view = teacher_seq or student_seq
+    try:
+        aligned = aligner.align(
+            student_seq.input_ids[student_seq.response_start:], encoded.response_text,
+            teacher_view.input_ids[teacher_view.response_start:], teacher_text, row=where,
+        )
+    except DataError as exc:
+        if cfg.unalignable is Unalignable.error:
+            raise
+        if not report.dropped[UNALIGNABLE]:  # the first one, so the user sees why
+            log.warning("%s (data.unalignable=drop: dropped and counted)", exc)
+        return None, UNALIGNABLE, False
+    alignment = aligned.alignment
+    if alignment.n_groups == 0:
+        return None, "no aligned token left after data.max_len", False
+    report.unaligned_student_tokens += alignment.unaligned_student
+    report.unaligned_teacher_tokens += alignment.unaligned_teacher
+    sample = Sample(index=index, student=student_seq, teacher=teacher_seq, alignment=alignment,
+                    response_bytes=aligned.student_bytes, teacher_response_bytes=aligned.teacher_bytes)
+    return sample, "", teacher_truncated
+
+
+def response_bytes(encoder: ChatEncoder, response_ids: list[int]) -> int:
+    """UTF-8 bytes of the response text that ``response_ids`` spell (end of turn excluded)."""
+    text_ids = list(takewhile(lambda t: t not in encoder.end_of_turn_ids, response_ids))
+    text = encoder.tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return len(text.encode("utf-8"))
 
 
 def load_split(cfg: DataConfig, split: str) -> RowSource:
@@ -214,11 +303,33 @@ def _match_teacher(encoded: Optional[EncodedChat], student: Sequence) -> Optiona
     return Sequence(encoded.input_ids[: encoded.response_start] + response, encoded.response_start)
 
 
-def rollout_sample(prompt: Prompt, response_ids: list[int], max_len: int) -> tuple[Sample, bool]:
+def rollout_sample(
+    prompt: Prompt, response_ids: list[int], max_len: int, *, encoder: Optional[ChatEncoder] = None,
+    aligner: Optional["ResponseAligner"] = None,
+) -> tuple[Sample, bool]:
     """A training sample from a sampled response: the student trains on exactly the sampled ids
     (no re-tokenisation, no end token added to a response cut by max_new_tokens); the loss covers
-    the response tokens and nothing else. Returns (sample, whether max_len cut the response)."""
-    room = max_len - len(prompt.student_ids)
+    the response tokens and nothing else. Returns (sample, whether max_len cut the response).
+
+    Across tokenizers (``aligner``), the teacher reads the sampled text in its own tokens and the
+    two are aligned; otherwise it reads the same ids after its own prompt. ``encoder`` (the
+    student's) gives the response bytes for bits per byte.
+    """
+    student_room = max_len - len(prompt.student_ids)
+    teacher_ids = prompt.teacher_ids if prompt.teacher_ids is not None else prompt.student_ids
+    if aligner is not None:
+        both = aligner.rollout(response_ids, student_room=student_room, teacher_room=max_len - len(teacher_ids),
+                               row=f"rollout of data.train row {prompt.index}")
+        if both.unaligned_reason:
+            log.debug("unaligned rollout tokens: %s", both.unaligned_reason)
+        sample = Sample(
+            index=prompt.index, student=Sequence(prompt.student_ids + both.student_ids, len(prompt.student_ids)),
+            teacher=Sequence(teacher_ids + both.teacher_ids, len(teacher_ids)), cacheable=False,
+            alignment=both.response.alignment, response_bytes=both.response.student_bytes,
+            teacher_response_bytes=both.response.teacher_bytes,
+        )
+        return sample, len(both.student_ids) < len(response_ids)
+    room = student_room
     if prompt.teacher_ids is not None:
         room = min(room, max_len - len(prompt.teacher_ids))
     kept = response_ids[:room]
@@ -226,5 +337,6 @@ def rollout_sample(prompt: Prompt, response_ids: list[int], max_len: int) -> tup
     teacher = None
     if prompt.teacher_ids is not None:
         teacher = Sequence(prompt.teacher_ids + kept, len(prompt.teacher_ids))
-    sample = Sample(index=prompt.index, student=student, teacher=teacher, cacheable=False)
+    sample = Sample(index=prompt.index, student=student, teacher=teacher, cacheable=False,
+                    response_bytes=0 if encoder is None else response_bytes(encoder, kept))
     return sample, len(kept) < len(response_ids)

@@ -1,10 +1,10 @@
 """Models as configured: loaded and depth-pruned (any role), and set up for training (the student).
 
 The rollout engine of on-policy KD and a self-distillation teacher are built from the student's
-config by :func:`build_model`, so they have exactly the student's architecture (pruning included)
-and its initial weights. Only the training student goes on through the student transforms
-(``models/transforms.py``: LoRA, freezing), which is why those give their weights back in the plain
-layout :func:`build_model` makes.
+config by :func:`build_model`, so they have exactly the student's architecture (pruning and a
+transferred vocabulary included) and its initial weights. Only the training student goes on through
+the student transforms (``models/transforms.py``: LoRA, freezing), which is why those give their
+weights back in the plain layout :func:`build_model` makes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from kdlib.config.schema import ModelConfig, Precision, StudentConfig
 from kdlib.models.loading import load_causal_lm, torch_dtype
 from kdlib.models.pruning import prune_as_configured
 from kdlib.models.transforms import TransformedStudent, apply_transforms
+from kdlib.models.vocabulary import transfer_student_vocabulary
 
 
 def build_model(cfg: ModelConfig, device: torch.device, *, dtype: Optional[Precision] = None) -> nn.Module:
@@ -25,6 +26,7 @@ def build_model(cfg: ModelConfig, device: torch.device, *, dtype: Optional[Preci
     model = load_causal_lm(cfg, device=device)
     if isinstance(cfg, StudentConfig):
         prune_as_configured(model, cfg.keep_layers, cfg.num_layers)
+        transfer_student_vocabulary(model, cfg)  # student.tokenizer with another vocabulary
     if dtype is not None:
         model.to(torch_dtype(dtype))
     return model

@@ -200,12 +200,13 @@ def load_checkpoint(directory: str | Path, module: nn.Module, optimizer: torch.o
 
 
 def full_model_state(module: nn.Module, prefix: str = "model.") -> dict[str, torch.Tensor]:
-    """The unsharded state dict on the CPU (rank 0 gets it; other ranks an empty dict), keys
-    without ``prefix``. Every rank must call it."""
+    """The unsharded state dict on the CPU (rank 0 gets it; other ranks an empty dict) of the
+    entries under ``prefix``, without it: the student, not what else the objective trains (an
+    algorithm's own modules). Every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:

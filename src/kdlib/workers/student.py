@@ -46,6 +46,7 @@ from kdlib.parallel.distributed import init_process_group
 from kdlib.teacher_output import TeacherOutput
 from kdlib.transport import build_transport
 from kdlib.workers.specs import StudentSpec
+from kdlib.xtok.vocab import VocabMatch
 
 
 class StudentWorker:
@@ -72,20 +73,26 @@ class StudentWorker:
         self.optimizer = None
         self.scheduler = None
 
-    def setup(self, teacher_head: Optional[LMHead], total_steps: int) -> None:
-        """Receive the teacher head (None without a teacher); build algorithm, sharding, optimizer."""
+    def setup(self, teacher_head: Optional[LMHead], total_steps: int, vocab_match: Optional[VocabMatch] = None) -> None:
+        """Receive the teacher head (None without a teacher) and, across tokenizers, the matched
+        vocabulary; build algorithm, sharding, optimizer."""
         if teacher_head is not None:
             teacher_head = teacher_head.detached(device=self.device)
+        if vocab_match is not None:
+            vocab_match = vocab_match.to(self.device)
         algorithm = ALGORITHMS.get(self.cfg.algorithm.name)(self.cfg.algorithm, self.cfg.loss, teacher_head)
+        algorithm.attach(self.model, vocab_match)
         self.objective = StudentObjective(
             self.model, algorithm, device_type=self.device.type,
-            autocast=self.cfg.student.autocast, chunk_size=self.cfg.loss.chunk_size,
+            autocast=self.cfg.student.autocast, chunk_size=self.cfg.loss.chunk_size, vocab_match=vocab_match,
         )
         if self.world_size > 1:
             from kdlib.parallel.fsdp import shard_student
 
             shard_student(self.objective, self.model, self.cfg.student.fsdp, self.world_size, self.device)
-        self.optimizer = build_optimizer(self.objective, self.cfg.train)
+        self.optimizer = build_optimizer(
+            self.objective, self.cfg.train, lr_by_prefix={"algorithm_modules.": algorithm.modules_lr()},
+        )
         self.scheduler = build_scheduler(self.optimizer, self.cfg.train, total_steps)
 
     def train_step(

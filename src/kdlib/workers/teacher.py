@@ -4,6 +4,8 @@ A plain class: the local launcher calls it in the controller's process, the Ray 
 an actor; it does not know which. It scores micro-batches with its backend, completes the teacher
 output (per-sample row offsets, sample ids, the wire dtype: bf16 by default, never fp16), checks
 that the rows match the loss positions, publishes it through the transport and returns the handles.
+Across tokenizers the micro-batch names the teacher rows its algorithm reads: only those are
+published (a teacher cache still stores every loss row, so any method can read it later).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kdlib.teacher import TEACHER_BACKENDS
 from kdlib.teacher_output import TeacherOutput
 from kdlib.transport import build_transport
 from kdlib.workers.specs import TeacherSpec
+from kdlib.xtok.groups import SentRows
 
 WIRE_DTYPES = {HiddenDtype.bfloat16: torch.bfloat16, HiddenDtype.float32: torch.float32}
 
@@ -80,7 +83,7 @@ class TeacherWorker:
             output = self.score(batch)
             if self.cache is not None and batch.teacher_keys is not None:
                 self.cache.write({key: output.sample_rows(i) for i, key in enumerate(batch.teacher_keys)})
-            handles.append(self.transport.publish(output) if publish else None)
+            handles.append(self.transport.publish(rows_to_send(output, batch)) if publish else None)
         published = self.transport.stats.take()
         written = self.cache.stats.take() if self.cache is not None else None
         return TeacherResult(
@@ -117,3 +120,21 @@ class TeacherWorker:
 
     def wake(self) -> None:
         self.backend.wake()
+
+
+def rows_to_send(output: TeacherOutput, batch: MicroBatch) -> TeacherOutput:
+    """The rows of ``output`` the micro-batch's algorithm reads (``batch.teacher_rows``, with
+    per-sample offsets of the rows kept and the rows themselves in the ``alignment`` field), or
+    ``output`` unchanged when it reads every loss row (identical tokenizers, all groups 1:1)."""
+    rows = batch.teacher_rows
+    if rows is None or rows.numel() == output.n_rows:  # (sorted, distinct: then every row, in order)
+        return output
+    rows = rows.to(output.hidden.device)
+    return TeacherOutput(
+        hidden=output.hidden[rows],
+        row_offsets=batch.alignment.sent_row_offsets(rows.cpu()),
+        sample_ids=output.sample_ids,
+        topk_ids=None if output.topk_ids is None else output.topk_ids[rows],
+        topk_logprobs=None if output.topk_logprobs is None else output.topk_logprobs[rows],
+        alignment=SentRows(teacher_rows=rows.cpu()),
+    )

@@ -55,6 +55,15 @@ class GroupRows:
 
 
 @dataclass
+class SentRows:
+    """The ``alignment`` field of a teacher output that carries only some of its loss rows: which
+    ones (sorted), so the student can check they are the rows its method reads."""
+
+    # [R] long: teacher loss rows of the micro-batch, in the order the hidden states are sent.
+    teacher_rows: torch.Tensor
+
+
+@dataclass
 class AlignmentBatch:
     """The groups of every sample of a micro-batch; group tensors are [G], sample tensors [B]."""
 

@@ -46,7 +46,9 @@ def divergence(loss: LossConfig, student_logits: torch.Tensor, teacher_logits: t
     (kept as they are, so float64 references stay float64) and of equal widths.
     """
     temperature = loss.temperature
-    values = LOSSES.get(loss.name)(student_logits / temperature, teacher_logits / temperature, **loss_params(loss))
+    if temperature != 1.0:
+        student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
+    values = LOSSES.get(loss.name)(student_logits, teacher_logits, **loss_params(loss))
     return values * temperature**2 if loss.scale_by_temperature_squared else values
 
 

@@ -17,6 +17,8 @@ and the unaligned tokens of a truncated side take no part in KD (KDFlow compares
 
 from __future__ import annotations
 
+import torch
+
 from kdlib.config.schema import LossConfig
 from kdlib.models.head import LMHead
 from kdlib.xtok.groups import RowKind
@@ -37,8 +39,19 @@ class OverlapLoss(CrossTokenizerLoss):
         self.match = match.to(device)
         self.loss = loss
         self.matched_teacher_head = sub_head(self.teacher_head, self.match.teacher_ids)
+        # Identical vocabularies (M is every row of both heads, in order): no column gather.
+        self.identity = bool(
+            torch.equal(self.match.student_ids, self.match.teacher_ids)
+            and torch.equal(self.match.teacher_ids, torch.arange(self.teacher_head.vocab_size, device=device))
+        )
 
     def kd_sum(self, chunk: ChunkInputs):
-        student = chunk.student_logits[chunk.student_start][:, self.match.student_ids]
-        teacher = self.teacher_logits(chunk, chunk.teacher_start, self.matched_teacher_head)
+        student = chunk.student_logits[chunk.student_start]
+        if not self.identity:
+            student = student[:, self.match.student_ids]
+        elif student.shape[-1] != self.teacher_head.vocab_size:
+            raise ValueError(f"overlap: a student head of {student.shape[-1]} rows for an identical "
+                             f"vocabulary of {self.teacher_head.vocab_size}")
+        head = self.teacher_head if self.identity else self.matched_teacher_head
+        teacher = self.teacher_logits(chunk, chunk.teacher_start, head)
         return divergence(self.loss, student, teacher).sum()
