@@ -12,10 +12,10 @@ import logging
 from typing import TYPE_CHECKING, Any, Optional
 
 from kdlib.config.schema import KDConfig, ModelConfig
+from kdlib.controller import modality
 from kdlib.data.batching import steps_per_epoch
 from kdlib.data.bundle import DataBundle
 from kdlib.data.encoding import ChatEncoder
-from kdlib.data.samples import build_prompts, build_samples
 from kdlib.errors import ConfigError
 from kdlib.launch import WorkerGroup, build_launcher
 from kdlib.models.loading import load_tokenizer
@@ -29,7 +29,14 @@ log = logging.getLogger(__name__)
 
 
 def chat_encoders(cfg: KDConfig, *, with_teacher: bool) -> tuple[ChatEncoder, Optional[ChatEncoder]]:
-    """(student encoder, teacher encoder or None when the teacher reads the student's tokens)."""
+    """(student encoder, teacher encoder or None when the teacher reads the student's tokens);
+    vision-language models get their processors' encoders (see controller/modality.py)."""
+    if modality.vision_run(cfg, with_teacher=with_teacher):
+        student, teacher = modality.vision_encoders(cfg, with_teacher=with_teacher)
+        if teacher is not None:
+            check_vocabularies(teacher, student)
+        same = teacher is None or teacher.signature() == student.signature()
+        return student, None if same else teacher  # same tokens and pixels: the student's view
     student_tok = load_tokenizer(cfg.student)
     student = ChatEncoder(student_tok, apply_chat_template=cfg.data.apply_chat_template, name="student")
     if not with_teacher:
@@ -57,22 +64,21 @@ def load_data(
     cfg: KDConfig, student: ChatEncoder, teacher: Optional[ChatEncoder], *, prompts: bool = False, responses: bool = True
 ) -> DataBundle:
     """The samples a training mode needs: data.train's responses and/or prompts, and data.eval."""
-    bundle = DataBundle(student_pad_id=student.pad_id, teacher_pad_id=None if teacher is None else teacher.pad_id,
-                        student_encoder=student)
+    bundle = modality.new_bundle(cfg, student, teacher)
     if prompts:
-        bundle.prompts, report = build_prompts(cfg.data, student, teacher)
+        bundle.prompts, report = bundle.load_prompts(cfg.data)
         bundle.reports["prompts"] = report
         log.info("prompts: %s", report.summary())
         if not bundle.prompts:
             raise ConfigError(f"data.train: no usable prompt ({report.summary()})")
     if responses:
-        bundle.train, report = build_samples(cfg.data, "train", student, teacher)
+        bundle.train, report = bundle.load_samples(cfg.data, "train")
         bundle.reports["train"] = report
         log.info("train data: %s", report.summary())
         if not bundle.train:
             raise ConfigError(f"data.train: no usable sample in {report.source} ({report.summary()})")
     if cfg.data.eval:
-        bundle.eval, report = build_samples(cfg.data, "eval", student, teacher)
+        bundle.eval, report = bundle.load_samples(cfg.data, "eval")
         bundle.reports["eval"] = report
         log.info("eval data: %s", report.summary())
     return bundle
@@ -94,14 +100,22 @@ def start_launcher(pipeline: "Pipeline") -> None:
     pipeline.launcher = build_launcher(pipeline.cfg.launcher)
 
 
-def open_teacher_cache(pipeline: "Pipeline", teacher_tokenizer: Any) -> "TeacherCache":
-    """Open ``teacher.cache`` for this run's teacher setup (refused if it holds another's)."""
-    from kdlib.cache.fingerprint import FORMAT, CacheNamespace, tokenizer_fingerprint, weights_fingerprint
+def open_teacher_cache(pipeline: "Pipeline", teacher_encoder: ChatEncoder) -> "TeacherCache":
+    """Open ``teacher.cache`` for this run's teacher setup (refused if it holds another's);
+    ``teacher_encoder`` renders the teacher's view (its tokenizer, or its processor for a VLM)."""
+    from kdlib.cache.fingerprint import (
+        FORMAT, CacheNamespace, processor_fingerprint, tokenizer_fingerprint, weights_fingerprint,
+    )
     from kdlib.cache.store import TeacherCache
     from kdlib.hardware import resolve_device_type
     from kdlib.models.loading import model_location
 
     cfg = pipeline.cfg
+    processor = getattr(teacher_encoder, "processor", None)
+    rendering = (
+        tokenizer_fingerprint(teacher_encoder.tokenizer, apply_chat_template=cfg.data.apply_chat_template)
+        if processor is None else processor_fingerprint(processor, apply_chat_template=cfg.data.apply_chat_template)
+    )
     namespace = CacheNamespace(
         format=FORMAT,
         weights=weights_fingerprint(model_location(cfg.teacher.model)),
@@ -110,7 +124,7 @@ def open_teacher_cache(pipeline: "Pipeline", teacher_tokenizer: Any) -> "Teacher
         backend=cfg.teacher.backend,
         attn_implementation=cfg.teacher.attn_implementation,
         device_type=resolve_device_type(cfg.device),
-        tokenizer=tokenizer_fingerprint(teacher_tokenizer, apply_chat_template=cfg.data.apply_chat_template),
+        tokenizer=rendering,
         wire_dtype=cfg.transport.dtype.value,
     )
     pipeline.cache = TeacherCache.open(cfg.teacher.cache, namespace)
@@ -143,6 +157,7 @@ def start_rollout(pipeline: "Pipeline", model: ModelConfig, *, syncs_weights: bo
     """``rollout.num_workers`` generation engines running ``model`` (a transport when they take
     the student's weights)."""
     cfg = pipeline.cfg
+    modality.check_rollout(cfg, model, "student" if syncs_weights else "teacher")
     transport = cfg.transport if syncs_weights else None
     specs = [RolloutSpec(model, cfg.rollout, cfg.device, rank, transport) for rank in range(cfg.rollout.num_workers)]
     pipeline.rollout = pipeline.launcher.group("rollout", _worker("rollout:RolloutWorker"), specs)

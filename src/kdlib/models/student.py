@@ -2,7 +2,9 @@
 
 The rollout engine of on-policy KD and a self-distillation teacher are built from the student's
 config by :func:`build_model`, so they have exactly the student's architecture (pruning included)
-and its initial weights.
+and its initial weights. A vision-language checkpoint (read from its config) loads as one
+(:func:`kdlib.models.vlm.build_vlm`: the language model's decoder pruned, the vision tower kept),
+and a vision-language student's vision side is frozen unless ``student.freeze_vision=false``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from torch import nn
 from kdlib.config.schema import ModelConfig, Precision, StudentConfig
 from kdlib.models.loading import load_causal_lm, torch_dtype
 from kdlib.models.pruning import prune_as_configured
+from kdlib.models.vlm import build_vlm, checkpoint_is_vision_language, is_vision_language, set_vision_trainable
 
 
 def build_model(cfg: ModelConfig, device: torch.device, *, dtype: Optional[Precision] = None) -> nn.Module:
     """``cfg``'s model on ``device``, depth-pruned when ``cfg`` is a student config that asks for it."""
+    if checkpoint_is_vision_language(cfg):
+        return build_vlm(cfg, device, dtype=dtype)
     model = load_causal_lm(cfg, device=device)
     if isinstance(cfg, StudentConfig):
         prune_as_configured(model, cfg.keep_layers, cfg.num_layers)
@@ -30,6 +35,8 @@ def build_model(cfg: ModelConfig, device: torch.device, *, dtype: Optional[Preci
 def build_student(cfg: StudentConfig, device: torch.device) -> nn.Module:
     """The student model on ``device`` in training mode."""
     model = build_model(cfg, device)
+    if is_vision_language(model.config):
+        set_vision_trainable(model, not cfg.freeze_vision)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -16,6 +16,8 @@ from kdlib.config.schema import ModelConfig, RolloutConfig
 from kdlib.registry import Registry
 
 ROLLOUT_BACKENDS: Registry[type["RolloutBackend"]] = Registry("rollout backend")
+# Backends (by the same names) whose generate() also takes ``images=PromptImages``.
+IMAGE_ROLLOUT_BACKENDS: Registry[type["RolloutBackend"]] = Registry("rollout backend for images")
 
 
 @dataclass

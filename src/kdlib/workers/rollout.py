@@ -6,10 +6,12 @@ weights after every optimizer step, in buckets through the transport.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
+from kdlib.batch import PromptImages
 from kdlib.models.loading import resolve_device
-from kdlib.rollout import ROLLOUT_BACKENDS, Generation
+from kdlib.models.vlm import checkpoint_is_vision_language
+from kdlib.rollout import IMAGE_ROLLOUT_BACKENDS, ROLLOUT_BACKENDS, Generation
 from kdlib.transport import build_transport
 from kdlib.workers.specs import RolloutSpec
 
@@ -18,7 +20,9 @@ class RolloutWorker:
     def __init__(self, spec: RolloutSpec) -> None:
         self.rank = spec.rank
         self.cfg = spec.rollout
-        self.backend = ROLLOUT_BACKENDS.get(spec.rollout.backend)(spec.model, resolve_device(spec.device))
+        # a vision-language model generates with the backend's image variant
+        backends = IMAGE_ROLLOUT_BACKENDS if checkpoint_is_vision_language(spec.model) else ROLLOUT_BACKENDS
+        self.backend = backends.get(spec.rollout.backend)(spec.model, resolve_device(spec.device))
         self.transport = build_transport(spec.transport) if spec.transport is not None else None
 
     def load_weights(self, handles: list[Any]) -> None:
@@ -27,6 +31,10 @@ class RolloutWorker:
         for handle in handles:
             self.backend.load_weights(self.transport.fetch_state(handle))
 
-    def generate(self, prompts: list[list[int]], stop_ids: set[int], pad_id: int, seed: int) -> list[list[Generation]]:
-        """``rollout.n_samples_per_prompt`` responses per prompt, ending at a ``stop_ids`` token."""
-        return self.backend.generate(prompts, self.cfg, stop_ids=set(stop_ids), pad_id=pad_id, seed=seed)
+    def generate(
+        self, prompts: list[list[int]], stop_ids: set[int], pad_id: int, seed: int, images: Optional[PromptImages] = None
+    ) -> list[list[Generation]]:
+        """``rollout.n_samples_per_prompt`` responses per prompt, ending at a ``stop_ids`` token;
+        ``images``: the prompts' images (a vision-language student answering about them)."""
+        extra = {} if images is None else {"images": images}
+        return self.backend.generate(prompts, self.cfg, stop_ids=set(stop_ids), pad_id=pad_id, seed=seed, **extra)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +29,7 @@ from kdlib.evaluation import HeldoutSums
 from kdlib.models.head import LMHead
 from kdlib.models.loading import resolve_device
 from kdlib.models.student import build_student
+from kdlib.models.vlm import image_layout_for
 from kdlib.models.weights import state_buckets
 from kdlib.optim import build_optimizer, build_scheduler
 from kdlib.parallel import checkpoint as ckpt
@@ -49,6 +51,8 @@ class StudentWorker:
             init_process_group(self.rank, self.world_size, self.device, timeout_s=timeout)
         set_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_student(cfg.student, self.device)
+        # a vision-language student lays out its micro-batches' images with its own processor
+        self.images = image_layout_for(cfg.student, self.model, name="student")
         self.transport = build_transport(cfg.transport)
         self.cache = None
         if cfg.teacher.cache:
@@ -88,7 +92,7 @@ class StudentWorker:
         n_loss_tokens = n_tokens = 0
         for batch, handle, weight in zip(batches, handles, weights, strict=True):
             teacher = self._fetch(handle)
-            loss, kd, ce = self.objective(batch.to(self.device), teacher, normaliser, weight)
+            loss, kd, ce = self.objective(self._inputs(batch), teacher, normaliser, weight)
             loss.backward()
             kd_sum += float(kd)
             ce_sum += float(ce)
@@ -121,7 +125,7 @@ class StudentWorker:
         self.objective.eval()
         total = HeldoutSums()
         for batch, handle, weight in zip(batches, handles, weights or [1.0] * len(batches), strict=True):
-            sums = self.objective(batch.to(self.device), self._fetch(handle), 1.0, evaluate=True)
+            sums = self.objective(self._inputs(batch), self._fetch(handle), 1.0, evaluate=True)
             if weight:
                 total = total.add(sums)
         self.transport.stats.take()
@@ -171,6 +175,13 @@ class StudentWorker:
 
     def wake(self) -> None:
         _move_optimizer_state(self.optimizer, self.device)
+
+    def _inputs(self, batch: MicroBatch) -> MicroBatch:
+        """``batch`` on this worker's device, its images laid out by the student's processor (a
+        sharded student runs its vision tower on every micro-batch: see VisionInputs.idle_pixels)."""
+        if self.images is not None:
+            batch = replace(batch, student=self.images.attach(batch.student, idle_pixels=self.world_size > 1))
+        return batch.to(self.device)
 
     def _fetch(self, handle: Any) -> Optional[TeacherOutput]:
         if handle is None:
