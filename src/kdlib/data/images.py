@@ -12,6 +12,8 @@ never downloaded: these machines have no network, and a run should not depend on
 
 References are small and picklable: they, not pixel tensors, are what the controller sends to the
 workers, and each worker opens the images with its own processor (docs/vlm.md has the figures).
+A ``datasets`` Image column is read undecoded (:mod:`kdlib.data.vision_samples`), so its references
+hold the encoded file bytes rather than decoded pictures.
 """
 
 from __future__ import annotations
@@ -58,15 +60,6 @@ class ImageRef:
         if self.data is not None:
             return f"inline image ({len(self.data)} bytes)"
         return "decoded image"
-
-    def __reduce__(self):
-        """Pickled (sent to a Ray actor) as it is, except a decoded image, which travels as lossless
-        PNG bytes rather than Pillow's raw pixels."""
-        if self.decoded is None:
-            return (ImageRef, (self.path, self.data))
-        buffer = io.BytesIO()
-        self.decoded.save(buffer, format="PNG")
-        return (ImageRef, (None, buffer.getvalue()))
 
 
 def image_ref(value: Any, base_dir: Path, where: str) -> ImageRef:

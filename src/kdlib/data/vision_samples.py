@@ -80,10 +80,16 @@ class _Row:
 
 def _rows(source: RowSource, cfg: DataConfig, report: FilterReport):
     """The rows of ``source`` with their images opened; rows with bad images stop the run, or are
-    dropped and counted (``data.bad_images=drop``)."""
+    dropped and counted (``data.bad_images=drop``). Image columns of a ``datasets`` dataset are
+    read undecoded, so a sample keeps the image's encoded bytes (JPEG, PNG), which is what travels
+    to the workers, instead of a decoded picture."""
     fmt = detect_format(list(source.rows.column_names), cfg, f"{source.key}: {source.name}")
     base_dir = data_root(source.name)
-    for index, raw in enumerate(source.rows):
+    rows = source.rows
+    undecoded = _undecoded(rows.features)
+    if undecoded != rows.features:
+        rows = rows.cast(undecoded)
+    for index, raw in enumerate(rows):
         where = f"{source.key}: {source.where(index)}"
         try:
             conversation = row_to_vision_conversation(raw, fmt, cfg, base_dir, where)
@@ -94,6 +100,24 @@ def _rows(source: RowSource, cfg: DataConfig, report: FilterReport):
             report.dropped[exc.reason] += 1
             continue
         yield _Row(index, where, conversation, images)
+
+
+def _undecoded(feature):
+    """``feature`` (a dataset's features, or one of them) with every Image read as encoded bytes."""
+    from datasets import Features, Image, List, Sequence
+
+    if isinstance(feature, Image):
+        return Image(decode=False) if feature.decode else feature
+    if isinstance(feature, (Features, dict)):
+        items = {name: _undecoded(value) for name, value in feature.items()}
+        return Features(items) if isinstance(feature, Features) else items
+    if isinstance(feature, List):
+        return List(_undecoded(feature.feature), length=feature.length)
+    if isinstance(feature, Sequence):
+        return Sequence(_undecoded(feature.feature), length=feature.length)
+    if isinstance(feature, list):
+        return [_undecoded(value) for value in feature]
+    return feature
 
 
 def build_vision_samples(
