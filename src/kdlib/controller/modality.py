@@ -58,7 +58,7 @@ def require_text_model(cfg: ModelConfig, role: str, what: str) -> None:
 
 def check_rollout(cfg: KDConfig, model: ModelConfig, role: str) -> None:
     """A generation engine for ``model``: VLMs need a backend that generates about images."""
-    from kdlib.rollout import IMAGE_ROLLOUT_BACKENDS
+    from kdlib.rollout.base import IMAGE_ROLLOUT_BACKENDS
 
     if cfg.rollout.backend not in IMAGE_ROLLOUT_BACKENDS and is_vision_language(model):
         raise ConfigError(f"rollout.backend={cfg.rollout.backend} cannot generate about images; use rollout.backend=hf "

@@ -16,8 +16,10 @@ from kdlib.config.schema import ModelConfig, RolloutConfig
 from kdlib.registry import Registry
 
 ROLLOUT_BACKENDS: Registry[type["RolloutBackend"]] = Registry("rollout backend")
-# Backends (by the same names) whose generate() also takes ``images=PromptImages``.
+# The variants, under the names of the backends they extend, whose generate() also takes
+# ``images=PromptImages``: a rollout worker running a vision-language model takes its backend here.
 IMAGE_ROLLOUT_BACKENDS: Registry[type["RolloutBackend"]] = Registry("rollout backend for images")
+IMAGE_ROLLOUT_BACKENDS.register("hf", "kdlib.rollout.hf_vision:HFVisionRolloutBackend")
 
 
 @dataclass

@@ -11,7 +11,8 @@ from typing import Any, Optional
 from kdlib.batch import PromptImages
 from kdlib.models.loading import resolve_device
 from kdlib.models.vlm import checkpoint_is_vision_language
-from kdlib.rollout import IMAGE_ROLLOUT_BACKENDS, ROLLOUT_BACKENDS, Generation
+from kdlib.rollout import ROLLOUT_BACKENDS, Generation
+from kdlib.rollout.base import IMAGE_ROLLOUT_BACKENDS
 from kdlib.transport import build_transport
 from kdlib.workers.specs import RolloutSpec
 
