@@ -131,7 +131,8 @@ def test_the_idle_vision_pass_runs_the_tower_and_changes_nothing(family, tiny_vl
 def test_batched_generation_about_images_equals_one_prompt_at_a_time(family, tiny_vlm, vlm_chat_data):
     """Left padding (ids, attention mask, token types) and batched pixels do not change what a
     prompt generates: greedy batched == greedy alone, for prompts with zero, one and two images."""
-    from kdlib.rollout.hf_vision import HFVisionRolloutBackend
+    from kdlib.rollout.hf import HFRolloutBackend
+    from kdlib.rollout.hf_vision import HFImageGeneration
 
     path = tiny_vlm(family)
     encoder = VisionChatEncoder(AutoProcessor.from_pretrained(path))
@@ -139,13 +140,13 @@ def test_batched_generation_about_images_equals_one_prompt_at_a_time(family, tin
     assert report.kept == 8
     prompts = prompts[:4]
     assert sorted(len(p.images) for p in prompts) == [0, 1, 1, 2] and len({len(p.student_ids) for p in prompts}) > 1
-    backend = HFVisionRolloutBackend(ModelConfig(model=str(path)), torch.device("cpu"))
+    engine = HFImageGeneration(HFRolloutBackend(ModelConfig(model=str(path)), torch.device("cpu")))
     cfg = RolloutConfig(max_new_tokens=6, temperature=0.0, batch_size=4)
 
     def generate(chunk: list[VisionPrompt]):
         images = PromptImages(BatchImages([p.images for p in chunk], [p.where for p in chunk]), [p.student_types for p in chunk])
-        return backend.generate([p.student_ids for p in chunk], cfg, stop_ids=encoder.end_of_turn_ids,
-                                pad_id=encoder.pad_id, seed=0, images=images)
+        return engine.generate([p.student_ids for p in chunk], images, cfg, stop_ids=encoder.end_of_turn_ids,
+                               pad_id=encoder.pad_id, seed=0)
 
     together = generate(prompts)
     alone = [generate([p])[0] for p in prompts]

@@ -98,11 +98,15 @@ class OnPolicyMode(TrainingLoop):
         encoder = p.data.student_encoder
         start = time.perf_counter()
         shares = split_across_workers(prompts, p.rollout.size)
-        results = p.rollout.call_each("generate", [
-            ([q.student_ids for q in share], encoder.end_of_turn_ids, encoder.pad_id, cfg.seed + 1000 * step + rank,
-             p.data.rollout_images(share))
+        args = [
+            ([q.student_ids for q in share], encoder.end_of_turn_ids, encoder.pad_id, cfg.seed + 1000 * step + rank)
             for rank, share in enumerate(shares)
-        ])
+        ]
+        images = [p.data.rollout_images(share) for share in shares]  # None for text prompts
+        if any(image is not None for image in images):
+            results = p.rollout.call_each("generate_about_images", [(*a, i) for a, i in zip(args, images)])
+        else:
+            results = p.rollout.call_each("generate", args)
         generations = [g for worker in results for g in worker]
         samples, cut_by_max_len, truncated, lengths = [], 0, 0, []
         log_rows = []

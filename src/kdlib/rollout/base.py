@@ -16,10 +16,11 @@ from kdlib.config.schema import ModelConfig, RolloutConfig
 from kdlib.registry import Registry
 
 ROLLOUT_BACKENDS: Registry[type["RolloutBackend"]] = Registry("rollout backend")
-# The variants, under the names of the backends they extend, whose generate() also takes
-# ``images=PromptImages``: a rollout worker running a vision-language model takes its backend here.
-IMAGE_ROLLOUT_BACKENDS: Registry[type["RolloutBackend"]] = Registry("rollout backend for images")
-IMAGE_ROLLOUT_BACKENDS.register("hf", "kdlib.rollout.hf_vision:HFVisionRolloutBackend")
+# How each backend (by its name) generates about images: a class built around the backend whose
+# ``generate(prompts, images, cfg, stop_ids=, pad_id=, seed=)`` takes a kdlib.batch.PromptImages.
+# A backend not listed here cannot serve a vision-language student (refused at build).
+IMAGE_ROLLOUT_BACKENDS: Registry[type] = Registry("rollout backend for images")
+IMAGE_ROLLOUT_BACKENDS.register("hf", "kdlib.rollout.hf_vision:HFImageGeneration")
 
 
 @dataclass

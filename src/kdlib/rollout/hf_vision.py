@@ -1,12 +1,12 @@
-"""Generation about images: the transformers rollout backend for vision-language students.
+"""Generation about images: the transformers rollout backend's path for vision-language students.
 
 On-policy KD with images has the student answer questions about pictures: each prompt's token ids
 (image tokens expanded at the student's resolution) come with its images (references) and its
 per-token modality ids. A batch of prompts is left-padded (ids, attention mask and token types
-alike), its images are opened and laid out by the model's own processor, and ``model.generate``
-samples with the same settings as the text backend. Prompts without images go through the text
-backend unchanged. The responses are text; the teacher later scores the same ids after its own
-rendering of the prompt, with the same images at its own resolution.
+alike), its images are opened and laid out by the model's own processor, and the backend's model
+(the same copy of the student that weight syncs update) samples with ``model.generate`` and the
+same settings as the text path. The responses are text; the teacher later scores the same ids
+after its own rendering of the prompt, with the same images at its own resolution.
 """
 
 from __future__ import annotations
@@ -17,34 +17,29 @@ from typing import Optional
 import torch
 
 from kdlib.batch import BatchImages, PromptImages, VisionInputs
-from kdlib.config.schema import ModelConfig, RolloutConfig
+from kdlib.config.schema import RolloutConfig
 from kdlib.errors import ModelError
 from kdlib.models.vlm import image_layout_for
 from kdlib.rollout.base import Generation
 from kdlib.rollout.hf import HFRolloutBackend, _left_pad, _until_stop
 
 
-class HFVisionRolloutBackend(HFRolloutBackend):
-    def __init__(self, model: ModelConfig, device: torch.device) -> None:
-        super().__init__(model, device)
-        self.images = image_layout_for(model, self.model, name="rollout")
+class HFImageGeneration:
+    """Generation about images with an :class:`~kdlib.rollout.hf.HFRolloutBackend`'s model."""
+
+    def __init__(self, backend: HFRolloutBackend) -> None:
+        self.backend = backend
+        self.images = image_layout_for(backend.model_cfg, backend.model, name="rollout")
         if self.images is None:
-            raise ModelError(f"{model.model!r} is a text-only model; it cannot generate about images")
+            raise ModelError(f"{backend.model_cfg.model!r} is a text-only model; it cannot generate about images")
 
+    @torch.inference_mode()
     def generate(
-        self, prompts: list[list[int]], cfg: RolloutConfig, *, stop_ids: set[int], pad_id: int, seed: int,
-        images: Optional[PromptImages] = None,
-    ) -> list[list[Generation]]:
-        """``cfg.n_samples_per_prompt`` generations per prompt (about its ``images``), in prompt order."""
-        if images is None:
-            return super().generate(prompts, cfg, stop_ids=stop_ids, pad_id=pad_id, seed=seed)
-        with torch.inference_mode():
-            return self._generate_with_images(prompts, images, cfg, stop_ids=stop_ids, pad_id=pad_id, seed=seed)
-
-    def _generate_with_images(
         self, prompts: list[list[int]], images: PromptImages, cfg: RolloutConfig, *, stop_ids: set[int], pad_id: int,
         seed: int,
     ) -> list[list[Generation]]:
+        """``cfg.n_samples_per_prompt`` generations per prompt about its images, in prompt order."""
+        model, device = self.backend.model, self.backend.device
         n = cfg.n_samples_per_prompt
         repeated = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
         per_sample = images.repeat(n)
@@ -59,10 +54,10 @@ class HFVisionRolloutBackend(HFRolloutBackend):
             chunk = repeated[start : start + cfg.batch_size]
             ids, attention = _left_pad([p for _, p in chunk], pad_id)
             vision = self._inputs(per_sample, start, start + len(chunk), ids.shape[1])
-            extra = {} if vision is None else vision.to(self.device, pixel_dtype=self.model.dtype).model_kwargs()
-            sequences = self.model.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=attention.to(self.device),
+            extra = {} if vision is None else vision.to(device, pixel_dtype=model.dtype).model_kwargs()
+            sequences = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attention.to(device),
                 max_new_tokens=cfg.max_new_tokens,
                 eos_token_id=sorted(stop_ids),
                 pad_token_id=pad_id,

@@ -6,13 +6,10 @@ weights after every optimizer step, in buckets through the transport.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
-from kdlib.batch import PromptImages
 from kdlib.models.loading import resolve_device
-from kdlib.models.vlm import checkpoint_is_vision_language
 from kdlib.rollout import ROLLOUT_BACKENDS, Generation
-from kdlib.rollout.base import IMAGE_ROLLOUT_BACKENDS
 from kdlib.transport import build_transport
 from kdlib.workers.specs import RolloutSpec
 
@@ -21,9 +18,7 @@ class RolloutWorker:
     def __init__(self, spec: RolloutSpec) -> None:
         self.rank = spec.rank
         self.cfg = spec.rollout
-        # a vision-language model generates with the backend's image variant
-        backends = IMAGE_ROLLOUT_BACKENDS if checkpoint_is_vision_language(spec.model) else ROLLOUT_BACKENDS
-        self.backend = backends.get(spec.rollout.backend)(spec.model, resolve_device(spec.device))
+        self.backend = ROLLOUT_BACKENDS.get(spec.rollout.backend)(spec.model, resolve_device(spec.device))
         self.transport = build_transport(spec.transport) if spec.transport is not None else None
 
     def load_weights(self, handles: list[Any]) -> None:
@@ -32,10 +27,20 @@ class RolloutWorker:
         for handle in handles:
             self.backend.load_weights(self.transport.fetch_state(handle))
 
-    def generate(
-        self, prompts: list[list[int]], stop_ids: set[int], pad_id: int, seed: int, images: Optional[PromptImages] = None
+    def generate_about_images(
+        self, prompts: list[list[int]], stop_ids: set[int], pad_id: int, seed: int, images: Any = None
     ) -> list[list[Generation]]:
-        """``rollout.n_samples_per_prompt`` responses per prompt, ending at a ``stop_ids`` token;
-        ``images``: the prompts' images (a vision-language student answering about them)."""
-        extra = {} if images is None else {"images": images}
-        return self.backend.generate(prompts, self.cfg, stop_ids=set(stop_ids), pad_id=pad_id, seed=seed, **extra)
+        """:meth:`generate` for the prompts of a vision-language student, with their pictures
+        (``images``: a :class:`kdlib.batch.PromptImages`, or None when none of them has one), laid
+        out by the model's own processor (see ``kdlib.rollout.base.IMAGE_ROLLOUT_BACKENDS``)."""
+        if images is None:
+            return self.generate(prompts, stop_ids, pad_id, seed)
+        if getattr(self, "_image_generation", None) is None:
+            from kdlib.rollout.base import IMAGE_ROLLOUT_BACKENDS
+
+            self._image_generation = IMAGE_ROLLOUT_BACKENDS.get(self.cfg.backend)(self.backend)
+        return self._image_generation.generate(prompts, images, self.cfg, stop_ids=set(stop_ids), pad_id=pad_id, seed=seed)
+
+    def generate(self, prompts: list[list[int]], stop_ids: set[int], pad_id: int, seed: int) -> list[list[Generation]]:
+        """``rollout.n_samples_per_prompt`` responses per prompt, ending at a ``stop_ids`` token."""
+        return self.backend.generate(prompts, self.cfg, stop_ids=set(stop_ids), pad_id=pad_id, seed=seed)
