@@ -5,7 +5,6 @@ processes with image references, hidden states through the object store."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -18,22 +17,12 @@ from kdlib.models.vlm import build_vlm, vision_parameters
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _rows(result) -> list[dict]:
     return [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("family, vision_mode", [("idefics3", "frozen"), ("gemma3", "trainable")])
-def test_ray_fsdp_vlm_run_reproduces_the_local_run(ray_cluster, vlm_overrides, tmp_path, family, vision_mode):
+def test_ray_fsdp_vlm_run_reproduces_the_local_run(vlm_overrides, tmp_path, family, vision_mode):
     """Unshuffled global batches of 2 in micro-batches of 1: rank 0 trains sample 2k, rank 1 sample
     2k+1, and the data alternates chats with and without pictures, so at step 2 one rank has a
     text-only micro-batch while the other runs its vision tower (the idle pass keeps the vision
@@ -43,8 +32,8 @@ def test_ray_fsdp_vlm_run_reproduces_the_local_run(ray_cluster, vlm_overrides, t
         f"student.freeze_vision={vision_mode == 'frozen'}",
     ]
     local = kdlib.run(kdlib.compose(common + [f"output_dir={tmp_path / 'local'}"]))
-    on_ray = kdlib.run(kdlib.compose(common + [
-        "launcher=ray", "transport=ray", "student.num_workers=2", f"output_dir={tmp_path / 'ray'}",
+    on_ray = kdlib.run(kdlib.compose(common + [  # the launcher starts a local cluster and stops it after
+        "launcher=ray", "launcher.num_cpus=2", "transport=ray", "student.num_workers=2", f"output_dir={tmp_path / 'ray'}",
     ]))
     a, b = _rows(local), _rows(on_ray)
     assert len(a) == len(b) == 3

@@ -209,3 +209,11 @@ def test_the_vlm_quickstart_recipe_runs_and_the_student_learns_its_teacher(tmp_p
     assert len(kd) == 30 and sum(kd[-5:]) < 0.75 * sum(kd[:5])
     assert result.eval_after["kl"] < 0.75 * result.eval_before["kl"]
     assert (result.run_dir / "plots" / "loss.png").is_file()
+
+
+def test_gradient_checkpointing_of_a_vlm_student_changes_nothing(vlm_overrides, tmp_path):
+    common = vlm_overrides("gemma3") + ["data.shuffle=false", "eval.before=false", "train.max_steps=2"]
+    plain = kdlib.run(kdlib.compose(common + [f"output_dir={tmp_path / 'plain'}"]))
+    checkpointed = kdlib.run(kdlib.compose(common + ["student.gradient_checkpointing=true", f"output_dir={tmp_path / 'gc'}"]))
+    for a, b in zip(_rows(plain), _rows(checkpointed), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)

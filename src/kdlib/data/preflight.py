@@ -4,9 +4,9 @@ A missing file, a JSON line that does not parse, an undetectable format or a dat
 usable row should cost the user seconds, not a model load. This reads each configured dataset
 (``data.train``, ``data.eval``), detects its layout and converts its rows to conversations until
 one usable row is found (a conversation with a non-empty last message); any bad row met on the way
-is reported with its file and row. Image+text rows are parsed as such (images are opened later,
-when the samples are built, still before any model loads). Tokenisation, truncation and the per-sample counts come later,
-still before any model loads.
+is reported with its file and row; image+text rows are parsed as such (their images are opened
+when the samples are built). Tokenisation, truncation and the per-sample counts come later, still
+before any model loads.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """Vision-language models: loading with their processors, the image-aware forward to final hidden
-states, the head check with images, depth pruning of the language model, a frozen vision side.
+states, the head check with images, depth pruning of the language model, a frozen vision side, and
+the vision blocks a sharded student shards.
+
+Whether a checkpoint is a VLM is read from its config (:func:`checkpoint_is_vision_language`);
+every role that loads a model (:func:`kdlib.models.student.build_model`) takes this path for one.
 
 The hidden-state design carries over unchanged: a VLM's multimodal base model (vision tower,
 projector, language model) returns the language model's post-norm last hidden states, and its
@@ -11,6 +15,10 @@ language model (DeepStack layers, bidirectional image attention, M-RoPE position
 Depth pruning keeps a subset of the language model's decoder layers (:mod:`kdlib.models.pruning`);
 the vision tower is untouched. Qwen3-VL adds DeepStack visual features after the first
 ``len(deepstack_visual_indexes)`` decoder layers; after pruning they go to the first kept layers.
+
+A sharded (FSDP2) student gathers a vision block's parameters only when its vision tower runs; a
+rank whose micro-batch has no image therefore runs the tower on a blank picture and adds 0 x the
+result (the *idle pass*, :func:`vlm_final_hidden_states`), so all ranks' collectives line up.
 """
 
 from __future__ import annotations
