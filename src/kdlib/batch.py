@@ -186,9 +186,10 @@ class TokenBatch:
         def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.to(device)
 
-        return TokenBatch(
-            move(self.input_ids), move(self.attention_mask), move(self.loss_mask), move(self.position_ids),
-            self.images, None if self.vision is None else self.vision.to(device),
+        return replace(
+            self, input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
+            loss_mask=move(self.loss_mask), position_ids=move(self.position_ids),
+            vision=None if self.vision is None else self.vision.to(device),
         )
 
 
