@@ -159,3 +159,37 @@ def vlm_chat_data(tiny_dir, vlm_images) -> Path:
 
     names = sorted(path.name for path in vlm_images.values())
     return write_jsonl(tiny_dir / "vlm_images" / "chats.jsonl", vision_chat_rows(8, names, seed=0))
+
+
+@pytest.fixture(scope="session")
+def vlm_eval_data(vlm_chat_data) -> Path:
+    """8 other image+text chats (no row equal to one of vlm_chat_data's) next to the same images."""
+    from kdlib.testing import write_jsonl
+    from kdlib.testing_vlm import vision_chat_rows
+
+    names = sorted(path.name for path in vlm_chat_data.parent.glob("img*.png"))
+    return write_jsonl(vlm_chat_data.parent / "eval_chats.jsonl", vision_chat_rows(8, names, seed=1))
+
+
+@pytest.fixture
+def vlm_overrides(tiny_vlm, vlm_chat_data, vlm_eval_data, tmp_path):
+    """``vlm_overrides(family)``: overrides for a fast image+text run. The teacher is the family's
+    higher-resolution tiny VLM; the 2-layer student reads images at the lower resolution: for
+    Idefics3 it is the teacher pruned, with the low-resolution processor (its tiles keep their size,
+    only their number changes); Gemma 3's vision tower is tied to one image size, so its student is
+    the low-resolution model pruned."""
+
+    def get(family: str) -> list[str]:
+        teacher = tiny_vlm(family, hires=True)
+        if family == "idefics3":
+            student = [f"student.model={teacher}", f"student.tokenizer={tiny_vlm(family)}"]
+        else:
+            student = [f"student.model={tiny_vlm(family)}"]
+        return [
+            f"teacher.model={teacher}", *student, "student.num_layers=2", "student.autocast=false",
+            "teacher.dtype=float32", f"data.train={vlm_chat_data}", f"data.eval={vlm_eval_data}",
+            "train.max_steps=3", "train.global_batch_size=4", "train.micro_batch_size=2", "train.lr=1e-3",
+            "logging.progress=false", "device=cpu", f"output_dir={tmp_path / 'run'}",
+        ]
+
+    return get

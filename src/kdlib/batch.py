@@ -13,17 +13,125 @@ predict token ``input_ids[b, t + 1]`` (a response token), so no label shifting h
 Across tokenizers a micro-batch also carries the byte-offset groups of its samples
 (:class:`~kdlib.xtok.groups.AlignmentBatch`) and the teacher loss rows the algorithm reads, so the
 teacher sends only those.
+
+Image+text batches (vision-language models) carry their images as references
+(:class:`BatchImages`), not pixels: the worker that runs a model opens them and lays out the pixel
+tensors with that model's own processor (:mod:`kdlib.data.vision_inputs`), filling the view's
+:class:`VisionInputs`. Each view's per-token modality ids come from collation, aligned with its ids.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Optional
 
 import torch
 
 if TYPE_CHECKING:
     from kdlib.xtok.groups import AlignmentBatch
+    from kdlib.data.images import ImageRef
+
+
+@dataclass
+class VisionInputs:
+    """A vision-language model's image inputs for one view of a micro-batch, as its processor makes them.
+
+    The pixel tensors keep the processor's layout: Qwen-VL concatenates the patches of all images
+    (``pixel_values`` [patches, dim], ``image_grid_thw`` [images, 3]); Idefics3 pads a tile axis
+    (``pixel_values`` [batch, tiles, 3, H, W] with ``pixel_attention_mask``); Gemma 3 and LLaVA
+    stack images ([images, 3, H, W], LLaVA-NeXT adding ``image_sizes``). ``token_types`` is aligned
+    with the token ids of the same view ([batch, length]) and passed as ``token_types_key``.
+    """
+
+    pixel_values: Optional[torch.Tensor] = None
+    image_grid_thw: Optional[torch.Tensor] = None
+    pixel_attention_mask: Optional[torch.Tensor] = None
+    image_sizes: Optional[torch.Tensor] = None
+    token_types: Optional[torch.Tensor] = None
+    token_types_key: Optional[str] = None
+    # A sharded (FSDP2) student only: pixel inputs of one blank image that no token refers to. When
+    # the micro-batch has no image, the vision tower runs on them anyway (contributing exactly 0),
+    # so every rank gathers the vision blocks' shards in the same order (see kdlib.models.vlm).
+    idle_pixels: Optional["VisionInputs"] = None
+
+    @property
+    def has_images(self) -> bool:
+        return self.pixel_values is not None
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the model's forward (absent tensors left out)."""
+        out = {name: getattr(self, name) for name in PIXEL_KEYS if getattr(self, name) is not None}
+        if self.token_types is not None:
+            out[self.token_types_key] = self.token_types
+        return out
+
+    def to(self, device: torch.device | str, pixel_dtype: Optional[torch.dtype] = None) -> "VisionInputs":
+        """On ``device``; ``pixel_values`` also cast to ``pixel_dtype`` when given."""
+
+        def move(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if tensor is None else tensor.to(device)
+
+        pixels = move(self.pixel_values)
+        if pixels is not None and pixel_dtype is not None:
+            pixels = pixels.to(pixel_dtype)
+        return replace(
+            self,
+            pixel_values=pixels,
+            image_grid_thw=move(self.image_grid_thw),
+            pixel_attention_mask=move(self.pixel_attention_mask),
+            image_sizes=move(self.image_sizes),
+            token_types=move(self.token_types),
+            idle_pixels=None if self.idle_pixels is None else self.idle_pixels.to(device, pixel_dtype),
+        )
+
+
+# The processor outputs passed to a model besides token ids and token types.
+PIXEL_KEYS = tuple(f.name for f in fields(VisionInputs) if f.name not in ("token_types", "token_types_key", "idle_pixels"))
+
+
+@dataclass
+class BatchImages:
+    """The images of a micro-batch's samples, as references: what travels from the controller to
+    the workers (each opens them with its own processor). Shared by the student's and the
+    teacher's view: the same pictures, laid out at each model's own resolution."""
+
+    # refs[b]: the images of sample b, in the order of its image tokens (empty for text-only samples).
+    refs: list[list["ImageRef"]]
+    # where[b]: '<key>: <file>, row <n>' of sample b, for errors when an image is opened again.
+    where: list[str]
+    # data.max_image_pixels (None: no limit).
+    max_pixels: Optional[int] = None
+
+    @property
+    def count(self) -> int:
+        return sum(len(refs) for refs in self.refs)
+
+    def open(self) -> list[list]:
+        """The images as RGB PIL images, per sample."""
+        from kdlib.data.images import open_image
+
+        return [[open_image(ref, where, self.max_pixels) for ref in refs] for refs, where in zip(self.refs, self.where)]
+
+    def repeat(self, times: int) -> "BatchImages":
+        """Each sample's images ``times`` times in a row (prompts sampled several times)."""
+        return BatchImages(
+            [refs for refs in self.refs for _ in range(times)],
+            [where for where in self.where for _ in range(times)],
+            self.max_pixels,
+        )
+
+
+@dataclass
+class PromptImages:
+    """The images of a batch of generation prompts (on-policy rollouts of a vision-language student),
+    aligned with the prompts' token ids."""
+
+    images: BatchImages
+    # token_types[b]: prompt b's per-token modality ids (None when the model takes none).
+    token_types: list[Optional[list[int]]]
+
+    def repeat(self, times: int) -> "PromptImages":
+        return PromptImages(self.images.repeat(times), [t for t in self.token_types for _ in range(times)])
 
 
 @dataclass
@@ -39,10 +147,17 @@ class TokenBatch:
     attention_mask: Optional[torch.Tensor]  # long, 1 = real token, right padding; None when packed
     loss_mask: torch.Tensor  # bool, position t predicts input_ids[:, t + 1]
     position_ids: Optional[torch.Tensor] = None  # long; given for packed batches
+    # Image+text batches: the images of the samples (references), None for text.
+    images: Optional[BatchImages] = None
+    # A vision-language model's inputs for this view: per-token modality ids from collation and,
+    # once the worker running the model has opened the images, the pixel tensors. None for text.
+    vision: Optional[VisionInputs] = None
 
     def __post_init__(self) -> None:
         shapes = [self.input_ids.shape, self.loss_mask.shape]
         shapes += [t.shape for t in (self.attention_mask, self.position_ids) if t is not None]
+        if self.vision is not None and self.vision.token_types is not None:
+            shapes.append(self.vision.token_types.shape)
         if len(set(shapes)) != 1:
             raise ValueError(f"TokenBatch tensors differ in shape: {[tuple(s) for s in shapes]}")
 
@@ -76,7 +191,11 @@ class TokenBatch:
         def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.to(device)
 
-        return TokenBatch(move(self.input_ids), move(self.attention_mask), move(self.loss_mask), move(self.position_ids))
+        return replace(
+            self, input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
+            loss_mask=move(self.loss_mask), position_ids=move(self.position_ids),
+            vision=None if self.vision is None else self.vision.to(device),
+        )
 
 
 @dataclass

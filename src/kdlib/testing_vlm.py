@@ -83,21 +83,11 @@ def build_idefics3(
 ) -> Path:
     """Idefics3 / SmolVLM: images resized to ``longest_edge``, split into ``tile``-pixel tiles
     (4 placeholder tokens per 32-pixel tile) plus a global view."""
-    from transformers import Idefics3Config, Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers import Idefics3Config
 
-    tokenizer = bpe_tokenizer(
-        _IDEFICS3_SPECIALS, eos_token="<end_of_utterance>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
-    )
     patch, scale = 8, 2
-    processor = Idefics3Processor(
-        image_processor=Idefics3ImageProcessorPil(
-            size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile}
-        ),
-        tokenizer=tokenizer,
-        image_seq_len=(tile // patch) ** 2 // scale**2,
-        chat_template=IDEFICS3_TEMPLATE,
-    )
+    processor = idefics3_processor(longest_edge=longest_edge, tile=tile)
+    tokenizer = processor.tokenizer
     config = Idefics3Config(
         text_config=dict(model_type="llama", **language_model_kwargs(tokenizer, hidden_size=hidden_size, num_layers=num_layers)),
         vision_config=dict(
@@ -110,6 +100,24 @@ def build_idefics3(
         pad_token_id=tokenizer.pad_token_id,
     )
     return _save(directory, config, processor, seed)
+
+
+def idefics3_processor(*, longest_edge: int = 64, tile: int = 32):
+    """The tiny Idefics3 family's processor (tokenizer, image processor, chat template): the same
+    tokenizer at every resolution, so processors of several resolutions can serve one model."""
+    from transformers import Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tokenizer = bpe_tokenizer(
+        _IDEFICS3_SPECIALS, eos_token="<end_of_utterance>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
+    )
+    patch, scale = 8, 2
+    return Idefics3Processor(
+        image_processor=Idefics3ImageProcessorPil(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile}),
+        tokenizer=tokenizer,
+        image_seq_len=(tile // patch) ** 2 // scale**2,
+        chat_template=IDEFICS3_TEMPLATE,
+    )
 
 
 def build_gemma3(

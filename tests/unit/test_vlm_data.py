@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 
 from kdlib.config import DataConfig
-from kdlib.data.images import BadImages, ImageDataConfig, ImageRef, image_ref, open_image
+from kdlib.data.formats import detect_format
+from kdlib.data.images import BadImages, ImageRef, image_ref, open_image
 from kdlib.data.multimodal import (
     ImagePart,
     TextPart,
     Turn,
     VisionConversation,
     data_root,
-    detect_vision_format,
+    row_holds_images,
     row_to_vision_conversation,
 )
 from kdlib.data.sources import load_rows
@@ -38,10 +39,10 @@ def data_dir(tmp_path, vlm_images):
 
 def _parse(path, **options) -> list[VisionConversation]:
     source = load_rows(str(path), split="train", key="data.train")
-    cfg = DataConfig(train=str(path))
-    fmt = detect_vision_format(list(source.rows.column_names), cfg, str(path))
+    cfg = DataConfig(train=str(path), **options)
+    fmt = detect_format(list(source.rows.column_names), cfg, str(path))
     return [
-        row_to_vision_conversation(row, fmt, cfg, ImageDataConfig(**options), data_root(source.name), source.where(i))
+        row_to_vision_conversation(row, fmt, cfg, data_root(source.name), source.where(i))
         for i, row in enumerate(source.rows)
     ]
 
@@ -77,6 +78,8 @@ def test_all_layouts_parse_to_the_same_conversation(data_dir):
             "conversations": [{"from": "human", "value": f"<image>{QUESTION}"}, {"from": "gpt", "value": ANSWER}],
             "image": "img0.png",
         },
+        "prompt/response + images": {"prompt": f"<image>\n{QUESTION}", "response": ANSWER, "images": ["img0.png"]},
+        "alpaca + images": {"instruction": f"<image> {QUESTION}", "output": ANSWER, "images": ["img0.png"]},
     }
     expected = VisionConversation(
         turns=[Turn("user", [ImagePart(0), TextPart(QUESTION)]), Turn("assistant", [TextPart(ANSWER)])],
@@ -85,6 +88,8 @@ def test_all_layouts_parse_to_the_same_conversation(data_dir):
     for i, (name, row) in enumerate(layouts.items()):
         (conversation,) = _parse(write_jsonl(data_dir / f"layout{i}.jsonl", [row]))
         assert conversation == expected, name
+        assert row_holds_images(row, DataConfig(train="x")), name
+    assert not row_holds_images({"messages": [{"role": "user", "content": QUESTION}]}, DataConfig(train="x"))
 
 
 def test_several_images_keep_their_order_and_the_text_between_them(data_dir):
@@ -116,13 +121,13 @@ def test_inline_images_decode_to_the_same_pixels(data_dir):
         {"messages": [_user({"type": "image"}), _answer_message()], "images": [encoded]},  # bare base64
     ]
     conversations = _parse(write_jsonl(data_dir / "inline.jsonl", rows))
-    reference = np.asarray(open_image(ImageRef(path=data_dir / "img0.png"), ImageDataConfig(), "x"))
+    reference = np.asarray(open_image(ImageRef(path=data_dir / "img0.png"), "x"))
     for conversation in conversations:
         assert conversation.images == [ImageRef(data=raw)]
-        assert np.array_equal(np.asarray(open_image(conversation.images[0], ImageDataConfig(), "x")), reference)
+        assert np.array_equal(np.asarray(open_image(conversation.images[0], "x")), reference)
     # the dict form of a datasets Image column, and an image the dataset already decoded
     assert image_ref({"bytes": raw, "path": None}, data_dir, "x") == ImageRef(data=raw)
-    decoded = open_image(ImageRef(path=data_dir / "img0.png"), ImageDataConfig(), "x")
+    decoded = open_image(ImageRef(path=data_dir / "img0.png"), "x")
     assert image_ref(decoded, data_dir, "x").decoded is decoded
 
 
@@ -135,7 +140,7 @@ def test_inline_images_decode_to_the_same_pixels(data_dir):
         ({"messages": [{"role": "user", "content": "<image>"}, _answer_message()], "images": ["img0.png", "img1.png"]},
          r"row 1: the text has 1 image slots but the images column holds 2 images"),
         ({"messages": [_user({"type": "video", "video": "a.mp4"}), _answer_message()]}, r"row 1: message 0 part 0 has type 'video'"),
-        ({"prompt": "a", "response": "b"}, r"needs the messages or sharegpt layout \(found prompt_response\)"),
+        ({"prompt": ["a"], "response": "b"}, r"row 1: message 0 must have 'role' and 'content'"),
     ],
 )
 def test_layout_errors_name_the_row(data_dir, row, message):
@@ -182,7 +187,7 @@ def test_bad_images_are_one_line_errors_naming_file_row_and_image(data_dir, enco
     rows = _bad_rows(data_dir)
     path = write_jsonl(data_dir / "bad.jsonl", [rows["good"], rows[kind]])
     with pytest.raises(DataError) as caught:
-        build_vision_samples(DataConfig(train=str(path)), ImageDataConfig(max_image_pixels=2000), "train", encoder)
+        build_vision_samples(DataConfig(train=str(path), max_image_pixels=2000), "train", encoder)
     assert "\n" not in str(caught.value)
     assert caught.match(message)
 
@@ -190,8 +195,8 @@ def test_bad_images_are_one_line_errors_naming_file_row_and_image(data_dir, enco
 def test_bad_images_dropped_and_counted_by_cause(data_dir, encoder):
     rows = _bad_rows(data_dir)
     path = write_jsonl(data_dir / "bad.jsonl", [*rows.values(), rows["good"]])
-    options = ImageDataConfig(max_image_pixels=2000, bad_images=BadImages.drop)
-    samples, report = build_vision_samples(DataConfig(train=str(path)), options, "train", encoder)
+    cfg = DataConfig(train=str(path), max_image_pixels=2000, bad_images=BadImages.drop)
+    samples, report = build_vision_samples(cfg, "train", encoder)
     assert [s.index for s in samples] == [0, 6] and report.kept == 2 and report.rows == 7
     assert report.dropped == {"image not found": 1, "unreadable image": 2, "image too large": 1, "remote image": 1}
     assert "1 dropped (image too large)" in report.summary()
@@ -201,4 +206,4 @@ def test_an_image_in_the_trained_turn_is_an_error(data_dir, encoder):
     row = {"messages": [_user({"type": "text", "text": QUESTION}),
                         {"role": "assistant", "content": [{"type": "image", "image": "img0.png"}]}]}
     with pytest.raises(DataError, match=r"row 1: the trained \(last assistant\) turn holds an image"):
-        build_vision_samples(DataConfig(train=str(write_jsonl(data_dir / "d.jsonl", [row]))), ImageDataConfig(), "train", encoder)
+        build_vision_samples(DataConfig(train=str(write_jsonl(data_dir / "d.jsonl", [row]))), "train", encoder)

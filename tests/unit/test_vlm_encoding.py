@@ -3,13 +3,16 @@ also for a teacher whose image preprocessing gives different placeholder counts.
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from transformers import AutoProcessor
 
 from kdlib.config import DataConfig
-from kdlib.data.images import ImageDataConfig, open_image
-from kdlib.data.multimodal import data_root, detect_vision_format, row_to_vision_conversation
+from kdlib.data.formats import detect_format
+from kdlib.data.images import open_image
+from kdlib.data.multimodal import data_root, row_to_vision_conversation
 from kdlib.data.sources import load_rows
 from kdlib.data.vision_encoding import VisionChatEncoder
 from kdlib.data.vision_samples import build_vision_samples, collate_vision
@@ -31,11 +34,11 @@ def _conversations(path):
     """(conversation, opened images) per row, parsed independently of build_vision_samples."""
     cfg = DataConfig(train=str(path))
     source = load_rows(str(path), split="train", key="data.train")
-    fmt = detect_vision_format(list(source.rows.column_names), cfg, "x")
+    fmt = detect_format(list(source.rows.column_names), cfg, "x")
     out = []
     for i, row in enumerate(source.rows):
-        conversation = row_to_vision_conversation(row, fmt, cfg, ImageDataConfig(), data_root(source.name), str(i))
-        out.append((conversation, [open_image(ref, ImageDataConfig(), "x") for ref in conversation.images]))
+        conversation = row_to_vision_conversation(row, fmt, cfg, data_root(source.name), str(i))
+        out.append((conversation, [open_image(ref, "x") for ref in conversation.images]))
     return out
 
 
@@ -55,10 +58,9 @@ def _hand_span(processor, family, conversation, images) -> tuple[list[int], int,
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loss_positions_equal_a_hand_computed_span(family, tiny_vlm, vlm_chat_data):
     student, _ = _encoders(tiny_vlm, family)
-    samples, report = build_vision_samples(DataConfig(train=str(vlm_chat_data)), ImageDataConfig(), "train", student)
+    samples, report = build_vision_samples(DataConfig(train=str(vlm_chat_data)), "train", student)
     assert report.kept == report.rows == 8
-    batch = collate_vision(samples, ImageDataConfig(), student)
-    tokens = batch.tokens.student
+    tokens = collate_vision(samples, student).student
     for row, (sample, (conversation, images)) in enumerate(zip(samples, _conversations(vlm_chat_data))):
         ids, start, end = _hand_span(student.processor, family, conversation, images)
         assert sample.student.input_ids == ids[: end + 1] and sample.student.response_start == start
@@ -78,7 +80,7 @@ def test_loss_positions_equal_a_hand_computed_span(family, tiny_vlm, vlm_chat_da
 def test_teacher_with_other_image_resolution_scores_the_same_response_tokens(family, tiny_vlm, vlm_chat_data):
     student, teacher = _encoders(tiny_vlm, family)
     assert student.signature() != teacher.signature()
-    samples, report = build_vision_samples(DataConfig(train=str(vlm_chat_data)), ImageDataConfig(), "train", student, teacher)
+    samples, report = build_vision_samples(DataConfig(train=str(vlm_chat_data)), "train", student, teacher)
     assert report.kept == 8
     image_ids = student.image_token_ids | {student.tokenizer.convert_tokens_to_ids(student.image_token)}
     for sample, (conversation, images) in zip(samples, _conversations(vlm_chat_data)):
@@ -88,45 +90,52 @@ def test_teacher_with_other_image_resolution_scores_the_same_response_tokens(fam
         n_student = sum(t in image_ids for t in sample.student.input_ids)
         n_teacher = sum(t in image_ids for t in sample.teacher.input_ids)
         assert (n_teacher > n_student) if images else (n_teacher == n_student == 0)
-    batch = collate_vision(samples, ImageDataConfig(), student, teacher)
-    assert torch.equal(batch.tokens.teacher.targets(), batch.tokens.student.targets())
-    assert batch.tokens.teacher.input_ids.shape[1] > batch.tokens.student.input_ids.shape[1]
-    assert batch.teacher_images.pixel_values.shape != batch.student_images.pixel_values.shape
-    assert batch.teacher_view_images is batch.teacher_images
+    batch = collate_vision(samples, student, teacher)
+    assert torch.equal(batch.teacher.targets(), batch.student.targets())
+    assert batch.teacher.input_ids.shape[1] > batch.student.input_ids.shape[1]
+    assert batch.teacher.images is batch.student.images  # one set of references for both views
+    # each side lays out the same pictures at its own resolution
+    teacher_pixels, student_pixels = teacher.attach(batch.teacher).vision, student.attach(batch.student).vision
+    assert teacher_pixels.pixel_values.shape != student_pixels.pixel_values.shape
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_collated_images_equal_the_processors_own_batch(family, tiny_vlm, vlm_chat_data):
-    """kdlib processes images lazily per micro-batch; the tensors are those the processor makes
-    for the same chats in one batched call, and so are token ids and per-token modality ids."""
+    """Micro-batches carry image references; the worker that runs the model lays out the pixels
+    with its processor. The tensors are those the processor makes for the same chats in one batched
+    call, and so are token ids and per-token modality ids; the references survive pickling (what
+    Ray does to a micro-batch) and give the same tensors on the other side."""
     student, _ = _encoders(tiny_vlm, family)
-    samples, _ = build_vision_samples(DataConfig(train=str(vlm_chat_data)), ImageDataConfig(), "train", student)
-    batch = collate_vision(samples, ImageDataConfig(), student)
+    samples, _ = build_vision_samples(DataConfig(train=str(vlm_chat_data)), "train", student)
+    collated = collate_vision(samples, student)
+    assert collated.student.images.count == sum(len(s.images) for s in samples) > 0
+    assert collated.student.vision is None or not collated.student.vision.has_images  # no pixels travel
+    tokens = student.attach(pickle.loads(pickle.dumps(collated)).student)
     conversations = _conversations(vlm_chat_data)
     texts = [student.processor.apply_chat_template(c.template_messages(), tokenize=False) for c, _ in conversations]
     reference = student.processor(
         text=texts, images=[images for _, images in conversations], add_special_tokens=False, padding=True,
         return_tensors="pt",
     )
-    inputs = batch.student_images.model_kwargs()
+    inputs = tokens.vision.model_kwargs()
     assert set(inputs) == set(reference) - {"input_ids", "attention_mask"}
     for key, value in inputs.items():
-        if value.shape[1:] == batch.tokens.student.input_ids.shape[1:]:  # per-token: compare over our rows
+        if value.shape[1:] == tokens.input_ids.shape[1:]:  # per-token: compare over our rows
             for row, sample in enumerate(samples):
                 assert torch.equal(value[row, : len(sample.student)], reference[key][row, : len(sample.student)])
         else:
             assert torch.equal(value, reference[key]), key
     for row, sample in enumerate(samples):
-        assert batch.tokens.student.input_ids[row, : len(sample.student)].tolist() == reference["input_ids"][row, : len(sample.student)].tolist()
+        assert tokens.input_ids[row, : len(sample.student)].tolist() == reference["input_ids"][row, : len(sample.student)].tolist()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_overlong_samples_keep_the_prompt_and_token_types_aligned(family, tiny_vlm, vlm_chat_data):
     student, _ = _encoders(tiny_vlm, family)
-    full, _ = build_vision_samples(DataConfig(train=str(vlm_chat_data)), ImageDataConfig(), "train", student)
+    full, _ = build_vision_samples(DataConfig(train=str(vlm_chat_data)), "train", student)
     prompts = sorted(s.student.response_start for s in full)
     max_len = prompts[len(prompts) // 2] + 2  # half the prompts fit, with two response tokens
-    samples, report = build_vision_samples(DataConfig(train=str(vlm_chat_data), max_len=max_len), ImageDataConfig(), "train", student)
+    samples, report = build_vision_samples(DataConfig(train=str(vlm_chat_data), max_len=max_len), "train", student)
     too_long = sum(p + 1 > max_len for p in prompts)
     assert 0 < too_long < 8
     assert report.dropped == {f"prompt longer than data.max_len={max_len}": too_long}
@@ -140,7 +149,7 @@ def test_overlong_samples_keep_the_prompt_and_token_types_aligned(family, tiny_v
 
 def test_an_unknown_processor_output_is_an_error(tiny_vlm, vlm_chat_data, monkeypatch):
     student, _ = _encoders(tiny_vlm, "idefics3")
-    samples, _ = build_vision_samples(DataConfig(train=str(vlm_chat_data)), ImageDataConfig(), "train", student)
+    samples, _ = build_vision_samples(DataConfig(train=str(vlm_chat_data)), "train", student)
     image_processor = student.processor.image_processor
     original = type(image_processor).__call__
 
@@ -152,4 +161,4 @@ def test_an_unknown_processor_output_is_an_error(tiny_vlm, vlm_chat_data, monkey
     monkeypatch.setattr(type(image_processor), "__call__", with_extra)
     student.model_input_names.add("pixel_cookies")
     with pytest.raises(ModelError, match=r"returns \['pixel_cookies'\], which kdlib does not pass to models"):
-        collate_vision(samples[:1], ImageDataConfig(), student)
+        student.attach(collate_vision(samples[:1], student).student)

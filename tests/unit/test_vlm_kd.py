@@ -15,8 +15,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokeniz
 
 from kdlib.batch import TokenBatch
 from kdlib.config import DataConfig, LossImplementation
-from kdlib.data.images import ImageDataConfig, open_image
-from kdlib.data.multimodal import data_root, detect_vision_format, row_to_vision_conversation
+from kdlib.data.formats import detect_format
+from kdlib.data.images import open_image
+from kdlib.data.multimodal import data_root, row_to_vision_conversation
 from kdlib.data.sources import load_rows
 from kdlib.data.vision_encoding import VisionChatEncoder, VisionInputs
 from kdlib.data.vision_samples import build_vision_samples, collate_vision
@@ -50,10 +51,11 @@ def test_image_text_kd_from_hidden_states_equals_full_logit_kd(family, loss_name
     student_encoder = VisionChatEncoder(student_processor, name="student")
     teacher_encoder = VisionChatEncoder(teacher_processor, name="teacher")
     samples, _ = build_vision_samples(
-        DataConfig(train=str(vlm_chat_data)), ImageDataConfig(), "train", student_encoder, teacher_encoder
+        DataConfig(train=str(vlm_chat_data)), "train", student_encoder, teacher_encoder
     )
     samples = samples[:4]  # one image, two images, text only, two turns
-    batch = collate_vision(samples, ImageDataConfig(), student_encoder, teacher_encoder)
+    collated = collate_vision(samples, student_encoder, teacher_encoder)
+    student_view, teacher_view = student_encoder.attach(collated.student), teacher_encoder.attach(collated.teacher)
     student, teacher = _model(student_dir), _model(teacher_dir).eval()
     student.train()
     params = [student.model.get_decoder().layers[0].mlp.up_proj.weight, vision_parameters(student)[-1][1]]
@@ -71,17 +73,17 @@ def test_image_text_kd_from_hidden_states_equals_full_logit_kd(family, loss_name
         return model(**inputs).logits[:, :length][tokens.loss_mask]
 
     with torch.no_grad():
-        teacher_logits = full_logits(teacher, teacher_processor, batch.tokens.teacher)
-    student_logits = full_logits(student, student_processor, batch.tokens.student)
+        teacher_logits = full_logits(teacher, teacher_processor, teacher_view)
+    student_logits = full_logits(student, student_processor, student_view)
     reference = _float64_divergence(loss_name, student_logits, teacher_logits, loss_cfg)
     ref_grads = torch.autograd.grad(reference, params)
 
     # kdlib: teacher hidden states at its loss positions, student recomputes the teacher's logits
     with torch.no_grad():
-        teacher_hidden = vlm_hidden_at_loss_positions(teacher, batch.tokens.teacher, batch.teacher_images)
-    assert teacher_hidden.shape == (batch.tokens.n_loss_tokens, teacher.config.text_config.hidden_size)
+        teacher_hidden = vlm_hidden_at_loss_positions(teacher, teacher_view)
+    assert teacher_hidden.shape == (collated.n_loss_tokens, teacher.config.text_config.hidden_size)
     terms = distillation_loss(
-        vlm_hidden_at_loss_positions(student, batch.tokens.student, batch.student_images), lm_head_of(student),
+        vlm_hidden_at_loss_positions(student, student_view), lm_head_of(student),
         teacher_hidden, lm_head_of(teacher), None, loss_cfg, kd_weight=1.0, ce_weight=0.0, normaliser=1.0,
     )
     grads = torch.autograd.grad(terms.loss, params)
@@ -149,9 +151,9 @@ def _chats(path, indices: list[int]):
     """The conversations and opened images of rows ``indices``, parsed independently."""
     cfg = DataConfig(train=str(path))
     source = load_rows(str(path), split="train", key="data.train")
-    fmt = detect_vision_format(list(source.rows.column_names), cfg, "x")
-    chats = [row_to_vision_conversation(source.rows[i], fmt, cfg, ImageDataConfig(), data_root(source.name), "x") for i in indices]
-    return chats, [[open_image(ref, ImageDataConfig(), "x") for ref in chat.images] for chat in chats]
+    fmt = detect_format(list(source.rows.column_names), cfg, "x")
+    chats = [row_to_vision_conversation(source.rows[i], fmt, cfg, data_root(source.name), "x") for i in indices]
+    return chats, [[open_image(ref, "x") for ref in chat.images] for chat in chats]
 
 
 def _last_match(ids: list[int], pattern: list[int]) -> int:

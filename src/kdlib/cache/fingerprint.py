@@ -8,7 +8,10 @@ decides it is split in two:
   tokenizer (vocabulary, special tokens) and chat template, and the wire dtype. A directory holds
   one namespace; a run with another is refused with the field that differs.
 - the *key* of a sample within it: the exact teacher token ids and the positions whose hidden
-  states are kept (the response span), hashed.
+  states are kept (the response span), and the pixels of its images, hashed.
+
+For a vision-language teacher the namespace's tokenizer entry also covers the processor's image
+settings, which change the image tokens and pixels of every sample.
 
 Weight hashes read every byte of the checkpoint once; they are remembered per file (path, size,
 modification time) in kdlib's user cache, so a sweep hashes a 60 GB teacher once, not per job.
@@ -45,7 +48,8 @@ class CacheNamespace:
     backend: str
     attn_implementation: str
     device_type: str
-    # Hash of the tokenizer's vocabulary, special tokens and the chat template in use.
+    # Hash of the tokenizer's vocabulary, special tokens and the chat template in use (and of the
+    # processor's image settings for a vision-language teacher).
     tokenizer: str
     wire_dtype: str
 
@@ -64,12 +68,15 @@ class CacheNamespace:
         return asdict(self)
 
 
-def sample_key(input_ids: Sequence[int], response_start: int) -> str:
+def sample_key(input_ids: Sequence[int], response_start: int, images: Sequence[str] = ()) -> str:
     """The key of one sample: its teacher token ids and where its trained span starts (the rows
-    kept are the positions response_start - 1 .. len - 2)."""
+    kept are the positions response_start - 1 .. len - 2), and for image+text samples the content
+    digests of its images in order (:func:`kdlib.data.images.image_digest`)."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(array("q", [len(input_ids), int(response_start)]).tobytes())
     digest.update(array("q", input_ids).tobytes())
+    for image in images:
+        digest.update(f"image:{image}".encode())
     return digest.hexdigest()
 
 
@@ -79,6 +86,14 @@ def tokenizer_fingerprint(tokenizer, *, apply_chat_template: bool) -> str:
     digest.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
     digest.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
     digest.update(json.dumps([apply_chat_template, getattr(tokenizer, "chat_template", None)]).encode())
+    return digest.hexdigest()[:32]
+
+
+def processor_fingerprint(processor, *, apply_chat_template: bool) -> str:
+    """A vision-language teacher's rendering: its tokenizer (as above), its chat template and its
+    processor's settings (image size, tiling, patching, normalisation change tokens and pixels)."""
+    digest = hashlib.sha256(tokenizer_fingerprint(processor.tokenizer, apply_chat_template=apply_chat_template).encode())
+    digest.update(json.dumps([getattr(processor, "chat_template", None), processor.to_json_string()]).encode())
     return digest.hexdigest()[:32]
 
 

@@ -2,6 +2,7 @@
 
 from kdlib.config.schema import (
     AlgorithmConfig,
+    BadImages,
     DataConfig,
     DataFormat,
     EvalConfig,
@@ -34,6 +35,7 @@ from kdlib.config.schema import (
 
 __all__ = [
     "AlgorithmConfig",
+    "BadImages",
     "DataConfig",
     "DataFormat",
     "EvalConfig",

@@ -69,6 +69,13 @@ class Unalignable(str, Enum):
     drop = "drop"  # leave the sample out; counted in the log and data_report.json
 
 
+class BadImages(str, Enum):
+    """What happens to a row whose image is missing, unreadable, too large or remote."""
+
+    error = "error"  # stop with a one-line error naming the data file, row and image
+    drop = "drop"  # leave the row out; counted by cause in the filter report
+
+
 class LossImplementation(str, Enum):
     """How the KD loss is computed from hidden states."""
 
@@ -267,6 +274,9 @@ class StudentConfig(ModelConfig):
     num_workers: int = 1
     # Recompute activations in the backward pass to save memory.
     gradient_checkpointing: bool = False
+    # Vision-language students: keep the vision tower and its projector frozen (only the language
+    # model and head train); false trains them too. Text-only students have nothing to freeze.
+    freeze_vision: bool = True
     # Run the student's matrix products in bfloat16 under torch.autocast; weights, optimizer
     # state and the KD/CE loss stay in `dtype` (mixed precision). true, false, or auto (true
     # where bf16 is native on the device, see Precision.auto; resolved at composition).
@@ -414,6 +424,17 @@ class DataConfig:
     # user message, or a list of messages replacing the whole prompt); the student keeps its
     # prompt and both score the same response. null = the teacher reads the student's prompt.
     teacher_input_key: Optional[str] = None
+    # Image+text data (vision-language models; see docs/vlm.md). Largest image accepted, in pixels
+    # (width x height, read from the file header before decoding); larger ones are bad images.
+    # null = no limit.
+    max_image_pixels: Optional[int] = 8192 * 8192
+    # What happens to a row whose image is missing, unreadable, larger than max_image_pixels or
+    # remote (http; never downloaded): error (one line naming file, row and image) or drop (counted).
+    bad_images: BadImages = BadImages.error
+    # The text marking an image's place in text content (LLaVA / ShareGPT rows, string messages).
+    image_placeholder: str = "<image>"
+    # Column of image references for rows whose text uses placeholders or value-less image parts.
+    images_key: str = "images"
 
 
 @dataclass

@@ -12,10 +12,10 @@ import logging
 from typing import TYPE_CHECKING, Any, Optional
 
 from kdlib.config.schema import KDConfig, ModelConfig
+from kdlib.controller import modality
 from kdlib.data.batching import steps_per_epoch
 from kdlib.data.bundle import DataBundle
 from kdlib.data.encoding import ChatEncoder
-from kdlib.data.samples import build_prompts, build_samples
 from kdlib.errors import ConfigError
 from kdlib.launch import WorkerGroup, build_launcher
 from kdlib.models.loading import load_tokenizer
@@ -30,7 +30,14 @@ log = logging.getLogger(__name__)
 
 
 def chat_encoders(cfg: KDConfig, *, with_teacher: bool) -> tuple[ChatEncoder, Optional[ChatEncoder]]:
-    """(student encoder, teacher encoder or None when the teacher reads the student's tokens)."""
+    """(student encoder, teacher encoder or None when the teacher reads the student's tokens);
+    vision-language models get their processors' encoders (see controller/modality.py)."""
+    if modality.vision_run(cfg, with_teacher=with_teacher):
+        student, teacher = modality.vision_encoders(cfg, with_teacher=with_teacher)
+        if teacher is not None:
+            check_vocabularies(teacher, student)
+        same = teacher is None or teacher.signature() == student.signature()
+        return student, None if same else teacher  # same tokens and pixels: the student's view
     student_tok = load_tokenizer(cfg.student)
     student = ChatEncoder(student_tok, apply_chat_template=cfg.data.apply_chat_template, name="student")
     if not with_teacher:
@@ -74,8 +81,7 @@ def load_data(
     For a cross-tokenizer algorithm every sample carries the alignment of its two responses (all
     1:1 groups when the tokenizers are the same) and training batches name the teacher rows the
     algorithm reads."""
-    bundle = DataBundle(student_pad_id=student.pad_id, teacher_pad_id=None if teacher is None else teacher.pad_id,
-                        student_encoder=student)
+    bundle = modality.new_bundle(cfg, student, teacher)
     if cross_tokenizer(cfg):
         from kdlib.algorithms import ALGORITHMS
         from kdlib.data.cross_tokenizer import ResponseAligner
@@ -85,21 +91,20 @@ def load_data(
             teacher_model=f"teacher ({cfg.teacher.tokenizer or cfg.teacher.model})",
         )
         bundle.row_kind = ALGORITHMS.get(cfg.algorithm.name).teacher_row_kind(cfg.algorithm)
-    aligner = bundle.aligner
     if prompts:
-        bundle.prompts, report = build_prompts(cfg.data, student, teacher)
+        bundle.prompts, report = bundle.load_prompts(cfg.data)
         bundle.reports["prompts"] = report
         log.info("prompts: %s", report.summary())
         if not bundle.prompts:
             raise ConfigError(f"data.train: no usable prompt ({report.summary()})")
     if responses:
-        bundle.train, report = build_samples(cfg.data, "train", student, teacher, aligner)
+        bundle.train, report = bundle.load_samples(cfg.data, "train")
         bundle.reports["train"] = report
         log.info("train data: %s", report.summary())
         if not bundle.train:
             raise ConfigError(f"data.train: no usable sample in {report.source} ({report.summary()})")
     if cfg.data.eval:
-        bundle.eval, report = build_samples(cfg.data, "eval", student, teacher, aligner)
+        bundle.eval, report = bundle.load_samples(cfg.data, "eval")
         bundle.reports["eval"] = report
         log.info("eval data: %s", report.summary())
     return bundle
@@ -121,14 +126,22 @@ def start_launcher(pipeline: "Pipeline") -> None:
     pipeline.launcher = build_launcher(pipeline.cfg.launcher)
 
 
-def open_teacher_cache(pipeline: "Pipeline", teacher_tokenizer: Any) -> "TeacherCache":
-    """Open ``teacher.cache`` for this run's teacher setup (refused if it holds another's)."""
-    from kdlib.cache.fingerprint import FORMAT, CacheNamespace, tokenizer_fingerprint, weights_fingerprint
+def open_teacher_cache(pipeline: "Pipeline", teacher_encoder: ChatEncoder) -> "TeacherCache":
+    """Open ``teacher.cache`` for this run's teacher setup (refused if it holds another's);
+    ``teacher_encoder`` renders the teacher's view (its tokenizer, or its processor for a VLM)."""
+    from kdlib.cache.fingerprint import (
+        FORMAT, CacheNamespace, processor_fingerprint, tokenizer_fingerprint, weights_fingerprint,
+    )
     from kdlib.cache.store import TeacherCache
     from kdlib.hardware import resolve_device_type
     from kdlib.models.loading import model_location
 
     cfg = pipeline.cfg
+    processor = getattr(teacher_encoder, "processor", None)
+    rendering = (
+        tokenizer_fingerprint(teacher_encoder.tokenizer, apply_chat_template=cfg.data.apply_chat_template)
+        if processor is None else processor_fingerprint(processor, apply_chat_template=cfg.data.apply_chat_template)
+    )
     namespace = CacheNamespace(
         format=FORMAT,
         weights=weights_fingerprint(model_location(cfg.teacher.model)),
@@ -137,7 +150,7 @@ def open_teacher_cache(pipeline: "Pipeline", teacher_tokenizer: Any) -> "Teacher
         backend=cfg.teacher.backend,
         attn_implementation=cfg.teacher.attn_implementation,
         device_type=resolve_device_type(cfg.device),
-        tokenizer=tokenizer_fingerprint(teacher_tokenizer, apply_chat_template=cfg.data.apply_chat_template),
+        tokenizer=rendering,
         wire_dtype=cfg.transport.dtype.value,
     )
     pipeline.cache = TeacherCache.open(cfg.teacher.cache, namespace)
@@ -171,6 +184,7 @@ def start_rollout(pipeline: "Pipeline", model: ModelConfig, *, syncs_weights: bo
     """``rollout.num_workers`` generation engines running ``model`` (a transport when they take
     the student's weights)."""
     cfg = pipeline.cfg
+    modality.check_rollout(cfg, model, "student" if syncs_weights else "teacher")
     transport = cfg.transport if syncs_weights else None
     specs = [RolloutSpec(model, cfg.rollout, cfg.device, rank, transport) for rank in range(cfg.rollout.num_workers)]
     with _loading(cfg, "rollout engine", len(specs)):

@@ -42,9 +42,9 @@ class CacheMode(RunMode):
     def build(cls, pipeline: "Pipeline") -> "CacheMode":
         cfg = pipeline.cfg
         student, teacher = assembly.chat_encoders(cfg, with_teacher=True)
-        pipeline.student_tokenizer = student.tokenizer
+        pipeline.student_tokenizer = student.pretrained_files
         pipeline.data = assembly.load_data(cfg, student, teacher)
-        assembly.open_teacher_cache(pipeline, (teacher or student).tokenizer)
+        assembly.open_teacher_cache(pipeline, teacher or student)
         assembly.start_launcher(pipeline)
         if assembly.uncached_samples(pipeline):
             assembly.start_teacher(pipeline)

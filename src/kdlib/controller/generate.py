@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kdlib.controller import assembly
+from kdlib.controller import assembly, modality
 from kdlib.controller.mode import RunMode
 from kdlib.data.encoding import ChatEncoder
 from kdlib.data.samples import load_conversations
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 class GenerateMode(RunMode):
     @classmethod
     def build(cls, pipeline: "Pipeline") -> "GenerateMode":
+        modality.require_text_model(pipeline.cfg.teacher, "teacher", "mode=generate")
         pipeline.student_tokenizer = load_tokenizer(pipeline.cfg.teacher)  # the generating model's
         assembly.start_launcher(pipeline)
         assembly.start_rollout(pipeline, pipeline.cfg.teacher, syncs_weights=False)

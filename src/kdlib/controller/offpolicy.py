@@ -30,11 +30,11 @@ class OffPolicyMode(TrainingLoop):
         cfg = pipeline.cfg
         needs_teacher = ALGORITHMS.get(cfg.algorithm.name).needs_teacher
         student, teacher = assembly.chat_encoders(cfg, with_teacher=needs_teacher)
-        pipeline.student_tokenizer = student.tokenizer
+        pipeline.student_tokenizer = student.pretrained_files
         pipeline.data = assembly.load_data(cfg, student, teacher)
         pipeline.total_steps = assembly.total_steps(cfg, len(pipeline.data.train), cfg.train.global_batch_size)
         if needs_teacher and cfg.teacher.cache:
-            assembly.open_teacher_cache(pipeline, (teacher or student).tokenizer)
+            assembly.open_teacher_cache(pipeline, teacher or student)
             missing = assembly.uncached_samples(pipeline)
             n_samples = len(pipeline.data.train) + len(pipeline.data.eval)
             if missing:

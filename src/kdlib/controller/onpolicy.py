@@ -32,7 +32,7 @@ from kdlib.config.schema import KDConfig
 from kdlib.controller import assembly
 from kdlib.controller.training import TrainingLoop
 from kdlib.data.batching import split_across_workers
-from kdlib.data.samples import Prompt, Sample, rollout_sample
+from kdlib.data.samples import Prompt, Sample
 from kdlib.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -65,13 +65,13 @@ class OnPolicyMode(TrainingLoop):
     def build(cls, pipeline: "Pipeline") -> "OnPolicyMode":
         cfg = pipeline.cfg
         student, teacher = assembly.chat_encoders(cfg, with_teacher=True)
-        pipeline.student_tokenizer = student.tokenizer
+        pipeline.student_tokenizer = student.pretrained_files
         # off-policy steps (lmbda < 1) need the dataset's responses too
         pipeline.data = assembly.load_data(cfg, student, teacher, prompts=True, responses=cfg.onpolicy.lmbda < 1.0)
         prompts_per_step = cfg.train.global_batch_size // cfg.rollout.n_samples_per_prompt
         pipeline.total_steps = assembly.total_steps(cfg, len(pipeline.data.prompts), prompts_per_step, "prompts")
         if cfg.teacher.cache:  # serves the held-out evaluation and the dataset steps (lmbda < 1)
-            assembly.open_teacher_cache(pipeline, (teacher or student).tokenizer)
+            assembly.open_teacher_cache(pipeline, teacher or student)
         assembly.start_launcher(pipeline)
         assembly.start_teacher(pipeline)
         assembly.start_rollout(pipeline, cfg.student, syncs_weights=True)
@@ -106,17 +106,21 @@ class OnPolicyMode(TrainingLoop):
         encoder = p.data.student_encoder
         start = time.perf_counter()
         shares = split_across_workers(prompts, p.rollout.size)
-        results = p.rollout.call_each("generate", [
+        args = [
             ([q.student_ids for q in share], encoder.end_of_turn_ids, encoder.pad_id, cfg.seed + 1000 * step + rank)
             for rank, share in enumerate(shares)
-        ])
+        ]
+        images = [p.data.rollout_images(share) for share in shares]  # None for text prompts
+        if any(image is not None for image in images):
+            results = p.rollout.call_each("generate_about_images", [(*a, i) for a, i in zip(args, images)])
+        else:
+            results = p.rollout.call_each("generate", args)
         generations = [g for worker in results for g in worker]
         samples, cut_by_max_len, truncated, lengths, unaligned = [], 0, 0, [], 0
         log_rows = []
         for prompt, outs in zip(prompts, generations, strict=True):
             for out in outs:
-                sample, cut = rollout_sample(prompt, out.token_ids, cfg.data.max_len, encoder=encoder,
-                                             aligner=p.data.aligner)
+                sample, cut = p.data.rollout_sample(prompt, out.token_ids, cfg.data.max_len)
                 samples.append(sample)
                 cut_by_max_len += int(cut)
                 unaligned += sample.alignment.unaligned_student if sample.alignment is not None else 0

@@ -61,6 +61,11 @@ class TurnTokens:
         eos = self.tokenizer.eos_token_id
         return eos if eos is not None else sorted(self.end_of_turn_ids)[0]
 
+    @property
+    def pretrained_files(self):
+        """What is saved next to the model's weights so that it loads with them (the tokenizer)."""
+        return self.tokenizer
+
     def vocabulary_signature(self) -> tuple:
         """Equal for tokenizers with the same vocabulary."""
         vocab = self.tokenizer.get_vocab()

@@ -9,45 +9,32 @@ header, before the pixels are decoded). A failure is a :class:`BadImageError`, a
 :class:`~kdlib.errors.DataError` naming the data file, the row and the image; it carries a short
 reason so that ``data.bad_images=drop`` can count dropped rows by cause. Remote (http) images are
 never downloaded: these machines have no network, and a run should not depend on one.
+
+References are small and picklable: they, not pixel tensors, are what the controller sends to the
+workers, and each worker opens the images with its own processor (docs/vlm.md has the figures).
+A ``datasets`` Image column is read undecoded (:mod:`kdlib.data.vision_samples`), so its references
+hold the encoded file bytes rather than decoded pictures.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import re
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
+from kdlib.config.schema import BadImages
 from kdlib.errors import DataError
+
+__all__ = ["BadImageError", "BadImages", "ImageRef", "image_digest", "image_ref", "open_image"]
 
 _BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 # Shorter strings are never taken for inline base64 (a 1x1 PNG is already about 90 characters).
 _MIN_BASE64_CHARS = 64
-
-
-class BadImages(str, Enum):
-    """What happens to a row whose image is missing, unreadable or too large."""
-
-    error = "error"  # stop with a one-line error naming the data file, row and image
-    drop = "drop"  # leave the row out; counted by reason in the filter report
-
-
-@dataclass
-class ImageDataConfig:
-    """Options for image+text data (phase 2 adds these fields to ``data``)."""
-
-    # Largest image accepted, in pixels (width x height); larger ones are bad images. null = no limit.
-    max_image_pixels: Optional[int] = 8192 * 8192
-    # What happens to a row whose image is missing, unreadable or larger than max_image_pixels.
-    bad_images: BadImages = BadImages.error
-    # The text marking an image's place in text content (LLaVA / ShareGPT rows, string messages).
-    image_placeholder: str = "<image>"
-    # Column of image references for rows whose text uses placeholders or value-less image parts.
-    images_key: str = "images"
 
 
 class BadImageError(DataError):
@@ -110,8 +97,9 @@ def image_ref(value: Any, base_dir: Path, where: str) -> ImageRef:
     return ImageRef(path=path.resolve())
 
 
-def open_image(ref: ImageRef, options: ImageDataConfig, where: str):
-    """The image as an RGB PIL image, or a :class:`BadImageError` naming ``where`` and the image."""
+def open_image(ref: ImageRef, where: str, max_pixels: Optional[int] = None):
+    """The image as an RGB PIL image, or a :class:`BadImageError` naming ``where`` and the image;
+    ``max_pixels`` is ``data.max_image_pixels`` (None: no limit)."""
     from PIL import Image, UnidentifiedImageError
 
     name = ref.describe()
@@ -127,10 +115,10 @@ def open_image(ref: ImageRef, options: ImageDataConfig, where: str):
         except (UnidentifiedImageError, OSError) as exc:
             raise BadImageError(f"{where}: cannot read image {name}: {_first_line(exc)}", "unreadable image") from None
     width, height = image.size
-    if options.max_image_pixels is not None and width * height > options.max_image_pixels:
+    if max_pixels is not None and width * height > max_pixels:
         raise BadImageError(
             f"{where}: image {name} has {width}x{height} = {width * height} pixels, more than "
-            f"data.max_image_pixels={options.max_image_pixels}",
+            f"data.max_image_pixels={max_pixels}",
             "image too large",
         )
     try:
@@ -138,6 +126,14 @@ def open_image(ref: ImageRef, options: ImageDataConfig, where: str):
         return image.convert("RGB")
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt pixel data
         raise BadImageError(f"{where}: cannot read image {name}: {_first_line(exc)}", "unreadable image") from None
+
+
+def image_digest(image) -> str:
+    """Content hash of an opened (RGB) image: its size and pixels, which is what a processor reads
+    (the same picture stored as PNG or inline base64 has one digest; any changed pixel, another)."""
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()[:32]
 
 
 def _decode_base64(payload: str, where: str) -> bytes:

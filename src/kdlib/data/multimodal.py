@@ -11,6 +11,9 @@ whichever is used:
 - LLaVA / ShareGPT ``conversations`` (``from``/``value``) with ``<image>`` placeholders and the
   images in an ``images`` list column (or LLaVA's single ``image`` column).
 
+The text layouts (prompt/response, Alpaca) are read as for text models, their text holding
+placeholders for the images column; rows without images are plain text chats.
+
 An image part is a slot pointing into :attr:`VisionConversation.images`; the references are opened
 only later (:func:`kdlib.data.images.open_image`). Whitespace next to a placeholder is dropped, so
 ``"<image>\\nWhat is this?"`` is the image followed by the text ``"What is this?"``, as in the parts
@@ -25,8 +28,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from kdlib.config.schema import DataConfig, DataFormat
-from kdlib.data.formats import _SHAREGPT_ROLES, _check_roles, _require, detect_format
-from kdlib.data.images import ImageDataConfig, ImageRef, image_ref
+from kdlib.data.formats import _SHAREGPT_ROLES, _check_roles, _require, row_to_conversation
+from kdlib.data.images import ImageRef, image_ref
 from kdlib.errors import DataError
 
 _IMAGE_VALUE_KEYS = ("image", "path", "url", "image_url")
@@ -80,6 +83,13 @@ class VisionConversation:
             messages.append({"role": turn.role, "content": content})
         return messages
 
+    def text_messages(self, placeholder: str = "<image>") -> list[dict]:
+        """The turns as plain messages (images shown as ``placeholder``), for logs and reports."""
+        return [
+            {"role": turn.role, "content": "".join(p.text if isinstance(p, TextPart) else placeholder for p in turn.parts)}
+            for turn in self.turns
+        ]
+
     def without_response(self) -> "VisionConversation":
         """The prompt: every turn but a final assistant turn (whose images, if any, are dropped)."""
         if not self.turns or self.turns[-1].role != "assistant":
@@ -89,28 +99,23 @@ class VisionConversation:
         return VisionConversation(turns, self.images[:used])
 
 
-def detect_vision_format(columns: list[str], cfg: DataConfig, where: str) -> DataFormat:
-    """messages or sharegpt (the layouts that carry images), from ``data.format`` or the columns."""
-    fmt = detect_format(columns, cfg, where)
-    if fmt not in (DataFormat.messages, DataFormat.sharegpt):
-        raise DataError(
-            f"{where}: image+text data needs the messages or sharegpt layout (found {fmt.value}); "
-            f"put the images in message parts or in an images column with <image> placeholders"
-        )
-    return fmt
+def row_holds_images(row: dict[str, Any], cfg: DataConfig) -> bool:
+    """Whether a row is in an image+text form: an images column, or message content given as a
+    list of parts (which text models do not read)."""
+    if row.get(cfg.images_key) or row.get(_LLAVA_IMAGE_KEY):
+        return True
+    messages = row.get(cfg.messages_key)
+    return isinstance(messages, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages)
 
 
 def row_to_vision_conversation(
-    row: dict[str, Any],
-    fmt: DataFormat,
-    cfg: DataConfig,
-    options: ImageDataConfig,
-    base_dir: Path,
-    where: str,
+    row: dict[str, Any], fmt: DataFormat, cfg: DataConfig, base_dir: Path, where: str
 ) -> VisionConversation:
-    """The conversation of one row; relative image paths are taken from ``base_dir``."""
-    column = _column_images(row, options, base_dir, where)
-    builder = _Builder(column, options.image_placeholder, base_dir, where)
+    """The conversation of one row (``fmt`` from :func:`kdlib.data.formats.detect_format`);
+    relative image paths are taken from ``base_dir``. The text layouts (prompt/response, Alpaca)
+    hold images through placeholders in their text and the images column."""
+    column = _column_images(row, cfg, base_dir, where)
+    builder = _Builder(column, cfg.image_placeholder, base_dir, where)
     if fmt is DataFormat.messages:
         messages = _require(row, cfg.messages_key, where)
         if not isinstance(messages, list) or not messages:
@@ -131,7 +136,8 @@ def row_to_vision_conversation(
                 raise DataError(f"{where}: turn {i} has unknown speaker {turn['from']!r}; known: {sorted(_SHAREGPT_ROLES)}")
             builder.add_turn(role, turn["value"], f"turn {i}")
     else:
-        raise DataError(f"{where}: image+text data needs the messages or sharegpt layout, not {fmt.value}")
+        for i, message in enumerate(row_to_conversation(row, fmt, cfg, where)):
+            builder.add_turn(message["role"], message["content"], f"message {i}")
     conversation = builder.finish()
     _check_roles([{"role": turn.role} for turn in conversation.turns], where)
     return conversation
@@ -210,9 +216,9 @@ class _Builder:
         return ImagePart(len(self.images) - 1)
 
 
-def _column_images(row: dict[str, Any], options: ImageDataConfig, base_dir: Path, where: str) -> list[ImageRef]:
-    value = row.get(options.images_key)
-    key = options.images_key
+def _column_images(row: dict[str, Any], cfg: DataConfig, base_dir: Path, where: str) -> list[ImageRef]:
+    value = row.get(cfg.images_key)
+    key = cfg.images_key
     if value is None and row.get(_LLAVA_IMAGE_KEY) is not None:
         value, key = row[_LLAVA_IMAGE_KEY], _LLAVA_IMAGE_KEY
     if value is None:

@@ -4,14 +4,16 @@ A missing file, a JSON line that does not parse, an undetectable format or a dat
 usable row should cost the user seconds, not a model load. This reads each configured dataset
 (``data.train``, ``data.eval``), detects its layout and converts its rows to conversations until
 one usable row is found (a conversation with a non-empty last message); any bad row met on the way
-is reported with its file and row. Tokenisation, truncation and the per-sample counts come later,
-still before any model loads.
+is reported with its file and row; image+text rows are parsed as such (their images are opened
+when the samples are built). Tokenisation, truncation and the per-sample counts come later, still
+before any model loads.
 """
 
 from __future__ import annotations
 
 from kdlib.config.schema import DataConfig
 from kdlib.data.formats import detect_format, privileged_conversation, row_to_conversation
+from kdlib.data.multimodal import data_root, row_holds_images, row_to_vision_conversation
 from kdlib.data.sources import load_rows
 from kdlib.errors import DataError
 
@@ -29,6 +31,11 @@ def check_data_files(cfg: DataConfig) -> dict[str, int]:
         fmt = detect_format(list(source.rows.column_names), cfg, f"{key}: {source.name}")
         for i, row in enumerate(source.rows):
             where = f"{key}: {source.where(i)}"
+            if row_holds_images(row, cfg):
+                turns = row_to_vision_conversation(row, fmt, cfg, data_root(source.name), where).turns
+                if turns and turns[-1].text.strip():
+                    break
+                continue
             conversation = row_to_conversation(row, fmt, cfg, where)
             if cfg.teacher_input_key:
                 privileged_conversation(row, conversation, cfg.teacher_input_key, where)

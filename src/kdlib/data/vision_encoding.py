@@ -17,70 +17,18 @@ know is an error rather than something silently not passed to the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
-import torch
-
+from kdlib.batch import VisionInputs
 from kdlib.data.encoding import TurnTokens, end_of_turn_ids
 from kdlib.data.multimodal import VisionConversation
+from kdlib.data.vision_inputs import TOKEN_TYPE_KEYS, ImageLayout
 from kdlib.errors import DataError, ModelError
 
-# Per-token modality ids (0 text, 1 image, ...) under the names processors give them:
-# Qwen-VL's M-RoPE needs mm_token_type_ids; Gemma 3 attends bidirectionally within token_type_ids == 1.
-TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
+__all__ = ["VisionChatEncoder", "VisionEncoding", "VisionInputs"]
+
 _TEXT_KEYS = ("input_ids", "attention_mask")
-
-
-@dataclass
-class VisionInputs:
-    """A model's image inputs for one sample or a micro-batch, as its processor makes them.
-
-    The pixel tensors keep the processor's layout: Qwen-VL concatenates the patches of all images
-    (``pixel_values`` [patches, dim], ``image_grid_thw`` [images, 3]); Idefics3 pads a tile axis
-    (``pixel_values`` [batch, tiles, 3, H, W] with ``pixel_attention_mask``); Gemma 3 and LLaVA
-    stack images ([images, 3, H, W], LLaVA-NeXT adding ``image_sizes``). ``token_types`` is aligned
-    with the token ids of the same view ([batch, length]) and passed as ``token_types_key``.
-    """
-
-    pixel_values: Optional[torch.Tensor] = None
-    image_grid_thw: Optional[torch.Tensor] = None
-    pixel_attention_mask: Optional[torch.Tensor] = None
-    image_sizes: Optional[torch.Tensor] = None
-    token_types: Optional[torch.Tensor] = None
-    token_types_key: Optional[str] = None
-
-    def model_kwargs(self) -> dict[str, torch.Tensor]:
-        """Keyword arguments for the model's forward (absent tensors left out)."""
-        out = {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name not in ("token_types", "token_types_key") and getattr(self, f.name) is not None
-        }
-        if self.token_types is not None:
-            out[self.token_types_key] = self.token_types
-        return out
-
-    def to(self, device: torch.device | str, pixel_dtype: Optional[torch.dtype] = None) -> "VisionInputs":
-        """On ``device``; ``pixel_values`` also cast to ``pixel_dtype`` when given."""
-
-        def move(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if tensor is None else tensor.to(device)
-
-        pixels = move(self.pixel_values)
-        if pixels is not None and pixel_dtype is not None:
-            pixels = pixels.to(pixel_dtype)
-        return replace(
-            self,
-            pixel_values=pixels,
-            image_grid_thw=move(self.image_grid_thw),
-            pixel_attention_mask=move(self.pixel_attention_mask),
-            image_sizes=move(self.image_sizes),
-            token_types=move(self.token_types),
-        )
-
-
-_IMAGE_KEYS = tuple(f.name for f in fields(VisionInputs) if f.name not in ("token_types", "token_types_key"))
 
 
 @dataclass
@@ -103,13 +51,12 @@ class VisionEncoding:
         return len(self.input_ids)
 
 
-class VisionChatEncoder(TurnTokens):
+class VisionChatEncoder(ImageLayout, TurnTokens):
     """Renders and processes image+text conversations for one model."""
 
     def __init__(self, processor, *, name: str = "model") -> None:
-        self.processor = processor
+        super().__init__(processor, name=name)
         self.tokenizer = processor.tokenizer
-        self.name = name
         if not getattr(processor, "chat_template", None):
             raise DataError(f"the {name} processor has no chat template; set {name}.chat_template")
         self.image_token = getattr(processor, "image_token", None)
@@ -124,9 +71,12 @@ class VisionChatEncoder(TurnTokens):
             for i in (getattr(processor, "image_token_id", None), getattr(self.tokenizer, "image_token_id", None))
             if i is not None
         }
-        names = list(getattr(processor, "model_input_names", []))
-        self.token_types_key = next((key for key in TOKEN_TYPE_KEYS if key in names), None)
-        self.model_input_names = set(names)
+
+    @property
+    def pretrained_files(self):
+        """What is saved next to the model's weights (the processor: tokenizer, image processor,
+        chat template), so the saved model loads with ``AutoProcessor``."""
+        return self.processor
 
     def signature(self) -> tuple:
         """Equal signatures mean equal token ids and image tensors for every sample."""
@@ -170,24 +120,6 @@ class VisionChatEncoder(TurnTokens):
         prompt = conversation.without_response()
         return self._process(self._render(prompt, generation_prompt=True), images[: len(prompt.images)], where)
 
-    def batch_images(self, images: list[list]) -> Optional[VisionInputs]:
-        """Image tensors for a micro-batch (``images[b]``: the images of sample b, opened), laid out
-        by the model's own image processor; None when no sample has an image."""
-        if not any(images):
-            return None
-        out = self.processor.image_processor(images=images, return_tensors="pt")
-        return self._image_inputs({k: v for k, v in out.items() if k in self.model_input_names})
-
-    def pad_token_types(self, token_types: list[Optional[list[int]]], length: int) -> Optional[torch.Tensor]:
-        """Per-token modality ids of right-padded rows, [batch, length] (None if the model takes none)."""
-        if self.token_types_key is None:
-            return None
-        out = torch.zeros((len(token_types), length), dtype=torch.long)
-        for row, types in enumerate(token_types):
-            if types:
-                out[row, : len(types)] = torch.tensor(types, dtype=torch.long)
-        return out
-
     def _render(self, conversation: VisionConversation, *, generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(
             conversation.template_messages(), tokenize=False, add_generation_prompt=generation_prompt
@@ -212,17 +144,8 @@ class VisionChatEncoder(TurnTokens):
         if self.token_types_key is not None:
             given = out.get(self.token_types_key)
             types = given[0].tolist() if given is not None else [0] * len(ids)
-        image_inputs = self._image_inputs({k: v for k, v in out.items() if k not in _TEXT_KEYS + TOKEN_TYPE_KEYS})
+        image_inputs = self.image_inputs({k: v for k, v in out.items() if k not in _TEXT_KEYS + TOKEN_TYPE_KEYS})
         return VisionEncoding(ids, len(ids), types, image_inputs if images else None)
-
-    def _image_inputs(self, tensors: dict[str, Any]) -> VisionInputs:
-        unknown = sorted(set(tensors) - set(_IMAGE_KEYS))
-        if unknown:
-            raise ModelError(
-                f"the {self.name} processor ({type(self.processor).__name__}) returns {unknown}, which kdlib "
-                f"does not pass to models (known: {list(_IMAGE_KEYS)})"
-            )
-        return VisionInputs(**tensors, token_types_key=self.token_types_key)
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

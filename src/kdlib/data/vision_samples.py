@@ -1,32 +1,38 @@
-"""Image+text training samples: rows -> conversations -> each model's tokens, and their collation.
+"""Image+text training samples and prompts: rows -> conversations -> each model's tokens.
 
 The counterpart of :mod:`kdlib.data.samples` for vision-language models, with the same rules: a
 sample longer than ``data.max_len`` keeps its whole prompt (images included) and loses the end of
 its response (``overlong=truncate``) or is left out (``overlong=drop``); every dropped or truncated
 sample is counted in the :class:`~kdlib.data.samples.FilterReport`. A row whose image is missing,
 unreadable or too large stops the run with a one-line error, or is dropped and counted by cause
-with ``bad_images=drop``.
+with ``data.bad_images=drop``.
 
-A sample keeps its token ids, spans and image references, not pixel tensors: a dataset's pixels
-would not fit in memory at scale. :func:`collate_vision` opens the images of one micro-batch again
-and lets each model's image processor lay out its tensors. When the teacher renders samples
-differently (another resolution, template or tokenizer), it gets its own tokens and images;
-otherwise it reads the student's.
+A sample keeps its token ids, spans, per-token modality ids, image references and the images'
+content digests (part of its teacher-cache key), not pixel tensors: a dataset's pixels would not
+fit in memory at scale, and the workers lay out pixels with their own processors.
+:func:`collate_vision` pads the token views as :func:`kdlib.data.batching.collate` does and adds
+the references and each view's token types. When the teacher renders samples differently
+(another resolution, template or tokenizer), it gets its own tokens; otherwise it reads the
+student's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from kdlib.batch import MicroBatch
-from kdlib.config.schema import DataConfig
+from kdlib.batch import BatchImages, MicroBatch, TokenBatch, VisionInputs
+from kdlib.cache.fingerprint import sample_key
+from kdlib.config.schema import BadImages, DataConfig
 from kdlib.data.batching import collate
 from kdlib.data.encoding import EncodedChat
-from kdlib.data.images import BadImageError, BadImages, ImageDataConfig, ImageRef, open_image
-from kdlib.data.multimodal import data_root, detect_vision_format, row_to_vision_conversation
-from kdlib.data.samples import FilterReport, Sample, Sequence, _fit, _match_teacher, load_split
-from kdlib.data.vision_encoding import VisionChatEncoder, VisionEncoding, VisionInputs
+from kdlib.data.formats import detect_format
+from kdlib.data.images import BadImageError, ImageRef, image_digest, open_image
+from kdlib.data.multimodal import VisionConversation, data_root, row_to_vision_conversation
+from kdlib.data.samples import FilterReport, Prompt, Sample, Sequence, _fit, _match_teacher, load_split, rollout_sample
+from kdlib.data.sources import RowSource, load_rows
+from kdlib.data.vision_encoding import VisionChatEncoder, VisionEncoding
+from kdlib.data.vision_inputs import ImageLayout
 
 
 @dataclass
@@ -41,51 +47,91 @@ class VisionSample(Sample):
     """A training or evaluation example with images (``student``/``teacher`` are VisionSequences)."""
 
     images: list[ImageRef] = field(default_factory=list)
-    # '<key>: <file>, row <n>' for errors when the images are opened again at collation.
+    # Content digests of the images (kdlib.data.images.image_digest), in order.
+    image_digests: list[str] = field(default_factory=list)
+    # '<key>: <file>, row <n>' for errors when the images are opened again in a worker.
     where: str = ""
+
+    def teacher_key(self) -> str:
+        """The teacher view's token ids and span, and the pixels of the images it reads."""
+        view = self.teacher_view
+        return sample_key(view.input_ids, view.response_start, self.image_digests)
 
 
 @dataclass
-class VisionMicroBatch:
-    """A micro-batch's token views and each view's image inputs."""
+class VisionPrompt(Prompt):
+    """An on-policy prompt with its images: the student's tokens and token types, and the teacher's
+    own when it renders differently (``conversation`` holds plain messages for the rollout log)."""
 
-    tokens: MicroBatch
-    student_images: Optional[VisionInputs]
-    # The teacher's own image inputs; None when it reads the student's view (tokens.teacher is None).
-    teacher_images: Optional[VisionInputs] = None
+    images: list[ImageRef] = field(default_factory=list)
+    image_digests: list[str] = field(default_factory=list)
+    where: str = ""
+    student_types: Optional[list[int]] = None
+    teacher_types: Optional[list[int]] = None
 
-    @property
-    def teacher_view_images(self) -> Optional[VisionInputs]:
-        return self.teacher_images if self.tokens.teacher is not None else self.student_images
+
+@dataclass
+class _Row:
+    index: int
+    where: str
+    conversation: VisionConversation
+    images: list  # opened (PIL)
+
+
+def _rows(source: RowSource, cfg: DataConfig, report: FilterReport):
+    """The rows of ``source`` with their images opened; rows with bad images stop the run, or are
+    dropped and counted (``data.bad_images=drop``). Image columns of a ``datasets`` dataset are
+    read undecoded, so a sample keeps the image's encoded bytes (JPEG, PNG), which is what travels
+    to the workers, instead of a decoded picture."""
+    fmt = detect_format(list(source.rows.column_names), cfg, f"{source.key}: {source.name}")
+    base_dir = data_root(source.name)
+    rows = source.rows
+    undecoded = _undecoded(rows.features)
+    if undecoded != rows.features:
+        rows = rows.cast(undecoded)
+    for index, raw in enumerate(rows):
+        where = f"{source.key}: {source.where(index)}"
+        try:
+            conversation = row_to_vision_conversation(raw, fmt, cfg, base_dir, where)
+            images = [open_image(ref, where, cfg.max_image_pixels) for ref in conversation.images]
+        except BadImageError as exc:
+            if cfg.bad_images is BadImages.error:
+                raise
+            report.dropped[exc.reason] += 1
+            continue
+        yield _Row(index, where, conversation, images)
+
+
+def _undecoded(feature):
+    """``feature`` (a dataset's features, or one of them) with every Image read as encoded bytes."""
+    from datasets import Features, Image, List, Sequence
+
+    if isinstance(feature, Image):
+        return Image(decode=False) if feature.decode else feature
+    if isinstance(feature, (Features, dict)):
+        items = {name: _undecoded(value) for name, value in feature.items()}
+        return Features(items) if isinstance(feature, Features) else items
+    if isinstance(feature, List):
+        return List(_undecoded(feature.feature), length=feature.length)
+    if isinstance(feature, Sequence):
+        return Sequence(_undecoded(feature.feature), length=feature.length)
+    if isinstance(feature, list):
+        return [_undecoded(value) for value in feature]
+    return feature
 
 
 def build_vision_samples(
-    cfg: DataConfig,
-    options: ImageDataConfig,
-    split: str,
-    student: VisionChatEncoder,
-    teacher: Optional[VisionChatEncoder] = None,
+    cfg: DataConfig, split: str, student: VisionChatEncoder, teacher: Optional[VisionChatEncoder] = None
 ) -> tuple[list[VisionSample], FilterReport]:
     """Samples of ``split`` ("train" or "eval") and the report of what was filtered.
 
     ``teacher`` is given only when the teacher renders samples differently from the student.
     """
     source = load_split(cfg, split)
-    fmt = detect_vision_format(list(source.rows.column_names), cfg, f"{source.key}: {source.name}")
-    base_dir = data_root(source.name)
     report = FilterReport(source=source.name, rows=len(source.rows))
     samples = []
-    for index, raw in enumerate(source.rows):
-        where = f"{source.key}: {source.where(index)}"
-        try:
-            conversation = row_to_vision_conversation(raw, fmt, cfg, options, base_dir, where)
-            images = [open_image(ref, options, where) for ref in conversation.images]
-        except BadImageError as exc:
-            if options.bad_images is BadImages.error:
-                raise
-            report.dropped[exc.reason] += 1
-            continue
-        encoded = student.encode(conversation, images, where)
+    for row in _rows(source, cfg, report):
+        encoded = student.encode(row.conversation, row.images, row.where)
         if encoded is None:
             report.dropped["empty response"] += 1
             continue
@@ -95,45 +141,88 @@ def build_vision_samples(
             continue
         teacher_seq = None
         if teacher is not None:
-            teacher_seq = _match_vision_teacher(teacher.encode(conversation, images, where), student_seq)
+            teacher_seq = _match_vision_teacher(teacher.encode(row.conversation, row.images, row.where), student_seq)
             if teacher_seq is None:
                 report.dropped["teacher tokenises the response differently"] += 1
                 continue
         report.kept += 1
         report.truncated += int(truncated)
-        samples.append(VisionSample(index, student_seq, teacher_seq, images=conversation.images, where=where))
+        samples.append(VisionSample(
+            row.index, student_seq, teacher_seq, images=row.conversation.images,
+            image_digests=[image_digest(image) for image in row.images], where=row.where,
+        ))
     return samples, report
+
+
+def build_vision_prompts(
+    cfg: DataConfig, student: VisionChatEncoder, teacher: Optional[VisionChatEncoder] = None
+) -> tuple[list[VisionPrompt], FilterReport]:
+    """Prompts of data.train with their images (a trailing assistant turn is dropped: the student
+    writes its own answer about the images)."""
+    source = load_rows(cfg.train, split=cfg.train_split, key="data.train", max_rows=cfg.max_samples)
+    report = FilterReport(source=source.name, rows=len(source.rows))
+    prompts = []
+    for row in _rows(source, cfg, report):
+        prompt = row.conversation.without_response()
+        ours = student.encode_prompt(prompt, row.images, row.where)
+        theirs = teacher.encode_prompt(prompt, row.images, row.where) if teacher is not None else None
+        if max(len(ours.input_ids), len(theirs.input_ids) if theirs else 0) >= cfg.max_len:
+            report.dropped[f"prompt longer than data.max_len={cfg.max_len}"] += 1
+            continue
+        report.kept += 1
+        prompts.append(VisionPrompt(
+            row.index, ours.input_ids, None if theirs is None else theirs.input_ids,
+            prompt.text_messages(cfg.image_placeholder), images=prompt.images,
+            image_digests=[image_digest(image) for image in row.images[: len(prompt.images)]], where=row.where,
+            student_types=ours.token_types, teacher_types=None if theirs is None else theirs.token_types,
+        ))
+    return prompts, report
+
+
+def vision_rollout_sample(prompt: VisionPrompt, response_ids: list[int], max_len: int) -> tuple[VisionSample, bool]:
+    """:func:`kdlib.data.samples.rollout_sample` for a prompt with images: the same images, the
+    token types extended with text (0) over the sampled response."""
+    sample, cut = rollout_sample(prompt, response_ids, max_len)
+
+    def typed(sequence: Optional[Sequence], types: Optional[list[int]]) -> Optional[VisionSequence]:
+        if sequence is None:
+            return None
+        extended = None if types is None else types + [0] * (len(sequence) - len(types))
+        return VisionSequence(sequence.input_ids, sequence.response_start, extended)
+
+    out = VisionSample(
+        sample.index, typed(sample.student, prompt.student_types), typed(sample.teacher, prompt.teacher_types),
+        cacheable=False, images=prompt.images, image_digests=prompt.image_digests, where=prompt.where,
+    )
+    return out, cut
 
 
 def collate_vision(
     samples: list[VisionSample],
-    options: ImageDataConfig,
     student: VisionChatEncoder,
     teacher: Optional[VisionChatEncoder] = None,
-) -> VisionMicroBatch:
-    """Right-padded token views (as :func:`kdlib.data.batching.collate`) and each view's images.
+    *,
+    max_pixels: Optional[int] = None,
+) -> MicroBatch:
+    """Right-padded token views (as :func:`kdlib.data.batching.collate`) with the samples' image
+    references and each view's token types; the pixels are laid out later, by each worker
+    (:meth:`~kdlib.data.vision_inputs.ImageLayout.attach`). ``teacher``: the teacher's encoder
+    when the samples carry teacher sequences; ``max_pixels``: ``data.max_image_pixels``."""
+    batch = collate(samples, student_pad_id=student.pad_id, teacher_pad_id=None if teacher is None else teacher.pad_id)
+    images = None
+    if any(sample.images for sample in samples):
+        images = BatchImages([list(s.images) for s in samples], [s.where for s in samples], max_pixels)
+    out = replace(batch, student=_view(batch.student, student, [s.student for s in samples], images))
+    if batch.teacher is not None:
+        assert teacher is not None, "teacher sequences need the teacher's image layout"
+        out.teacher = _view(batch.teacher, teacher, [s.teacher for s in samples], images)
+    return out
 
-    ``teacher`` is the teacher's encoder when the samples carry teacher sequences.
-    """
-    tokens = collate(samples, student_pad_id=student.pad_id, teacher_pad_id=teacher.pad_id if teacher else None)
-    images = [[open_image(ref, options, sample.where) for ref in sample.images] for sample in samples]
-    student_images = _view_images(student, images, [s.student for s in samples], tokens.student.input_ids.shape[1])
-    teacher_images = None
-    if tokens.teacher is not None:
-        assert teacher is not None, "teacher sequences need the teacher's encoder"
-        length = tokens.teacher.input_ids.shape[1]
-        teacher_images = _view_images(teacher, images, [s.teacher for s in samples], length)
-    return VisionMicroBatch(tokens, student_images, teacher_images)
 
-
-def _view_images(encoder: VisionChatEncoder, images: list[list], sequences: list, length: int) -> Optional[VisionInputs]:
-    inputs = encoder.batch_images(images)
-    token_types = encoder.pad_token_types([s.token_types for s in sequences], length)
-    if token_types is None:
-        return inputs
-    inputs = inputs or VisionInputs(token_types_key=encoder.token_types_key)
-    inputs.token_types = token_types
-    return inputs
+def _view(tokens: TokenBatch, layout: ImageLayout, sequences: list, images: Optional[BatchImages]) -> TokenBatch:
+    types = layout.pad_token_types([s.token_types for s in sequences], tokens.input_ids.shape[1])
+    vision = None if types is None else VisionInputs(token_types=types, token_types_key=layout.token_types_key)
+    return replace(tokens, images=images, vision=vision)
 
 
 def _fit_vision(encoded: VisionEncoding, cfg: DataConfig) -> tuple[Optional[VisionSequence], str, bool]:

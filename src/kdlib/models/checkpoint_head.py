@@ -5,7 +5,8 @@ teacher output comes from the cache), the students still need the teacher's head
 states into logits. Here the architecture is instantiated on the ``meta`` device (no memory, no
 weights) only to learn which parameter is the output embedding, under which names it may be saved
 (a tied head is stored as the input embedding), and the logit scale / soft-cap its config applies;
-then that one tensor is read from the safetensors shard that holds it. The result equals
+then that one tensor is read from the safetensors shard that holds it. A vision-language checkpoint
+is instantiated as one (its head is the language model's). The result equals
 ``lm_head_of(the loaded model)`` bit for bit in the same dtype (a test checks it).
 """
 
@@ -28,13 +29,16 @@ _INDEX = "model.safetensors.index.json"
 
 def load_lm_head(cfg: ModelConfig, *, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None) -> LMHead:
     """``cfg``'s head in ``dtype`` (default: the config's dtype) on ``device``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from kdlib.models.vlm import is_vision_language
 
     location = model_location(cfg.model)
     try:
         config = AutoConfig.from_pretrained(location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        auto_class = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+            skeleton = auto_class.from_config(config, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the architecture of {cfg.model!r}: {str(exc).splitlines()[0]}") from None
     head = lm_head_of(skeleton)

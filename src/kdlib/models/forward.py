@@ -17,6 +17,10 @@ from kdlib.models.head import decoder_of
 
 def final_hidden_states(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
     """Post-norm last-layer hidden states, [batch, length, hidden]."""
+    if batch.vision is not None or batch.images is not None:
+        from kdlib.models.vlm import vlm_final_hidden_states
+
+        return vlm_final_hidden_states(model, batch)
     out = decoder_of(model)(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,

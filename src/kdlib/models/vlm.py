@@ -1,5 +1,9 @@
 """Vision-language models: loading with their processors, the image-aware forward to final hidden
-states, the head check with images, depth pruning of the language model, a frozen vision side.
+states, the head check with images, depth pruning of the language model, a frozen vision side, and
+the vision blocks a sharded student shards.
+
+Whether a checkpoint is a VLM is read from its config (:func:`checkpoint_is_vision_language`);
+every role that loads a model (:func:`kdlib.models.student.build_model`) takes this path for one.
 
 The hidden-state design carries over unchanged: a VLM's multimodal base model (vision tower,
 projector, language model) returns the language model's post-norm last hidden states, and its
@@ -11,19 +15,23 @@ language model (DeepStack layers, bidirectional image attention, M-RoPE position
 Depth pruning keeps a subset of the language model's decoder layers (:mod:`kdlib.models.pruning`);
 the vision tower is untouched. Qwen3-VL adds DeepStack visual features after the first
 ``len(deepstack_visual_indexes)`` decoder layers; after pruning they go to the first kept layers.
+
+A sharded (FSDP2) student gathers a vision block's parameters only when its vision tower runs; a
+rank whose micro-batch has no image therefore runs the tower on a blank picture and adds 0 x the
+result (the *idle pass*, :func:`vlm_final_hidden_states`), so all ranks' collectives line up.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
-from kdlib.batch import TokenBatch
+from kdlib.batch import TokenBatch, VisionInputs
 from kdlib.config.schema import ModelConfig, Precision, StudentConfig
-from kdlib.data.vision_encoding import VisionInputs
 from kdlib.errors import ModelError
 from kdlib.models.head import LMHead, decoder_of, lm_head_of, multimodal_body_of, verify_lm_head
 from kdlib.models.loading import chat_template_text, load_pretrained, model_location, torch_dtype
@@ -35,6 +43,26 @@ log = logging.getLogger(__name__)
 def is_vision_language(config) -> bool:
     """True for the config of a model with a vision tower (a ``vision_config`` sub-config)."""
     return getattr(config, "vision_config", None) is not None
+
+
+def checkpoint_is_vision_language(cfg: ModelConfig) -> bool:
+    """Whether ``cfg.model`` is a vision-language checkpoint, read from its config.json (a GGUF
+    file is a text model); this decides how every role loads and feeds it."""
+    return _is_vision_language_location(cfg.model, cfg.revision, cfg.trust_remote_code)
+
+
+@functools.lru_cache(maxsize=32)
+def _is_vision_language_location(spec: str, revision: Optional[str], trust_remote_code: bool) -> bool:
+    from transformers import AutoConfig
+
+    if spec.endswith(".gguf"):  # GGUF checkpoints are text models
+        return False
+    location = model_location(spec)
+    try:
+        config = AutoConfig.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config of {spec!r}: {_first_line(exc)}") from None
+    return is_vision_language(config)
 
 
 def load_processor(cfg: ModelConfig):
@@ -87,24 +115,49 @@ def build_vlm(cfg: ModelConfig, device: torch.device, *, dtype: Optional[Precisi
     return model
 
 
-def vlm_final_hidden_states(model: nn.Module, tokens: TokenBatch, images: Optional[VisionInputs]) -> torch.Tensor:
+def vlm_final_hidden_states(model: nn.Module, tokens: TokenBatch, images: Optional[VisionInputs] = None) -> torch.Tensor:
     """Post-norm last-layer hidden states of the language model, [batch, length, hidden], with the
-    images' features in place of their image tokens."""
+    images' features in place of their image tokens (``images``: the view's own by default).
+
+    A view without images that carries ``idle_pixels`` (a sharded student) first runs the vision
+    tower on them and adds 0 x their sum, so that every rank takes part in the vision blocks'
+    collectives, forward and backward, in the same order whether or not its micro-batch has images.
+    """
     if tokens.packed:
         raise ModelError("packed micro-batches are not supported for vision-language models; set train.packing=false")
-    extra = {}
+    images = tokens.vision if images is None else images
+    body = multimodal_body_of(model)
+    extra: dict[str, torch.Tensor] = {}
+    idle = None
     if images is not None:
-        extra = images.to(tokens.input_ids.device, pixel_dtype=model.dtype).model_kwargs()
-    out = multimodal_body_of(model)(
-        input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, use_cache=False, **extra
-    )
-    return out.last_hidden_state
+        images = images.to(tokens.input_ids.device, pixel_dtype=model.dtype)
+        extra = images.model_kwargs()
+        if not images.has_images and images.idle_pixels is not None:
+            idle = body.get_image_features(**images.idle_pixels.model_kwargs())
+    out = body(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, use_cache=False, **extra)
+    hidden = out.last_hidden_state
+    if idle is not None:
+        hidden = hidden + 0.0 * sum(t.sum() for t in _tensors(idle)).to(hidden.dtype)
+    return hidden
 
 
-def vlm_hidden_at_loss_positions(model: nn.Module, tokens: TokenBatch, images: Optional[VisionInputs]) -> torch.Tensor:
+def vlm_hidden_at_loss_positions(model: nn.Module, tokens: TokenBatch, images: Optional[VisionInputs] = None) -> torch.Tensor:
     """Final hidden states at ``tokens.loss_mask``, [n_loss_tokens, hidden], in (sample, position)
     order, as :func:`kdlib.models.forward.hidden_at_loss_positions` for text."""
     return vlm_final_hidden_states(model, tokens, images)[tokens.loss_mask]
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Every floating-point tensor in a model output (nested tuples, lists, dicts, ModelOutputs)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
 
 
 def image_probe(processor, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None) -> dict:
@@ -137,6 +190,35 @@ def vision_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     if head is not None:
         language |= {id(p) for p in head.parameters()}
     return [(name, param) for name, param in model.named_parameters() if id(param) not in language]
+
+
+def vision_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of the vision side (the elements of every ``nn.ModuleList`` whose
+    parameters all lie outside the language model: ``visual.blocks``, ``vision_model.encoder.layers``,
+    Qwen3-VL's DeepStack mergers), each an FSDP2 unit of a sharded student."""
+    vision = {id(param) for _, param in vision_parameters(model)}
+    blocks: list[nn.Module] = []
+    taken: set[int] = set()
+    for _, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or id(module) in taken:
+            continue
+        params = [p for p in module.parameters()]
+        if params and all(id(p) in vision for p in params):
+            for block in module:
+                if any(True for _ in block.parameters()):
+                    blocks.append(block)
+            taken.update(id(m) for m in module.modules())
+    return blocks
+
+
+def image_layout_for(cfg: ModelConfig, model: nn.Module, *, name: str):
+    """The worker-side image processing of a loaded model (its processor's image side), or None
+    for a text-only model."""
+    if not is_vision_language(model.config):
+        return None
+    from kdlib.data.vision_inputs import ImageLayout
+
+    return ImageLayout(load_processor(cfg), name=name)
 
 
 def set_vision_trainable(model: nn.Module, trainable: bool) -> int:

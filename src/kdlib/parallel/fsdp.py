@@ -4,6 +4,11 @@ The root is the :class:`~kdlib.algorithms.objective.StudentObjective` (student m
 so the parameters outside the decoder layers (embeddings, final norm, head) are gathered for the
 whole loss computation, which uses the head weight directly. Gradients are summed over ranks, not
 averaged: the loss is already divided by the loss tokens of the whole global batch.
+
+A vision-language student also gets one unit per vision block (:func:`kdlib.models.vlm.vision_blocks`;
+frozen or trainable, FSDP2 shards per parameter); its projector stays in the root. Every rank runs
+the vision tower on every micro-batch (an idle pass on a blank image when it has no image), so the
+ranks' collectives stay in the same order.
 """
 
 from __future__ import annotations
@@ -47,8 +52,13 @@ def shard_student(objective: nn.Module, model: nn.Module, cfg: FSDPConfig, world
         ),
         offload_policy=CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy(),
     )
-    for layer in decoder_of(model).layers:
-        fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **options)
+    from kdlib.models.vlm import is_vision_language, vision_blocks
+
+    blocks = list(decoder_of(model).layers)
+    if is_vision_language(model.config):
+        blocks = vision_blocks(model) + blocks
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **options)
     fully_shard(objective, **options)
     for module in objective.modules():
         if isinstance(module, FSDPModule):

@@ -16,6 +16,11 @@ from kdlib.config.schema import ModelConfig, RolloutConfig
 from kdlib.registry import Registry
 
 ROLLOUT_BACKENDS: Registry[type["RolloutBackend"]] = Registry("rollout backend")
+# How each backend (by its name) generates about images: a class built around the backend whose
+# ``generate(prompts, images, cfg, stop_ids=, pad_id=, seed=)`` takes a kdlib.batch.PromptImages.
+# A backend not listed here cannot serve a vision-language student (refused at build).
+IMAGE_ROLLOUT_BACKENDS: Registry[type] = Registry("rollout backend for images")
+IMAGE_ROLLOUT_BACKENDS.register("hf", "kdlib.rollout.hf_vision:HFImageGeneration")
 
 
 @dataclass

@@ -5,7 +5,7 @@ from kdlib.teacher.base import TEACHER_BACKENDS, TeacherBackend, TeacherCapabili
 
 TEACHER_BACKENDS.register(
     "hf", "kdlib.teacher.hf:HFTeacherBackend",
-    info=TeacherCapabilities(topk_logprobs=False, sleep_wake=True, load_weights=True),
+    info=TeacherCapabilities(topk_logprobs=False, sleep_wake=True, load_weights=True, images=True),
 )
 TEACHER_BACKENDS.register(
     "sglang", "kdlib.teacher.sglang:SGLangTeacherBackend", config=SGLangTeacherConfig,

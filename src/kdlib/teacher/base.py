@@ -35,6 +35,8 @@ class TeacherCapabilities:
     sleep_wake: bool = False
     # Can take new weights from the student (teacher.from_student with update_freq / ema_decay).
     load_weights: bool = False
+    # Scores image+text batches of a vision-language teacher (opens the images itself).
+    images: bool = False
 
 
 TEACHER_BACKENDS: Registry[type["TeacherBackend"]] = Registry("teacher backend")

@@ -31,6 +31,20 @@ class RolloutWorker:
         for handle in handles:
             self.backend.load_weights(self.transport.fetch_state(handle))
 
+    def generate_about_images(
+        self, prompts: list[list[int]], stop_ids: set[int], pad_id: int, seed: int, images: Any = None
+    ) -> list[list[Generation]]:
+        """:meth:`generate` for the prompts of a vision-language student, with their pictures
+        (``images``: a :class:`kdlib.batch.PromptImages`, or None when none of them has one), laid
+        out by the model's own processor (see ``kdlib.rollout.base.IMAGE_ROLLOUT_BACKENDS``)."""
+        if images is None:
+            return self.generate(prompts, stop_ids, pad_id, seed)
+        if getattr(self, "_image_generation", None) is None:
+            from kdlib.rollout.base import IMAGE_ROLLOUT_BACKENDS
+
+            self._image_generation = IMAGE_ROLLOUT_BACKENDS.get(self.cfg.backend)(self.backend)
+        return self._image_generation.generate(prompts, images, self.cfg, stop_ids=set(stop_ids), pad_id=pad_id, seed=seed)
+
     def generate(self, prompts: list[list[int]], stop_ids: set[int], pad_id: int, seed: int) -> list[list[Generation]]:
         """``rollout.n_samples_per_prompt`` responses per prompt, ending at a ``stop_ids`` token."""
         return self.backend.generate(prompts, self.cfg, stop_ids=set(stop_ids), pad_id=pad_id, seed=seed)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,6 +40,7 @@ from kdlib.evaluation import HeldoutSums
 from kdlib.models.head import LMHead
 from kdlib.models.loading import resolve_device
 from kdlib.models.student import build_student
+from kdlib.models.vlm import image_layout_for
 from kdlib.models.weights import state_buckets
 from kdlib.optim import build_optimizer, build_scheduler
 from kdlib.parallel import checkpoint as ckpt
@@ -63,6 +65,8 @@ class StudentWorker:
         set_seed(cfg.seed)  # identical initial weights on every rank
         self.student = build_student(cfg.student, self.device)
         self.model = self.student.model
+        # a vision-language student lays out its micro-batches' images with its own processor
+        self.images = image_layout_for(cfg.student, self.model, name="student")
         self.transport = build_transport(cfg.transport)
         self.cache = None
         if cfg.teacher.cache:
@@ -110,7 +114,7 @@ class StudentWorker:
         bad_samples: list[int] = []
         for batch, handle, weight in zip(batches, handles, weights, strict=True):
             teacher = self._fetch(handle)
-            loss, kd, ce = self.objective(batch.to(self.device), teacher, normaliser, weight)
+            loss, kd, ce = self.objective(self._inputs(batch), teacher, normaliser, weight)
             loss.backward()
             kd_sum += float(kd)
             ce_sum += float(ce)
@@ -152,7 +156,7 @@ class StudentWorker:
         self.objective.eval()
         total = HeldoutSums()
         for batch, handle, weight in zip(batches, handles, weights or [1.0] * len(batches), strict=True):
-            sums = self.objective(batch.to(self.device), self._fetch(handle), 1.0, evaluate=True)
+            sums = self.objective(self._inputs(batch), self._fetch(handle), 1.0, evaluate=True)
             if weight:
                 total = total.add(sums)
         self.transport.stats.take()
@@ -261,6 +265,12 @@ class StudentWorker:
         if self.world_size > 1:
             return ckpt.full_model_state(self.objective)
         return {k: v.detach() for k, v in self.model.state_dict().items()}
+    def _inputs(self, batch: MicroBatch) -> MicroBatch:
+        """``batch`` on this worker's device, its images laid out by the student's processor (a
+        sharded student runs its vision tower on every micro-batch: see VisionInputs.idle_pixels)."""
+        if self.images is not None:
+            batch = replace(batch, student=self.images.attach(batch.student, idle_pixels=self.world_size > 1))
+        return batch.to(self.device)
 
     def _fetch(self, handle: Any) -> Optional[TeacherOutput]:
         if handle is None:

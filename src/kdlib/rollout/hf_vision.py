@@ -1,0 +1,79 @@
+"""Generation about images: the transformers rollout backend's path for vision-language students.
+
+On-policy KD with images has the student answer questions about pictures: each prompt's token ids
+(image tokens expanded at the student's resolution) come with its images (references) and its
+per-token modality ids. A batch of prompts is left-padded (ids, attention mask and token types
+alike), its images are opened and laid out by the model's own processor, and the backend's model
+(the same copy of the student that weight syncs update) samples with ``model.generate`` and the
+same settings as the text path. The responses are text; the teacher later scores the same ids
+after its own rendering of the prompt, with the same images at its own resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import torch
+
+from kdlib.batch import BatchImages, PromptImages, VisionInputs
+from kdlib.config.schema import RolloutConfig
+from kdlib.errors import ModelError
+from kdlib.models.vlm import image_layout_for
+from kdlib.rollout.base import Generation
+from kdlib.rollout.hf import HFRolloutBackend, _left_pad, _until_stop
+
+
+class HFImageGeneration:
+    """Generation about images with an :class:`~kdlib.rollout.hf.HFRolloutBackend`'s model."""
+
+    def __init__(self, backend: HFRolloutBackend) -> None:
+        self.backend = backend
+        self.images = image_layout_for(backend.model_cfg, backend.model, name="rollout")
+        if self.images is None:
+            raise ModelError(f"{backend.model_cfg.model!r} is a text-only model; it cannot generate about images")
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: list[list[int]], images: PromptImages, cfg: RolloutConfig, *, stop_ids: set[int], pad_id: int,
+        seed: int,
+    ) -> list[list[Generation]]:
+        """``cfg.n_samples_per_prompt`` generations per prompt about its images, in prompt order."""
+        model, device = self.backend.model, self.backend.device
+        n = cfg.n_samples_per_prompt
+        repeated = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+        per_sample = images.repeat(n)
+        sampling = (
+            {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+            if cfg.temperature > 0
+            else {"do_sample": False}
+        )
+        out: list[list[Generation]] = [[] for _ in prompts]
+        torch.manual_seed(seed)
+        for start in range(0, len(repeated), cfg.batch_size):
+            chunk = repeated[start : start + cfg.batch_size]
+            ids, attention = _left_pad([p for _, p in chunk], pad_id)
+            vision = self._inputs(per_sample, start, start + len(chunk), ids.shape[1])
+            extra = {} if vision is None else vision.to(device, pixel_dtype=model.dtype).model_kwargs()
+            sequences = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attention.to(device),
+                max_new_tokens=cfg.max_new_tokens,
+                eos_token_id=sorted(stop_ids),
+                pad_token_id=pad_id,
+                **extra,
+                **sampling,
+            )
+            for (prompt_index, _), tokens in zip(chunk, sequences[:, ids.shape[1]:].tolist()):
+                out[prompt_index].append(_until_stop(tokens, stop_ids))
+        return out
+
+    def _inputs(self, prompts: PromptImages, start: int, stop: int, length: int) -> Optional[VisionInputs]:
+        """Pixel tensors and left-padded token types of prompts ``start:stop``."""
+        refs = prompts.images
+        opened = BatchImages(refs.refs[start:stop], refs.where[start:stop], refs.max_pixels).open()
+        vision = self.images.batch_images(opened)
+        types = self.images.pad_token_types(prompts.token_types[start:stop], length, left=True)
+        if types is not None:
+            vision = replace(vision or VisionInputs(token_types_key=self.images.token_types_key), token_types=types)
+        return vision
