@@ -193,8 +193,8 @@ def test_the_vlm_quickstart_assets_build_once_and_deterministically(tmp_path):
 def test_a_frozen_vision_side_is_the_student_default(tiny_vlm):
     from kdlib.models.student import build_student
 
-    frozen = build_student(StudentConfig(model=str(tiny_vlm("idefics3")), num_layers=2), torch.device("cpu"))
+    frozen = build_student(StudentConfig(model=str(tiny_vlm("idefics3")), num_layers=2), torch.device("cpu")).model
     assert all(not p.requires_grad for _, p in vision_parameters(frozen))
-    trainable = build_student(StudentConfig(model=str(tiny_vlm("idefics3")), freeze_vision=False), torch.device("cpu"))
+    trainable = build_student(StudentConfig(model=str(tiny_vlm("idefics3")), freeze_vision=False), torch.device("cpu")).model
     assert all(p.requires_grad for p in trainable.parameters())
     assert frozen.config.get_text_config().num_hidden_layers == 2

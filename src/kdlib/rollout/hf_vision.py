@@ -21,7 +21,7 @@ from kdlib.config.schema import RolloutConfig
 from kdlib.errors import ModelError
 from kdlib.models.vlm import image_layout_for
 from kdlib.rollout.base import Generation
-from kdlib.rollout.hf import HFRolloutBackend, _left_pad, _until_stop
+from kdlib.rollout.hf import HFRolloutBackend, generate_kwargs, left_pad, until_stop
 
 
 class HFImageGeneration:
@@ -43,29 +43,22 @@ class HFImageGeneration:
         n = cfg.n_samples_per_prompt
         repeated = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
         per_sample = images.repeat(n)
-        sampling = (
-            {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
-            if cfg.temperature > 0
-            else {"do_sample": False}
-        )
+        kwargs = generate_kwargs(cfg, stop_ids=stop_ids, pad_id=pad_id)
         out: list[list[Generation]] = [[] for _ in prompts]
         torch.manual_seed(seed)
         for start in range(0, len(repeated), cfg.batch_size):
             chunk = repeated[start : start + cfg.batch_size]
-            ids, attention = _left_pad([p for _, p in chunk], pad_id)
+            ids, attention = left_pad([p for _, p in chunk], pad_id)
             vision = self._inputs(per_sample, start, start + len(chunk), ids.shape[1])
             extra = {} if vision is None else vision.to(device, pixel_dtype=model.dtype).model_kwargs()
             sequences = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=attention.to(device),
-                max_new_tokens=cfg.max_new_tokens,
-                eos_token_id=sorted(stop_ids),
-                pad_token_id=pad_id,
                 **extra,
-                **sampling,
+                **kwargs,
             )
             for (prompt_index, _), tokens in zip(chunk, sequences[:, ids.shape[1]:].tolist()):
-                out[prompt_index].append(_until_stop(tokens, stop_ids))
+                out[prompt_index].append(until_stop(tokens, stop_ids))
         return out
 
     def _inputs(self, prompts: PromptImages, start: int, stop: int, length: int) -> Optional[VisionInputs]:
