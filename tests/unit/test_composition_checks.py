@@ -67,6 +67,7 @@ def test_bf16_detection_reads_the_cpu_flags_and_onednn(monkeypatch):
     (["loss=hrl", "loss.topk=0"], "loss=hrl: hrl topk must be >= 1"),
     (["algorithm.kd_ratio=1.5"], "algorithm: kd_ratio must be in [0, 1]"),
     (["student.autocast=maybe"], "student.autocast: expected true, false or auto"),
+    (["train.packing=maybe"], "train.packing: expected true, false or auto"),
     (["+recipe=onpolicy", "onpolicy.lmbda=2"], "onpolicy.lmbda must be in [0, 1]"),
     (["train.max_grad_norm=-1"], "train.max_grad_norm must be >= 0"),
 ])
@@ -74,6 +75,23 @@ def test_bad_values_fail_at_composition(overrides, message):
     with pytest.raises(ConfigError) as info:
         kdlib.compose(overrides)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_packing_auto_packs_text_runs_and_pads_image_runs(tiny_overrides, vlm_overrides):
+    """train.packing=auto (the default) is settled when the run's models are known: packed for a
+    text run, padded for a vision-language run; an explicit value is kept as given."""
+    from kdlib.controller import assembly
+
+    text = kdlib.compose([o for o in tiny_overrides if not o.startswith("train.packing=")])
+    assert text.train.packing == "auto"
+    assembly.chat_encoders(text, with_teacher=True)
+    assert text.train.packing is True and text.auto_choices["train.packing"].startswith("true: text models")
+    image = kdlib.compose(vlm_overrides("idefics3"))
+    assembly.chat_encoders(image, with_teacher=True)
+    assert image.train.packing is False and "vision-language" in image.auto_choices["train.packing"]
+    explicit = kdlib.compose(tiny_overrides)  # train.packing=false
+    assembly.chat_encoders(explicit, with_teacher=True)
+    assert explicit.train.packing is False and "train.packing" not in explicit.auto_choices
 
 
 def test_a_user_loss_is_checked_by_running_it(monkeypatch):

@@ -94,6 +94,8 @@ def _check_names(cfg: KDConfig) -> None:
         )
     if cfg.student.autocast not in _AUTOCAST_VALUES:
         raise ConfigError(f"student.autocast: expected true, false or auto, got {cfg.student.autocast!r}")
+    if cfg.train.packing not in _AUTOCAST_VALUES:
+        raise ConfigError(f"train.packing: expected true, false or auto, got {cfg.train.packing!r}")
 
 
 def _check_ranges(cfg: KDConfig) -> None:

@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 
 def chat_encoders(cfg: KDConfig, *, with_teacher: bool) -> tuple[ChatEncoder, Optional[ChatEncoder]]:
     """(student encoder, teacher encoder or None when the teacher reads the student's tokens);
-    vision-language models get their processors' encoders (see controller/modality.py)."""
-    if modality.vision_run(cfg, with_teacher=with_teacher):
+    vision-language models get their processors' encoders (see controller/modality.py).
+    ``train.packing=auto`` is settled here, where the run's modality is known."""
+    vision = modality.vision_run(cfg, with_teacher=with_teacher)
+    resolve_packing(cfg, vision=vision)
+    if vision:
         student, teacher = modality.vision_encoders(cfg, with_teacher=with_teacher)
         if teacher is not None:
             check_vocabularies(teacher, student)
@@ -49,6 +52,16 @@ def chat_encoders(cfg: KDConfig, *, with_teacher: bool) -> tuple[ChatEncoder, Op
     if teacher.signature() == student.signature() and not cfg.data.teacher_input_key:
         return student, None  # same tokens: the teacher reads the student's batch
     return student, teacher
+
+
+def resolve_packing(cfg: KDConfig, *, vision: bool) -> None:
+    """``train.packing=auto``: pack text runs (no compute on padding), pad image+text runs."""
+    if cfg.train.packing != "auto":
+        return
+    cfg.train.packing = not vision
+    reason = "vision-language models lay images out per row" if vision else "text models: no compute on padding"
+    cfg.auto_choices["train.packing"] = f"{str(cfg.train.packing).lower()}: {reason}"
+    log.info("train.packing = %s", cfg.auto_choices["train.packing"])
 
 
 def cross_tokenizer(cfg: KDConfig) -> bool:

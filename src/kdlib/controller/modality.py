@@ -37,7 +37,7 @@ def vision_run(cfg: KDConfig, *, with_teacher: bool) -> bool:
         )
     if not student:
         return False
-    if cfg.train.packing:
+    if cfg.train.packing is True:
         raise ConfigError("train.packing=true is not supported for vision-language models; set train.packing=false")
     from kdlib.algorithms import ALGORITHMS
 

@@ -69,6 +69,7 @@ class DataBundle:
     def step_batches(self, samples: list[Sample], train: TrainConfig, n_workers: int) -> tuple[StepPlan, list[MicroBatch]]:
         """A global batch planned over ``n_workers`` and collated, as a training step runs it (the
         teacher cache fill plans the same way, so it sees the same micro-batches)."""
+        assert isinstance(train.packing, bool), "train.packing=auto is settled by assembly.chat_encoders first"
         plan = plan_step(
             samples, n_workers, micro_batch_size=train.micro_batch_size,
             max_tokens=train.max_tokens_per_micro_batch, packing=train.packing,
