@@ -89,6 +89,9 @@ def test_packing_auto_packs_text_runs_and_pads_image_runs(tiny_overrides, vlm_ov
     image = kdlib.compose(vlm_overrides("idefics3"))
     assembly.chat_encoders(image, with_teacher=True)
     assert image.train.packing is False and "vision-language" in image.auto_choices["train.packing"]
+    onpolicy = kdlib.compose([o for o in tiny_overrides if not o.startswith("train.packing=")] + ["+recipe=onpolicy"])
+    assembly.chat_encoders(onpolicy, with_teacher=True)
+    assert onpolicy.train.packing is False and "on-policy" in onpolicy.auto_choices["train.packing"]
     explicit = kdlib.compose(tiny_overrides)  # train.packing=false
     assembly.chat_encoders(explicit, with_teacher=True)
     assert explicit.train.packing is False and "train.packing" not in explicit.auto_choices

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Optional
 
-from kdlib.config.schema import KDConfig, ModelConfig
+from kdlib.config.schema import KDConfig, Mode, ModelConfig
 from kdlib.controller import modality
 from kdlib.data.batching import steps_per_epoch
 from kdlib.data.bundle import DataBundle
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def chat_encoders(cfg: KDConfig, *, with_teacher: bool) -> tuple[ChatEncoder, Optional[ChatEncoder]]:
     """(student encoder, teacher encoder or None when the teacher reads the student's tokens);
     vision-language models get their processors' encoders (see controller/modality.py).
-    ``train.packing=auto`` is settled here, where the run's modality is known."""
+    ``train.packing=auto`` is settled here, where the run's modality and mode are known."""
     vision = modality.vision_run(cfg, with_teacher=with_teacher)
     resolve_packing(cfg, vision=vision)
     if vision:
@@ -55,11 +55,20 @@ def chat_encoders(cfg: KDConfig, *, with_teacher: bool) -> tuple[ChatEncoder, Op
 
 
 def resolve_packing(cfg: KDConfig, *, vision: bool) -> None:
-    """``train.packing=auto``: pack text runs (no compute on padding), pad image+text runs."""
+    """``train.packing=auto``: pack off-policy text runs (no compute on padding); pad image+text
+    runs, and on-policy runs, whose rollouts mostly run to ``rollout.max_new_tokens``: with little
+    padding to remove, a packed row's attention over all its samples costs more than it saves
+    (benchmarks/step.py, docs/benchmarks.md)."""
     if cfg.train.packing != "auto":
         return
-    cfg.train.packing = not vision
-    reason = "vision-language models lay images out per row" if vision else "text models: no compute on padding"
+    onpolicy = cfg.mode is Mode.onpolicy
+    cfg.train.packing = not (vision or onpolicy)
+    if vision:
+        reason = "vision-language models lay images out per row"
+    elif onpolicy:
+        reason = "on-policy rollouts have similar lengths, little padding to remove"
+    else:
+        reason = "text models: no compute on padding"
     cfg.auto_choices["train.packing"] = f"{str(cfg.train.packing).lower()}: {reason}"
     log.info("train.packing = %s", cfg.auto_choices["train.packing"])
 
