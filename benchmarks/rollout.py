@@ -25,7 +25,7 @@ other processes disturb far less than the wall time of two OpenMP threads.
     python benchmarks/rollout.py                          # SmolLM2 10/30 layers, float32
     python benchmarks/rollout.py --tiny --max-new-tokens 32 --engines generate,static
     python benchmarks/rollout.py --threads 1 --clock cpu --levers
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/rollout.py   # an AVX2-only CPU
+    MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/rollout.py   # an AVX2-only CPU
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def machine() -> dict[str, str]:
     return {
         "cpu": f"{model}, {os.cpu_count()} cores",
         "flags": " ".join(f for f in FLAGS if f in flags) or "none of " + ",".join(FLAGS),
-        "isa_override": " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ) or "none",
+        "isa_override": " ".join(f"{k}={os.environ[k]}" for k in ("MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ) or "none",
         "torch": f"{torch.__version__}, {torch.get_num_threads()} threads",
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "date": datetime.date.today().isoformat(),

@@ -142,8 +142,8 @@ def main() -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
         with torch.profiler.profile(activities=activities) as prof:
             for step in range(2, args.steps + 2):
+                start = time.perf_counter()  # on-policy, drawing the samples runs the rollouts
                 samples = next(batches)
-                start = time.perf_counter()
                 metrics = mode.step(samples, step)
                 times.append(time.perf_counter() - start)
                 flops.append(_step_flops(samples, t_shapes, s_shapes))

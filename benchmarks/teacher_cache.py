@@ -17,7 +17,6 @@ larger teachers against full bf16 logits and a top-k=100 logit cache as other fr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -55,10 +54,10 @@ def main() -> None:
         plain_wall, plain_jobs = sweep(args.extra, tmp / "plain")
         cache_dir = tmp / "teacher_cache"
         cached_wall, cached_jobs = sweep(args.extra + [f"teacher.cache={cache_dir}"], tmp / "cached")
-        shards = list((cache_dir / "shards").glob("*.safetensors"))
-        disk = sum(p.stat().st_size for p in shards)
-        index = json.loads((cache_dir / "index.json").read_text()) if (cache_dir / "index.json").exists() else {}
-        rows = sum(r for entries in index.values() for r, _ in entries.values())
+        from kdlib.cache.store import TeacherCache
+
+        cache = TeacherCache.for_reading(cache_dir)  # reads the shards themselves (index.json is optional)
+        disk, rows, samples = cache.disk_bytes(), cache.total_rows(), len(cache)
 
     print(f"\nsweep -m loss={LOSSES} {' '.join(args.extra)}")
     print(f"{'':24}{'wall s':>10}  jobs s")
@@ -67,7 +66,8 @@ def main() -> None:
     print(f"ratio (cache / no cache): {cached_wall / plain_wall:.3f}  (goal <= 0.7)")
     print(f"first job (fills the cache) / first job without: {cached_jobs[0] / plain_jobs[0]:.3f}")
     if rows:
-        print(f"cache on disk: {disk / 2**20:.1f} MiB for {rows} tokens = {disk / rows:.0f} bytes per token (measured)")
+        print(f"cache on disk: {disk / 2**20:.1f} MiB for {samples} samples, {rows} tokens = "
+              f"{disk / rows:.0f} bytes per token (measured)")
     print(f"\n{'teacher':26}{'hidden bf16 B/token':>20}{'full bf16 logits':>18}{f'top-{TOPK} (int32 id + fp32 logprob)':>36}")
     for name, hidden, vocab in TEACHERS:
         h, full, topk = hidden * 2, vocab * 2, TOPK * (4 + 4)
