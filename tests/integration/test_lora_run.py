@@ -158,4 +158,5 @@ def test_lora_run_of_the_embedded_default_finishes_and_its_outputs_load(tmp_path
     adapted = PeftModel.from_pretrained(base, result.outputs["student_adapter"]).eval()
     ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        # W x + s B (A x) against (W + s B A) x: float32 reassociation through 16 layers, logits of size ~10
+        torch.testing.assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-3)
