@@ -23,7 +23,7 @@ from kdlib.config.store import registry_groups
 from kdlib.errors import ConfigError
 
 AUTO = "auto"
-_AUTOCAST_VALUES = (True, False, AUTO)
+_TRUE_FALSE_AUTO = (True, False, AUTO)
 
 
 def resolve_auto(cfg: KDConfig) -> None:
@@ -92,9 +92,9 @@ def _check_names(cfg: KDConfig) -> None:
             f"teacher.backend: unknown teacher backend {cfg.teacher.backend!r}; "
             f"choose one of: {', '.join(TEACHER_BACKENDS.names())}"
         )
-    if cfg.student.autocast not in _AUTOCAST_VALUES:
+    if cfg.student.autocast not in _TRUE_FALSE_AUTO:
         raise ConfigError(f"student.autocast: expected true, false or auto, got {cfg.student.autocast!r}")
-    if cfg.train.packing not in _AUTOCAST_VALUES:
+    if cfg.train.packing not in _TRUE_FALSE_AUTO:
         raise ConfigError(f"train.packing: expected true, false or auto, got {cfg.train.packing!r}")
 
 

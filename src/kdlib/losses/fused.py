@@ -18,6 +18,7 @@ autograd in the tests). ``closed_form=False`` forces autograd for every loss.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -29,6 +30,8 @@ from kdlib.losses.closed_form import CLOSED_FORM
 from kdlib.losses.terms import LossTerms
 from kdlib.losses.registry import LOSSES, loss_params
 from kdlib.models.head import LMHead
+
+log = logging.getLogger(__name__)
 
 # Tokens per chunk when the caller gives none: about 150 MB per float32 [chunk, 151936] buffer.
 DEFAULT_CHUNK_SIZE = 256
@@ -457,6 +460,11 @@ def _addmm_low_precision(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
 
 
 def _fp32_out_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch build and device accumulate ``addmm(out_dtype=float32)`` correctly.
+
+    The keyword is recent (older torch raises TypeError), and not every device and dtype has the
+    kernel (RuntimeError / NotImplementedError): each of those means "use the fallback", which
+    is exact too, only with a [rows, cols] temporary in the inputs' dtype; the reason is logged."""
     try:
         g = torch.Generator(device=device).manual_seed(0)
         a = torch.randn(8, 16, device=device, generator=g).to(dtype)
@@ -465,7 +473,9 @@ def _fp32_out_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
         expected = acc + a.float() @ b.float()
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
         return bool(torch.allclose(acc, expected, rtol=1e-3, atol=1e-3))
-    except (RuntimeError, TypeError, NotImplementedError):
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        log.debug("addmm(out_dtype=float32) unavailable on %s for %s (%s); rounding the product first",
+                  device, dtype, exc)
         return False
 
 
