@@ -92,8 +92,11 @@ def test_plan_with_a_token_budget_balances_tokens():
     assert all(sum(len(s.student) for s in b) <= 20 for b in packed.micro_batches)
 
 
-def test_packed_and_padded_batches_give_the_same_loss_and_gradients(tiny_llama, chat_data, chatml_tokenizer_dir):
+@pytest.mark.parametrize("attention", ["packed_sdpa", "sdpa"])
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(attention, tiny_llama, chat_data, chatml_tokenizer_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdlib.models import packed_attention
 
     from kdlib.config import DataConfig, LossImplementation
     from kdlib.data.batching import collate
@@ -106,7 +109,8 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(tiny_llama, 
 
     tokenizer = AutoTokenizer.from_pretrained(chatml_tokenizer_dir)
     samples, _ = build_samples(DataConfig(train=str(chat_data["train"])), "train", ChatEncoder(tokenizer))
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    packed_attention.register()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attention)
     cfg = LOSSES.entry("kl").config_cls(name="kl", implementation=LossImplementation.naive)
     out = []
     for packing in (False, True):

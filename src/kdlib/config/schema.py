@@ -96,8 +96,9 @@ class ModelConfig:
     revision: Optional[str] = None
     # Weight and compute precision.
     dtype: Precision = Precision.float32
-    # transformers attention implementation: sdpa, eager, flash_attention_2, ...
-    attn_implementation: str = "sdpa"
+    # transformers attention implementation: packed_sdpa (kdlib's: sdpa, and packed rows attend per
+    # sample without computing across samples), sdpa, eager, flash_attention_2, ...
+    attn_implementation: str = "packed_sdpa"
     # Allow custom modelling code from the hub (off by default, as in transformers).
     trust_remote_code: bool = False
     # A Jinja chat template (inline text or a file path) replacing the tokenizer's own.

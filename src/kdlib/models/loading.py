@@ -19,6 +19,7 @@ import torch
 from kdlib.config.schema import ModelConfig, Precision
 from kdlib.errors import ModelError
 from kdlib.locations import cache_dir, looks_like_path, resolve_location
+from kdlib.models import packed_attention
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ def load_pretrained(auto_class, cfg: ModelConfig, *, device: torch.device, locat
     """``auto_class.from_pretrained`` with the config's revision, dtype, attention implementation
     and remote-code setting, on ``device``; a load failure is a one-line ModelError."""
     location = location or model_location(cfg.model)
+    if cfg.attn_implementation == packed_attention.NAME:
+        packed_attention.register()
     try:
         model = auto_class.from_pretrained(
             location,
