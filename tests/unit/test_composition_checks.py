@@ -79,7 +79,8 @@ def test_bad_values_fail_at_composition(overrides, message):
 
 def test_packing_auto_packs_text_runs_and_pads_image_runs(tiny_overrides, vlm_overrides):
     """train.packing=auto (the default) is settled when the run's models are known: packed for a
-    text run, padded for a vision-language run; an explicit value is kept as given."""
+    text run, padded for a vision-language run and for an on-policy run whose attention computes
+    across packed samples; an explicit value is kept as given."""
     from kdlib.controller import assembly
 
     text = kdlib.compose([o for o in tiny_overrides if not o.startswith("train.packing=")])
@@ -91,7 +92,11 @@ def test_packing_auto_packs_text_runs_and_pads_image_runs(tiny_overrides, vlm_ov
     assert image.train.packing is False and "vision-language" in image.auto_choices["train.packing"]
     onpolicy = kdlib.compose([o for o in tiny_overrides if not o.startswith("train.packing=")] + ["+recipe=onpolicy"])
     assembly.chat_encoders(onpolicy, with_teacher=True)
-    assert onpolicy.train.packing is False and "on-policy" in onpolicy.auto_choices["train.packing"]
+    assert onpolicy.train.packing is True  # packed_sdpa (the default) attends per sample
+    plain = kdlib.compose([o for o in tiny_overrides if not o.startswith("train.packing=")]
+                          + ["+recipe=onpolicy", "student.attn_implementation=sdpa"])
+    assembly.chat_encoders(plain, with_teacher=True)
+    assert plain.train.packing is False and "on-policy" in plain.auto_choices["train.packing"]
     explicit = kdlib.compose(tiny_overrides)  # train.packing=false
     assembly.chat_encoders(explicit, with_teacher=True)
     assert explicit.train.packing is False and "train.packing" not in explicit.auto_choices

@@ -54,19 +54,26 @@ def chat_encoders(cfg: KDConfig, *, with_teacher: bool) -> tuple[ChatEncoder, Op
     return student, teacher
 
 
+# Attention implementations that attend within each sample of a packed row, computing nothing
+# across samples (kdlib's packed_sdpa, FlashAttention's varlen kernels).
+PER_SAMPLE_ATTENTION = frozenset({"packed_sdpa", "flash_attention_2", "flash_attention_3"})
+
+
 def resolve_packing(cfg: KDConfig, *, vision: bool) -> None:
-    """``train.packing=auto``: pack off-policy text runs (no compute on padding); pad image+text
-    runs, and on-policy runs, whose rollouts mostly run to ``rollout.max_new_tokens``: with little
-    padding to remove, a packed row's attention over all its samples costs more than it saves
-    (benchmarks/step.py, docs/benchmarks.md)."""
+    """``train.packing=auto``: pack text runs (no compute on padding); pad image+text runs. An
+    on-policy run with an attention that computes a packed row's full square (``sdpa``, ``eager``)
+    is padded too: its rollouts mostly run to ``rollout.max_new_tokens``, so there is little
+    padding to remove and the cross-sample attention costs more than it saves (benchmarks/step.py,
+    docs/benchmarks.md)."""
     if cfg.train.packing != "auto":
         return
     onpolicy = cfg.mode is Mode.onpolicy
-    cfg.train.packing = not (vision or onpolicy)
+    per_sample = {cfg.student.attn_implementation, cfg.teacher.attn_implementation} <= PER_SAMPLE_ATTENTION
+    cfg.train.packing = not vision and (per_sample or not onpolicy)
     if vision:
         reason = "vision-language models lay images out per row"
-    elif onpolicy:
-        reason = "on-policy rollouts have similar lengths, little padding to remove"
+    elif not cfg.train.packing:
+        reason = "on-policy rollouts leave little padding and this attention computes across packed samples"
     else:
         reason = "text models: no compute on padding"
     cfg.auto_choices["train.packing"] = f"{str(cfg.train.packing).lower()}: {reason}"
