@@ -19,12 +19,18 @@ call's extra cost, and the time of an on-policy run of ``--run-steps`` calls.
 the engine's decode step at batch 1, 2 and 4 (what dropping finished rows could save), with the
 decoder's products as ``nn.Linear`` lays them out, and with 1 and 2 threads.
 
+``--profile`` splits the engine's eager decode step (the prompts' batch) with ``torch.profiler``
+over 20 steps into the matrix products, the other operators and the Python between them, next to
+this machine's memory read bandwidth (a 256 MB ``sum``) and the time streaming the step's weights
+once would take at that bandwidth.
+
 On a shared machine, ``--threads 1 --clock cpu`` measures the CPU time of one core's work, which
 other processes disturb far less than the wall time of two OpenMP threads.
 
     python benchmarks/rollout.py                          # SmolLM2 10/30 layers, float32
     python benchmarks/rollout.py --tiny --max-new-tokens 32 --engines generate,static
     python benchmarks/rollout.py --threads 1 --clock cpu --levers
+    python benchmarks/rollout.py --engines static --repeats 1 --profile
     MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/rollout.py   # an AVX2-only CPU
 """
 
@@ -70,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "shared machine; use it with --threads 1, where CPU time is the time a core works)")
     p.add_argument("--cold-compile", action="store_true",
                    help="compile into an empty inductor cache (as a first run on a machine does)")
+    p.add_argument("--profile", action="store_true", help="split the decode step (see above)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -177,6 +184,45 @@ def time_levers(backend, prompts, pad_id, clock) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"}
+
+
+def profile_step(backend, prompts, pad_id, steps: int = 20) -> dict[str, float]:
+    """ms per eager decode step: products, other operators, Python between them; GB/s of a
+    256 MB read and the ms streaming the step's weights once takes at that rate."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kdlib.rollout.hf import left_pad
+
+    engine = backend.engine(RolloutEngine.static)
+    step = _within(engine.lean_products, _decode_step_timer(engine, left_pad(prompts, pad_id)))
+    with torch.inference_mode():
+        for _ in range(5):
+            step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = (time.perf_counter() - start) / steps * 1e3
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+    events = prof.key_averages()
+    products = sum(e.self_cpu_time_total for e in events if e.key in PRODUCTS) / steps / 1e3
+    operators = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+    block = torch.randn(64 * 1024 * 1024)
+    block.sum()
+    start = time.perf_counter()
+    for _ in range(10):
+        block.sum()
+    read_gbs = block.numel() * 4 * 10 / (time.perf_counter() - start) / 1e9
+    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    if engine.head.weight.data_ptr() not in {p.data_ptr() for p in engine.model.parameters()}:
+        weights += engine.head.weight.numel() * engine.head.weight.element_size()
+    return {"step_ms": wall, "products_ms": products, "other_operators_ms": operators - products,
+            "python_ms": max(wall - operators, 0.0), "weights_mb": weights / 1e6, "read_gb_s": read_gbs,
+            "weights_once_ms": weights / 1e6 / read_gbs}
+
+
 def _within(context, fn):
     def run():
         with context():
@@ -241,6 +287,7 @@ def main(argv=None) -> None:
         clock = time.perf_counter if args.clock == "wall" else time.process_time
         results = time_engines(backend, args, prompts, stop_ids, pad_id, clock)
         levers = time_levers(backend, prompts, pad_id, clock) if args.levers else {}
+        profiled = profile_step(backend, prompts, pad_id) if args.profile else {}
     info["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
     what = "tiny random Llama (4 layers)" if args.tiny else f"SmolLM2-135M-Instruct, {args.layers} of 30 layers"
@@ -268,10 +315,17 @@ def main(argv=None) -> None:
         print("\nlevers (ms, median)")
         for name, ms in levers.items():
             print(f"  {name:<40}{ms:>9.2f}")
+    if profiled:
+        print(f"\ndecode step (engine, eager, {len(prompts)} rows): {profiled['step_ms']:.1f} ms = products "
+              f"{profiled['products_ms']:.1f} + other operators {profiled['other_operators_ms']:.1f} + Python "
+              f"{profiled['python_ms']:.1f}; weights {profiled['weights_mb']:.0f} MB, memory read "
+              f"{profiled['read_gb_s']:.1f} GB/s: streaming them once takes {profiled['weights_once_ms']:.1f} ms, "
+              f"the products run at {profiled['weights_mb'] / profiled['products_ms']:.1f} GB/s")
     if args.json:
         for r in results.values():
             r.pop("tokens_list")
-        args.json.write_text(json.dumps({"machine": info, "results": results, "levers": levers}, indent=2))
+        args.json.write_text(json.dumps({"machine": info, "results": results, "levers": levers,
+                                         "profile": profiled}, indent=2))
 
 
 if __name__ == "__main__":
