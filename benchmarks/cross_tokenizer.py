@@ -18,8 +18,13 @@ evaluation: every run starts from the same student) and after (student and teach
 agreement at 1:1 groups, seconds per step and the wall time of each run (wall includes one
 evaluation for every run and the one before training for the first).
 
+``--seeds 42 1 2`` repeats the quality runs with other seeds (data order) and prints each method's
+mean and spread over the seeds and its difference to CE only seed by seed; ``--epochs N`` trains N
+epochs instead of ``--steps``; ``--methods`` picks the methods.
+
     python benchmarks/cross_tokenizer.py --part step [--steps 6]
     python benchmarks/cross_tokenizer.py --part quality [--steps 27] [--json out.json]
+    python benchmarks/cross_tokenizer.py --part quality --epochs 2 --methods sft overlap gold --seeds 42 1 2
 
 Timings depend on the CPU and its load: the script prints the CPU and the load averages before and
 after each part.
@@ -137,26 +142,43 @@ def part_step(args, out: Path) -> dict:
 
 
 def part_quality(args, out: Path) -> dict:
-    """Every method starts from the same student (same seed and build), so the evaluation before
-    training runs once, with the first method."""
-    results = {}
-    before = None
-    for method in QUALITY_METHODS:
-        overrides = XTOK + [f"algorithm={method}", f"train.max_steps={args.steps}", f"eval.before={before is None}"]
-        rows, evaluation, wall = run(method, overrides, out)
-        before = before or evaluation["before"]
-        results[method] = {
-            "before": before, "after": evaluation["after"], "wall": wall,
-            "step_seconds": statistics.fmean(r["step_seconds"] for r in rows[1:]),
-        }
-    print(f"\nheld-out bits per byte of the responses after {args.steps} steps (lower is better)")
-    print(f"{'method':<10}{'student before':>16}{'student after':>15}{'teacher':>9}{'top-1 at 1:1':>14}{'s/step':>8}{'wall s':>8}")
-    for method, r in results.items():
-        before, after = r["before"], r["after"]
-        agreement = f"{after['top1_agreement']:.1%}" if "top1_agreement" in after else "-"
-        teacher = f"{after['teacher_bits_per_byte']:.3f}" if "teacher_bits_per_byte" in after else "-"
-        print(f"{method:<10}{before['bits_per_byte']:>16.3f}{after['bits_per_byte']:>15.3f}{teacher:>9}"
-              f"{agreement:>14}{r['step_seconds']:>8.2f}{r['wall']:>8.0f}")
+    """Every method starts from the same student (same build; the seed only changes the data
+    order), so the evaluation before training runs once per seed, with the first method."""
+    length = [f"train.epochs={args.epochs}"] if args.epochs else [f"train.max_steps={args.steps}"]
+    results: dict[str, dict[int, dict]] = {method: {} for method in args.methods}
+    for seed in args.seeds:
+        before = None
+        for method in args.methods:
+            overrides = XTOK + [f"algorithm={method}", *length, f"seed={seed}", f"eval.before={before is None}"]
+            rows, evaluation, wall = run(f"{method}_{seed}", overrides, out)
+            before = before or evaluation["before"]
+            results[method][seed] = {
+                "before": before, "after": evaluation["after"], "wall": wall, "steps": len(rows),
+                "step_seconds": statistics.fmean(r["step_seconds"] for r in rows[1:]),
+            }
+            print(f"{method} seed {seed}: bits per byte {before['bits_per_byte']:.3f} -> "
+                  f"{evaluation['after']['bits_per_byte']:.3f} in {wall:.0f} s", flush=True)
+    length_text = f"{args.epochs} epochs" if args.epochs else f"{args.steps} steps"
+    print(f"\nheld-out bits per byte of the responses after {length_text} (lower is better), seeds {args.seeds}")
+    print(f"{'method':<10}{'before':>8}{'after (mean)':>14}{'spread':>8}{'vs CE only':>12}{'teacher':>9}"
+          f"{'top-1 at 1:1':>14}{'s/step':>8}{'wall s':>8}")
+    for method, by_seed in results.items():
+        runs = list(by_seed.values())
+        after = [r["after"]["bits_per_byte"] for r in runs]
+        spread = statistics.stdev(after) if len(after) > 1 else 0.0
+        if "sft" in results and method != "sft":
+            diffs = [by_seed[s]["after"]["bits_per_byte"] / results["sft"][s]["after"]["bits_per_byte"] - 1
+                     for s in args.seeds]
+            versus = f"{statistics.fmean(diffs):+.1%}"
+        else:
+            versus = "-"
+        last = runs[-1]["after"]
+        agreement = f"{statistics.fmean(r['after']['top1_agreement'] for r in runs):.1%}" if "top1_agreement" in last else "-"
+        teacher = f"{last['teacher_bits_per_byte']:.3f}" if "teacher_bits_per_byte" in last else "-"
+        print(f"{method:<10}{runs[0]['before']['bits_per_byte']:>8.3f}{statistics.fmean(after):>14.3f}{spread:>8.3f}"
+              f"{versus:>12}{teacher:>9}{agreement:>14}"
+              f"{statistics.fmean(r['step_seconds'] for r in runs):>8.2f}{statistics.fmean(r['wall'] for r in runs):>8.0f}")
+        print(f"{'':<10}per seed: " + ", ".join(f"{s}: {by_seed[s]['after']['bits_per_byte']:.3f}" for s in args.seeds))
     return results
 
 
@@ -165,6 +187,9 @@ def main() -> None:
     parser.add_argument("--part", choices=["step", "quality"], required=True)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (step: 6, quality: 27)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--epochs", type=int, default=None, help="quality: train this many epochs instead of --steps")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="quality: one set of runs per seed")
+    parser.add_argument("--methods", nargs="+", default=QUALITY_METHODS, choices=QUALITY_METHODS)
     args = parser.parse_args()
     args.steps = args.steps or (6 if args.part == "step" else 27)
     print(f"kdlib cross-tokenizer benchmark ({args.part}) | {machine()} | {load()}")
@@ -172,7 +197,7 @@ def main() -> None:
         results = (part_step if args.part == "step" else part_quality)(args, Path(tmp))
     print(f"done | {load()}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "steps": args.steps, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"machine": machine(), "steps": args.steps, "epochs": args.epochs, "seeds": args.seeds, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
