@@ -20,7 +20,8 @@ evaluation for every run and the one before training for the first).
 
 ``--seeds 42 1 2`` repeats the quality runs with other seeds (data order) and prints each method's
 mean and spread over the seeds and its difference to CE only seed by seed; ``--epochs N`` trains N
-epochs instead of ``--steps``; ``--methods`` picks the methods.
+epochs instead of ``--steps``; ``--methods`` picks the methods; ``--extra`` adds overrides to the KD
+methods' runs (e.g. ``loss.temperature=2``).
 
     python benchmarks/cross_tokenizer.py --part step [--steps 6]
     python benchmarks/cross_tokenizer.py --part quality [--steps 27] [--json out.json]
@@ -149,7 +150,8 @@ def part_quality(args, out: Path) -> dict:
     for seed in args.seeds:
         before = None
         for method in args.methods:
-            overrides = XTOK + [f"algorithm={method}", *length, f"seed={seed}", f"eval.before={before is None}"]
+            overrides = XTOK + [f"algorithm={method}", *length, f"seed={seed}", f"eval.before={before is None}",
+                                *(args.extra if method != "sft" else [])]
             rows, evaluation, wall = run(f"{method}_{seed}", overrides, out)
             before = before or evaluation["before"]
             results[method][seed] = {
@@ -190,6 +192,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="quality: train this many epochs instead of --steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="quality: one set of runs per seed")
     parser.add_argument("--methods", nargs="+", default=QUALITY_METHODS, choices=QUALITY_METHODS)
+    parser.add_argument("--extra", nargs="*", default=[], help="quality: overrides for the KD methods (not sft)")
     args = parser.parse_args()
     args.steps = args.steps or (6 if args.part == "step" else 27)
     print(f"kdlib cross-tokenizer benchmark ({args.part}) | {machine()} | {load()}")
