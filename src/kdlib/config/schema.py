@@ -466,10 +466,10 @@ class TrainConfig:
     # micro_batch_size (samples are balanced across workers by tokens). null = off.
     max_tokens_per_micro_batch: Optional[int] = None
     # Pack each micro-batch into one row without padding (position ids restart per sample;
-    # transformers keeps attention inside each sample): true, false, or auto (true for off-policy
-    # text runs, where it removes the compute spent on padding; false for vision-language models,
-    # whose processors lay images out per row, and for on-policy runs, whose rollouts have similar
-    # lengths). Resolved when the run's models are known.
+    # transformers keeps attention inside each sample): true, false, or auto (true for text runs,
+    # where it removes the compute spent on padding; false for vision-language models, whose
+    # processors lay images out per row, and for on-policy runs whose attn_implementation computes
+    # across packed samples, as sdpa and eager do). Resolved when the run's models are known.
     packing: Any = "auto"
     # Save a sharded training checkpoint every this many steps (0 = never).
     checkpoint_every: int = 0

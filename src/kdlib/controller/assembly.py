@@ -18,6 +18,7 @@ from kdlib.data.bundle import DataBundle
 from kdlib.data.encoding import ChatEncoder
 from kdlib.errors import ConfigError
 from kdlib.launch import WorkerGroup, build_launcher
+from kdlib.models import packed_attention
 from kdlib.models.loading import load_tokenizer
 from kdlib.progress import phase
 from kdlib.workers.specs import RolloutSpec, StudentSpec, TeacherSpec
@@ -56,7 +57,7 @@ def chat_encoders(cfg: KDConfig, *, with_teacher: bool) -> tuple[ChatEncoder, Op
 
 # Attention implementations that attend within each sample of a packed row, computing nothing
 # across samples (kdlib's packed_sdpa, FlashAttention's varlen kernels).
-PER_SAMPLE_ATTENTION = frozenset({"packed_sdpa", "flash_attention_2", "flash_attention_3"})
+PER_SAMPLE_ATTENTION = frozenset({packed_attention.NAME, "flash_attention_2", "flash_attention_3"})
 
 
 def resolve_packing(cfg: KDConfig, *, vision: bool) -> None:

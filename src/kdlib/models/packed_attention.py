@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 NAME = "packed_sdpa"
-_registered = False
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -45,17 +44,13 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
 
 
 def register() -> None:
-    """Make ``attn_implementation="packed_sdpa"`` loadable (idempotent; every process that loads a
-    model calls it, Ray workers included)."""
-    global _registered
-    if _registered:
-        return
+    """Make ``attn_implementation="packed_sdpa"`` loadable (registering again changes nothing; every
+    process that loads a model calls it, Ray workers included)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(NAME, packed_sdpa_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
-    _registered = True
 
 
 def packed_row_kwargs(position_ids: torch.Tensor) -> dict:
