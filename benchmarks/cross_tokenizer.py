@@ -51,8 +51,9 @@ STEP_CONFIGS = {
     "demo tokenizer, uld": XTOK + ["algorithm=uld"],
     "demo tokenizer, gold": XTOK + ["algorithm=gold"],
     "demo tokenizer, dskd": XTOK + ["algorithm=dskd"],
+    "demo tokenizer, marginal": XTOK + ["algorithm=marginal"],
 }
-QUALITY_METHODS = ["overlap", "uld", "gold", "dskd", "sft"]
+QUALITY_METHODS = ["overlap", "uld", "gold", "dskd", "marginal", "sft"]
 
 
 def machine() -> str:

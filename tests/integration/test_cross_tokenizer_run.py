@@ -70,7 +70,7 @@ def test_each_method_distils_across_tokenizers(algorithm, xtok_overrides, unigra
     assert report["train"]["kept"] == 8 and report["train"]["unaligned_student_tokens"] == 0
 
 
-@pytest.mark.parametrize("method", ["overlap", "gold"])
+@pytest.mark.parametrize("method", ["overlap", "gold", "marginal"])
 def test_identical_tokenizers_reduce_to_vanilla_kd_step_by_step(method, tiny_overrides, tmp_path):
     """Same tokenizer, every group 1:1: the whole pipeline gives vanilla KD's losses and metrics."""
     common = tiny_overrides + ["train.max_steps=3", "algorithm.kd_ratio=0.5"]

@@ -37,6 +37,7 @@ def alignment_of_two_samples() -> AlignmentBatch:
     ("uld", ["algorithm.merge_groups=true"], RowKind.group_rows),
     ("gold", [], RowKind.group_rows),
     ("dskd", [], RowKind.pairs),
+    ("marginal", [], RowKind.group_starts),
 ])
 def test_registered_with_typed_options_and_their_teacher_rows(name, overrides, kind):
     cfg = kdlib.compose([f"algorithm={name}", *overrides])
@@ -51,6 +52,7 @@ def test_registered_with_typed_options_and_their_teacher_rows(name, overrides, k
     (["algorithm=uld", "algorithm.teacher_temperature=0"], "uld temperatures must be > 0"),
     (["algorithm=gold", "algorithm.matched_weight=-1"], "gold matched_weight must be >= 0"),
     (["algorithm=dskd", "algorithm.projector_lr=0"], "projector_lr must be positive"),
+    (["algorithm=marginal", "algorithm.empty_floor=0"], "marginal empty_floor must be in"),
     (["algorithm=dskd", "+recipe=self_distill"], "a self-distillation teacher updated from the student"),
 ])
 def test_bad_options_fail_at_composition(bad, message):

@@ -1,4 +1,4 @@
-"""The four cross-tokenizer methods against float64 references of their formulas.
+"""The cross-tokenizer methods against float64 references of their formulas.
 
 The references below materialise every logit, loop over the groups of each sample one at a time
 and follow the formulas of docs/cross_tokenizer.md (they share no code with kdlib.xtok but the
@@ -25,6 +25,7 @@ from kdlib.xtok.distributions import sorted_l1 as xtok_sorted_l1
 from kdlib.xtok.dskd import DSKDLoss, DSKDOptions, DSKDProjectors, T2STarget
 from kdlib.xtok.gold import GOLDLoss, GOLDOptions
 from kdlib.xtok.groups import AlignmentBatch
+from kdlib.xtok.marginal import MarginalLoss, MarginalOptions
 from kdlib.xtok.offsets import ResponseTokens
 from kdlib.xtok.overlap import OverlapLoss
 from kdlib.xtok.uld import ULDLoss, ULDOptions
@@ -60,6 +61,17 @@ class Case:
         return [self.student_hidden, self.student_head.weight, self.student_head.bias, *extra]
 
 
+def synthetic_match(student_ids, teacher_ids, vs, vt, generator):
+    """A VocabMatch whose prefix map sends matched teacher tokens to their match, two unmatched
+    ones nowhere (-1) and the rest to random student tokens among the first half (so some student
+    tokens receive no teacher mass)."""
+    prefix = torch.randint(0, vs // 2, (vt,), generator=generator)
+    unmatched = [t for t in range(vt) if t not in set(teacher_ids.tolist())]
+    prefix[unmatched[:2]] = -1
+    prefix[teacher_ids] = student_ids
+    return VocabMatch(student_ids, teacher_ids, vs, vt, prefix)
+
+
 def make_case(*, vs=40, vt=48, hs=12, ht=10, seed=0, dtype=F64, identical=False, layouts=LAYOUTS):
     g = torch.Generator().manual_seed(seed)
 
@@ -68,10 +80,10 @@ def make_case(*, vs=40, vt=48, hs=12, ht=10, seed=0, dtype=F64, identical=False,
 
     if identical:
         vt, ht = vs, hs
-        match = VocabMatch(torch.arange(vs), torch.arange(vs), vs, vs)
+        match = VocabMatch(torch.arange(vs), torch.arange(vs), vs, vs, torch.arange(vs))
     else:
-        teacher_ids = torch.randperm(vt, generator=g)[:30]
-        match = VocabMatch(torch.arange(30), teacher_ids, vs, vt)
+        matched = min(30, vs, vt)
+        match = synthetic_match(torch.arange(matched), torch.randperm(vt, generator=g)[:matched], vs, vt, g)
     samples = []
     for s_ends, t_ends, s_eot, t_eot in (layouts if not identical else [(e, e, True, True) for e, _, _, _ in layouts]):
         s_ids = torch.randint(0, vs, (len(s_ends) + s_eot,), generator=g).tolist()
@@ -209,6 +221,25 @@ def ref_gold(case, name="kl", params=None, temperature=1.0, matched_weight=None,
     return kd, ref_ce(case, zs)
 
 
+def ref_marginal(case, name="kl", params=None, temperature=1.0, t2=False, floor=1e-12):
+    """At each group's first rows: the teacher's probabilities (over the tokens with a student
+    start) summed onto the student tokens they start with, floored, renormalised."""
+    params = params or {}
+    zs, zt = ref_logits(case)
+    prefix = case.match.teacher_prefix
+    carried = [t for t in range(zt.shape[1]) if int(prefix[t]) >= 0]
+    kd = 0.0
+    for s_rows, t_rows in ref_groups(case):
+        p_teacher = torch.softmax(zt[t_rows[0], carried] / temperature, -1)
+        p = torch.zeros(zs.shape[1], dtype=zs.dtype)
+        for k, t in enumerate(carried):
+            p[int(prefix[t])] += p_teacher[k]
+        p = p.clamp_min(floor)
+        q = torch.softmax(zs[s_rows[0]] / temperature, -1)
+        kd = kd + divergence(name, p / p.sum(), q, params) * (temperature**2 if t2 else 1.0)
+    return kd, ref_ce(case, zs)
+
+
 def ref_dskd(case, projectors, name="kl", params=None, t2s_target="data"):
     params = params or {}
     zs, zt = ref_logits(case)
@@ -258,6 +289,14 @@ METHODS = {
                                              GOLDOptions(matched_weight=0.6), kd_weight=0.7, ce_weight=0.3,
                                              chunk_size=CHUNK),
                           lambda c: ref_gold(c, "rkl", temperature=1.3, matched_weight=0.6)),
+    "marginal-kl": (lambda c: MarginalLoss(c.teacher_head, c.match, cfg("kl"), kd_weight=0.7, ce_weight=0.3,
+                                           chunk_size=CHUNK),
+                    lambda c: ref_marginal(c)),
+    "marginal-rkl-T2": (lambda c: MarginalLoss(c.teacher_head, c.match,
+                                               cfg("rkl", temperature=2.0, scale_by_temperature_squared=True),
+                                               MarginalOptions(empty_floor=1e-6), kd_weight=0.7, ce_weight=0.3,
+                                               chunk_size=CHUNK),
+                        lambda c: ref_marginal(c, "rkl", temperature=2.0, t2=True, floor=1e-6)),
 }
 CHUNK = 3
 
@@ -341,11 +380,11 @@ SAME_TOKENIZER_LOSSES = [cfg("kl"), cfg("rkl", temperature=2.0), cfg("jsd", beta
 
 
 @pytest.mark.parametrize("loss_cfg", SAME_TOKENIZER_LOSSES, ids=lambda c: c.name)
-@pytest.mark.parametrize("kind", ["overlap", "gold"])
+@pytest.mark.parametrize("kind", ["overlap", "gold", "marginal"])
 def test_identical_tokenizers_reduce_to_vanilla_kd(kind, loss_cfg):
     case = make_case(seed=5, identical=True)
     assert bool(case.batch.one_to_one.all())
-    cls = OverlapLoss if kind == "overlap" else GOLDLoss
+    cls = {"overlap": OverlapLoss, "gold": GOLDLoss, "marginal": MarginalLoss}[kind]
     terms, grads = run(cls(case.teacher_head, case.match, loss_cfg, kd_weight=0.7, ce_weight=0.3, chunk_size=4), case)
     zs, zt = ref_logits(case)
     t = loss_cfg.temperature
@@ -435,10 +474,12 @@ def test_sorted_l1_is_the_sort_and_pad_formula(widths):
     assert torch.allclose(xtok_sorted_l1(p, q), expected, rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize("name", ["overlap-jsd-T2", "uld", "uld-merged", "gold-kl", "gold-rkl-weighted"])
+@pytest.mark.parametrize("name", ["overlap-jsd-T2", "uld", "uld-merged", "gold-kl", "gold-rkl-weighted",
+                                  "marginal-kl", "marginal-rkl-T2"])
 def test_gradcheck(name):
     case = make_case(vs=9, vt=11, hs=4, ht=3, seed=10, layouts=LAYOUTS[:2])
-    case.match = VocabMatch(torch.arange(6), torch.randperm(11, generator=torch.Generator().manual_seed(1))[:6], 9, 11)
+    g = torch.Generator().manual_seed(1)
+    case.match = synthetic_match(torch.arange(6), torch.randperm(11, generator=g)[:6], 9, 11, g)
     method = METHODS[name][0](case)
     method.chunk_size = 2
     teacher_hidden = case.teacher_hidden[method.teacher_rows(case.batch)]

@@ -43,6 +43,28 @@ def test_identical_tokenizers_match_every_token(bpe):
     assert match.size == len(bpe) and match.matched_fraction == 1.0
     assert torch.equal(match.student_ids, torch.arange(len(bpe)))
     assert torch.equal(match.teacher_ids, match.student_ids)
+    assert torch.equal(match.teacher_prefix, torch.arange(len(bpe)))  # marginal KD is vanilla KD
+
+
+@pytest.mark.parametrize("pair", ["unigram_from_bpe", "bpe_from_unigram"])
+def test_every_teacher_token_starts_with_its_student_prefix(bpe, unigram, pair):
+    student, teacher = (unigram, bpe) if pair == "unigram_from_bpe" else (bpe, unigram)
+    match = match_vocabularies(student, teacher)
+    s_bytes, t_bytes = TokenBytes(student, model="student"), TokenBytes(teacher, model="teacher")
+    prefix = match.teacher_prefix
+    assert prefix.shape == (len(teacher),)
+    for s, t in pairs_of(match).items():
+        assert int(prefix[t]) == s  # a matched token starts with itself
+    partial = 0
+    for t in range(len(teacher)):
+        s = int(prefix[t])
+        if t_bytes.is_special(t):
+            assert s == -1 or s in pairs_of(match)
+            continue
+        assert s >= 0, teacher.convert_ids_to_tokens(t)  # both test tokenizers spell every byte
+        assert t_bytes.bytes_of(t).startswith(s_bytes.bytes_of(s)) and len(s_bytes.bytes_of(s)) > 0
+        partial += len(s_bytes.bytes_of(s)) < len(t_bytes.bytes_of(t))
+    assert partial > 0  # some teacher tokens are longer than the student token they start with
 
 
 def test_metaspace_and_byte_level_tokens_match_by_bytes(bpe, unigram):

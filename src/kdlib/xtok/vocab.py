@@ -11,6 +11,12 @@ with the lowest id is kept.
 
 KDFlow matches by replacing ``Ġ`` with ``▁`` in the token strings, which misses every token with
 a non-ASCII character; TRL's GOLD matches raw strings, which misses every token with a space.
+
+The match also records, for every teacher token, the student token its text starts with
+(:attr:`VocabMatch.teacher_prefix`): the matched student token when there is one, else the first
+token of the student tokenizer's encoding of its text (or the longest student token spelling a
+prefix of its bytes). ``marginal`` KD
+(:mod:`kdlib.xtok.marginal`) moves the teacher's probability of each token onto that student token.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ class VocabMatch:
     # Entries of each tokenizer (len(tokenizer)), the denominators of matched fractions.
     student_vocab_size: int
     teacher_vocab_size: int
+    # [teacher vocabulary] long: the student token each teacher token's text starts with (see
+    # prefix_tokens); -1 for a teacher special token without a match. None when the match was
+    # built without tokenizers (tests).
+    teacher_prefix: Optional[torch.Tensor] = None
 
     @property
     def size(self) -> int:
@@ -64,7 +74,7 @@ class VocabMatch:
     def to(self, device: torch.device | str) -> "VocabMatch":
         return VocabMatch(
             self.student_ids.to(device), self.teacher_ids.to(device), self.student_vocab_size,
-            self.teacher_vocab_size,
+            self.teacher_vocab_size, None if self.teacher_prefix is None else self.teacher_prefix.to(device),
         )
 
 
@@ -101,7 +111,53 @@ def match_vocabularies(student_tokenizer, teacher_tokenizer) -> VocabMatch:
         teacher_ids=torch.tensor([pairs[s] for s in student_ids], dtype=torch.long),
         student_vocab_size=len(student_tokenizer),
         teacher_vocab_size=len(teacher_tokenizer),
+        teacher_prefix=prefix_tokens(pairs, student_tokenizer, s_bytes, s_regular, teacher_tokenizer, t_bytes),
     )
+
+
+def prefix_tokens(
+    pairs: dict[int, int], student_tokenizer, student_bytes: TokenBytes, student_regular: dict[bytes, int],
+    teacher_tokenizer, teacher_bytes: TokenBytes,
+) -> torch.Tensor:
+    """[len(teacher_tokenizer)] long: the student token each teacher token's text starts with.
+
+    Per teacher id: its matched student id (``pairs``: student id -> teacher id); else the first
+    token of the student tokenizer's own encoding of the token's text, when that token spells a
+    prefix of the teacher token's bytes; else the longest student token spelling such a prefix (a
+    token holding part of a multi-byte character, a phantom space); else -1 (a special token
+    without a match).
+    """
+    prefix = torch.full((len(teacher_tokenizer),), -1, dtype=torch.long)
+    matched = {t_id: s_id for s_id, t_id in pairs.items()}
+    spelled: dict[int, bytes] = {}
+    for token_id in teacher_tokenizer.get_vocab().values():
+        if token_id in matched:
+            prefix[token_id] = matched[token_id]
+        elif not teacher_bytes.is_special(token_id):
+            spelled[token_id] = teacher_bytes.bytes_of(token_id)
+    texts = {t_id: b.decode("utf-8") for t_id, b in spelled.items() if _is_utf8(b)}
+    order = list(texts)
+    encoded = student_tokenizer([texts[t] for t in order], add_special_tokens=False)["input_ids"] if order else []
+    first = {t_id: ids[0] for t_id, ids in zip(order, encoded) if ids}
+    longest = max(map(len, student_regular), default=0)
+    for token_id, token_bytes in spelled.items():
+        if token_id in first and token_bytes.startswith(student_bytes.bytes_of(first[token_id])):
+            prefix[token_id] = first[token_id]
+            continue
+        for end in range(min(len(token_bytes), longest), 0, -1):
+            found = student_regular.get(token_bytes[:end])
+            if found is not None:
+                prefix[token_id] = found
+                break
+    return prefix
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def special_pairs(
