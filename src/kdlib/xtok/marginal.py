@@ -79,17 +79,18 @@ class MarginalLoss(CrossTokenizerLoss):
         prefix[:known] = match.teacher_prefix[:known].to(device)
         self.identity = bool(torch.equal(prefix, torch.arange(rows, device=device)))
         self.carried = (prefix >= 0).nonzero().squeeze(-1)  # teacher ids with a student start
-        self.target = prefix[self.carried]
         if self.carried.numel() == 0:
             raise ValueError("marginal: no teacher token starts with a student token")
+        self.target = prefix[self.carried]
+        self.student_rows_needed = int(self.target.max()) + 1  # checked against each student head
 
     def teacher_log_probs(self, teacher_logits: torch.Tensor, student_rows: int) -> torch.Tensor:
         """log P_T [units, student_rows] from tempered teacher logits [units, teacher rows]."""
         if self.identity and student_rows == teacher_logits.shape[-1]:
             return F.log_softmax(teacher_logits, -1)
-        if int(self.target.max()) >= student_rows:
+        if self.student_rows_needed > student_rows:
             raise ValueError(f"marginal: a student head of {student_rows} rows for student token ids up to "
-                             f"{int(self.target.max())}")
+                             f"{self.student_rows_needed - 1}")
         probs = F.softmax(teacher_logits[:, self.carried], -1)
         summed = probs.new_zeros(probs.shape[0], student_rows).index_add_(1, self.target, probs)
         return F.log_softmax(summed.log().clamp_min(self.log_floor), -1)

@@ -135,7 +135,11 @@ def prefix_tokens(
             prefix[token_id] = matched[token_id]
         elif not teacher_bytes.is_special(token_id):
             spelled[token_id] = teacher_bytes.bytes_of(token_id)
-    texts = {t_id: b.decode("utf-8") for t_id, b in spelled.items() if _is_utf8(b)}
+    texts: dict[int, str] = {}
+    for token_id, token_bytes in spelled.items():
+        text = _utf8_or_none(token_bytes)
+        if text is not None:
+            texts[token_id] = text
     order = list(texts)
     encoded = student_tokenizer([texts[t] for t in order], add_special_tokens=False)["input_ids"] if order else []
     first = {t_id: ids[0] for t_id, ids in zip(order, encoded) if ids}
@@ -152,12 +156,12 @@ def prefix_tokens(
     return prefix
 
 
-def _is_utf8(data: bytes) -> bool:
+def _utf8_or_none(data: bytes) -> Optional[str]:
+    """``data`` decoded, or None for bytes that are not whole UTF-8 characters (part of one)."""
     try:
-        data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        return False
-    return True
+        return None
 
 
 def special_pairs(
