@@ -8,7 +8,8 @@ For a configuration, this script
    logits, and the two gradient products of the student head), and, on-policy, the decode of the
    sampled tokens;
 3. measures this machine's matrix-multiply throughput in the same process (float32, and bf16 when
-   the run computes in bf16) on the shapes the models use;
+   the run computes in bf16) on the shapes the models use, after every step, so that each step's
+   floor uses the speed the machine had while that step ran;
 4. profiles the steps with ``torch.profiler``, the library's entry points wrapped in
    ``record_function`` by this script (teacher forward, student forward, loss, backward, optimizer,
    rollout, weight sync), and prints per phase: measured seconds, FLOPs, floor = FLOPs /
@@ -18,6 +19,8 @@ For a configuration, this script
     python benchmarks/step.py --default-job            # the default job's settings (dtype auto, 8 chats, max_len 512)
     python benchmarks/step.py --onpolicy               # on-policy steps (rollouts of 128 tokens)
     python benchmarks/step.py --extra train.packing=true   # any override
+    python benchmarks/step.py --compile-layers         # the lever of issue 14 measured, not a kdlib option:
+                                                       # each decoder layer torch.compile'd (inductor)
 """
 
 from __future__ import annotations
@@ -87,6 +90,32 @@ def matmul_throughput(dtype: torch.dtype, m: int, k: int, n: int, repeats: int =
     return 2 * m * k * n / best
 
 
+def measure_rates(shapes: "Shapes", bf16: bool) -> dict[str, float]:
+    """This machine's matrix-product FLOP/s now: float32 on the decoder's shape, float32 on the
+    head's, and the low precision (bf16, or float32 again) the models may compute in. Measured
+    after every step, so each step's floor uses the speed the machine had while it ran (on a
+    shared or frequency-scaling machine the best-of rate drifts by 20-30% within minutes)."""
+    fp32 = matmul_throughput(torch.float32, 1024, shapes.hidden, shapes.intermediate, repeats=5)
+    return {
+        "float32": fp32,
+        "head": matmul_throughput(torch.float32, 256, shapes.hidden, shapes.vocab, repeats=3),
+        "low": matmul_throughput(torch.bfloat16, 1024, shapes.hidden, shapes.intermediate, repeats=5) if bf16 else fp32,
+    }
+
+
+def _phase_floors(flops: dict, decode: float, rate: dict, cfg) -> dict[str, float]:
+    """Seconds each phase of one step needs at ``rate`` (FLOPs with real tokens only / FLOP/s)."""
+    teacher_rate = rate["low"] if cfg.teacher.dtype.value == "bfloat16" else rate["float32"]
+    student_rate = rate["low"] if cfg.student.autocast is True else rate["float32"]
+    return {
+        "teacher_forward": flops["teacher"] / teacher_rate,
+        "student_forward": flops["student_forward"] / student_rate,
+        "backward": flops["student_backward"] / student_rate,
+        "loss": flops["heads"] / rate["head"],  # the loss always computes in float32
+        "rollout": decode / student_rate,
+    }
+
+
 def instrument() -> None:
     """Wrap the library's entry points so each call is a named profiler range."""
     import importlib
@@ -113,10 +142,14 @@ def main() -> None:
     parser.add_argument("--onpolicy", action="store_true", help="on-policy steps (+recipe=onpolicy)")
     parser.add_argument("--steps", type=int, default=4, help="steps measured (after one warm-up step)")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides")
+    parser.add_argument("--compile-layers", action="store_true",
+                        help="torch.compile (inductor, dynamic shapes) every decoder layer of teacher and student "
+                             "in place before the warm-up step (which then also compiles)")
     args = parser.parse_args()
 
     import kdlib
     from kdlib.hardware import bf16_support, cpu_capability
+    from kdlib.models.head import decoder_of
     from kdlib.pipeline import Pipeline
 
     overrides = ["device=cpu", "logging.progress=false", "eval.before=false", "save_student=false"]
@@ -135,10 +168,16 @@ def main() -> None:
         teacher_model = pipeline.teacher.workers[0].backend.model
         student_model = pipeline.student.workers[0].model
         t_shapes, s_shapes = Shapes.of(teacher_model), Shapes.of(student_model)
+        if args.compile_layers:
+            for model in (teacher_model, student_model):
+                for layer in decoder_of(model).layers:
+                    layer.compile(dynamic=True)
         batches = mode.sample_batches()
         mode.start(1)
-        mode.step(next(batches), 1)  # warm-up (allocations, first-call overheads)
-        times, flops, padding, decode = [], [], [], []
+        warm_start = time.perf_counter()
+        mode.step(next(batches), 1)  # warm-up (allocations, first-call overheads, compilation)
+        warm_up_s = time.perf_counter() - warm_start
+        times, flops, padding, decode, rates = [], [], [], [], []
         activities = [torch.profiler.ProfilerActivity.CPU]
         with torch.profiler.profile(activities=activities) as prof:
             for step in range(2, args.steps + 2):
@@ -148,31 +187,27 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
                 flops.append(_step_flops(samples, t_shapes, s_shapes))
                 padding.append(_padding_flops(pipeline, samples, t_shapes, s_shapes))
-                if args.onpolicy:
-                    decode.append(sum(s_shapes.decode_flops(len(x.student.input_ids)) * x.student.n_loss_tokens
-                                      for x in samples))
+                decode.append(sum(s_shapes.decode_flops(len(x.student.input_ids)) * x.student.n_loss_tokens
+                                  for x in samples) if args.onpolicy else 0.0)
+                rates.append(measure_rates(s_shapes, bf16))  # the machine's speed right after this step
         phase_seconds = {m: 0.0 for m in PHASES}
         for event in prof.key_averages():
             if event.key.startswith("kdlib."):
                 phase_seconds[event.key[len("kdlib."):]] += event.cpu_time_total / 1e6 / args.steps
 
-    fp32 = matmul_throughput(torch.float32, 1024, s_shapes.hidden, s_shapes.intermediate)
-    head32 = matmul_throughput(torch.float32, 256, s_shapes.hidden, s_shapes.vocab, repeats=3)
-    low = matmul_throughput(torch.bfloat16, 1024, s_shapes.hidden, s_shapes.intermediate) if bf16 else fp32
-    teacher_rate = low if cfg.teacher.dtype.value == "bfloat16" else fp32
-    student_rate = low if cfg.student.autocast is True else fp32
+    floors = [_phase_floors(f, d, r, cfg) for f, d, r in zip(flops, decode, rates)]
+    floor = {phase: statistics.mean(f[phase] for f in floors) for phase in floors[0]}
+    ratios = [t / sum(f.values()) for t, f in zip(times, floors)]
+    rate = {k: statistics.mean(r[k] for r in rates) for k in rates[0]}
+    fp32, head32, low = rate["float32"], rate["head"], rate["low"]
     mean = {k: statistics.mean(v[k] for v in flops) for k in flops[0]}
-    floors = {
-        "teacher_forward": mean["teacher"] / teacher_rate,
-        "student_forward": mean["student_forward"] / student_rate,
-        "backward": mean["student_backward"] / student_rate,
-        "loss": mean["heads"] / head32,  # the loss always computes in float32
-        "rollout": (statistics.mean(decode) / student_rate) if decode else 0.0,
-    }
     step_s = statistics.mean(times)
-    floor_s = sum(floors.values())
-    print(f"\nCPU: {cpu_capability()}, native bf16: {bf16_support('cpu').native} ({bf16_support('cpu').reason})")
-    print(f"matmul throughput: float32 {fp32 / 1e9:.0f} GFLOP/s (head shape {head32 / 1e9:.0f})"
+    floor_s = sum(floor.values())
+    print(f"\nwarm-up step: {warm_up_s:.1f} s" + (" (compiles the layers)" if args.compile_layers else ""))
+    print(f"CPU: {cpu_capability()}, native bf16: {bf16_support('cpu').native} ({bf16_support('cpu').reason})")
+    spread = min(r["float32"] for r in rates) / 1e9, max(r["float32"] for r in rates) / 1e9
+    print(f"matmul throughput (mean of the measurements after each step): float32 {fp32 / 1e9:.0f} GFLOP/s "
+          f"(range {spread[0]:.0f}-{spread[1]:.0f}; head shape {head32 / 1e9:.0f})"
           + (f", bf16 {low / 1e9:.0f} GFLOP/s" if bf16 else ""))
     print(f"setup: teacher {t_shapes.layers} layers {cfg.teacher.dtype.value}, student {s_shapes.layers} layers "
           f"(autocast {cfg.student.autocast}), {cfg.train.global_batch_size} chats/step, packing {cfg.train.packing}, "
@@ -185,11 +220,12 @@ def main() -> None:
         seconds = phase_seconds[phase]
         if not seconds and not gflop.get(phase):
             continue
-        floor = floors.get(phase)
-        ratio = f"{seconds / floor:8.2f}" if floor else f"{'':8}"
-        print(f"{phase:18}{seconds:12.3f}{gflop.get(phase, 0) / 1e9:10.1f}{(floor or 0):10.3f}{ratio}")
+        phase_floor = floor.get(phase)
+        ratio = f"{seconds / phase_floor:8.2f}" if phase_floor else f"{'':8}"
+        print(f"{phase:18}{seconds:12.3f}{gflop.get(phase, 0) / 1e9:10.1f}{(phase_floor or 0):10.3f}{ratio}")
     # backward is measured around loss.backward(), which also runs the fused loss's backward (a scale)
-    print(f"{'step':18}{step_s:12.3f}{sum(gflop.values()) / 1e9:10.1f}{floor_s:10.3f}{step_s / floor_s:8.2f}")
+    print(f"{'step':18}{step_s:12.3f}{sum(gflop.values()) / 1e9:10.1f}{floor_s:10.3f}{statistics.mean(ratios):8.2f}"
+          f"   (per step: {', '.join(f'{r:.2f}' for r in ratios)})")
     print(f"padding waste: {statistics.mean(padding) / 1e9:.1f} GFLOP/step "
           f"({statistics.mean(padding) / sum(gflop.values()):.0%} of the real-token FLOPs)")
 
