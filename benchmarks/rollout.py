@@ -31,6 +31,8 @@ other processes disturb far less than the wall time of two OpenMP threads.
     python benchmarks/rollout.py --tiny --max-new-tokens 32 --engines generate,static
     python benchmarks/rollout.py --threads 1 --clock cpu --levers
     python benchmarks/rollout.py --engines static --repeats 1 --profile
+    python benchmarks/rollout.py --engines generate,static,frozen    # weights frozen into the compiled step
+    python benchmarks/rollout.py --layers 30 --engines generate,static,frozen   # the whole teacher (mode=generate)
     MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/rollout.py   # an AVX2-only CPU
 """
 

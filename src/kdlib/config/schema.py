@@ -338,6 +338,11 @@ class RolloutEngine(str, Enum):
     # `static` with the decode step compiled by torch.compile (inductor); compile time is paid
     # on the first call of each batch size
     compiled = "compiled"
+    # `compiled` with the weights frozen into the compiled step (inductor's freezing and its C++
+    # GEMM kernels, which pack the weights once): the fastest decoding on CPU, but the packed
+    # weights are constants, so loading new weights (on-policy sync) recompiles at the next call.
+    # Meant for weights that stay fixed (mode=generate: the teacher writes data).
+    frozen = "frozen"
 
 
 class RolloutSampler(str, Enum):
@@ -358,9 +363,9 @@ class RolloutConfig:
 
     # Generation backend (registry `rollout backend`): hf or sglang.
     backend: str = "hf"
-    # Decoding engine of the hf backend: auto | generate | static | compiled (see RolloutEngine).
+    # Decoding engine of the hf backend: auto | generate | static | compiled | frozen (see RolloutEngine).
     engine: RolloutEngine = RolloutEngine.auto
-    # Token draw of the static/compiled engines: multinomial | inverse_cdf (see RolloutSampler).
+    # Token draw of kdlib's engines (static, compiled, frozen): multinomial | inverse_cdf (see RolloutSampler).
     sampler: RolloutSampler = RolloutSampler.multinomial
     # Longest response, in tokens; longer ones are cut and counted as truncated.
     max_new_tokens: int = 256

@@ -5,7 +5,8 @@ kdlib's :class:`~kdlib.rollout.engine.DecodeEngine` (static KV cache kept across
 decode loop, optionally compiled), which runs generate's own preparation and samples the same
 tokens from the same seed. The engine is built on first use and kept for the life of the backend,
 so its caches and compiled graphs survive from one on-policy step to the next; weight syncs copy
-into the model's parameters in place, which the engine reads on its next call. A model the engine
+into the model's parameters in place, which the engine reads on its next call (a ``frozen`` engine,
+whose compiled step holds the weights as constants, compiles again instead). A model the engine
 cannot serve (its checks fail) falls back to plain generate, with the reason logged once.
 """
 
@@ -40,11 +41,18 @@ class HFRolloutBackend(RolloutBackend):
             return None
         if kind not in self._engines:
             try:
-                self._engines[kind] = build_engine(self.model, compile=kind == RolloutEngine.compiled)
+                self._engines[kind] = build_engine(self.model, compile=kind == RolloutEngine.compiled,
+                                                   freeze=kind == RolloutEngine.frozen)
             except EngineUnsupported as exc:
                 log.warning("rollout.engine=%s: %s; decoding with plain generate", choice.value, exc)
                 self._engines[kind] = None
         return self._engines[kind]
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_weights(state)
+        for engine in self._engines.values():
+            if engine is not None:
+                engine.weights_changed()
 
     @torch.inference_mode()
     def generate(
