@@ -101,7 +101,7 @@ class DecodeEngine:
         """The model's weights were overwritten in place (a weight sync). A frozen step holds the
         old ones as constants, so it is dropped, and the next call compiles again (and checks the
         new step against eager). Other engines read the parameters and need nothing."""
-        if not (self.frozen and self.compiled):
+        if not self.frozen:  # a frozen engine whose compile failed is no longer frozen
             return
         torch.compiler.reset()  # dynamo's guards do not see in-place changes of frozen weights
         self._step = self._compiled_step()
