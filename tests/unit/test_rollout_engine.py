@@ -153,10 +153,10 @@ def test_engine_state_is_kept_across_calls(llama):
     assert all(engine._caches[key] is cache for key, cache in caches.items())
 
 
-def _check_weight_sync(path, engine_kind):
+def _check_weight_sync(path, engine_kind, warm=None):
     """Negate the lm_head of a warmed-up engine: the next call decodes with the new head, exactly
     as a fresh engine given the same weights does."""
-    warm = _backend(path)
+    warm = warm or _backend(path)
     for sampling in ("greedy", "sampling"):
         _generate(warm, _cfg(engine_kind, sampling))  # warm up (and compile) with the old weights
     before = {s: _generate(warm, _cfg(engine_kind, s)) for s in ("greedy", "sampling")}
@@ -252,29 +252,49 @@ def test_frozen_engine_matches_generate(tiny_qwen3):
 
 @pytest.mark.slow
 def test_synced_weights_reach_the_frozen_engine(tiny_llama):
-    """The frozen step holds the old head as a constant: only compiling again makes the next call
-    use the new one (the check negates the head and compares with a fresh engine and generate)."""
-    backend = _check_weight_sync(tiny_llama, "frozen")
-    assert backend.engine(RolloutEngine.frozen).frozen
+    """The frozen step reads packed copies of the weights: the sync repacks them in place, without
+    compiling again (the check negates the head and compares with a fresh engine and generate)."""
+    backend = _backend(tiny_llama)
+    for sampling in ("greedy", "sampling"):
+        _generate(backend, _cfg("frozen", sampling))
+    frozen = backend.engine(RolloutEngine.frozen)
+    step, packings = frozen._step, len(frozen._packed)
+    assert frozen.frozen and frozen._repacks and packings > 0  # inductor packed the weights
+    _check_weight_sync(tiny_llama, "frozen", warm=backend)
+    assert backend.engine(RolloutEngine.frozen) is frozen and frozen.frozen and frozen._repacks
+    assert frozen._step is step and len(frozen._packed) == packings  # repacked, never compiled again
 
 
-def test_a_weight_load_recompiles_the_frozen_engine_only(tiny_llama, monkeypatch):
+@pytest.mark.parametrize("follows", [True, False])
+def test_a_weight_load_repacks_the_frozen_engine_or_recompiles_it(tiny_llama, monkeypatch, follows):
+    """A frozen step that follows moved weights once repacked is repacked at a weight load; one that
+    does not is compiled again. Static and compiled engines read the parameters: nothing happens."""
     import kdlib.rollout.engine as engine_module
 
-    compiles, resets = [], []
+    compiles, resets, checks = [], [], []
 
     def recording_compile(fn, **kwargs):
         compiles.append(fn)
         return fn  # decodes eagerly: what is checked is when a step is compiled
 
+    def follows_weights(model, packed, compare, tolerance):
+        checks.append(compare())  # the compiled step is redone against eager: 0 here
+        return follows
+
     monkeypatch.setattr(engine_module.torch, "compile", recording_compile)
     monkeypatch.setattr(engine_module.torch.compiler, "reset", lambda: resets.append(True))
+    monkeypatch.setattr(engine_module, "follows_weights", follows_weights)
     backend = _backend(tiny_llama)
-    for kind in ("static", "compiled", "frozen"):
-        _generate(backend, _cfg(kind))
+    outs = [_generate(backend, _cfg(kind)) for kind in ("static", "compiled", "frozen")]
+    assert outs[0] == outs[1] == outs[2]  # the check put the cache slot back as it was
     frozen = backend.engine(RolloutEngine.frozen)
-    assert len(compiles) == 2 and frozen.frozen and not resets  # compiled, frozen; static never
-    head = backend.model.lm_head.weight.detach().clone()
-    backend.load_weights({"lm_head.weight": head})
-    assert len(compiles) == 3 and compiles[-1] == frozen._forward and resets == [True]
+    assert len(compiles) == 2 and frozen.frozen and not resets
+    assert checks == ([0.0, 0.0] if follows else [0.0])  # each batch shape (3, 2) until one does not follow
+    refreshes = []
+    monkeypatch.setattr(frozen._packed, "refresh", lambda: refreshes.append(True))
+    backend.load_weights({"lm_head.weight": backend.model.lm_head.weight.detach().clone()})
+    if follows:
+        assert len(compiles) == 2 and not resets and refreshes == [True]
+    else:
+        assert len(compiles) == 3 and compiles[-1] == frozen._frozen_forward and resets == [True] and not refreshes
     assert backend.engine(RolloutEngine.frozen) is frozen and frozen.frozen

@@ -339,9 +339,8 @@ class RolloutEngine(str, Enum):
     # on the first call of each batch size
     compiled = "compiled"
     # `compiled` with the weights frozen into the compiled step (inductor's freezing and its C++
-    # GEMM kernels, which pack the weights once): the fastest decoding on CPU, but the packed
-    # weights are constants, so loading new weights (on-policy sync) recompiles at the next call.
-    # Meant for weights that stay fixed (mode=generate: the teacher writes data).
+    # GEMM kernels, which pack the weights once): the fastest decoding on CPU; loading new weights
+    # (on-policy sync) packs them again in place. Its first call compiles for tens of seconds.
     frozen = "frozen"
 
 
