@@ -6,7 +6,7 @@ decode loop, optionally compiled), which runs generate's own preparation and sam
 tokens from the same seed. The engine is built on first use and kept for the life of the backend,
 so its caches and compiled graphs survive from one on-policy step to the next; weight syncs copy
 into the model's parameters in place, which the engine reads on its next call (a ``frozen`` engine,
-whose compiled step holds the weights as constants, compiles again instead). A model the engine
+whose compiled step reads packed copies of the weights, packs them again). A model the engine
 cannot serve (its checks fail) falls back to plain generate, with the reason logged once.
 """
 
