@@ -50,6 +50,18 @@ def test_follows_weights_sees_a_stale_packed_copy(record_packing):
     assert torch.equal(torch.get_rng_state(), rng)  # the sampler's generator was not drawn from
 
 
+def test_a_step_that_raises_with_moved_weights_does_not_follow():
+    layer = _layer()
+    before = {name: t.detach().clone() for name, t in layer.state_dict().items()}
+
+    def failing_step() -> float:
+        raise RuntimeError("inductor kernel failed (simulated)")
+
+    assert not follows_weights(layer, PackedWeights(), failing_step, 1e-5)
+    for name, tensor in layer.state_dict().items():
+        assert torch.equal(tensor, before[name])
+
+
 def test_refresh_packs_the_current_weights_in_place():
     layer = _layer()
     _, packed, packed_weight = _check(layer, record_packing=True)

@@ -9,8 +9,8 @@ does not reach them, and compiling again costs tens of seconds per sync. While t
 the parameter, and the packed tensor it made), so that after a sync :meth:`PackedWeights.refresh`
 redoes the packing into the same tensors (a tenth of a second for SmolLM2's 10-layer student).
 Nothing here assumes that this covers everything the compiled step reads: :func:`follows_weights`
-moves every weight far, refreshes, compares the step with the eager forward and puts the weights
-back; an engine whose step fails that check compiles again at each sync instead.
+scales every weight by +-2, refreshes, compares the step with the eager forward and scales the
+weights back; an engine whose step fails that check compiles again at each sync instead.
 """
 
 from __future__ import annotations
@@ -111,27 +111,32 @@ def synced_tensors(model: nn.Module) -> list[torch.Tensor]:
 def follows_weights(model: nn.Module, packed: PackedWeights, compare: Callable[[], float], tolerance: float) -> bool:
     """Whether the compiled step reads the current weights once ``packed`` is refreshed.
 
-    Every synced tensor is moved by noise of half its mean magnitude (a local generator: the
+    Every synced tensor is scaled by 2 or -2 (the sign drawn per tensor from a local generator: the
     sampler's is untouched), ``packed`` is refreshed, and ``compare()`` (the compiled step against
     the eager forward, as an error relative to the logit scale) must be within ``tolerance``; a
-    constant the refresh does not reach would still hold the old weights and miss by far more. The
-    weights are put back bit for bit and ``packed`` refreshed again before returning.
+    constant the refresh does not reach would still hold the old weights and miss by far more.
+    Scaling by a power of two is exact and so is undoing it: the weights come back bit for bit
+    without a copy of them being kept, and ``packed`` is refreshed again before returning. A
+    ``compare()`` that raises counts as not following.
     """
     tensors = synced_tensors(model)
-    saved = [t.detach().clone() for t in tensors]
-    generator = torch.Generator(device=tensors[0].device).manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    signs = torch.randint(0, 2, (len(tensors),), generator=generator).mul(2).sub(1).tolist()
+    error = float("nan")
     try:
-        for tensor in tensors:
-            noise = torch.randn(tensor.shape, generator=generator, device=tensor.device, dtype=tensor.dtype)
-            tensor.add_(noise * tensor.abs().mean().clamp_min(1e-3) * 0.5)
+        for tensor, sign in zip(tensors, signs):
+            tensor.mul_(2.0 * sign)
         packed.refresh()
         error = compare()
+    except Exception as exc:  # noqa: BLE001 - any failure means "compile again at each sync"
+        log.warning("rollout engine: checking the frozen step with moved weights failed (%s: %s)",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
     finally:
-        for tensor, value in zip(tensors, saved):
-            tensor.copy_(value)
+        for tensor, sign in zip(tensors, signs):
+            tensor.mul_(0.5 * sign)
         packed.refresh()
     if not error <= tolerance:
-        log.info("rollout engine: the frozen step does not follow moved weights after repacking (error %.3g); "
-                 "a weight sync will compile it again", error)
+        log.warning("rollout engine: the frozen step does not follow moved weights after repacking (error %.3g); "
+                    "each weight sync will compile it again", error)
         return False
     return True
