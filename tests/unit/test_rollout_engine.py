@@ -292,9 +292,14 @@ def test_a_weight_load_repacks_the_frozen_engine_or_recompiles_it(tiny_llama, mo
     assert checks == ([0.0, 0.0] if follows else [0.0])  # each batch shape (3, 2) until one does not follow
     refreshes = []
     monkeypatch.setattr(frozen._packed, "refresh", lambda: refreshes.append(True))
-    backend.load_weights({"lm_head.weight": backend.model.lm_head.weight.detach().clone()})
+    for bucket in ({"lm_head.weight": backend.model.lm_head.weight.detach().clone()},
+                   {"model.norm.weight": backend.model.model.norm.weight.detach().clone()}):
+        backend.load_weights(bucket)  # a sync in two buckets
     if follows:
-        assert len(compiles) == 2 and not resets and refreshes == [True]
+        assert len(compiles) == 2 and not resets and not refreshes  # repacked at the next call, once
+        _generate(backend, _cfg("frozen"))
+        assert refreshes == [True] and len(compiles) == 2
     else:
-        assert len(compiles) == 3 and compiles[-1] == frozen._frozen_forward and resets == [True] and not refreshes
+        assert len(compiles) == 4 and compiles[-1] == frozen._frozen_forward and resets == [True, True]
+        assert not refreshes
     assert backend.engine(RolloutEngine.frozen) is frozen and frozen.frozen

@@ -85,6 +85,7 @@ class DecodeEngine:
         self._verified: set[tuple[int, int]] = set()  # (batch, cache length) the compiled step passed
         self._packed = PackedWeights()  # what a frozen step's compiles packed
         self._repacks = True  # a frozen step follows a sync once repacked (checked per compiled shape)
+        self._repack_due = False  # weights changed since the last repack (done once, at the next call)
 
     def _compiled_step(self) -> Callable:
         if not self.frozen:
@@ -102,14 +103,15 @@ class DecodeEngine:
         return frozen_step
 
     def weights_changed(self) -> None:
-        """The model's weights were overwritten in place (a weight sync). A frozen step reads packed
-        copies of the old ones: they are packed again in place, or, if the step did not follow moved
-        weights when it was checked, the step is dropped and the next call compiles again (and
-        checks the new step against eager). Other engines read the parameters and need nothing."""
+        """The model's weights were overwritten in place (a weight sync, possibly one of several
+        buckets). A frozen step reads packed copies of the old ones: they are packed again in place
+        at the next call, once for all buckets, or, if the step did not follow moved weights when
+        it was checked, the step is dropped and the next call compiles again (and checks the new
+        step against eager). Other engines read the parameters and need nothing."""
         if not self.frozen:  # a frozen engine whose compile failed is no longer frozen
             return
         if self._repacks:
-            self._packed.refresh()
+            self._repack_due = True
             return
         torch.compiler.reset()  # dynamo's guards do not see in-place changes of frozen weights
         self._step = self._compiled_step()
@@ -128,6 +130,9 @@ class DecodeEngine:
         failure or a disagreement is logged once and the engine continues eagerly; the call is
         redone from the same random state, so it samples what it would have sampled.
         """
+        if self._repack_due:
+            self._packed.refresh()
+            self._repack_due = False
         cache = self._cache_for(input_ids.shape[0], input_ids.shape[1] + generate_kwargs["max_new_tokens"])
         rng = torch.get_rng_state()
         try:
