@@ -52,10 +52,12 @@ class PackedWeights:
         try:
             import torch._inductor.compile_fx  # noqa: F401 - the template module, imported alone, is a circular import
             from torch._inductor.codegen.cpp_gemm_template import CppGemmTemplate
-        except ImportError:  # another torch: nothing recorded, and follows_weights says so
+        except ImportError:
+            CppGemmTemplate = None
+        original = vars(CppGemmTemplate).get("prep_weight") if CppGemmTemplate is not None else None
+        if not isinstance(original, classmethod):  # another torch: nothing recorded, follows_weights says so
             yield
             return
-        original = CppGemmTemplate.__dict__["prep_weight"]
         CppGemmTemplate.prep_weight = classmethod(functools.partial(_recording_prep_weight, original.__func__, self))
         try:
             yield
