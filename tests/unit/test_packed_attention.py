@@ -124,3 +124,36 @@ def test_a_student_loaded_with_packed_sdpa_saves_a_plain_config(tiny_llama, tmp_
     model.save_pretrained(tmp_path / "saved")
     config = (tmp_path / "saved" / "config.json").read_text()
     assert "packed_sdpa" not in config and json.loads(config)["model_type"] == "llama"
+
+
+def test_compiled_single_query_attention_reads_each_kv_head_once(monkeypatch):
+    """A compiled decode step's attention (one query, grouped key/value heads, a padding mask) folds
+    the query heads onto their key/value head instead of repeating keys and values, and equals
+    transformers' sdpa (which repeats them) in float64; uncompiled calls do not take that path."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    generator = torch.Generator().manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    query = torch.randn(2, 6, 1, 8, dtype=torch.float64, generator=generator)
+    key, value = (torch.randn(2, 2, 11, 8, dtype=torch.float64, generator=generator) for _ in range(2))
+    mask = torch.ones(2, 1, 1, 11, dtype=torch.bool)
+    mask[0, ..., 7:] = False  # row 0 attends to its first 7 slots only
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    folded = []
+    real = packed_attention._single_query_on_kv_heads
+    monkeypatch.setattr(packed_attention, "_single_query_on_kv_heads", lambda *a: folded.append(1) or real(*a))
+
+    def attend(q, k, v, m):
+        return packed_attention.packed_sdpa_attention(module, q, k, v, m, scaling=0.3)[0]
+
+    eager = attend(query, key, value, mask)
+    assert not folded
+    compiled = torch.compile(attend, backend="eager", fullgraph=True)(query, key, value, mask)
+    assert folded  # traced through the folded path
+    assert compiled.shape == expected.shape == (2, 1, 6, 8)
+    torch.testing.assert_close(eager, expected, rtol=0, atol=0)
+    torch.testing.assert_close(compiled, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(real(module, query, key, value, mask, 0.3)[0], expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(expected[0], sdpa_attention_forward(module, query, key, value, None, scaling=0.3)[0][0])
