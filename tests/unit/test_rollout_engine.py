@@ -70,7 +70,7 @@ def test_sampled_logprobs_are_the_students_own(llama, sampling, sampler):
 
 
 def test_inverse_cdf_draws_the_distribution():
-    from kdlib.rollout.engine import inverse_cdf_draw
+    from kdlib.rollout.sampling import inverse_cdf_draw
 
     probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.0, 0.05])
     n = 200_000

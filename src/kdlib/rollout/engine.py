@@ -10,7 +10,8 @@ their order, stopping criteria, position ids) by running ``generate`` itself wit
 only the loop: a pre-allocated :class:`transformers.StaticCache` kept across calls, one batched
 prefill, the head as ``weight @ hidden^T`` (same dot products, 2-3.5x faster on CPU), and the next
 token chosen exactly as ``generate``'s sampling loop chooses it (processors, softmax,
-``torch.multinomial`` on the global generator, so the same seed draws the same tokens). The decode
+``torch.multinomial``'s draw on the global generator, reproduced faster by
+:mod:`kdlib.rollout.sampling`, so the same seed draws the same tokens). The decode
 step can be compiled with ``torch.compile`` (inductor); parameters are graph inputs, so weights
 copied in place at sync are the ones the next call uses. Compiled with frozen weights
 (``freeze=True``), inductor folds the weights into the step as constants and its C++ GEMM kernels
@@ -33,6 +34,7 @@ from torch import nn
 
 from kdlib.models.head import LMHead, decoder_of, lm_head_of, verify_lm_head
 from kdlib.rollout.frozen import FROZEN_COMPILE_OPTIONS, PackedWeights, follows_weights
+from kdlib.rollout.sampling import SAMPLERS
 
 log = logging.getLogger(__name__)
 
@@ -296,22 +298,6 @@ def head_logits(head: LMHead, hidden: torch.Tensor, *, transposed: bool) -> torc
     else:
         logits = nn.functional.linear(hidden, head.weight, head.bias)
     return head.finish(logits).to(dtype=torch.float32, memory_format=torch.contiguous_format)
-
-
-def multinomial_draw(probs: torch.Tensor) -> torch.Tensor:
-    """One token per row of ``probs`` [batch, V], drawn as ``generate`` draws it."""
-    return torch.multinomial(probs, num_samples=1).squeeze(1)
-
-
-def inverse_cdf_draw(probs: torch.Tensor) -> torch.Tensor:
-    """One token per row of ``probs``: the first index whose float64 cumulative probability
-    exceeds a uniform draw (zero-probability tokens have empty intervals and are never drawn)."""
-    cdf = probs.to(torch.float64).cumsum(-1)
-    uniform = torch.rand((probs.shape[0], 1), dtype=torch.float64, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, uniform, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
-
-
-SAMPLERS = {"multinomial": multinomial_draw, "inverse_cdf": inverse_cdf_draw}
 
 
 class _FewRowLinears:
