@@ -303,3 +303,25 @@ def test_a_weight_load_repacks_the_frozen_engine_or_recompiles_it(tiny_llama, mo
         assert len(compiles) == 4 and compiles[-1] == frozen._frozen_forward and resets == [True, True]
         assert not refreshes
     assert backend.engine(RolloutEngine.frozen) is frozen and frozen.frozen
+
+
+def test_reserve_sizes_a_compiled_engines_cache_once(tiny_llama, monkeypatch):
+    """The longest prompt announced before decoding sizes a compiled engine's cache, so a longer
+    prompt later reuses the cache length (hence the compiled graph) of the first call; eager caches
+    stay tight. The tokens are generate's either way."""
+    import kdlib.rollout.engine as engine_module
+
+    monkeypatch.setattr(engine_module.torch, "compile", lambda fn, **kwargs: fn)  # decodes eagerly
+    backend = _backend(tiny_llama)
+    backend.reserve(300)  # before the engines exist
+    cfg = _cfg("compiled", n_samples_per_prompt=1, batch_size=4)
+    assert _generate(backend, cfg) == _generate(backend, _cfg("generate", n_samples_per_prompt=1, batch_size=4))
+    compiled = backend.engine(RolloutEngine.compiled)
+    lengths = {length for (_, length) in compiled._caches}
+    assert lengths == {2 * engine_module.COMPILED_CAPACITY_STEP}  # 300 rounded up, not 16 + 16
+    static = backend.engine(RolloutEngine.static)
+    _generate(backend, _cfg("static", n_samples_per_prompt=1, batch_size=4))
+    assert {length for (_, length) in static._caches} == {engine_module.EAGER_CAPACITY_STEP}
+    backend.reserve(700)  # on the engines that exist
+    _generate(backend, cfg)
+    assert max(length for (_, length) in compiled._caches) == 3 * engine_module.COMPILED_CAPACITY_STEP

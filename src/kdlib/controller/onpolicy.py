@@ -75,6 +75,9 @@ class OnPolicyMode(TrainingLoop):
         assembly.start_launcher(pipeline)
         assembly.start_teacher(pipeline)
         assembly.start_rollout(pipeline, cfg.student, syncs_weights=True)
+        # a compiled engine sizes its cache once for every prompt (one compile, not one per growth)
+        longest = max((len(q.student_ids) for q in pipeline.data.prompts), default=0)
+        pipeline.rollout.call("reserve", longest + cfg.rollout.max_new_tokens)
         assembly.start_students(pipeline, assembly.teacher_head(pipeline))
         return cls(pipeline)
 

@@ -42,6 +42,10 @@ class RolloutBackend(ABC):
 
         apply_state(self.model, state)
 
+    def reserve(self, length: int) -> None:
+        """Calls will need up to ``length`` positions (prompt + new tokens); a backend may size its
+        caches for that once. Nothing to do by default."""
+
     @abstractmethod
     def generate(
         self, prompts: list[list[int]], cfg: RolloutConfig, *, stop_ids: set[int], pad_id: int, seed: int

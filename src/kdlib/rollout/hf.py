@@ -32,6 +32,7 @@ class HFRolloutBackend(RolloutBackend):
         self.model.eval()
         self.model.requires_grad_(False)
         self._engines: dict[RolloutEngine, Optional[object]] = {}  # None: fell back to generate
+        self._reserved = 0  # positions the calls will need (see reserve)
 
     def engine(self, choice: RolloutEngine):
         """The :class:`DecodeEngine` for ``choice`` (built once, then kept), or None for generate."""
@@ -46,7 +47,15 @@ class HFRolloutBackend(RolloutBackend):
             except EngineUnsupported as exc:
                 log.warning("rollout.engine=%s: %s; decoding with plain generate", choice.value, exc)
                 self._engines[kind] = None
+            else:
+                self._engines[kind].reserve(self._reserved)
         return self._engines[kind]
+
+    def reserve(self, length: int) -> None:
+        self._reserved = max(self._reserved, length)
+        for engine in self._engines.values():
+            if engine is not None:
+                engine.reserve(self._reserved)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         super().load_weights(state)

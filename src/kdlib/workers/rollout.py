@@ -45,6 +45,10 @@ class RolloutWorker:
             self._image_generation = IMAGE_ROLLOUT_BACKENDS.get(self.cfg.backend)(self.backend)
         return self._image_generation.generate(prompts, images, self.cfg, stop_ids=set(stop_ids), pad_id=pad_id, seed=seed)
 
+    def reserve(self, length: int) -> None:
+        """Calls will need up to ``length`` positions (the longest prompt plus max_new_tokens)."""
+        self.backend.reserve(length)
+
     def generate(self, prompts: list[list[int]], stop_ids: set[int], pad_id: int, seed: int) -> list[list[Generation]]:
         """``rollout.n_samples_per_prompt`` responses per prompt, ending at a ``stop_ids`` token."""
         return self.backend.generate(prompts, self.cfg, stop_ids=set(stop_ids), pad_id=pad_id, seed=seed)
