@@ -73,6 +73,8 @@ def test_recipes_set_what_they_promise():
     assert kdlib.compose(["+recipe=generate"]).mode is Mode.generate
     assert kdlib.compose(["+recipe=sft"]).algorithm.name == "sft"
     assert kdlib.compose(["+recipe=quickstart"]).train.max_steps == 5
+    fast = kdlib.compose(["+recipe=[onpolicy,fast_rollouts]"])
+    assert fast.mode is Mode.onpolicy and fast.rollout.engine.value == "frozen" and fast.rollout.sampler.value == "inverse_cdf"
     xtok = kdlib.compose(["+recipe=cross_tokenizer"])
     assert xtok.algorithm.name == "overlap" and xtok.student.tokenizer == "pkg://kdlib/data/builtin/demo_tokenizer"
     assert kdlib.compose(["+recipe=cross_tokenizer", "algorithm=dskd"]).algorithm.name == "dskd"
