@@ -44,6 +44,10 @@ def test_draws_it_does_not_cover_go_to_torch(monkeypatch):
     bad[1, 3] = float("nan")
     with pytest.raises(RuntimeError, match="probability tensor"):
         sampling.multinomial_draw(bad)  # torch's own error
+    negative = probs.clone()
+    negative[0, 0], negative[0, 1] = -0.01, negative[0, 1] + 0.01  # sums stay positive
+    with pytest.raises(RuntimeError, match="probability tensor"):
+        sampling.multinomial_draw(negative)
     monkeypatch.setattr(sampling, "_reproduces_torch", lambda: False)
     monkeypatch.setattr(sampling, "_exponential_like", lambda p: pytest.fail("fast path used"))
     torch.manual_seed(3)

@@ -10,7 +10,9 @@ moves torch's generator past them and takes the same argmax: the same tokens and
 generator state afterwards, in about half the time. It depends on the layout of torch's CPU
 generator state and on its exponential kernel, so it checks itself once per process against
 ``torch.multinomial`` (several generator states, one at a twist boundary) and otherwise, or for
-any input it does not cover (not CPU float32, another generator), calls ``torch.multinomial``.
+any input it does not cover (not CPU float32 [batch, V]), calls ``torch.multinomial``. It reads and
+writes the generator state around the draw, so another thread drawing from the global generator
+at the same moment would be lost (the decode loop draws from one thread, as ``generate`` does).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def multinomial_draw(probs: torch.Tensor) -> torch.Tensor:
     if probs.device.type != "cpu" or probs.dtype != torch.float32 or probs.dim() != 2 or not _reproduces_torch():
         return torch.multinomial(probs, num_samples=1).squeeze(-1)
     total = probs.sum(-1)
-    if not bool(torch.isfinite(total).all() and (total > 0).all()):
+    if not bool(torch.isfinite(total).all() and (total > 0).all() and probs.amin() >= 0):
         return torch.multinomial(probs, num_samples=1).squeeze(-1)  # raises torch's own error
     return torch.argmax(probs / _exponential_like(probs), dim=-1)
 
