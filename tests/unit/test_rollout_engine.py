@@ -285,11 +285,13 @@ def test_a_weight_load_repacks_the_frozen_engine_or_recompiles_it(tiny_llama, mo
     monkeypatch.setattr(engine_module.torch.compiler, "reset", lambda: resets.append(True))
     monkeypatch.setattr(engine_module, "follows_weights", follows_weights)
     backend = _backend(tiny_llama)
-    outs = [_generate(backend, _cfg(kind)) for kind in ("static", "compiled", "frozen")]
+    pairs = _generate(backend, _cfg("frozen", batch_size=2))  # 2-row batches first: a shape
+    outs = [_generate(backend, _cfg(kind)) for kind in ("static", "compiled", "frozen")]  # 3 rows: another
     assert outs[0] == outs[1] == outs[2]  # the check put the cache slot back as it was
+    assert pairs == _generate(backend, _cfg("static", batch_size=2))
     frozen = backend.engine(RolloutEngine.frozen)
     assert len(compiles) == 2 and frozen.frozen and not resets
-    assert checks == ([0.0, 0.0] if follows else [0.0])  # each batch shape (3, 2) until one does not follow
+    assert checks == ([0.0, 0.0] if follows else [0.0])  # each batch shape (2, 3) until one does not follow
     refreshes = []
     monkeypatch.setattr(frozen._packed, "refresh", lambda: refreshes.append(True))
     for bucket in ({"lm_head.weight": backend.model.lm_head.weight.detach().clone()},
@@ -325,3 +327,21 @@ def test_reserve_sizes_a_compiled_engines_cache_once(tiny_llama, monkeypatch):
     backend.reserve(700)  # on the engines that exist
     _generate(backend, cfg)
     assert max(length for (_, length) in compiled._caches) == 3 * engine_module.COMPILED_CAPACITY_STEP
+
+
+def test_a_smaller_batch_runs_in_the_compiled_step_of_a_larger_one(tiny_llama, monkeypatch):
+    """Batches of 3, 3 and 2 rows (4 prompts x 2 samples, batch_size 3): a compiled engine decodes
+    the 2-row batch in its 3-row step, the extra row a copy of the first and its output ignored, so
+    one shape is compiled and checked, not two; the tokens are generate's. Eager engines keep each
+    batch's own size."""
+    import kdlib.rollout.engine as engine_module
+
+    monkeypatch.setattr(engine_module.torch, "compile", lambda fn, **kwargs: fn)  # decodes eagerly
+    backend = _backend(tiny_llama)
+    for sampling in ("sampling", "greedy"):
+        assert _generate(backend, _cfg("compiled", sampling)) == _generate(backend, _cfg("generate", sampling))
+    compiled = backend.engine(RolloutEngine.compiled)
+    assert {rows for rows, _ in compiled._caches} == {3}
+    assert {rows for rows, _ in compiled._verified} == {3}
+    _generate(backend, _cfg("static"))
+    assert {rows for rows, _ in backend.engine(RolloutEngine.static)._caches} == {2, 3}

@@ -83,6 +83,10 @@ class DecodeEngine:
         self.frozen = freeze
         self._caches: dict[tuple[int, int], object] = {}  # (batch size, length) -> StaticCache
         self._capacity = 0  # length of the cache of the current (or last) call
+        # rows the step computes: a compiled step keeps the largest batch it has seen, and a smaller
+        # batch (the last prompts of an epoch) runs in it with copies of its first row, which are
+        # computed and ignored, instead of compiling the step for another shape (30-50 s)
+        self._rows = 0
         self._step: Callable = self._compiled_step() if self.compiled else self._forward
         self._verified: set[tuple[int, int]] = set()  # (batch, cache length) the compiled step passed
         self._packed = PackedWeights()  # what a frozen step's compiles packed
@@ -143,7 +147,8 @@ class DecodeEngine:
         if self._repack_due:
             self._packed.refresh()
             self._repack_due = False
-        cache = self._cache_for(input_ids.shape[0], input_ids.shape[1] + generate_kwargs["max_new_tokens"])
+        self._rows = max(self._rows, input_ids.shape[0]) if self.compiled else input_ids.shape[0]
+        cache = self._cache_for(self._rows, input_ids.shape[1] + generate_kwargs["max_new_tokens"])
         rng = torch.get_rng_state()
         try:
             with self.lean_products():
@@ -187,15 +192,17 @@ class DecodeEngine:
         sequence = torch.full((batch, total), int(pad), dtype=input_ids.dtype, device=input_ids.device)
         sequence[:, :prompt_len] = input_ids
         # the 2D mask over the whole cache: the prompt's own mask, then 1 for each decoded position
-        mask = torch.zeros((batch, self._capacity), dtype=torch.long, device=input_ids.device)
+        mask = torch.zeros((self._rows, self._capacity), dtype=torch.long, device=input_ids.device)
         attention = model_kwargs.get("attention_mask")  # generate drops it when nothing is padded
-        mask[:, :prompt_len] = 1 if attention is None else attention
+        mask[:batch, :prompt_len] = 1 if attention is None else attention
+        mask[batch:] = mask[0]  # rows beyond the batch (see _rows) repeat its first row
+        widen = functools.partial(_repeat_first_row, rows=self._rows)
         logprobs = torch.zeros((batch, total - prompt_len), device=input_ids.device) if record_logprobs else None
         unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
         draw = SAMPLERS[sampler]
 
-        logits = self._forward(input_ids, position, mask, cache)  # batched prefill, eager
-        next_position = position[:, -1:] + 1
+        logits = self._forward(widen(input_ids), widen(position), mask, cache)[:batch]  # batched prefill, eager
+        next_position = widen(position[:, -1:] + 1)
         length = prompt_len
         while True:
             scores = logits_processor(sequence[:, :length], logits)
@@ -212,7 +219,7 @@ class DecodeEngine:
             if unfinished.max() == 0:  # max_length is one of the stopping criteria
                 break
             mask[:, length - 1] = 1
-            logits = self._decode_step(tokens[:, None], next_position, mask, cache)
+            logits = self._decode_step(widen(tokens[:, None]), next_position, mask, cache)[:batch]
             next_position = next_position + 1
         return Decoded(sequence[:, :length], None if logprobs is None else logprobs[:, : length - prompt_len])
 
@@ -286,6 +293,12 @@ class DecodeEngine:
         cache.reset()
         self._capacity = capacity
         return cache
+
+
+def _repeat_first_row(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` [batch, ...] with copies of its first row appended up to ``rows`` rows."""
+    extra = rows - t.shape[0]
+    return t if extra <= 0 else torch.cat([t, t[:1].expand(extra, *t.shape[1:])])
 
 
 def _round_up(n: int, step: int) -> int:
