@@ -111,7 +111,7 @@ class DecodeEngine:
     def reserve(self, length: int) -> None:
         """Calls will need up to ``length`` positions (longest prompt + new tokens). A compiled
         step is specialised to its cache length, so its cache is sized for them from the start:
-        one compile instead of another each time a longer prompt grows the cache (55 s for the
+        one compile instead of another each time a longer prompt grows the cache (~50 s for the
         16-layer student). Eager caches stay tight (attention reads the whole cache)."""
         if self.compiled:
             self._capacity = max(self._capacity, _round_up(length, COMPILED_CAPACITY_STEP))
