@@ -53,3 +53,10 @@ class Interrupted(KdlibError):
         if self.resume_dir is None:
             return self.what
         return f"{self.what}; resume with: {self.command or f'train.resume={self.resume_dir}'}"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message (its type name if it has none): what a
+    one-line error or log message quotes of a library's multi-line error."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(exc).__name__

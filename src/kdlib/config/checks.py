@@ -20,7 +20,7 @@ from typing import Any
 
 from kdlib.config.schema import SGLANG_MEMORY_TAGS, KDConfig, Precision, SGLangRolloutConfig, WeightSync
 from kdlib.config.store import registry_groups
-from kdlib.errors import ConfigError
+from kdlib.errors import ConfigError, first_line
 
 AUTO = "auto"
 _TRUE_FALSE_AUTO = (True, False, AUTO)
@@ -287,7 +287,7 @@ def _check_loss(cfg: KDConfig) -> None:
         fused_kd_loss(hidden_s, head_s, hidden_t, head_t, loss=loss.name, chunk_size=2, temperature=loss.temperature,
                       scale_by_temperature_squared=loss.scale_by_temperature_squared, **params).backward()
     except (ValueError, TypeError, RuntimeError, AssertionError) as exc:
-        raise ConfigError(f"loss={loss.name}: {_first_line(exc)}") from None
+        raise ConfigError(f"loss={loss.name}: {first_line(exc)}") from None
 
 
 def _check_resume(cfg: KDConfig) -> None:
@@ -309,11 +309,6 @@ def _check_mode(cfg: KDConfig) -> None:
     from kdlib.controller import MODES
 
     MODES.get(cfg.mode.value).check(cfg)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0].strip() if lines else type(exc).__name__
 
 
 def _positive(cfg: KDConfig, keys: list[str]) -> None:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from kdlib.config.checks import resolve_auto, validate
 from kdlib.config.schema import KDConfig
 from kdlib.config.store import register_configs
-from kdlib.errors import ConfigError
+from kdlib.errors import ConfigError, first_line
 
 CONFIG_NAME = "config"
 
@@ -114,11 +114,11 @@ def explain(exc: BaseException, overrides: Sequence[str]) -> str:
     cause = exc.__cause__ or exc.__context__
     merge = re.search(r"Error merging override (\S+?)=(.*)", text)
     if merge and cause is not None:
-        return f"bad value for {merge.group(1)}: {_first_line(cause)}"
+        return f"bad value for {merge.group(1)}: {first_line(cause)}"
     key = re.search(r"full_key: (\S+)", text)
     if key:
-        return f"{key.group(1)}: {_first_line(exc)}"
-    return _first_line(exc) + (f" ({_first_line(cause)})" if cause is not None and _first_line(cause) not in text else "")
+        return f"{key.group(1)}: {first_line(exc)}"
+    return first_line(exc) + (f" ({first_line(cause)})" if cause is not None and first_line(cause) not in text else "")
 
 
 def _valid_keys_hint(key: str, overrides: Sequence[str]) -> str:
@@ -137,8 +137,3 @@ def _valid_keys_hint(key: str, overrides: Sequence[str]) -> str:
     keys = [k for k in node.keys() if k != "hydra"]
     where = f"of {parent} " if parent else ""
     return f"; valid keys {where}are: {', '.join(map(str, keys))}"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0].strip() if lines else type(exc).__name__

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kdlib.config.schema import BadImages
-from kdlib.errors import DataError
+from kdlib.errors import DataError, first_line
 
 __all__ = ["BadImageError", "BadImages", "ImageRef", "image_digest", "image_ref", "open_image"]
 
@@ -111,9 +111,9 @@ def open_image(ref: ImageRef, where: str, max_pixels: Optional[int] = None):
         try:
             image = Image.open(ref.path if ref.path is not None else io.BytesIO(ref.data))
         except Image.DecompressionBombError as exc:  # beyond Pillow's own limit (about 179M pixels)
-            raise BadImageError(f"{where}: image {name} is too large: {_first_line(exc)}", "image too large") from None
+            raise BadImageError(f"{where}: image {name} is too large: {first_line(exc)}", "image too large") from None
         except (UnidentifiedImageError, OSError) as exc:
-            raise BadImageError(f"{where}: cannot read image {name}: {_first_line(exc)}", "unreadable image") from None
+            raise BadImageError(f"{where}: cannot read image {name}: {first_line(exc)}", "unreadable image") from None
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         raise BadImageError(
@@ -125,7 +125,7 @@ def open_image(ref: ImageRef, where: str, max_pixels: Optional[int] = None):
         image.load()
         return image.convert("RGB")
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt pixel data
-        raise BadImageError(f"{where}: cannot read image {name}: {_first_line(exc)}", "unreadable image") from None
+        raise BadImageError(f"{where}: cannot read image {name}: {first_line(exc)}", "unreadable image") from None
 
 
 def image_digest(image) -> str:
@@ -156,8 +156,3 @@ def _is_pil_image(value: Any) -> bool:
     except ImportError:  # pragma: no cover - Pillow is a dependency
         return False
     return isinstance(value, Image.Image)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

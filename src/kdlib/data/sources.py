@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdlib.errors import DataError
+from kdlib.errors import DataError, first_line
 from kdlib.locations import looks_like_path, resolve_location
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -110,7 +110,7 @@ def _check_jsonl(path: Path, key: str) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
+    """:func:`kdlib.errors.first_line` of the first exception in the cause chain with a message."""
     while exc.__cause__ is not None and not str(exc).strip():
         exc = exc.__cause__
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return first_line(exc)

@@ -24,7 +24,7 @@ from kdlib.batch import VisionInputs
 from kdlib.data.encoding import TurnTokens, end_of_turn_ids
 from kdlib.data.multimodal import VisionConversation
 from kdlib.data.vision_inputs import TOKEN_TYPE_KEYS, ImageLayout
-from kdlib.errors import DataError, ModelError
+from kdlib.errors import DataError, ModelError, first_line
 
 __all__ = ["VisionChatEncoder", "VisionEncoding", "VisionInputs"]
 
@@ -138,7 +138,7 @@ class VisionChatEncoder(ImageLayout, TurnTokens):
                 text=[prompt_text], images=[images] if images else None, add_special_tokens=False, return_tensors="pt"
             )
         except ValueError as exc:  # e.g. an image the processor cannot resize (extreme aspect ratio)
-            raise DataError(f"{where}: the {self.name} processor rejects the sample: {_first_line(exc)}") from None
+            raise DataError(f"{where}: the {self.name} processor rejects the sample: {first_line(exc)}") from None
         ids = out["input_ids"][0].tolist()
         types = None
         if self.token_types_key is not None:
@@ -149,8 +149,3 @@ class VisionChatEncoder(ImageLayout, TurnTokens):
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

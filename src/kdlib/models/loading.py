@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from kdlib.config.schema import ModelConfig, Precision
-from kdlib.errors import ModelError
+from kdlib.errors import ModelError, first_line
 from kdlib.locations import cache_dir, looks_like_path, resolve_location
 from kdlib.models import packed_attention
 
@@ -76,7 +76,7 @@ def converted_gguf(path: Path) -> Path:
                 tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
                 model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
             except (ImportError, ValueError) as exc:  # missing gguf/accelerate, unsupported architecture
-                raise ModelError(f"cannot load {path.name}: {_first_line(exc)} (install kdlib[gguf])") from None
+                raise ModelError(f"cannot load {path.name}: {first_line(exc)} (install kdlib[gguf])") from None
             # A GGUF-loaded model carries a quantizer that refuses save_pretrained; the weights are
             # already dequantised, so drop it.
             model.hf_quantizer = None
@@ -98,7 +98,7 @@ def load_tokenizer(cfg: ModelConfig):
             location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load tokenizer {cfg.tokenizer or cfg.model!r}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot load tokenizer {cfg.tokenizer or cfg.model!r}: {first_line(exc)}") from None
     if cfg.chat_template:
         tokenizer.chat_template = chat_template_text(cfg.chat_template)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
@@ -137,10 +137,5 @@ def load_pretrained(auto_class, cfg: ModelConfig, *, device: torch.device, locat
             trust_remote_code=cfg.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load {what} {cfg.model!r}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot load {what} {cfg.model!r}: {first_line(exc)}") from None
     return model.to(device)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

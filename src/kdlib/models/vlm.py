@@ -32,7 +32,7 @@ from torch import nn
 
 from kdlib.batch import TokenBatch, VisionInputs
 from kdlib.config.schema import ModelConfig, Precision, StudentConfig
-from kdlib.errors import ModelError
+from kdlib.errors import ModelError, first_line
 from kdlib.models.head import LMHead, decoder_of, lm_head_of, multimodal_body_of, verify_lm_head
 from kdlib.models.loading import chat_template_text, load_pretrained, model_location, torch_dtype
 from kdlib.models.pruning import prune_as_configured
@@ -61,7 +61,7 @@ def _is_vision_language_location(spec: str, revision: Optional[str], trust_remot
     try:
         config = AutoConfig.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read the config of {spec!r}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot read the config of {spec!r}: {first_line(exc)}") from None
     return is_vision_language(config)
 
 
@@ -77,11 +77,11 @@ def load_processor(cfg: ModelConfig):
         )
     except ImportError as exc:  # transformers 5 builds video processors (Qwen-VL, SmolVLM) only with torchvision
         raise ModelError(
-            f"cannot load the processor of {cfg.model!r}: {_first_line(exc)} (install the torchvision "
+            f"cannot load the processor of {cfg.model!r}: {first_line(exc)} (install the torchvision "
             "build that matches your torch)"
         ) from None
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the processor of {cfg.model!r}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot load the processor of {cfg.model!r}: {first_line(exc)}") from None
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
         raise ModelError(f"{cfg.model!r} has no image processor and tokenizer ({type(processor).__name__})")
     if cfg.chat_template:
@@ -230,8 +230,3 @@ def set_vision_trainable(model: nn.Module, trainable: bool) -> int:
     for _, param in params:
         param.requires_grad_(trainable)
     return sum(param.numel() for _, param in params)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__

@@ -32,6 +32,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from kdlib.errors import first_line
 from kdlib.models.head import LMHead, decoder_of, lm_head_of, verify_lm_head
 from kdlib.rollout.frozen import FROZEN_COMPILE_OPTIONS, PackedWeights, follows_weights
 from kdlib.rollout.sampling import SAMPLERS
@@ -158,7 +159,7 @@ class DecodeEngine:
                 )
         except _CompileFailure as failure:
             log.warning("rollout engine: the torch.compile'd decode step failed (%s); decoding eagerly",
-                        _first_line(failure.__cause__))
+                        f"{type(failure.__cause__).__name__}: {first_line(failure.__cause__)}")
             self.compiled = self.frozen = False
             self._step = self._forward
             torch.set_rng_state(rng)
@@ -388,7 +389,7 @@ def build_engine(model: nn.Module, *, compile: bool, freeze: bool = False) -> De
     except EngineUnsupported:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here means "use plain generate"
-        raise EngineUnsupported(f"{type(model).__name__}: {_first_line(exc)}") from exc
+        raise EngineUnsupported(f"{type(model).__name__}: {first_line(exc)}") from exc
     return engine
 
 
@@ -439,8 +440,3 @@ def _rtol(dtype: torch.dtype) -> float:
 def _positions(attention: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded batch, as generate computes them."""
     return (attention.long().cumsum(-1) - 1).masked_fill(attention == 0, 0)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -23,6 +23,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from kdlib.errors import first_line
+
 log = logging.getLogger(__name__)
 
 # Inductor settings of a frozen-weight step: weights folded into the graph as constants, every
@@ -132,7 +134,7 @@ def follows_weights(model: nn.Module, packed: PackedWeights, compare: Callable[[
         error = compare()
     except Exception as exc:  # noqa: BLE001 - any failure means "compile again at each sync"
         log.warning("rollout engine: checking the frozen step with moved weights failed (%s: %s)",
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                    type(exc).__name__, first_line(exc))
     finally:
         for tensor, sign in zip(tensors, signs):
             tensor.mul_(0.5 * sign)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kdlib.config.schema import KDConfig
-from kdlib.errors import ConfigError
+from kdlib.errors import ConfigError, first_line
 from kdlib.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class Trackers:
                 started.append(TRACKERS.get(name)(cfg, Path(run_dir), identity, config))
             except Exception as exc:  # any failure of a third-party client while starting
                 cls(started).finish(failed=True)
-                raise ConfigError(f"logging.trackers: {name} failed to start: {_first_line(exc)}") from None
+                raise ConfigError(f"logging.trackers: {name} failed to start: {first_line(exc)}") from None
         log.info("trackers: %s (run %s%s)", ", ".join(cfg.logging.trackers), identity.name,
                  f", sweep {identity.sweep_dir}" if identity.sweep_dir else "")
         return cls(started)
@@ -170,7 +170,7 @@ class Trackers:
             try:
                 tracker.finish(failed)
             except Exception as exc:  # closing must not hide the run's own outcome
-                log.warning("tracker %s failed to finish: %s", type(tracker).__name__, _first_line(exc))
+                log.warning("tracker %s failed to finish: %s", type(tracker).__name__, first_line(exc))
         self.trackers = []
 
     def __enter__(self) -> "Trackers":
@@ -185,7 +185,7 @@ class Trackers:
                 getattr(tracker, method)(*args)
             except Exception as exc:  # a tracker never stops training
                 log.warning("tracker %s failed in %s (%s); it gets nothing more from this run",
-                            type(tracker).__name__, method, _first_line(exc))
+                            type(tracker).__name__, method, first_line(exc))
                 self.trackers.remove(tracker)
 
 
@@ -227,8 +227,3 @@ def _last_message(prompt: Any) -> str:
     if isinstance(prompt, list) and prompt:
         return str(prompt[-1].get("content", ""))
     return str(prompt)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0].strip() if lines else type(exc).__name__
