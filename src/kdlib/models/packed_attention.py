@@ -51,11 +51,13 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
 
 
 def _compiled_single_query_gqa(module, query, attention_mask, dropout, kwargs) -> bool:
+    if query.shape[2] != 1 or getattr(module, "num_key_value_groups", 1) == 1:
+        return False  # every training and prefill call: decided before any import
     from transformers.utils.import_utils import is_torchdynamo_compiling
 
     return (
-        query.shape[2] == 1 and getattr(module, "num_key_value_groups", 1) > 1 and is_torchdynamo_compiling()
-        and dropout == 0.0 and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+        is_torchdynamo_compiling() and dropout == 0.0 and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
         and (attention_mask is None or attention_mask.shape[1] == 1)  # one mask for every head
     )
 
