@@ -53,15 +53,17 @@ class HFRolloutBackend(RolloutBackend):
 
     def reserve(self, length: int) -> None:
         self._reserved = max(self._reserved, length)
-        for engine in self._engines.values():
-            if engine is not None:
-                engine.reserve(self._reserved)
+        for engine in self._built_engines():
+            engine.reserve(self._reserved)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         super().load_weights(state)
-        for engine in self._engines.values():
-            if engine is not None:
-                engine.weights_changed()
+        for engine in self._built_engines():
+            engine.weights_changed()
+
+    def _built_engines(self) -> list:
+        """The engines built so far (not those that fell back to generate)."""
+        return [engine for engine in self._engines.values() if engine is not None]
 
     @torch.inference_mode()
     def generate(
