@@ -105,6 +105,7 @@ def test_group_options_carry_their_own_typed_parameters():
         (["student.num_workers=2"], "needs launcher=ray"),
         (["algorithm.kd_ratio=1.5"], "kd_ratio"),
         (["device=gpu"], "device: expected"),
+        (["train.adamw_impl=apex"], "train.adamw_impl: expected one of auto, fused, foreach, for_loop"),
     ],
 )
 def test_bad_config_fails_in_one_line(overrides, expected):

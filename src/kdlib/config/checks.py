@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kdlib.config.schema import SGLANG_MEMORY_TAGS, KDConfig, Precision, SGLangRolloutConfig, WeightSync
+from kdlib.config.schema import ADAMW_IMPLS, SGLANG_MEMORY_TAGS, KDConfig, Precision, SGLangRolloutConfig, WeightSync
 from kdlib.config.store import registry_groups
 from kdlib.errors import ConfigError, first_line
 
@@ -96,6 +96,8 @@ def _check_names(cfg: KDConfig) -> None:
         raise ConfigError(f"student.autocast: expected true, false or auto, got {cfg.student.autocast!r}")
     if cfg.train.packing not in _TRUE_FALSE_AUTO:
         raise ConfigError(f"train.packing: expected true, false or auto, got {cfg.train.packing!r}")
+    if cfg.train.adamw_impl not in ADAMW_IMPLS:
+        raise ConfigError(f"train.adamw_impl: expected one of {', '.join(ADAMW_IMPLS)}, got {cfg.train.adamw_impl!r}")
 
 
 def _check_ranges(cfg: KDConfig) -> None:

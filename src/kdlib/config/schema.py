@@ -442,6 +442,9 @@ class DataConfig:
     images_key: str = "images"
 
 
+ADAMW_IMPLS = ("auto", "fused", "foreach", "for_loop")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation."""
@@ -464,6 +467,10 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
     adam_eps: float = 1e-8
+    # AdamW's implementation: fused (one kernel per parameter group: on a CPU the update of a
+    # 64M-parameter student takes ~30 ms instead of ~145 ms), foreach, for_loop, or auto (fused
+    # where torch has the kernel for every parameter's device and dtype, else torch's default).
+    adamw_impl: str = "auto"
     # Clip the global gradient norm to this value (0 = no clipping).
     max_grad_norm: float = 1.0
     # Dynamic batch size: form micro-batches by this token budget per worker instead of
