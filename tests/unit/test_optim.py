@@ -22,6 +22,8 @@ def test_auto_fuses_on_the_cpu_and_keeps_torchs_default_where_there_is_no_kernel
     assert adamw_kwargs("auto", on_meta) == {}
     assert build_optimizer(_model(), TrainConfig()).defaults["fused"] is True
     assert build_optimizer(_model(), TrainConfig(adamw_impl="for_loop")).defaults["foreach"] is False
+    with pytest.raises(ValueError, match="adamw_impl: expected one of auto, fused"):
+        adamw_kwargs("apex", on_meta)
 
 
 @pytest.mark.parametrize("impl", ["auto", "fused", "foreach"])
