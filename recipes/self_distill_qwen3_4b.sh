@@ -5,11 +5,11 @@
 # teacher copy, a rollout engine and a student rank. Not run on hardware yet (docs/gpu.md).
 set -euo pipefail
 DATA=${DATA:?set DATA to your prompts}
-kdlib '+recipe=[self_distill,ray,sglang]' student=qwen3_4b teacher.backend=hf \
+kdlib '+recipe=[self_distill,ray,sglang]' student=qwen3_4b teacher/backend=hf \
   data.train="$DATA" data.eval=null data.max_len=4096 \
   teacher.num_workers=8 rollout.num_workers=8 student.num_workers=8 \
   launcher.rollout.colocate_with=teacher launcher.student.colocate_with=teacher \
   launcher.teacher.gpus_per_worker=0.4 launcher.rollout.gpus_per_worker=0.2 launcher.student.gpus_per_worker=0.4 \
-  rollout.sglang.mem_fraction_static=0.2 rollout.sglang.release_memory=true \
+  rollout.mem_fraction_static=0.2 rollout.release_memory=true \
   rollout.max_new_tokens=2048 rollout.n_samples_per_prompt=4 train.global_batch_size=128 \
   train.max_steps=500 "$@"

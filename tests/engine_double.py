@@ -274,3 +274,11 @@ class EngineDouble:
 
     def calls_named(self, *names: str) -> list[tuple[str, Any]]:
         return [call for call in self.calls if call[0] in names]
+
+
+def install() -> None:
+    """Make every SGLang engine kdlib starts in this process an :class:`EngineDouble` (a Ray
+    ``worker_process_setup_hook`` for the actors of a test)."""
+    from kdlib.backends.sglang.engine import SGLangEngine
+
+    SGLangEngine.factory = EngineDouble

@@ -8,7 +8,8 @@ dataclass configs are composed by Hydra.
     cfg = kdlib.compose(["loss=jsd", "loss.beta=0.3"])
     result = kdlib.run(cfg)
 
-``import kdlib`` is light: torch, transformers, Ray and SGLang load only when something needs them.
+``import kdlib`` is light: torch, transformers, Ray and GPU inference engines load only when something
+needs them.
 """
 
 from __future__ import annotations

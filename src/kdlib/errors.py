@@ -13,6 +13,10 @@ class ConfigError(KdlibError, ValueError):
     """A key, type or value of the composed config is wrong."""
 
 
+class FrozenConfigError(ConfigError):
+    """Something tried to change a run's config after it was resolved and written to config.yaml."""
+
+
 class DataError(KdlibError, ValueError):
     """A dataset file, column or row cannot be used."""
 

@@ -2,7 +2,7 @@
 
 bfloat16 is only fast where the hardware has bf16 arithmetic: CUDA devices with bf16 support, and
 CPUs with AVX-512-BF16 or AMX whose oneDNN kernels are enabled. On an AVX2-only CPU a bf16 matrix
-product is emulated and several times (up to ~70x) slower than float32, so ``dtype: auto`` picks
+product is emulated and several times slower than float32 (docs/hardware.md), so ``dtype: auto`` picks
 float32 there. ``ONEDNN_MAX_CPU_ISA`` lowered below AVX-512 counts as "not native" too, since
 oneDNN then refuses its bf16 kernels (this is how an AVX2-only machine is emulated for measuring).
 """

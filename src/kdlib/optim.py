@@ -4,8 +4,9 @@ The schedule comes from transformers (cosine with a floor at ``min_lr_ratio * lr
 parameter grouping (no weight decay on biases and norms; parameters under a given name prefix at
 their own learning rate, such as DSKD's projectors) and AdamW's implementation are decided here.
 torch picks the per-parameter loop on a CPU, which reads and writes every state tensor in its own
-pass; the fused kernel does the whole update in one, ~5x faster on a CPU
-(``benchmarks/optimizer.py``), so ``auto`` takes it wherever torch has it.
+pass; the fused kernel does the whole update in one, several times faster on a CPU
+(``benchmarks/optimizer.py``), so ``auto`` takes it wherever torch has it (settled when the config
+is resolved, by :func:`fused_adamw_available`).
 """
 
 from __future__ import annotations
@@ -15,24 +16,39 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kdlib.config.schema import ADAMW_IMPLS, TrainConfig
+from kdlib.config.models import Precision
+from kdlib.config.training import AdamWImpl, TrainConfig
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def adamw_kwargs(impl: str, params: list[nn.Parameter]) -> dict[str, bool]:
-    """torch.optim.AdamW's ``fused``/``foreach`` switches for ``impl`` (one of ADAMW_IMPLS)."""
-    if impl not in ADAMW_IMPLS:
-        raise ValueError(f"adamw_impl: expected one of {', '.join(ADAMW_IMPLS)}, got {impl!r}")
-    if impl == "auto":
-        try:  # private, so a torch that moves it gets torch's default rather than an error
-            from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-        except ImportError:
-            return {}
-        devices = _get_fused_kernels_supported_devices()
-        fusable = all(p.device.type in devices and p.dtype in _FUSED_DTYPES for p in params)
+def _fused_devices() -> list[str]:
+    try:  # private, so a torch that moves it gets torch's default rather than an error
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return []
+    return list(_get_fused_kernels_supported_devices())
+
+
+def fused_adamw_available(device_type: str, dtype: Precision) -> bool:
+    """Whether torch has fused AdamW kernels for parameters of ``dtype`` on ``device_type``."""
+    torch_dtype = {Precision.bfloat16: torch.bfloat16, Precision.float32: torch.float32}.get(Precision(dtype))
+    return device_type in _fused_devices() and torch_dtype in _FUSED_DTYPES
+
+
+def adamw_kwargs(impl: AdamWImpl | str, params: list[nn.Parameter]) -> dict[str, bool]:
+    """torch.optim.AdamW's ``fused``/``foreach`` switches for ``impl`` (``auto``: fused when torch has
+    the kernel for every parameter's device and dtype, else torch's default)."""
+    try:
+        impl = AdamWImpl(impl)
+    except ValueError:
+        raise ValueError(f"adamw_impl: expected one of {', '.join(i.value for i in AdamWImpl)}, got {impl!r}") from None
+    if impl is AdamWImpl.auto:
+        devices = _fused_devices()
+        fusable = bool(devices) and all(p.device.type in devices and p.dtype in _FUSED_DTYPES for p in params)
         return {"fused": True} if fusable else {}
-    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
+    return {AdamWImpl.fused: {"fused": True}, AdamWImpl.foreach: {"foreach": True},
+            AdamWImpl.for_loop: {"foreach": False}, AdamWImpl.default: {}}[impl]
 
 
 def build_optimizer(

@@ -3,7 +3,7 @@
 Losses, algorithms, teacher and rollout backends, transports, launchers and controller loops are
 all chosen by name from the config. Each kind has one :class:`Registry`: a plain dict plus a
 decorator. An entry may carry a typed config dataclass (its parameters, settable from the command
-line) and may be registered lazily as a ``"module:attr"`` string, so heavy backends (SGLang, Ray)
+line) and may be registered lazily as a ``"module:attr"`` string, so heavy backends (GPU inference engines, Ray)
 are imported only when selected. An entry may also carry ``info``: static facts about it (a teacher
 backend's capabilities) that configuration checks read without importing the implementation. An
 unknown name fails with the sorted list of known names.

@@ -1,28 +1,39 @@
 """``kdlib.run(cfg)``: one run from a typed config, the same for the CLI, notebooks and tests.
 
-Resolves the run directory (Hydra's under the CLI; ``outputs/<date>/<time>`` otherwise), writes
-the resolved config there, routes kdlib's log records to ``<run dir>/kdlib.log`` (and to the
-console when nothing else shows them), starts the experiment trackers (before any model loads, so
-one that cannot start costs seconds), builds the pipeline and runs its controller loop.
+Resolve, then build, then run: the config (a copy: the caller's object is left as it was) is
+resolved once, including what needs the checkpoints' own configs, validated and frozen; the run
+directory (Hydra's under the CLI; ``outputs/<date>/<time>`` otherwise) gets that frozen config as
+``config.yaml``, which is exactly what the workers receive (any later write raises). kdlib's log
+records go to ``<run dir>/kdlib.log`` (and to the console when nothing else shows them); the
+experiment trackers start before any model loads, so one that cannot start costs seconds; then
+the pipeline is built for the mode and the mode runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdlib.config.checks import validate
 from kdlib.config.compose import import_plugins, to_typed
+from kdlib.config.node import freeze, thawed
+from kdlib.config.resolve import resolve
 from kdlib.config.schema import KDConfig
+from kdlib.controller import MODES
 from kdlib.data.preflight import check_data_files
 from kdlib.pipeline import Pipeline
 from kdlib.progress import configured as progress_shown
 from kdlib.result import RunResult
 from kdlib.tracking.trackers import RunIdentity, Trackers
+
+if TYPE_CHECKING:
+    from kdlib.controller.mode import RunMode
 
 log = logging.getLogger("kdlib")
 
@@ -32,23 +43,57 @@ def run(
 ) -> RunResult:
     """Run ``cfg`` (from ``kdlib.compose`` or Hydra) and return its metrics and paths.
     ``identity``: the run's name and sweep for the trackers (the CLI passes Hydra's)."""
-    if isinstance(cfg, KDConfig):
-        import_plugins(cfg.plugins)
-    typed = to_typed(cfg)
-    check_data_files(typed.data)  # a bad file or row costs seconds, not a model load
-    directory = Path(run_dir or typed.output_dir or default_run_dir())
+    typed = resolved(cfg)
+    directory = Path(run_dir or typed.output_dir or default_run_dir()).resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(typed), resolve=True), encoding="utf-8")
+    (directory / "config.yaml").write_text(config_yaml(typed), encoding="utf-8")
+    mode = MODES.get(typed.mode.value)
     with _run_logging(directory), progress_shown(typed.logging.progress):
-        log.info("run directory: %s", directory.resolve())
+        log.info("run directory: %s", directory)
         for key, choice in typed.auto_choices.items():
             log.info("%s = %s", key, choice)
         start = time.perf_counter()
         with Trackers.start(typed, directory, identity) as trackers, \
-                Pipeline.from_config(typed, directory, trackers) as pipeline:
-            result = pipeline.run()
+                Pipeline.build(typed, directory, trackers, mode.needs(typed)) as pipeline:
+            result = mode(pipeline).run()
         log.info("finished in %.1f s", time.perf_counter() - start)
     return result
+
+
+@contextmanager
+def built(cfg: KDConfig | DictConfig, run_dir: Optional[str | Path] = None) -> Iterator["RunMode"]:
+    """A run built but not started, for stepping it by hand (notebooks, tests): yields the mode,
+    whose ``pipeline`` holds the built parts; the workers are shut down on exit. ``run_dir``
+    defaults to a temporary directory, removed on exit."""
+    import tempfile
+
+    typed = resolved(cfg)
+    mode = MODES.get(typed.mode.value)
+    with contextlib.ExitStack() as stack:
+        if run_dir is None:
+            run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="kdlib-run-"))
+        directory = Path(run_dir).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.yaml").write_text(config_yaml(typed), encoding="utf-8")
+        pipeline = stack.enter_context(Pipeline.build(typed, directory, Trackers(), mode.needs(typed)))
+        yield mode(pipeline)
+
+
+def resolved(cfg: KDConfig | DictConfig) -> KDConfig:
+    """The frozen config a run executes: a copy of ``cfg`` resolved (models included), checked."""
+    if isinstance(cfg, KDConfig):
+        import_plugins(cfg.plugins)
+        cfg = thawed(cfg)  # the caller keeps its object; a frozen one may be run again
+    typed = to_typed(cfg)
+    check_data_files(typed.data)  # a bad file or row costs seconds, not a model load
+    resolve(typed, models=True)
+    validate(typed)
+    return freeze(typed)
+
+
+def config_yaml(cfg: KDConfig) -> str:
+    """``cfg`` as the run directory's config.yaml (a config composed from it equals ``cfg``)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(thawed(cfg)), resolve=True)
 
 
 def default_run_dir() -> Path:

@@ -70,14 +70,12 @@ def test_colocated_teacher_and_student_free_the_gpu(tiny_llama):
 
 def test_student_optimizer_state_leaves_the_gpu(tiny_overrides):
     import kdlib
-    from kdlib.pipeline import Pipeline
+    from kdlib.runner import built
 
     cfg = kdlib.compose([o for o in tiny_overrides if not o.startswith("device=")] + ["device=cuda", "eval.before=false"])
-    with Pipeline.from_config(cfg, run_dir=None) as pipeline:
-
-        loop = pipeline.mode
+    with built(cfg, run_dir=None) as loop:
         loop.step(next(loop.sample_batches()))
-        worker = pipeline.student.workers[0]
+        worker = loop.pipeline.students.group.workers[0]
         worker.sleep()
         states = [t for s in worker.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
         assert states and all(t.device.type == "cpu" for t in states)

@@ -11,11 +11,10 @@ pytestmark = pytest.mark.gpu
 
 def _first_step_loss(overrides: list[str]) -> float:
     import kdlib
-    from kdlib.pipeline import Pipeline
+    from kdlib.runner import built
 
     cfg = kdlib.compose(overrides)
-    with Pipeline.from_config(cfg, run_dir=None) as pipeline:
-        loop = pipeline.mode
+    with built(cfg, run_dir=None) as loop:
         return loop.step(next(loop.sample_batches()))["loss"]
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(scope="module")
 def sglang():
     module = pytest.importorskip("sglang")
-    from kdlib.sglang_engine import check_version
+    from kdlib.backends.sglang.engine import check_version
 
     check_version()
     return module
@@ -49,7 +49,7 @@ def _batch(vocab: int = 380):
 
 def _teacher(path, backend: str, **options):
     from kdlib.config import Precision, TeacherConfig
-    from kdlib.teacher import TEACHER_BACKENDS
+    from kdlib.backends import TEACHER_BACKENDS
 
     cfg = TeacherConfig(model=str(path), backend=backend, dtype=Precision.bfloat16)
     cfg.sglang.offload_tags = []
@@ -76,7 +76,7 @@ def test_head_self_check_rejects_a_wrong_head_on_the_real_engine(sglang, small_l
     from dataclasses import replace
 
     from kdlib.errors import ModelError
-    from kdlib.teacher.sglang import check_head
+    from kdlib.backends.sglang.teacher import check_head
 
     backend = _teacher(small_llama, "sglang")
     with pytest.raises(ModelError, match="head self-check failed"):
@@ -105,7 +105,7 @@ def test_rollout_weight_sync_is_bit_exact(sglang, small_llama, release_memory):
     from kdlib.config import SGLangRolloutConfig, StudentConfig
     from kdlib.models.loading import load_causal_lm
     from kdlib.models.weights import state_buckets
-    from kdlib.rollout.sglang import SGLangRolloutBackend
+    from kdlib.backends.sglang.rollout import SGLangRolloutBackend
 
     cfg = SGLangRolloutConfig(max_new_tokens=8, temperature=0.0)
     cfg.sglang.release_memory = release_memory

@@ -14,7 +14,7 @@ import torch
 
 import kdlib
 from kdlib.errors import TrainingError
-from kdlib.pipeline import Pipeline
+from kdlib.runner import built
 
 POISONED = 5  # a sample id of the 24-row training set
 
@@ -34,8 +34,8 @@ def _snapshot(worker):
 @pytest.mark.parametrize("fault", ["nan_samples", "inf_grad_samples"])
 def test_a_poisoned_step_changes_nothing_and_the_next_one_trains(fault, tiny_overrides):
     cfg = _cfg(tiny_overrides, f"algorithm.{fault}=[{POISONED}]", "train.max_steps=3")
-    with Pipeline.from_config(cfg, run_dir=None) as pipeline:
-        loop, worker = pipeline.mode, pipeline.student.workers[0]
+    with built(cfg, run_dir=None) as loop:
+        worker = loop.pipeline.students.group.workers[0]
         batches = loop.sample_batches()
         seen_poison = False
         for step in (1, 2, 3):  # one epoch: the poisoned sample is in exactly one step
@@ -83,8 +83,8 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_naming_step_and_samples(tiny_o
     everything = ",".join(str(i) for i in range(24))
     cfg = _cfg(tiny_overrides, f"algorithm.nan_samples=[{everything}]", "train.max_bad_steps=2",
                "train.max_steps=3", f"output_dir={tmp_path / 'run'}")
-    with Pipeline.from_config(cfg, run_dir=None) as pipeline:
-        batches = pipeline.mode.sample_batches()
+    with built(cfg, run_dir=None) as loop:
+        batches = loop.sample_batches()
         next(batches)
         second = sorted(s.index for s in next(batches))
     with pytest.raises(TrainingError) as caught:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kdlib
-from kdlib.pipeline import Pipeline
+from kdlib.runner import built
 from kdlib.testing import chat_rows, write_jsonl
 
 pytest.importorskip("peft")
@@ -78,13 +78,13 @@ def test_rollout_engine_and_self_teacher_receive_the_merged_student(tiny_overrid
         "train.global_batch_size=4", "train.max_steps=2", "rollout.max_new_tokens=8", "train.lr=1e-2",
         "train.warmup_ratio=0", "eval.before=false", "save_student=false",
     ]
-    with Pipeline.from_config(kdlib.compose(overrides), run_dir=tmp_path / "run") as pipeline:
-        pipeline.run()
-        student = pipeline.student.workers[0].model
+    with built(kdlib.compose(overrides), run_dir=tmp_path / "run") as loop:
+        loop.run()
+        student = loop.pipeline.students.group.workers[0].model
         reference = copy.deepcopy(student).merge_and_unload().state_dict()
         engines = {
-            "rollout": pipeline.rollout.workers[0].backend.model.state_dict(),
-            "teacher": pipeline.teacher.workers[0].backend.model.state_dict(),
+            "rollout": loop.pipeline.rollout.group.workers[0].backend.model.state_dict(),
+            "teacher": loop.pipeline.teacher.group.workers[0].backend.model.state_dict(),
         }
         for role, state in engines.items():
             assert sorted(state) == sorted(reference), role
@@ -98,7 +98,7 @@ def test_rollout_engine_and_self_teacher_receive_the_merged_student(tiny_overrid
         assert any(not torch.equal(reference[k], initial[k]) for k in initial)  # and the adapters did learn
 
         # AdamW holds two float32 moments (and a step count) per adapter tensor, nothing else
-        stats = pipeline.student.call("parameter_stats")[0]
+        stats = loop.pipeline.students.parameter_stats()[0]
         adapters = [p for p in student.parameters() if p.requires_grad]
         assert stats["trainable_parameters"] == sum(p.numel() for p in adapters) == 4 * 1024 * 2  # r (in + out) x 7 x 2 layers
         assert stats["optimizer_state_bytes"] == 2 * 4 * stats["trainable_parameters"] + 4 * len(adapters)

@@ -55,11 +55,11 @@ def test_three_step_offpolicy_run(teacher_fixture, student_fixture, repeat_data,
 
 
 def test_sft_runs_without_a_teacher(tiny_overrides):
-    from kdlib.pipeline import Pipeline
+    from kdlib.runner import built
 
     cfg = kdlib.compose(tiny_overrides + ["+recipe=sft", "teacher.model=/nonexistent/teacher"])
-    with Pipeline.from_config(cfg, run_dir=None) as pipeline:
-        assert pipeline.teacher is None
+    with built(cfg, run_dir=None) as loop:
+        assert loop.pipeline.teacher is None
     result = kdlib.run(cfg)
     assert result.metrics["kd_loss"] == 0.0 and result.metrics["ce_loss"] > 0
     assert set(result.eval_after) == {"ce", "bits_per_byte", "tokens"}  # nothing about a teacher
@@ -131,12 +131,12 @@ def test_colocation_and_dynamic_batches_do_not_change_the_objective(tiny_overrid
 def test_an_explicit_max_steps_cycles_epochs(tiny_overrides, tmp_path):
     """24 samples, 8 per step: 3 steps per epoch; max_steps=7 runs 7 steps (as transformers'
     Trainer does), each epoch a new seeded order covering every sample once."""
-    from kdlib.pipeline import Pipeline
+    from kdlib.runner import built
 
     cfg = kdlib.compose(tiny_overrides + ["train.max_steps=7", "train.epochs=1", "eval.before=false"])
-    with Pipeline.from_config(cfg, run_dir=tmp_path / "probe") as pipeline:
-        assert pipeline.total_steps == 7
-        stream = pipeline.mode.sample_batches()
+    with built(cfg, run_dir=tmp_path / "probe") as loop:
+        assert loop.pipeline.total_steps == 7
+        stream = loop.sample_batches()
         steps = [[s.index for s in next(stream)] for _ in range(7)]
     epoch1, epoch2 = steps[0:3], steps[3:6]
     assert sorted(i for b in epoch1 for i in b) == list(range(24)) == sorted(i for b in epoch2 for i in b)

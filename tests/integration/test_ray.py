@@ -12,7 +12,7 @@ import torch
 
 import kdlib
 from kdlib.errors import WorkerError
-from kdlib.pipeline import Pipeline
+from kdlib.runner import built
 
 pytestmark = pytest.mark.ray
 
@@ -142,9 +142,7 @@ def test_uneven_batch_loses_no_sample_and_prefetch_changes_nothing(ray_cluster, 
 
     # the same first step on one local worker: nothing lost, nothing counted twice
     local = kdlib.compose(tiny_overrides + ["train.global_batch_size=5", "train.micro_batch_size=2", "eval.before=false"])
-    with Pipeline.from_config(local, run_dir=None) as pipeline:
-
-        loop = pipeline.mode
+    with built(local, run_dir=None) as loop:
         metrics = loop.step(next(loop.sample_batches()))
     assert metrics["loss_tokens"] == first["loss_tokens"]
     assert metrics["loss"] == pytest.approx(first["loss"], rel=1e-5)
@@ -156,12 +154,11 @@ def test_dead_worker_stops_the_run_with_its_name_and_the_checkpoint_loads(ray_cl
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     cfg = kdlib.compose(tiny_overrides + RAY + ["train.checkpoint_every=1", "train.max_steps=3"])
-    with Pipeline.from_config(cfg, run_dir=run_dir) as pipeline:
-        loop = pipeline.mode
+    with built(cfg, run_dir=run_dir) as loop:
         batches = loop.sample_batches()
         loop.step(next(batches))
         loop.save_checkpoint(1)
-        os.kill(pipeline.student.pids[1], signal.SIGKILL)
+        os.kill(loop.pipeline.students.group.pids[1], signal.SIGKILL)
         with pytest.raises(WorkerError, match=r"student worker 1 \(pid \d+\) failed in train_step\(\): the worker process died"):
             loop.step(next(batches))
     checkpoint = latest_checkpoint(run_dir)
@@ -212,8 +209,8 @@ def test_ray_students_read_the_teacher_cache_bit_identically(ray_cluster, tiny_o
                                              f"output_dir={tmp_path / 'fill'}"]))
     assert fill.metrics["samples_computed"] == fill.metrics["samples"] > 0
     cfg = kdlib.compose(common + [cache, f"output_dir={tmp_path / 'read'}"])
-    with Pipeline.from_config(cfg, run_dir=tmp_path / "probe") as pipeline:
-        assert pipeline.teacher is None and pipeline.student.size == 2
+    with built(cfg, run_dir=tmp_path / "probe") as loop:
+        assert loop.pipeline.teacher is None and loop.pipeline.students.size == 2
     assert_same_training(live, kdlib.run(cfg))
 
 

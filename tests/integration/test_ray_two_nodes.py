@@ -19,7 +19,7 @@ import pytest
 import kdlib
 from kdlib.errors import WorkerError
 from kdlib.parallel.distributed import free_port
-from kdlib.pipeline import Pipeline
+from kdlib.runner import built
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -118,11 +118,11 @@ def test_teacher_on_node_a_students_on_node_b_equal_the_local_run(two_nodes, tin
     cfg = kdlib.compose(tiny_overrides + SPLIT + [f"launcher.address={two_nodes['address']}"])
     run_dir = tmp_path / "two_nodes"
     run_dir.mkdir()
-    with Pipeline.from_config(cfg, run_dir=run_dir) as pipeline:
-        assert all("[node_a]" in node for node in pipeline.teacher.nodes), pipeline.teacher.nodes
-        assert all("[node_b]" in node for node in pipeline.student.nodes), pipeline.student.nodes
-        assert set(pipeline.teacher.node_ids).isdisjoint(pipeline.student.node_ids)
-        result = pipeline.run()
+    with built(cfg, run_dir=run_dir) as loop:
+        assert all("[node_a]" in node for node in loop.pipeline.teacher.group.nodes), loop.pipeline.teacher.group.nodes
+        assert all("[node_b]" in node for node in loop.pipeline.students.group.nodes), loop.pipeline.students.group.nodes
+        assert set(loop.pipeline.teacher.group.node_ids).isdisjoint(loop.pipeline.students.group.node_ids)
+        result = loop.run()
     for a, b in zip(_losses(local.run_dir), _losses(run_dir), strict=True):
         for key in ("loss", "kd_loss", "ce_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
@@ -137,7 +137,7 @@ def test_a_role_the_cluster_cannot_place_fails_with_what_it_asked_for(two_nodes,
                                                 "launcher.placement_timeout_s=3"])
     with pytest.raises(ConfigError, match=r"launcher.student: 2 student worker\(s\) asking for .*'node_c': 1\.0.* "
                                           r"could not be placed in 3 s; the cluster's nodes have .*node_b"):
-        Pipeline.from_config(cfg, run_dir=None)
+        built(cfg, run_dir=None)
 
 
 def test_colocated_students_share_the_teachers_bundles(two_nodes, tiny_overrides, tmp_path):
@@ -149,20 +149,18 @@ def test_colocated_students_share_the_teachers_bundles(two_nodes, tiny_overrides
         "teacher.num_workers=2", "+launcher.teacher.resources={node_a: 1}", "launcher.student.colocate_with=teacher",
         "launcher.student.cpus_per_worker=0.25", "train.max_steps=1",
     ])
-    with Pipeline.from_config(cfg, run_dir=None) as pipeline:
-        assert pipeline.student.node_ids == pipeline.teacher.node_ids
-        assert all("[node_a]" in node for node in pipeline.student.nodes)
+    with built(cfg, run_dir=None) as loop:
+        assert loop.pipeline.students.group.node_ids == loop.pipeline.teacher.group.node_ids
+        assert all("[node_a]" in node for node in loop.pipeline.students.group.nodes)
         tables = [t for t in placement_group_table().values() if t["state"] == "CREATED"]
         assert [t["bundles"] for t in tables] == [{0: {"CPU": 0.75, "node_a": 1.0}, 1: {"CPU": 0.75, "node_a": 1.0}}]
-        loop = pipeline.mode
         assert loop.step(next(loop.sample_batches()))["loss"] > 0
 
 
 def test_a_stopped_node_ends_the_run_naming_the_role_and_the_node(two_nodes, tiny_overrides, tmp_path):
     """Runs last in this module: it stops node B."""
     cfg = kdlib.compose(tiny_overrides + SPLIT + ["train.max_steps=3"])
-    with Pipeline.from_config(cfg, run_dir=tmp_path) as pipeline:
-        loop = pipeline.mode
+    with built(cfg, run_dir=tmp_path) as loop:
         batches = loop.sample_batches()
         loop.step(next(batches))
         two_nodes["nodes"]["b"].stop()

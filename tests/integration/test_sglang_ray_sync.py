@@ -1,4 +1,4 @@
-"""rollout.sglang.weight_sync=distributed through real Ray actors: 2 FSDP2 student ranks gather
+"""rollout.weight_sync=distributed through real Ray actors: 2 FSDP2 student ranks gather
 the weights, rank 0 broadcasts them (gloo) into an SGLang engine double living in the rollout
 actor; the run equals the local run whose weights travel as transport buckets."""
 
@@ -24,8 +24,11 @@ def test_broadcast_sync_through_ray_equals_the_local_transport_sync(tiny_overrid
     import ray
 
     tests = Path(__file__).resolve().parents[1]
-    # the engine double, for this process and the Ray workers it starts (they inherit the environment)
-    monkeypatch.setenv("KDLIB_SGLANG_ENGINE", "engine_double:EngineDouble")
+    # the engine double, for this process and the Ray workers (installed by Ray's setup hook in each)
+    import engine_double
+    from kdlib.backends.sglang.engine import SGLangEngine
+
+    monkeypatch.setattr(SGLangEngine, "factory", engine_double.EngineDouble)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("KDLIB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -37,10 +40,11 @@ def test_broadcast_sync_through_ray_equals_the_local_transport_sync(tiny_overrid
     local = kdlib.run(kdlib.compose(common + [f"output_dir={tmp_path / 'local'}"]))
     calls = tmp_path / "engine_calls.txt"
     monkeypatch.setenv("ENGINE_DOUBLE_LOG", str(calls))
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "engine_double.install"})
     try:
         broadcast = kdlib.run(kdlib.compose(common + [
-            "launcher=ray", "transport=ray", "student.num_workers=2", "rollout.sglang.weight_sync=distributed",
+            "launcher=ray", "transport=ray", "student.num_workers=2", "rollout.weight_sync=distributed",
             f"output_dir={tmp_path / 'ray'}",
         ]))
     finally:

@@ -14,9 +14,9 @@ from kdlib.testing import chat_rows, write_jsonl
 
 @pytest.fixture
 def double(monkeypatch, tmp_path):
-    import kdlib.sglang_engine
+    import kdlib.backends.sglang.engine
 
-    monkeypatch.setattr(kdlib.sglang_engine, "engine_class", EngineDouble)
+    monkeypatch.setattr(kdlib.backends.sglang.engine.SGLangEngine, "factory", EngineDouble)
     monkeypatch.setattr(EngineDouble, "instances", [])
     monkeypatch.setenv("KDLIB_CACHE", str(tmp_path / "cache"))  # the pruned student written for the engine
     return EngineDouble
@@ -36,7 +36,7 @@ def _same_losses(a, b, rel=1e-5):
 def test_offpolicy_with_the_sglang_teacher_equals_the_hf_teacher(double, tiny_overrides, tmp_path):
     common = tiny_overrides + ["train.packing=true"]
     hf = kdlib.run(kdlib.compose(common + [f"output_dir={tmp_path / 'hf'}"]))
-    sglang = kdlib.run(kdlib.compose(common + ["teacher.backend=sglang", f"output_dir={tmp_path / 'sglang'}"]))
+    sglang = kdlib.run(kdlib.compose(common + ["teacher/backend=sglang", f"output_dir={tmp_path / 'sglang'}"]))
     _same_losses(_rows(hf), _rows(sglang))
     assert sglang.eval_after["kl"] == pytest.approx(hf.eval_after["kl"], rel=1e-5)
     (engine,) = double.instances
@@ -45,8 +45,8 @@ def test_offpolicy_with_the_sglang_teacher_equals_the_hf_teacher(double, tiny_ov
 
 def test_colocated_sglang_teacher_releases_between_phases(double, tiny_overrides, tmp_path):
     base = tiny_overrides + ["eval.before=false", "data.eval=null"]
-    plain = kdlib.run(kdlib.compose(base + ["teacher.backend=sglang", f"output_dir={tmp_path / 'a'}"]))
-    colocated = kdlib.run(kdlib.compose(base + ["teacher.backend=sglang", "pipeline.colocate=true",
+    plain = kdlib.run(kdlib.compose(base + ["teacher/backend=sglang", f"output_dir={tmp_path / 'a'}"]))
+    colocated = kdlib.run(kdlib.compose(base + ["teacher/backend=sglang", "pipeline.colocate=true",
                                                 f"output_dir={tmp_path / 'b'}"]))
     _same_losses(_rows(plain), _rows(colocated), rel=0)
     engine = double.instances[-1]
@@ -65,7 +65,7 @@ def test_onpolicy_with_sglang_teacher_and_rollout_equals_hf(double, tiny_overrid
         "rollout.max_new_tokens=12", "rollout.temperature=0", "rollout.n_samples_per_prompt=2", "eval.before=false",
     ]
     hf = kdlib.run(kdlib.compose(common + [f"output_dir={tmp_path / 'hf'}"]))
-    sglang = kdlib.run(kdlib.compose(common + ["teacher.backend=sglang", "rollout=sglang", "rollout.sglang.release_memory=true",
+    sglang = kdlib.run(kdlib.compose(common + ["teacher/backend=sglang", "rollout=sglang", "rollout.release_memory=true",
                                                f"output_dir={tmp_path / 'sglang'}"]))
     _same_losses(_rows(hf), _rows(sglang))
 

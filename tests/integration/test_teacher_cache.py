@@ -12,7 +12,7 @@ import torch
 import kdlib
 from kdlib.testing import chat_rows
 from kdlib.errors import ConfigError
-from kdlib.pipeline import Pipeline
+from kdlib.runner import built
 
 
 def _rows(result) -> list[dict]:
@@ -51,8 +51,8 @@ def test_training_from_the_cache_equals_training_with_the_live_teacher(cached_ov
     assert _rows(filling)[0]["teacher_cached_batches"] == 0
 
     cfg = kdlib.compose(cached_overrides + [f"output_dir={tmp_path / 'read'}"])
-    with Pipeline.from_config(cfg, run_dir=tmp_path / "probe") as pipeline:
-        assert pipeline.teacher is None  # covered: no teacher model is loaded
+    with built(cfg, run_dir=tmp_path / "probe") as loop:
+        assert loop.pipeline.teacher is None  # covered: no teacher model is loaded
     reading = kdlib.run(cfg)
     assert_same_training(live, reading)
     assert all(r["teacher_cached_batches"] == r["micro_batches"] for r in _rows(reading))

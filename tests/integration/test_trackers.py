@@ -19,7 +19,7 @@ from kdlib.testing import chat_rows, write_jsonl
 pytest.importorskip("wandb")
 pytest.importorskip("tensorboard")
 
-from kdlib.tracking.readback import read_tensorboard, read_wandb_run, wandb_run_dirs  # noqa: E402
+from tracker_readback import read_tensorboard, read_wandb_run, wandb_run_dirs  # noqa: E402
 
 TRACKERS = ["logging.trackers=[wandb,tensorboard]"]
 

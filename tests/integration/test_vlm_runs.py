@@ -22,7 +22,8 @@ from kdlib.data.multimodal import data_root, row_to_vision_conversation
 from kdlib.data.sources import load_rows
 from kdlib.errors import ConfigError
 from kdlib.models.vlm import build_vlm, image_probe, vision_parameters
-from kdlib.pipeline import Pipeline
+from kdlib.runner import built
+from kdlib.workers.student import StudentShare
 from kdlib.testing import write_jsonl
 from kdlib.testing_vlm import make_image
 
@@ -98,14 +99,14 @@ def test_kd_through_the_teacher_worker_and_transport_equals_full_logit_kd(family
     its pixels and recomputes the teacher's logits with the teacher's head. The held-out KL it sums
     equals KL between the two models' full logits on their processors' own batched calls."""
     overrides = vlm_overrides(family) + ["transport.dtype=float32"]
-    with Pipeline.from_config(kdlib.compose(overrides), run_dir=None) as pipeline:
-        samples = pipeline.data.train[:4]  # one image, two images, text only, two turns
-        batch = pipeline.data.collate(samples)
+    with built(kdlib.compose(overrides), run_dir=None) as loop:
+        samples = loop.pipeline.data.train[:4]  # one image, two images, text only, two turns
+        batch = loop.pipeline.data.collate(samples)
         assert batch.teacher is not None and batch.teacher.input_ids.shape[1] > batch.student.input_ids.shape[1]
         assert batch.student.images.count == 4  # references travel, pixels do not
         assert batch.student.vision is None or not batch.student.vision.has_images
-        (result,) = pipeline.teacher.call("forward", [batch])
-        (sums,) = pipeline.student.call("evaluate", [batch], result.handles)
+        (result,) = loop.pipeline.teacher.gather_forward(loop.pipeline.teacher.submit_forward([[batch]]))
+        (sums,) = loop.pipeline.students.evaluate([StudentShare([batch], result.handles, [1.0])])
     chats, images = _chats(_option(overrides, "data.train"), [s.index for s in samples])
     teacher_dir = _option(overrides, "teacher.model")
     student_dir = _option(overrides, "student.model")
@@ -138,8 +139,8 @@ def test_teacher_cache_on_vlm_samples_is_bit_identical_to_the_live_teacher(vlm_o
     cached = common + [f"teacher.cache={tmp_path / 'cache'}"]
     kdlib.run(kdlib.compose(cached + ["+recipe=cache_teacher", f"output_dir={tmp_path / 'fill'}"]))
     cfg = kdlib.compose(cached + [f"output_dir={tmp_path / 'read'}"])
-    with Pipeline.from_config(cfg, run_dir=tmp_path / "probe") as pipeline:
-        assert pipeline.teacher is None  # every sample covered: no teacher model, no teacher-side images
+    with built(cfg, run_dir=tmp_path / "probe") as loop:
+        assert loop.pipeline.teacher is None  # every sample covered: no teacher model, no teacher-side images
     reading = kdlib.run(cfg)
     for a, b in zip(_rows(live), _rows(reading), strict=True):
         assert b["teacher_cached_batches"] == b["micro_batches"]
@@ -159,12 +160,12 @@ def test_teacher_cache_on_vlm_samples_is_bit_identical_to_the_live_teacher(vlm_o
     eval_data = Path(_option(common, "data.eval"))
     moved = [o for o in cached if not o.startswith(("data.train", "data.eval"))]
     cfg = kdlib.compose(moved + [f"data.train={changed / data.name}", f"data.eval={changed / eval_data.name}"])
-    with Pipeline.from_config(cfg, run_dir=tmp_path / "probe2") as pipeline:
-        samples = pipeline.data.train + pipeline.data.eval
+    with built(cfg, run_dir=tmp_path / "probe2") as loop:
+        samples = loop.pipeline.data.train + loop.pipeline.data.eval
         users = sum(any(ref.path.name == "img0.png" for ref in s.images) for s in samples)
         assert 0 < users < len(samples)
         assert uncached_samples(pipeline) == users  # exactly the samples that show the changed picture
-        assert pipeline.teacher is not None
+        assert loop.pipeline.teacher is not None
 
 
 def test_bad_image_through_the_cli_is_one_line(vlm_overrides, vlm_images, tmp_path):

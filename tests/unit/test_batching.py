@@ -48,16 +48,14 @@ def test_gradient_accumulation_does_not_change_the_step(tiny_overrides):
 
     (Gradients, not updated weights: Adam's first step is lr * sign(g) where g is ~0, so float
     noise in near-zero gradients flips single weights by 2 * lr.)"""
-    from kdlib.pipeline import Pipeline
+    from kdlib.runner import built
 
     results, grads = [], []
     for micro in (8, 3):
         cfg = kdlib.compose(tiny_overrides + ["train.global_batch_size=8", f"train.micro_batch_size={micro}", "loss.implementation=naive", "eval.before=false"])
-        with Pipeline.from_config(cfg, run_dir=None) as pipeline:
-
-            loop = pipeline.mode
-            results.append(loop.step(pipeline.data.train[:8]))
-            grads.append(pipeline.student.workers[0].model.model.layers[0].mlp.up_proj.weight.grad.clone())
+        with built(cfg, run_dir=None) as loop:
+            results.append(loop.step(loop.pipeline.data.train[:8]))
+            grads.append(loop.pipeline.students.group.workers[0].model.model.layers[0].mlp.up_proj.weight.grad.clone())
     for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
         assert results[0][key] == pytest.approx(results[1][key], rel=1e-5), key
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
@@ -129,11 +127,11 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(attention, t
 def _one_fused_step(overrides: list[str]) -> tuple[dict, dict, dict, dict]:
     """One optimizer step of the fused loss on the first 8 training samples: (metrics, parameters
     before, gradients the optimizer stepped with, parameters after)."""
-    from kdlib.pipeline import Pipeline
+    from kdlib.runner import built
 
     cfg = kdlib.compose(overrides)
-    with Pipeline.from_config(cfg, run_dir=None) as pipeline:
-        worker = pipeline.student.workers[0]
+    with built(cfg, run_dir=None) as loop:
+        worker = loop.pipeline.students.group.workers[0]
         params = dict(worker.objective.named_parameters())
         before = {n: p.detach().clone() for n, p in params.items()}
         grads: dict[str, torch.Tensor] = {}
@@ -142,7 +140,7 @@ def _one_fused_step(overrides: list[str]) -> tuple[dict, dict, dict, dict]:
             grads.update({n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None})
 
         worker.optimizer.register_step_pre_hook(record_gradients)
-        metrics = pipeline.mode.step(pipeline.data.train[:8])
+        metrics = loop.step(loop.pipeline.data.train[:8])
         after = {n: p.detach().clone() for n, p in params.items()}
     return metrics, before, grads, after
 

@@ -65,7 +65,7 @@ def test_bf16_detection_reads_the_cpu_flags_and_onednn(monkeypatch):
     (["loss=jsd", "loss.beta=2.0"], "loss=jsd: jsd beta must be in [0, 1], got 2.0"),
     (["loss=akl", "loss.alpha=-0.5"], "loss=akl: akl alpha must be in [0, 1]"),
     (["loss=hrl", "loss.topk=0"], "loss=hrl: hrl topk must be >= 1"),
-    (["algorithm.kd_ratio=1.5"], "algorithm: kd_ratio must be in [0, 1]"),
+    (["algorithm.kd_ratio=1.5"], "algorithm.kd_ratio must be in [0, 1]"),
     (["student.autocast=maybe"], "student.autocast: expected true, false or auto"),
     (["train.packing=maybe"], "train.packing: expected true, false or auto"),
     (["+recipe=onpolicy", "onpolicy.lmbda=2"], "onpolicy.lmbda must be in [0, 1]"),
@@ -81,24 +81,21 @@ def test_packing_auto_packs_text_runs_and_pads_image_runs(tiny_overrides, vlm_ov
     """train.packing=auto (the default) is settled when the run's models are known: packed for a
     text run, padded for a vision-language run and for an on-policy run whose attention computes
     across packed samples; an explicit value is kept as given."""
-    from kdlib.controller import assembly
+    from kdlib.config.resolve import resolve
 
     text = kdlib.compose([o for o in tiny_overrides if not o.startswith("train.packing=")])
     assert text.train.packing == "auto"
-    assembly.chat_encoders(text, with_teacher=True)
+    resolve(text, models=True)
     assert text.train.packing is True and text.auto_choices["train.packing"].startswith("true: text models")
-    image = kdlib.compose(vlm_overrides("idefics3"))
-    assembly.chat_encoders(image, with_teacher=True)
+    image = resolve(kdlib.compose(vlm_overrides("idefics3")), models=True)
     assert image.train.packing is False and "vision-language" in image.auto_choices["train.packing"]
-    onpolicy = kdlib.compose([o for o in tiny_overrides if not o.startswith("train.packing=")] + ["+recipe=onpolicy"])
-    assembly.chat_encoders(onpolicy, with_teacher=True)
+    onpolicy = resolve(kdlib.compose([o for o in tiny_overrides if not o.startswith("train.packing=")]
+                                     + ["+recipe=onpolicy"]), models=True)
     assert onpolicy.train.packing is True  # packed_sdpa (the default) attends per sample
-    plain = kdlib.compose([o for o in tiny_overrides if not o.startswith("train.packing=")]
-                          + ["+recipe=onpolicy", "student.attn_implementation=sdpa"])
-    assembly.chat_encoders(plain, with_teacher=True)
+    plain = resolve(kdlib.compose([o for o in tiny_overrides if not o.startswith("train.packing=")]
+                                  + ["+recipe=onpolicy", "student.attn_implementation=sdpa"]), models=True)
     assert plain.train.packing is False and "on-policy" in plain.auto_choices["train.packing"]
-    explicit = kdlib.compose(tiny_overrides)  # train.packing=false
-    assembly.chat_encoders(explicit, with_teacher=True)
+    explicit = resolve(kdlib.compose(tiny_overrides), models=True)  # train.packing=false
     assert explicit.train.packing is False and "train.packing" not in explicit.auto_choices
 
 
@@ -119,17 +116,17 @@ def test_a_user_loss_is_checked_by_running_it(monkeypatch):
 
 
 def test_a_missing_backend_capability_fails_at_composition(monkeypatch):
-    from kdlib.teacher import TEACHER_BACKENDS, TeacherCapabilities
+    from kdlib.backends import TEACHER_BACKENDS, TeacherCapabilities
 
     monkeypatch.setattr(TEACHER_BACKENDS, "_entries", dict(TEACHER_BACKENDS._entries))
-    TEACHER_BACKENDS.register("frozen_test", "kdlib.teacher.hf:HFTeacherBackend", info=TeacherCapabilities())
-    assert kdlib.compose(["teacher.backend=frozen_test"]).teacher.backend == "frozen_test"
+    TEACHER_BACKENDS.register("frozen_test", "kdlib.backends.hf.teacher:HFTeacherBackend", info=TeacherCapabilities())
+    assert kdlib.compose(["teacher.backend.name=frozen_test"]).teacher.backend.name == "frozen_test"
     with pytest.raises(ConfigError, match="pipeline.colocate needs a teacher backend that can sleep and wake"):
-        kdlib.compose(["teacher.backend=frozen_test", "pipeline.colocate=true"])
+        kdlib.compose(["teacher.backend.name=frozen_test", "pipeline.colocate=true"])
     with pytest.raises(ConfigError, match="teacher.from_student needs a teacher backend that loads weights"):
-        kdlib.compose(["teacher.backend=frozen_test", "+recipe=self_distill"])
+        kdlib.compose(["teacher.backend.name=frozen_test", "+recipe=self_distill"])
     with pytest.raises(ConfigError, match="unknown teacher backend 'nope'; choose one of: frozen_test, hf"):
-        kdlib.compose(["teacher.backend=nope"])
+        kdlib.compose(["teacher.backend.name=nope"])
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -48,7 +48,10 @@ def test_every_registry_option_composes():
     for group, (registry, key) in registry_groups().items():
         for name in registry.names():
             cfg = kdlib.compose([f"{group}={name}", *COMPANIONS.get((group, name), [])])
-            assert getattr(getattr(cfg, group), key) == name
+            node = cfg
+            for part in group.split("/"):
+                node = getattr(node, part)
+            assert getattr(node, key) == name
 
 
 def test_transport_follows_the_launcher_unless_set():
@@ -101,11 +104,12 @@ def test_group_options_carry_their_own_typed_parameters():
         (["data.overlong=cut"], "bad value for data.overlong: "),
         (["train.micro_batch_size=0"], "train.micro_batch_size must be positive"),
         (["loss.name=foo"], "unknown loss 'foo'; choose one of: "),
-        (["teacher.backend=vllm"], "unknown teacher backend 'vllm'; choose one of: hf"),
+        (["teacher/backend=vllm"], "unknown teacher/backend 'vllm'; choose one of: hf, sglang"),
+        (["teacher.backend=sglang"], "teacher.backend is the config group teacher/backend: choose it with teacher/backend=<name>"),
         (["student.num_workers=2"], "needs launcher=ray"),
         (["algorithm.kd_ratio=1.5"], "kd_ratio"),
         (["device=gpu"], "device: expected"),
-        (["train.adamw_impl=apex"], "train.adamw_impl: expected one of auto, fused, foreach, for_loop"),
+        (["train.adamw_impl=apex"], "bad value for train.adamw_impl: Invalid value 'apex', expected one of [auto, fused, foreach, for_loop, default]"),
     ],
 )
 def test_bad_config_fails_in_one_line(overrides, expected):

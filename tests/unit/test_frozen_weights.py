@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdlib.rollout.frozen import FROZEN_COMPILE_OPTIONS, PackedWeights, follows_weights, synced_tensors
+from kdlib.backends.hf.decode.frozen import FROZEN_COMPILE_OPTIONS, PackedWeights, follows_weights, synced_tensors
 
 
 def _layer() -> nn.Linear:

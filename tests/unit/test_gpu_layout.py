@@ -36,14 +36,14 @@ def test_colocation_cannot_chain(tiny_llama):
 
 
 def test_sglang_engines_ask_for_their_tensor_parallel_gpus(tiny_llama, monkeypatch):
-    base = [f"teacher.model={tiny_llama}", f"student.model={tiny_llama}", "launcher=ray", "teacher.backend=sglang"]
+    base = [f"teacher.model={tiny_llama}", f"student.model={tiny_llama}", "launcher=ray", "teacher/backend=sglang"]
     monkeypatch.setattr("kdlib.hardware.resolve_device_type", lambda spec: "cuda")
-    cfg = kdlib.compose(base + ["teacher.sglang.tp_size=4", "device=cuda", "teacher.dtype=bfloat16",
+    cfg = kdlib.compose(base + ["teacher.backend.tp_size=4", "device=cuda", "teacher.dtype=bfloat16",
                                 "student.dtype=bfloat16", "student.autocast=false"])
     assert cfg.launcher.teacher.gpus_per_worker == 4.0
-    assert cfg.auto_choices["launcher.teacher.gpus_per_worker"] == "4: teacher.sglang.tp_size"
-    with pytest.raises(ConfigError, match=r"gpus_per_worker=0.5 is fewer than teacher.sglang.tp_size=2"):
-        kdlib.compose(base + ["teacher.sglang.tp_size=2", "launcher.teacher.gpus_per_worker=0.5", "device=cpu"])
+    assert cfg.auto_choices["launcher.teacher.gpus_per_worker"] == "4: teacher.backend.tp_size"
+    with pytest.raises(ConfigError, match=r"gpus_per_worker=0.5 is fewer than teacher.backend.tp_size=2"):
+        kdlib.compose(base + ["teacher.backend.tp_size=2", "launcher.teacher.gpus_per_worker=0.5", "device=cpu"])
     kdlib.compose(base + ["launcher.teacher.gpus_per_worker=0.4", "device=cpu"])  # tp 1 may share a GPU
 
 

@@ -9,7 +9,7 @@ import torch
 import kdlib
 from kdlib.data.batching import collate
 from kdlib.data.samples import Prompt, rollout_sample
-from kdlib.pipeline import Pipeline
+from kdlib.runner import built
 from kdlib.testing import chat_rows, write_jsonl
 
 EOS = 2
@@ -59,12 +59,11 @@ def _params(model):
 
 def test_rollout_engine_gets_the_students_weights_bit_for_bit(tiny_overrides, prompts4):
 
-    with Pipeline.from_config(_onpolicy(tiny_overrides, prompts4), run_dir=None) as pipeline:
-        loop = pipeline.mode
+    with built(_onpolicy(tiny_overrides, prompts4), run_dir=None) as loop:
         loop.start(1)
         batches = loop.sample_batches()
-        student = pipeline.student.workers[0].model
-        engine = pipeline.rollout.workers[0].backend.model
+        student = loop.pipeline.students.group.workers[0].model
+        engine = loop.pipeline.rollout.group.workers[0].backend.model
         for step in (1, 2):
             before = _params(engine)
             loop.step(next(batches), step)
@@ -79,10 +78,9 @@ def test_ema_teacher_follows_its_formula(tiny_overrides, prompts4):
 
     decay = 0.6
     cfg = _onpolicy(tiny_overrides, prompts4, ["teacher.from_student=true", "teacher.dtype=float32", f"teacher.ema_decay={decay}"])
-    with Pipeline.from_config(cfg, run_dir=None) as pipeline:
-        loop = pipeline.mode
-        student = pipeline.student.workers[0].model
-        teacher = pipeline.teacher.workers[0].backend.model
+    with built(cfg, run_dir=None) as loop:
+        student = loop.pipeline.students.group.workers[0].model
+        teacher = loop.pipeline.teacher.group.workers[0].backend.model
         expected = _params(student)
         assert all(torch.equal(expected[n], v) for n, v in _params(teacher).items())  # starts as the student
         loop.start(1)
@@ -93,17 +91,16 @@ def test_ema_teacher_follows_its_formula(tiny_overrides, prompts4):
             expected = {n: decay * expected[n] + (1 - decay) * current[n] for n in expected}
             for name, value in _params(teacher).items():
                 torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-7)
-        head = pipeline.student.workers[0].objective.algorithm.teacher_head
+        head = loop.pipeline.students.group.workers[0].objective.algorithm.teacher_head
         torch.testing.assert_close(head.weight, _params(teacher)["lm_head.weight"])  # the student uses the new head
 
 
 def test_update_freq_one_makes_the_teacher_the_previous_student(tiny_overrides, prompts4):
 
     cfg = _onpolicy(tiny_overrides, prompts4, ["teacher.from_student=true", "teacher.dtype=float32", "teacher.update_freq=1"])
-    with Pipeline.from_config(cfg, run_dir=None) as pipeline:
-        loop = pipeline.mode
-        student = pipeline.student.workers[0].model
-        teacher = pipeline.teacher.workers[0].backend.model
+    with built(cfg, run_dir=None) as loop:
+        student = loop.pipeline.students.group.workers[0].model
+        teacher = loop.pipeline.teacher.group.workers[0].backend.model
         loop.start(1)
         batches = loop.sample_batches()
         previous = _params(student)
@@ -117,9 +114,9 @@ def test_update_freq_one_makes_the_teacher_the_previous_student(tiny_overrides, 
 
 def test_context_distillation_teacher_reads_the_privileged_prompt(tiny_overrides, prompts4):
     cfg = _onpolicy(tiny_overrides, prompts4, ["teacher.from_student=true", "data.teacher_input_key=teacher_prompt"])
-    with Pipeline.from_config(cfg, run_dir=None) as pipeline:
-        tokenizer = pipeline.student_tokenizer
-        for prompt in pipeline.data.prompts:
+    with built(cfg, run_dir=None) as loop:
+        tokenizer = loop.pipeline.data.student_encoder.tokenizer
+        for prompt in loop.pipeline.data.prompts:
             assert "Hint: answer in one short sentence." in tokenizer.decode(prompt.teacher_ids)
             assert "Hint:" not in tokenizer.decode(prompt.student_ids)
 

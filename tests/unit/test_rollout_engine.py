@@ -14,8 +14,9 @@ import logging
 import pytest
 import torch
 
-from kdlib.config.schema import RolloutConfig, RolloutEngine, StudentConfig
-from kdlib.rollout.hf import HFRolloutBackend, generate_kwargs, left_pad
+from kdlib.backends.hf.options import HFRolloutConfig as RolloutConfig, RolloutEngine
+from kdlib.config.schema import StudentConfig
+from kdlib.backends.hf.rollout import HFRolloutBackend, generate_kwargs, left_pad
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [20, 21] * 6, [30, 31, 32, 33, 34]]
 SAMPLING = {"greedy": (0.0, 1.0), "sampling": (1.0, 1.0), "top_p": (0.8, 0.7)}
@@ -23,7 +24,7 @@ PAD = 0
 
 
 def _backend(path, **model) -> HFRolloutBackend:
-    return HFRolloutBackend(StudentConfig(model=str(path), **model), torch.device("cpu"))
+    return HFRolloutBackend(StudentConfig(model=str(path), **model), torch.device("cpu"), RolloutConfig())
 
 
 def _cfg(engine, sampling="sampling", **kw) -> RolloutConfig:
@@ -33,7 +34,8 @@ def _cfg(engine, sampling="sampling", **kw) -> RolloutConfig:
 
 
 def _generate(backend, cfg, stop_ids=frozenset({1}), seed=11):
-    return backend.generate(PROMPTS, cfg, stop_ids=set(stop_ids), pad_id=PAD, seed=seed)
+    backend.cfg = cfg  # one backend (and its built engines) decodes under each configuration
+    return backend.generate(PROMPTS, stop_ids=set(stop_ids), pad_id=PAD, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ def test_sampled_logprobs_are_the_students_own(llama, sampling, sampler):
 
 
 def test_inverse_cdf_draws_the_distribution():
-    from kdlib.rollout.sampling import inverse_cdf_draw
+    from kdlib.backends.hf.decode.sampling import inverse_cdf_draw
 
     probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.0, 0.05])
     n = 200_000
@@ -187,9 +189,9 @@ def test_unsupported_model_falls_back_to_generate_with_one_reason(tiny_dir, chat
         MambaForCausalLM(config).save_pretrained(str(path))
         tokenizer.save_pretrained(str(path))
     backend = _backend(path, attn_implementation="eager")  # a state-space model: no KV cache at all
-    with caplog.at_level(logging.WARNING, logger="kdlib.rollout.hf"):
+    with caplog.at_level(logging.INFO, logger="kdlib.backends.hf.rollout"):
         auto = [_generate(backend, _cfg("auto")) for _ in range(2)]
-    reasons = [r.getMessage() for r in caplog.records if "rollout.engine=auto" in r.getMessage()]
+    reasons = [r.getMessage() for r in caplog.records if "rollout.engine=static" in r.getMessage()]
     assert len(reasons) == 1 and "plain generate" in reasons[0] and "MambaForCausalLM" in reasons[0]
     assert backend.engine(RolloutEngine.auto) is None
     assert auto[0] == auto[1] == _generate(backend, _cfg("generate"))
@@ -209,11 +211,11 @@ def _miscompiling_compile(fn, **kwargs):  # e.g. the NaNs inductor's AVX2 code g
 
 @pytest.mark.parametrize("compile, reason", [(_raising_compile, "no C++ compiler"), (_miscompiling_compile, "disagrees")])
 def test_compile_failure_falls_back_to_the_eager_loop(tiny_llama, monkeypatch, caplog, compile, reason):
-    import kdlib.rollout.engine as engine_module
+    import kdlib.backends.hf.decode.engine as engine_module
 
     monkeypatch.setattr(engine_module.torch, "compile", compile)
     backend = _backend(tiny_llama)
-    with caplog.at_level(logging.WARNING, logger="kdlib.rollout.engine"):
+    with caplog.at_level(logging.WARNING, logger="kdlib.backends.hf.decode.engine"):
         outs = [_generate(backend, _cfg("compiled")) for _ in range(2)]
     reasons = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
     assert len(reasons) == 1 and reason in reasons[0]
@@ -269,7 +271,7 @@ def test_synced_weights_reach_the_frozen_engine(tiny_llama):
 def test_a_weight_load_repacks_the_frozen_engine_or_recompiles_it(tiny_llama, monkeypatch, follows):
     """A frozen step that follows moved weights once repacked is repacked at a weight load; one that
     does not is compiled again. Static and compiled engines read the parameters: nothing happens."""
-    import kdlib.rollout.engine as engine_module
+    import kdlib.backends.hf.decode.engine as engine_module
 
     compiles, resets, checks = [], [], []
 
@@ -311,7 +313,7 @@ def test_reserve_sizes_a_compiled_engines_cache_once(tiny_llama, monkeypatch):
     """The longest prompt announced before decoding sizes a compiled engine's cache, so a longer
     prompt later reuses the cache length (hence the compiled graph) of the first call; eager caches
     stay tight. The tokens are generate's either way."""
-    import kdlib.rollout.engine as engine_module
+    import kdlib.backends.hf.decode.engine as engine_module
 
     monkeypatch.setattr(engine_module.torch, "compile", lambda fn, **kwargs: fn)  # decodes eagerly
     backend = _backend(tiny_llama)
@@ -334,7 +336,7 @@ def test_a_smaller_batch_runs_in_the_compiled_step_of_a_larger_one(tiny_llama, m
     the 2-row batch in its 3-row step, the extra row a copy of the first and its output ignored, so
     one shape is compiled and checked, not two; the tokens are generate's. Eager engines keep each
     batch's own size."""
-    import kdlib.rollout.engine as engine_module
+    import kdlib.backends.hf.decode.engine as engine_module
 
     monkeypatch.setattr(engine_module.torch, "compile", lambda fn, **kwargs: fn)  # decodes eagerly
     backend = _backend(tiny_llama)

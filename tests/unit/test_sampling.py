@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdlib.rollout import sampling
+from kdlib.backends.hf.decode import sampling
 
 
 def _probs(rows: int, vocab: int, seed: int) -> torch.Tensor:

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from engine_double import EngineDouble
-from kdlib.config import SGLangRolloutConfig, StudentConfig, TeacherConfig
+from kdlib.backends.sglang.options import SGLangRolloutConfig, SGLangTeacherOptions
+from kdlib.config import StudentConfig, TeacherConfig
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,18 +134,18 @@ class Recorder:
 @pytest.fixture(scope="module")
 def kdlib_calls(tiny_llama) -> list[tuple[str, tuple, dict]]:
     """Every Engine call of a teacher and a rollout scenario with every option kdlib maps."""
-    import kdlib.sglang_engine
+    import kdlib.backends.sglang.engine
     from kdlib.batch import TokenBatch
-    from kdlib.rollout.sglang import SGLangRolloutBackend
-    from kdlib.rollout.sglang_sync import BucketMeta
-    from kdlib.teacher.sglang import SGLangTeacherBackend
+    from kdlib.backends.sglang.rollout import SGLangRolloutBackend
+    from kdlib.backends.sglang.sync import BucketMeta
+    from kdlib.backends.sglang.teacher import SGLangTeacherBackend
 
     log: list = []
-    saved = kdlib.sglang_engine.engine_class
-    kdlib.sglang_engine.engine_class = functools.partial(Recorder, log)
+    saved = kdlib.backends.sglang.engine.SGLangEngine.factory
+    kdlib.backends.sglang.engine.SGLangEngine.factory = functools.partial(Recorder, log)
     try:
-        teacher = TeacherConfig(model=str(tiny_llama), backend="sglang", revision="main")
-        options = teacher.sglang
+        teacher = TeacherConfig(model=str(tiny_llama), backend=SGLangTeacherOptions(), revision="main")
+        options = teacher.backend
         options.offload_tags = ["kv_cache", "weights", "cuda_graph"]
         options.top_logprobs_num = 2
         options.mem_fraction_static, options.quantization, options.attention_backend = 0.5, "fp8", "triton"
@@ -156,16 +157,16 @@ def kdlib_calls(tiny_llama) -> list[tuple[str, tuple, dict]]:
         backend.wake()
 
         rollout = SGLangRolloutConfig(max_new_tokens=3, n_samples_per_prompt=2)
-        rollout.sglang.deterministic = rollout.sglang.release_memory = True
+        rollout.deterministic = rollout.release_memory = True
         engine = SGLangRolloutBackend(StudentConfig(model=str(tiny_llama)), torch.device("cpu"), rollout)
-        engine.generate([[3, 4, 5]], rollout, stop_ids={2}, pad_id=0, seed=1)
+        engine.generate([[3, 4, 5]], stop_ids={2}, pad_id=0, seed=1)
         engine.load_weights({"lm_head.weight": torch.zeros(384, 64)})
         engine.join_weight_group("127.0.0.1", 5000, 1, 2, "kdlib_weight_sync", "nccl")
         engine.receive_weights([BucketMeta(["model.norm.weight"], ["float32"], [[64]])], "kdlib_weight_sync")
-        engine.generate([[3, 4, 5]], rollout, stop_ids={2}, pad_id=0, seed=1)
-        kdlib.sglang_engine.SGLangEngine({"model_path": str(tiny_llama), "dtype": "float32"}, "x").shutdown()
+        engine.generate([[3, 4, 5]], stop_ids={2}, pad_id=0, seed=1)
+        kdlib.backends.sglang.engine.SGLangEngine({"model_path": str(tiny_llama), "dtype": "float32"}, "x").shutdown()
     finally:
-        kdlib.sglang_engine.engine_class = saved
+        kdlib.backends.sglang.engine.SGLangEngine.factory = saved
     return log
 
 
@@ -174,7 +175,7 @@ def kdlib_calls(tiny_llama) -> list[tuple[str, tuple, dict]]:
 
 
 def test_the_installed_sglang_is_a_supported_version():
-    from kdlib.sglang_engine import SUPPORTED_VERSIONS, installed_version
+    from kdlib.backends.sglang.engine import SUPPORTED_VERSIONS, installed_version
 
     assert installed_version() in SUPPORTED_VERSIONS
 
@@ -242,7 +243,7 @@ def test_generate_requests_and_sampling_params_exist(kdlib_calls):
 
 
 def test_memory_tags_are_sglangs():
-    from kdlib.config.schema import SGLANG_MEMORY_TAGS
+    from kdlib.backends.sglang.options import MEMORY_TAGS as SGLANG_MEMORY_TAGS
 
     values = {n.targets[0].id: n.value.value for n in parsed("srt/constants.py").body
               if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)}

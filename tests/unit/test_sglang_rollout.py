@@ -3,32 +3,36 @@ weight sync (session, buckets, flush, release/resume), stale-weight refusal, the
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from engine_double import EngineDouble
-from kdlib.config import RolloutConfig, SGLangRolloutConfig, StudentConfig
+from kdlib.backends.hf.options import HFRolloutConfig
+from kdlib.backends.sglang.options import SGLangRolloutConfig
+from kdlib.config import StudentConfig
 from kdlib.errors import ModelError
-from kdlib.rollout.base import Generation
+from kdlib.backends.base import Generation
 
 TAGS = ["kv_cache", "weights", "cuda_graph"]
 
 
 @pytest.fixture
 def double(monkeypatch):
-    import kdlib.sglang_engine
+    import kdlib.backends.sglang.engine
 
-    monkeypatch.setattr(kdlib.sglang_engine, "engine_class", EngineDouble)
+    monkeypatch.setattr(kdlib.backends.sglang.engine.SGLangEngine, "factory", EngineDouble)
     monkeypatch.setattr(EngineDouble, "instances", [])
     return EngineDouble
 
 
 def _backend(path, **options):
-    from kdlib.rollout.sglang import SGLangRolloutBackend
+    from kdlib.backends.sglang.rollout import SGLangRolloutBackend
 
     cfg = SGLangRolloutConfig(max_new_tokens=6, temperature=0.0)
     for key, value in options.items():
-        setattr(cfg.sglang, key, value)
+        setattr(cfg, key, value)
     return SGLangRolloutBackend(StudentConfig(model=str(path)), torch.device("cpu"), cfg), cfg
 
 
@@ -51,7 +55,7 @@ PROMPTS = [[1, 20, 31, 44, 5], [7, 8, 9], [100, 3, 250, 12]]
 
 
 def test_finish_reasons_and_stop_tokens():
-    from kdlib.rollout.sglang import parse_generation
+    from kdlib.backends.sglang.rollout import parse_generation
 
     def out(ids, reason):
         return {"output_ids": ids, "meta_info": {"finish_reason": reason}}
@@ -67,15 +71,15 @@ def test_finish_reasons_and_stop_tokens():
 
 def test_greedy_samples_equal_the_transformers_rollout(double, tiny_llama):
     """n samples per prompt, in prompt order, each through its end token: as rollout=hf."""
-    from kdlib.rollout.hf import HFRolloutBackend
+    from kdlib.backends.hf.rollout import HFRolloutBackend
 
     backend, cfg = _backend(tiny_llama)
     cfg.n_samples_per_prompt = 2
-    hf = HFRolloutBackend(StudentConfig(model=str(tiny_llama)), torch.device("cpu"))
+    hf_cfg = HFRolloutConfig(max_new_tokens=6, temperature=0.0, n_samples_per_prompt=2)
+    hf = HFRolloutBackend(StudentConfig(model=str(tiny_llama)), torch.device("cpu"), hf_cfg)
     stop = {EngineDouble(model_path=str(tiny_llama), dtype="float32").model.config.eos_token_id, 300}
-    hf_cfg = RolloutConfig(max_new_tokens=6, temperature=0.0, n_samples_per_prompt=2)
-    got = backend.generate(PROMPTS, cfg, stop_ids=stop, pad_id=0, seed=1)
-    expected = hf.generate(PROMPTS, hf_cfg, stop_ids=stop, pad_id=0, seed=1)
+    got = backend.generate(PROMPTS, stop_ids=stop, pad_id=0, seed=1)
+    expected = hf.generate(PROMPTS, stop_ids=stop, pad_id=0, seed=1)
     assert got == expected
     assert [len(g) for g in got] == [2, 2, 2]
     params = double.instances[0].server_args
@@ -90,8 +94,8 @@ def test_sampling_options_reach_the_engine(double, tiny_llama):
     original = engine.generate
     engine.generate = lambda input_ids, sampling_params, **kw: seen.append(sampling_params) or original(
         input_ids, sampling_params, **kw)
-    first = backend.generate(PROMPTS[:2], cfg, stop_ids={300}, pad_id=0, seed=40)
-    second = backend.generate(PROMPTS[:2], cfg, stop_ids={300}, pad_id=0, seed=40)
+    first = backend.generate(PROMPTS[:2], stop_ids={300}, pad_id=0, seed=40)
+    second = backend.generate(PROMPTS[:2], stop_ids={300}, pad_id=0, seed=40)
     assert first == second  # each sample seeded: the same seed samples the same responses
     (params, _) = seen
     assert [p["sampling_seed"] for p in params] == list(range(40, 46))
@@ -107,7 +111,7 @@ def test_weight_sync_is_one_session_then_one_flush_before_generating(double, tin
     for bucket in _buckets(state, 3):
         backend.load_weights(bucket)
     assert engine.session  # closed only when the whole update is in
-    backend.generate(PROMPTS, cfg, stop_ids={300}, pad_id=0, seed=0)
+    backend.generate(PROMPTS, stop_ids={300}, pad_id=0, seed=0)
     calls = [name for name, _ in engine.calls]
     assert calls == ["begin_weight_update"] + ["update_weights_from_tensor"] * 3 + [
         "end_weight_update", "flush_cache", "generate"]
@@ -117,7 +121,7 @@ def test_weight_sync_is_one_session_then_one_flush_before_generating(double, tin
     for name, value in engine.model.state_dict().items():  # bit for bit
         assert torch.equal(value, state[name]), name
     # no new weights: no session, no flush
-    backend.generate(PROMPTS, cfg, stop_ids={300}, pad_id=0, seed=0)
+    backend.generate(PROMPTS, stop_ids={300}, pad_id=0, seed=0)
     assert [name for name, _ in engine.calls][-1:] == ["generate"]
 
 
@@ -125,11 +129,11 @@ def test_released_engine_resumes_weights_to_load_and_the_rest_to_generate(double
     backend, cfg = _backend(tiny_llama, release_memory=True)
     engine = double.instances[0]
     assert engine.server_args["enable_memory_saver"] is True
-    backend.generate(PROMPTS, cfg, stop_ids={300}, pad_id=0, seed=0)
+    backend.generate(PROMPTS, stop_ids={300}, pad_id=0, seed=0)
     state = _student_state(tiny_llama, seed=2)
     for bucket in _buckets(state, 2):
         backend.load_weights(bucket)
-    out = backend.generate(PROMPTS, cfg, stop_ids={300}, pad_id=0, seed=0)
+    out = backend.generate(PROMPTS, stop_ids={300}, pad_id=0, seed=0)
     calls = [(name, arg if "memory" in name else None) for name, arg in engine.calls]
     assert calls == [
         ("generate", None), ("release_memory_occupation", TAGS),
@@ -144,7 +148,7 @@ def test_released_engine_resumes_weights_to_load_and_the_rest_to_generate(double
     fresh, _ = _backend(tiny_llama)
     for bucket in _buckets(state, 1):
         fresh.load_weights(bucket)
-    assert fresh.generate(PROMPTS, cfg, stop_ids={300}, pad_id=0, seed=0) == out
+    assert fresh.generate(PROMPTS, stop_ids={300}, pad_id=0, seed=0) == out
 
 
 def test_stale_weights_after_a_release_are_refused(double, tiny_llama):
@@ -153,17 +157,17 @@ def test_stale_weights_after_a_release_are_refused(double, tiny_llama):
     buckets = _buckets(state, 3)
     for bucket in buckets:
         backend.load_weights(bucket)
-    backend.generate(PROMPTS, cfg, stop_ids={300}, pad_id=0, seed=0)  # releases everything after
+    backend.generate(PROMPTS, stop_ids={300}, pad_id=0, seed=0)  # releases everything after
     backend.load_weights(buckets[0])  # one bucket of three
     with pytest.raises(ModelError, match=r"released its weights and \d+ tensors .* were not loaded again"):
-        backend.generate(PROMPTS, cfg, stop_ids={300}, pad_id=0, seed=0)
+        backend.generate(PROMPTS, stop_ids={300}, pad_id=0, seed=0)
     for bucket in buckets[1:]:
         backend.load_weights(bucket)
-    backend.generate(PROMPTS, cfg, stop_ids={300}, pad_id=0, seed=0)
+    backend.generate(PROMPTS, stop_ids={300}, pad_id=0, seed=0)
 
 
 def test_an_update_outside_a_session_fails_with_sglangs_message(double, tiny_llama):
-    from kdlib.sglang_engine import SGLangEngine
+    from kdlib.backends.sglang.engine import SGLangEngine
 
     engine = SGLangEngine({"model_path": str(tiny_llama), "dtype": "float32"}, "rollout")
     with pytest.raises(ModelError, match="rollout: SGLang update_weights_from_tensor failed: .*begin_weight_update"):
@@ -172,7 +176,7 @@ def test_an_update_outside_a_session_fails_with_sglangs_message(double, tiny_lla
 
 def test_a_pruned_student_is_written_once_for_the_engine(double, tiny_llama, tmp_path, monkeypatch):
     from kdlib.models.student import build_model
-    from kdlib.rollout.sglang import engine_checkpoint
+    from kdlib.backends.sglang.rollout import engine_checkpoint
 
     monkeypatch.setenv("KDLIB_CACHE", str(tmp_path))
     student = StudentConfig(model=str(tiny_llama), num_layers=2)
@@ -187,7 +191,7 @@ def test_a_pruned_student_is_written_once_for_the_engine(double, tiny_llama, tmp
 
 
 def _broadcast_sender(port, state, plan, world):
-    from kdlib.rollout.sglang_sync import broadcast_state, open_sender_group
+    from kdlib.backends.sglang.sync import broadcast_state, open_sender_group
 
     group = open_sender_group("127.0.0.1", port, world, "kdlib_weight_sync", "gloo", timeout_s=60)
     broadcast_state(group, state, plan, torch.device("cpu"))
@@ -199,7 +203,7 @@ def test_broadcast_sync_over_gloo_reaches_the_engine_bit_for_bit(double, tiny_ll
     import multiprocessing
 
     from kdlib.parallel.distributed import free_port
-    from kdlib.rollout.sglang_sync import bucket_plan
+    from kdlib.backends.sglang.sync import bucket_plan
 
     backend, cfg = _backend(tiny_llama)
     engine = double.instances[0]
@@ -217,7 +221,7 @@ def test_broadcast_sync_over_gloo_reaches_the_engine_bit_for_bit(double, tiny_ll
         for group in engine.groups.values():
             torch.distributed.destroy_process_group(group)
     assert sender.exitcode == 0
-    backend.generate(PROMPTS, cfg, stop_ids={300}, pad_id=0, seed=0)
+    backend.generate(PROMPTS, stop_ids={300}, pad_id=0, seed=0)
     calls = [name for name, _ in engine.calls]
     assert calls == ["init_weights_update_group", "begin_weight_update"] + ["update_weights_from_distributed"] * len(
         plan) + ["end_weight_update", "flush_cache", "generate"]
@@ -231,39 +235,41 @@ class _RecordingGroup:
     def __init__(self, role, size, log, results):
         self.role, self.size, self.log, self.results = role, size, log, results
 
-    def call(self, method, *args):
-        self.log.append(("call", self.role, method))
-        return [self.results.get(method)] * self.size
+    def call(self, fn, *args):
+        self.log.append(("call", self.role, fn.__name__))
+        return [self.results.get(fn.__name__)] * self.size
 
-    def submit_each(self, method, args_per_worker):
-        self.log.append(("submit", self.role, method, [tuple(a) for a in args_per_worker]))
-        return [self.results.get(method)] * self.size
+    def submit_each(self, fn, args_per_worker):
+        self.log.append(("submit", self.role, fn.__name__, [tuple(a) for a in args_per_worker]))
+        return [self.results.get(fn.__name__)] * self.size
 
-    def gather(self, futures, method="call"):
-        self.log.append(("gather", self.role, method))
+    def gather(self, futures, fn):
+        self.log.append(("gather", self.role, fn.__name__))
         return futures
 
 
 def test_distributed_sync_submits_both_sides_before_waiting():
-    from kdlib.rollout.sglang_sync import GROUP_NAME, BucketMeta, DistributedWeightSync
+    from kdlib.backends.sglang.sync import GROUP_NAME, BucketMeta, DistributedWeightSync
 
     log = []
     plan = [BucketMeta(["w"], ["float32"], [[2]])]
-    student = _RecordingGroup("student", 2, log, {"weight_sync_address": ("10.0.0.1", 5000), "open_weight_broadcast": plan})
-    rollout = _RecordingGroup("rollout", 2, log, {})
-    sync = DistributedWeightSync(student, rollout, bucket_bytes=1024, tp_size=2, backend="nccl")
+    student = SimpleNamespace(group=_RecordingGroup("student", 2, log, {"sender_address": ("10.0.0.1", 5000),
+                                                                          "open_sender": plan}))
+    rollout = SimpleNamespace(group=_RecordingGroup("rollout", 2, log, {}))
+    cfg = SimpleNamespace(onpolicy=SimpleNamespace(sync_bucket_mb=1), rollout=SimpleNamespace(tp_size=2), device="cuda")
+    sync = DistributedWeightSync(student, rollout, cfg)
     sync.sync()
     sync.sync()
     address = ("10.0.0.1", 5000)
     assert log == [
-        ("call", "student", "weight_sync_address"),
-        ("submit", "student", "open_weight_broadcast", [(*address, 5, GROUP_NAME, "nccl", 1024)] * 2),
-        ("submit", "rollout", "join_weight_group", [(*address, 1, 5, GROUP_NAME, "nccl"), (*address, 3, 5, GROUP_NAME, "nccl")]),
-        ("gather", "rollout", "join_weight_group"), ("gather", "student", "open_weight_broadcast"),
+        ("call", "student", "sender_address"),
+        ("submit", "student", "open_sender", [(*address, 5, GROUP_NAME, "nccl", 2**20)] * 2),
+        ("submit", "rollout", "join_group", [(*address, 1, 5, GROUP_NAME, "nccl"), (*address, 3, 5, GROUP_NAME, "nccl")]),
+        ("gather", "rollout", "join_group"), ("gather", "student", "open_sender"),
     ] + [
-        ("submit", "student", "broadcast_weights", [(), ()]),
+        ("submit", "student", "send_weights", [(), ()]),
         ("submit", "rollout", "receive_weights", [(plan, GROUP_NAME)] * 2),
-        ("gather", "student", "broadcast_weights"), ("gather", "rollout", "receive_weights"),
+        ("gather", "student", "send_weights"), ("gather", "rollout", "receive_weights"),
     ] * 2
 
 
@@ -273,4 +279,4 @@ def test_distributed_sync_needs_the_ray_launcher(tiny_llama):
 
     with pytest.raises(ConfigError, match="weight_sync=distributed needs launcher=ray"):
         kdlib.compose([f"teacher.model={tiny_llama}", f"student.model={tiny_llama}", "+recipe=onpolicy",
-                       "rollout=sglang", "rollout.sglang.weight_sync=distributed", "device=cpu"])
+                       "rollout=sglang", "rollout.weight_sync=distributed", "device=cpu"])

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kdlib.backends.sglang.options import SGLangTeacherOptions
+
 from engine_double import EngineDouble
 from kdlib.batch import TokenBatch
 from kdlib.config import Precision, TeacherConfig
@@ -15,18 +17,17 @@ from kdlib.errors import ModelError
 @pytest.fixture
 def double(monkeypatch):
     """Every SGLang engine kdlib starts is an EngineDouble."""
-    import kdlib.sglang_engine
+    import kdlib.backends.sglang.engine
 
-    monkeypatch.setattr(kdlib.sglang_engine, "engine_class", EngineDouble)
+    monkeypatch.setattr(kdlib.backends.sglang.engine.SGLangEngine, "factory", EngineDouble)
     monkeypatch.setattr(EngineDouble, "instances", [])
     return EngineDouble
 
 
 def _teacher_cfg(path, dtype=Precision.float32, tags=(), **options) -> TeacherConfig:
-    cfg = TeacherConfig(model=str(path), backend="sglang", dtype=dtype)
-    cfg.sglang.offload_tags = list(tags)
+    cfg = TeacherConfig(model=str(path), backend=SGLangTeacherOptions(offload_tags=list(tags)), dtype=dtype)
     for key, value in options.items():
-        setattr(cfg.sglang, key, value)
+        setattr(cfg.backend, key, value)
     return cfg
 
 
@@ -52,7 +53,7 @@ def _packed(batch: TokenBatch) -> TokenBatch:
 
 
 def test_samples_are_split_in_loss_row_order():
-    from kdlib.teacher.sglang_outputs import split_samples
+    from kdlib.backends.sglang.outputs import split_samples
 
     batch = _padded_batch()
     for view in (batch, _packed(batch)):
@@ -65,8 +66,8 @@ def test_samples_are_split_in_loss_row_order():
 @pytest.mark.parametrize("dtype", [Precision.float32, Precision.bfloat16])
 def test_hidden_rows_equal_the_transformers_teacher(double, tiny_llama, dtype):
     """The rows at the loss positions, padded and packed, are the hf backend's rows."""
-    from kdlib.teacher.hf import HFTeacherBackend
-    from kdlib.teacher.sglang import SGLangTeacherBackend
+    from kdlib.backends.hf.teacher import HFTeacherBackend
+    from kdlib.backends.sglang.teacher import SGLangTeacherBackend
 
     cfg = _teacher_cfg(tiny_llama, dtype)
     sglang = SGLangTeacherBackend(cfg, torch.device("cpu"))
@@ -85,7 +86,7 @@ def test_hidden_rows_equal_the_transformers_teacher(double, tiny_llama, dtype):
 
 
 def test_engine_runs_with_hidden_states_on_and_prefix_reuse_off(double, tiny_llama):
-    from kdlib.teacher.sglang import SGLangTeacherBackend
+    from kdlib.backends.sglang.teacher import SGLangTeacherBackend
 
     SGLangTeacherBackend(_teacher_cfg(tiny_llama, tags=["kv_cache", "weights"], tp_size=2,
                                       mem_fraction_static=0.4, quantization="fp8"), torch.device("cpu"))
@@ -99,9 +100,9 @@ def test_engine_runs_with_hidden_states_on_and_prefix_reuse_off(double, tiny_lla
 
 def test_a_prefix_cache_hit_or_a_chunked_prefill_is_refused(double, tiny_llama):
     """With SGLang's defaults some prompt positions get no hidden state: kdlib must notice."""
-    from kdlib.sglang_engine import SGLangEngine
-    from kdlib.teacher.sglang import SCORING
-    from kdlib.teacher.sglang_outputs import prefill_hidden
+    from kdlib.backends.sglang.engine import SGLangEngine
+    from kdlib.backends.sglang.teacher import SCORING
+    from kdlib.backends.sglang.outputs import prefill_hidden
 
     engine = SGLangEngine({"model_path": str(tiny_llama), "dtype": "float32", "enable_return_hidden_states": True,
                            "chunked_prefill_size": -1}, "teacher")
@@ -123,7 +124,7 @@ def test_a_prefix_cache_hit_or_a_chunked_prefill_is_refused(double, tiny_llama):
 
 def test_topk_logprobs_are_the_engines_at_each_loss_row(double, tiny_llama):
     from kdlib.models.checkpoint_head import load_lm_head
-    from kdlib.teacher.sglang import SGLangTeacherBackend
+    from kdlib.backends.sglang.teacher import SGLangTeacherBackend
 
     cfg = _teacher_cfg(tiny_llama, top_logprobs_num=4)
     out = SGLangTeacherBackend(cfg, torch.device("cpu")).score(_padded_batch())
@@ -135,7 +136,7 @@ def test_topk_logprobs_are_the_engines_at_each_loss_row(double, tiny_llama):
 
 @pytest.mark.parametrize("dtype", [Precision.float32, Precision.bfloat16])
 def test_head_self_check_passes_for_the_checkpoints_head(double, tiny_llama, tiny_qwen3, dtype):
-    from kdlib.teacher.sglang import SGLangTeacherBackend
+    from kdlib.backends.sglang.teacher import SGLangTeacherBackend
 
     backend = SGLangTeacherBackend(_teacher_cfg(tiny_llama, dtype), torch.device("cpu"))
     check = backend.head_check
@@ -150,8 +151,8 @@ def test_head_self_check_fails_for_a_wrong_head(double, tiny_llama, tiny_qwen3):
 
     from kdlib.config import ModelConfig
     from kdlib.models.checkpoint_head import load_lm_head
-    from kdlib.sglang_engine import SGLangEngine
-    from kdlib.teacher.sglang import check_head
+    from kdlib.backends.sglang.engine import SGLangEngine
+    from kdlib.backends.sglang.teacher import check_head
 
     engine = SGLangEngine({"model_path": str(tiny_llama), "dtype": "float32", "enable_return_hidden_states": True,
                            "disable_radix_cache": True, "chunked_prefill_size": -1}, "teacher")
@@ -165,7 +166,7 @@ def test_head_self_check_fails_for_a_wrong_head(double, tiny_llama, tiny_qwen3):
 
 
 def test_an_engine_returning_pre_norm_states_stops_the_start(double, tiny_llama, monkeypatch):
-    from kdlib.teacher.sglang import SGLangTeacherBackend
+    from kdlib.backends.sglang.teacher import SGLangTeacherBackend
 
     monkeypatch.setattr(EngineDouble, "prenorm", True)
     with pytest.raises(ModelError, match="not the post-norm input"):
@@ -174,7 +175,7 @@ def test_an_engine_returning_pre_norm_states_stops_the_start(double, tiny_llama,
 
 
 def test_sleep_and_wake_release_and_resume_the_configured_tags(double, tiny_llama):
-    from kdlib.teacher.sglang import SGLangTeacherBackend
+    from kdlib.backends.sglang.teacher import SGLangTeacherBackend
 
     backend = SGLangTeacherBackend(_teacher_cfg(tiny_llama, tags=["kv_cache", "weights", "cuda_graph"]),
                                    torch.device("cpu"))
@@ -196,12 +197,12 @@ def test_releasing_weights_without_a_backup_is_refused_and_would_lose_them(doubl
     from kdlib.errors import ConfigError
 
     with pytest.raises(ConfigError, match="weights_cpu_backup=false"):
-        kdlib.compose([f"teacher.model={tiny_llama}", f"student.model={tiny_llama}", "teacher.backend=sglang",
-                       "teacher.sglang.offload_tags=[weights]", "teacher.sglang.weights_cpu_backup=false",
+        kdlib.compose([f"teacher.model={tiny_llama}", f"student.model={tiny_llama}", "teacher/backend=sglang",
+                       "teacher.backend.offload_tags=[weights]", "teacher.backend.weights_cpu_backup=false",
                        "device=cpu"])
     # what the check prevents: the engine comes back with other weights
-    from kdlib.sglang_engine import SGLangEngine
-    from kdlib.teacher.sglang import SCORING
+    from kdlib.backends.sglang.engine import SGLangEngine
+    from kdlib.backends.sglang.teacher import SCORING
 
     engine = SGLangEngine({"model_path": str(tiny_llama), "dtype": "float32", "enable_return_hidden_states": True,
                            "enable_memory_saver": True}, "teacher")
@@ -216,16 +217,16 @@ def test_offload_tags_follow_colocation_and_sglang_options_are_checked(tiny_llam
     import kdlib
     from kdlib.errors import ConfigError
 
-    base = [f"teacher.model={tiny_llama}", f"student.model={tiny_llama}", "teacher.backend=sglang", "device=cpu"]
-    assert kdlib.compose(base).teacher.sglang.offload_tags == []
+    base = [f"teacher.model={tiny_llama}", f"student.model={tiny_llama}", "teacher/backend=sglang", "device=cpu"]
+    assert kdlib.compose(base).teacher.backend.offload_tags == []
     colocated = kdlib.compose(base + ["pipeline.colocate=true"])
-    assert colocated.teacher.sglang.offload_tags == ["kv_cache", "weights", "cuda_graph"]
-    assert "teacher.sglang.offload_tags" in colocated.auto_choices
+    assert colocated.teacher.backend.offload_tags == ["kv_cache", "weights", "cuda_graph"]
+    assert "teacher.backend.offload_tags" in colocated.auto_choices
     bad = {
-        "teacher.sglang.tp_size=0": "teacher.sglang: tp_size",
-        "teacher.sglang.mem_fraction_static=1.5": "mem_fraction_static",
-        "teacher.sglang.offload_tags=[vram]": "unknown",
-        "+teacher.sglang.server_args.disable_radix_cache=false": r"\['disable_radix_cache'\] are set by kdlib",
+        "teacher.backend.tp_size=0": "teacher.backend.tp_size",
+        "teacher.backend.mem_fraction_static=1.5": "mem_fraction_static",
+        "teacher.backend.offload_tags=[vram]": "unknown",
+        "+teacher.backend.server_args.disable_radix_cache=false": r"\['disable_radix_cache'\] are set by kdlib",
         "teacher.from_student=true": "loads weights",
     }
     for override, message in bad.items():
@@ -236,7 +237,7 @@ def test_offload_tags_follow_colocation_and_sglang_options_are_checked(tiny_llam
 def test_unsupported_or_missing_sglang_is_a_clear_error(monkeypatch):
     from importlib import metadata
 
-    import kdlib.sglang_engine as engine
+    import kdlib.backends.sglang.engine as engine
 
     assert engine.check_version() in engine.SUPPORTED_VERSIONS  # the installed, contract-tested one
     monkeypatch.setattr(engine.metadata, "version", lambda name: "0.4.9")

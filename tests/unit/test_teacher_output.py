@@ -9,7 +9,7 @@ from kdlib.batch import TokenBatch
 from kdlib.config import TransportConfig
 from kdlib.teacher_output import TeacherOutput
 from kdlib.testing import ExampleAlignment, full_teacher_output
-from kdlib.transport.inprocess import InProcessTransport
+from kdlib.transport.base import InProcessTransport
 
 
 def _same(a: TeacherOutput, b: TeacherOutput) -> None:

@@ -15,7 +15,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from kdlib.batch import BatchImages, PromptImages
 from kdlib.cache.fingerprint import processor_fingerprint, sample_key
-from kdlib.config import DataConfig, ModelConfig, RolloutConfig, StudentConfig
+from kdlib.backends.hf.options import HFRolloutConfig
+from kdlib.config import DataConfig, ModelConfig, StudentConfig
 from kdlib.data.images import ImageRef, image_digest, open_image
 from kdlib.data.vision_encoding import VisionChatEncoder
 from kdlib.data.vision_samples import VisionPrompt, build_vision_prompts, build_vision_samples, collate_vision, vision_rollout_sample
@@ -131,8 +132,8 @@ def test_the_idle_vision_pass_runs_the_tower_and_changes_nothing(family, tiny_vl
 def test_batched_generation_about_images_equals_one_prompt_at_a_time(family, tiny_vlm, vlm_chat_data):
     """Left padding (ids, attention mask, token types) and batched pixels do not change what a
     prompt generates: greedy batched == greedy alone, for prompts with zero, one and two images."""
-    from kdlib.rollout.hf import HFRolloutBackend
-    from kdlib.rollout.hf_vision import HFImageGeneration
+    from kdlib.backends.hf.rollout import HFRolloutBackend
+    from kdlib.backends.hf.vision_rollout import HFImageGeneration
 
     path = tiny_vlm(family)
     encoder = VisionChatEncoder(AutoProcessor.from_pretrained(path))
@@ -140,12 +141,12 @@ def test_batched_generation_about_images_equals_one_prompt_at_a_time(family, tin
     assert report.kept == 8
     prompts = prompts[:4]
     assert sorted(len(p.images) for p in prompts) == [0, 1, 1, 2] and len({len(p.student_ids) for p in prompts}) > 1
-    engine = HFImageGeneration(HFRolloutBackend(ModelConfig(model=str(path)), torch.device("cpu")))
-    cfg = RolloutConfig(max_new_tokens=6, temperature=0.0, batch_size=4)
+    cfg = HFRolloutConfig(max_new_tokens=6, temperature=0.0, batch_size=4)
+    engine = HFImageGeneration(HFRolloutBackend(ModelConfig(model=str(path)), torch.device("cpu"), cfg))
 
     def generate(chunk: list[VisionPrompt]):
         images = PromptImages(BatchImages([p.images for p in chunk], [p.where for p in chunk]), [p.student_types for p in chunk])
-        return engine.generate([p.student_ids for p in chunk], images, cfg, stop_ids=encoder.end_of_turn_ids,
+        return engine.generate([p.student_ids for p in chunk], images, stop_ids=encoder.end_of_turn_ids,
                                pad_id=encoder.pad_id, seed=0)
 
     together = generate(prompts)

@@ -15,11 +15,13 @@ import importlib
 import importlib.resources
 import re
 import sys
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kdlib.config.checks import resolve_auto, validate
+from kdlib.config.checks import check_names, validate
+from kdlib.config.resolve import resolve
 from kdlib.config.schema import KDConfig
 from kdlib.config.store import register_configs
 from kdlib.errors import ConfigError, first_line
@@ -48,8 +50,38 @@ def compose(overrides: Sequence[str] = ()) -> KDConfig:
     return to_typed(cfg)
 
 
+def load_config(path: str | Path) -> KDConfig:
+    """The typed config of a run directory's ``config.yaml`` (or any file written like it): what
+    that run executed, every registry-backed option typed by its registered class. Not resolved
+    again and not checked (it was, before it ran)."""
+    from kdlib.config.store import registry_groups
+
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = OmegaConf.create(text)
+    except Exception as exc:
+        raise ConfigError(f"{path}: not a kdlib config.yaml ({first_line(exc)})") from None
+    register_configs()
+    node = OmegaConf.structured(KDConfig)
+    try:
+        with open_dict(node):
+            for group, (registry, key) in registry_groups().items():
+                path_in_cfg = group.replace("/", ".")
+                saved = OmegaConf.select(data, path_in_cfg)
+                name = None if saved is None else saved.get(key)
+                if name is not None and name in registry and registry.entry(name).config_cls is not None:
+                    typed = OmegaConf.structured(registry.entry(name).config_cls(**{key: name}))
+                    OmegaConf.update(node, path_in_cfg, typed, force_add=True)
+        merged = OmegaConf.merge(node, data)
+        typed = OmegaConf.to_object(merged)
+    except Exception as exc:
+        raise ConfigError(f"{path}: {explain(exc, [])}") from None
+    return typed
+
+
 def to_typed(cfg: DictConfig | KDConfig) -> KDConfig:
-    """KDConfig dataclasses from a composed DictConfig, validated."""
+    """KDConfig dataclasses from a composed DictConfig, resolved (what needs no model file) and
+    validated; a KDConfig is resolved and validated in place."""
     if isinstance(cfg, KDConfig):
         typed = cfg
     else:
@@ -63,7 +95,8 @@ def to_typed(cfg: DictConfig | KDConfig) -> KDConfig:
             raise ConfigError(explain(exc, [])) from None
         if not isinstance(typed, KDConfig):
             raise ConfigError("the composed config is not a kdlib config (was kdlib_schema dropped from defaults?)")
-    resolve_auto(typed)
+    check_names(typed)  # resolving asks the chosen options, so they must be what they say first
+    resolve(typed)
     validate(typed)
     return typed
 

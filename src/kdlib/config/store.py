@@ -1,26 +1,28 @@
 """Registering the schema and the registry-backed group options in Hydra's ConfigStore.
 
 Groups whose options are implementations (``loss``, ``algorithm``, ``transport``, ``launcher``,
-``rollout``) get one option per registered name, typed by that entry's config class. This runs
-when a config is composed, not at import, so a plugin module imported just before composition
-(``plugins=[my_module]``) contributes its options like a built-in would.
+``rollout``, ``teacher/backend``) get one option per registered name, typed by that entry's config
+class. This runs when a config is composed, not at import, so a plugin module imported just before
+composition (``plugins=[my_module]``) contributes its options like a built-in would.
 """
 
 from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from kdlib.config.schema import KDConfig, TransportConfig
+from kdlib.config.schema import KDConfig
+from kdlib.config.training import TransportConfig
 
 SCHEMA_NAME = "kdlib_schema"
 
 
 def registry_groups() -> dict[str, tuple[object, str]]:
-    """Config group -> (registry, the config field that holds the option's name)."""
+    """Config group (its node at the path with ``/`` read as ``.``) -> (registry, the field of
+    the node that holds the option's name)."""
     from kdlib.algorithms import ALGORITHMS
+    from kdlib.backends import ROLLOUT_BACKENDS, TEACHER_BACKENDS
     from kdlib.launch import LAUNCHERS
     from kdlib.losses import LOSSES
-    from kdlib.rollout import ROLLOUT_BACKENDS
     from kdlib.transport import TRANSPORTS
 
     return {
@@ -29,6 +31,7 @@ def registry_groups() -> dict[str, tuple[object, str]]:
         "transport": (TRANSPORTS, "name"),
         "launcher": (LAUNCHERS, "name"),
         "rollout": (ROLLOUT_BACKENDS, "backend"),
+        "teacher/backend": (TEACHER_BACKENDS, "name"),
     }
 
 
@@ -41,5 +44,5 @@ def register_configs() -> None:
             if entry.config_cls is None:
                 continue
             store.store(group=group, name=entry.name, node=entry.config_cls(**{key: entry.name}))
-    # transport=auto (the default) follows the launcher; resolved at composition
+    # transport=auto (the default) follows the launcher; resolved before the run
     store.store(group="transport", name="auto", node=TransportConfig(name="auto"))

@@ -1,9 +1,10 @@
-"""Building blocks the modes assemble a pipeline from: encoders, data, worker groups, the head.
+"""How each part of a run is built: encoders, data, the teacher cache, worker groups, the head.
 
-Each mode's ``build`` calls the pieces it needs, in an order that fails fast: tokenizers and data
+:meth:`kdlib.pipeline.Pipeline.build` calls these in an order that fails fast: tokenizers and data
 first (a bad file or row is reported before any model loads), then the launcher and the worker
-groups, then the head handshake (the teacher's ``lm_head`` goes to every student). Nothing here
-knows which mode is running; the modes decide what to call.
+groups, then the head handshake (the teacher's ``lm_head`` goes to every student). Each function
+takes the (frozen) config and what it builds from, and returns what it built; nothing here knows
+which mode is running. Worker specs are built by keyword with only what each worker needs.
 """
 
 from __future__ import annotations
@@ -11,31 +12,31 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Optional
 
-from kdlib.config.schema import KDConfig, Mode, ModelConfig
+from kdlib.config.schema import KDConfig, ModelConfig
 from kdlib.controller import modality
 from kdlib.data.batching import steps_per_epoch
 from kdlib.data.bundle import DataBundle
 from kdlib.data.encoding import ChatEncoder
 from kdlib.errors import ConfigError
-from kdlib.launch import WorkerGroup, build_launcher
-from kdlib.models import packed_attention
+from kdlib.launch import Launcher
 from kdlib.models.loading import load_tokenizer
 from kdlib.progress import phase
+from kdlib.workers.groups import RolloutGroup, StudentGroup, TeacherGroup
+from kdlib.workers.rollout import RolloutWorker
+from kdlib.workers.student import StudentWorker
+from kdlib.workers.teacher import TeacherWorker
 from kdlib.workers.specs import RolloutSpec, StudentSpec, TeacherSpec
 
 if TYPE_CHECKING:
     from kdlib.cache.store import TeacherCache
-    from kdlib.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 
 def chat_encoders(cfg: KDConfig, *, with_teacher: bool) -> tuple[ChatEncoder, Optional[ChatEncoder]]:
     """(student encoder, teacher encoder or None when the teacher reads the student's tokens);
-    vision-language models get their processors' encoders (see controller/modality.py).
-    ``train.packing=auto`` is settled here, where the run's modality and mode are known."""
+    vision-language models get their processors' encoders (see controller/modality.py)."""
     vision = modality.vision_run(cfg, with_teacher=with_teacher)
-    resolve_packing(cfg, vision=vision)
     if vision:
         student, teacher = modality.vision_encoders(cfg, with_teacher=with_teacher)
         if teacher is not None:
@@ -53,32 +54,6 @@ def chat_encoders(cfg: KDConfig, *, with_teacher: bool) -> tuple[ChatEncoder, Op
     if teacher.signature() == student.signature() and not cfg.data.teacher_input_key:
         return student, None  # same tokens: the teacher reads the student's batch
     return student, teacher
-
-
-# Attention implementations that attend within each sample of a packed row, computing nothing
-# across samples (kdlib's packed_sdpa, FlashAttention's varlen kernels).
-PER_SAMPLE_ATTENTION = frozenset({packed_attention.NAME, "flash_attention_2", "flash_attention_3"})
-
-
-def resolve_packing(cfg: KDConfig, *, vision: bool) -> None:
-    """``train.packing=auto``: pack text runs (no compute on padding); pad image+text runs. An
-    on-policy run with an attention that computes a packed row's full square (``sdpa``, ``eager``)
-    is padded too: its rollouts mostly run to ``rollout.max_new_tokens``, so there is little
-    padding to remove and the cross-sample attention costs more than it saves (benchmarks/step.py,
-    docs/benchmarks.md)."""
-    if cfg.train.packing != "auto":
-        return
-    onpolicy = cfg.mode is Mode.onpolicy
-    per_sample = {cfg.student.attn_implementation, cfg.teacher.attn_implementation} <= PER_SAMPLE_ATTENTION
-    cfg.train.packing = not vision and (per_sample or not onpolicy)
-    if vision:
-        reason = "vision-language models lay images out per row"
-    elif not cfg.train.packing:
-        reason = "on-policy rollouts leave little padding and this attention computes across packed samples"
-    else:
-        reason = "text models: no compute on padding"
-    cfg.auto_choices["train.packing"] = f"{str(cfg.train.packing).lower()}: {reason}"
-    log.info("train.packing = %s", cfg.auto_choices["train.packing"])
 
 
 def cross_tokenizer(cfg: KDConfig) -> bool:
@@ -152,11 +127,7 @@ def total_steps(cfg: KDConfig, n_items: int, items_per_step: int, what: str = "s
     return per_epoch * cfg.train.epochs
 
 
-def start_launcher(pipeline: "Pipeline") -> None:
-    pipeline.launcher = build_launcher(pipeline.cfg.launcher)
-
-
-def open_teacher_cache(pipeline: "Pipeline", teacher_encoder: ChatEncoder) -> "TeacherCache":
+def open_teacher_cache(cfg: KDConfig, teacher_encoder: ChatEncoder) -> "TeacherCache":
     """Open ``teacher.cache`` for this run's teacher setup (refused if it holds another's);
     ``teacher_encoder`` renders the teacher's view (its tokenizer, or its processor for a VLM)."""
     from kdlib.cache.fingerprint import (
@@ -166,7 +137,6 @@ def open_teacher_cache(pipeline: "Pipeline", teacher_encoder: ChatEncoder) -> "T
     from kdlib.hardware import resolve_device_type
     from kdlib.models.loading import model_location
 
-    cfg = pipeline.cfg
     processor = getattr(teacher_encoder, "processor", None)
     rendering = (
         tokenizer_fingerprint(teacher_encoder.tokenizer, apply_chat_template=cfg.data.apply_chat_template)
@@ -177,74 +147,81 @@ def open_teacher_cache(pipeline: "Pipeline", teacher_encoder: ChatEncoder) -> "T
         weights=weights_fingerprint(model_location(cfg.teacher.model)),
         teacher_model=cfg.teacher.model,
         dtype=cfg.teacher.dtype.value,
-        backend=cfg.teacher.backend,
+        backend=cfg.teacher.backend.name,
         attn_implementation=cfg.teacher.attn_implementation,
         device_type=resolve_device_type(cfg.device),
         tokenizer=rendering,
         wire_dtype=cfg.transport.dtype.value,
     )
-    pipeline.cache = TeacherCache.open(cfg.teacher.cache, namespace)
-    return pipeline.cache
+    return TeacherCache.open(cfg.teacher.cache, namespace)
 
 
-def uncached_samples(pipeline: "Pipeline") -> int:
+def uncached_samples(cache: "TeacherCache", data: DataBundle) -> int:
     """Samples of data.train and data.eval whose teacher outputs are not in the cache (entries
     present are read and checksummed first: a damaged one counts as missing, never trusted)."""
-    data = pipeline.data
     keys = [s.teacher_key() for s in [*data.train, *data.eval]]
-    return len(pipeline.cache.verified_missing(keys))
+    return len(cache.verified_missing(keys))
 
 
-def start_teacher(pipeline: "Pipeline") -> WorkerGroup:
+def start_teacher(cfg: KDConfig, launcher: Launcher, cache: Optional["TeacherCache"]) -> TeacherGroup:
     """``teacher.num_workers`` teacher workers (self-distillation: built like the student); with a
     teacher cache they write what they compute into it."""
-    cfg = pipeline.cfg
-    architecture = cfg.student if cfg.teacher.from_student else None
-    namespace = pipeline.cache.namespace if pipeline.cache is not None else None
     specs = [
-        TeacherSpec(cfg.teacher, cfg.transport, cfg.device, rank, architecture, namespace)
+        TeacherSpec(
+            teacher=cfg.teacher, transport=cfg.transport, device=cfg.device, rank=rank,
+            architecture=cfg.student if cfg.teacher.from_student else None,
+            cache=cache.namespace if cache is not None else None,
+        )
         for rank in range(cfg.teacher.num_workers)
     ]
     with _loading(cfg, "teacher", len(specs)):
-        pipeline.teacher = pipeline.launcher.group("teacher", _worker("teacher:TeacherWorker"), specs)
-    return pipeline.teacher
+        return TeacherGroup(launcher.group("teacher", TeacherWorker, specs))
 
 
-def start_rollout(pipeline: "Pipeline", model: ModelConfig, *, syncs_weights: bool) -> WorkerGroup:
+def start_rollout(cfg: KDConfig, launcher: Launcher, model: ModelConfig, *, syncs_weights: bool) -> RolloutGroup:
     """``rollout.num_workers`` generation engines running ``model`` (a transport when they take
     the student's weights)."""
-    cfg = pipeline.cfg
-    modality.check_rollout(cfg, model, "student" if syncs_weights else "teacher")
-    transport = cfg.transport if syncs_weights else None
-    specs = [RolloutSpec(model, cfg.rollout, cfg.device, rank, transport) for rank in range(cfg.rollout.num_workers)]
+    if syncs_weights:
+        modality.check_rollout(cfg, model, "student")
+    else:
+        modality.require_text_model(model, "teacher", "mode=generate")
+    specs = [
+        RolloutSpec(model=model, rollout=cfg.rollout, device=cfg.device, rank=rank,
+                    transport=cfg.transport if syncs_weights else None)
+        for rank in range(cfg.rollout.num_workers)
+    ]
     with _loading(cfg, "rollout engine", len(specs)):
-        pipeline.rollout = pipeline.launcher.group("rollout", _worker("rollout:RolloutWorker"), specs)
-    return pipeline.rollout
+        return RolloutGroup(launcher.group("rollout", RolloutWorker, specs))
 
 
-def start_students(pipeline: "Pipeline", teacher_head: Any = None) -> WorkerGroup:
+def start_students(cfg: KDConfig, launcher: Launcher, data: DataBundle, steps: int, teacher_head: Any) -> StudentGroup:
     """The data-parallel student workers, set up with the teacher's head (None: no teacher) and,
     across tokenizers, the matched vocabulary (computed once here)."""
-    cfg = pipeline.cfg
     world = cfg.student.num_workers
-    aligner = None if pipeline.data is None else pipeline.data.aligner
-    match = None if aligner is None else aligner.vocab_match()
-    specs = [StudentSpec(cfg, rank, world) for rank in range(world)]
+    match = None if data.aligner is None else data.aligner.vocab_match()
+    specs = [
+        StudentSpec(
+            student=cfg.student, algorithm=cfg.algorithm, loss=cfg.loss, train=cfg.train, transport=cfg.transport,
+            device=cfg.device, seed=cfg.seed, plugins=tuple(cfg.plugins), teacher_cache=cfg.teacher.cache,
+            rank=rank, world_size=world,
+        )
+        for rank in range(world)
+    ]
     with _loading(cfg, "student", world):
-        pipeline.student = pipeline.launcher.group("student", _worker("student:StudentWorker"), specs, distributed=True)
-        pipeline.student.call("setup", teacher_head, pipeline.total_steps, match)
-    return pipeline.student
+        students = StudentGroup(launcher.group("student", StudentWorker, specs, distributed=True))
+        students.setup(teacher_head, steps, match)
+    return students
 
 
-def teacher_head(pipeline: "Pipeline") -> Any:
+def teacher_head(cfg: KDConfig, teacher: Optional[TeacherGroup], cache: Optional["TeacherCache"]) -> Any:
     """The teacher's LM head, shipped to every student: from a teacher worker, or read from the
     checkpoint files when the cache serves every output (None without a teacher)."""
-    if pipeline.teacher is not None:
-        return pipeline.teacher.call("lm_head")[0]
-    if pipeline.cache is not None:
+    if teacher is not None:
+        return teacher.lm_head()
+    if cache is not None:
         from kdlib.models.checkpoint_head import load_lm_head
 
-        return load_lm_head(pipeline.cfg.teacher)
+        return load_lm_head(cfg.teacher)
     return None
 
 
@@ -252,11 +229,3 @@ def _loading(cfg: KDConfig, role: str, n_workers: int):
     """The progress of building a worker group (its models load inside the workers)."""
     workers = f" ({n_workers} workers)" if n_workers > 1 else ""
     return phase(f"loading the {role}{workers}", enabled=cfg.logging.progress)
-
-
-def _worker(path: str) -> type:
-    """A worker class by ``"module:Class"`` under kdlib.workers (imported when first needed)."""
-    import importlib
-
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(f"kdlib.workers.{module}"), name)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from kdlib.config.schema import KDConfig
 from kdlib.controller import assembly
 from kdlib.controller.dispatch import TeacherDispatch
-from kdlib.controller.mode import RunMode
+from kdlib.controller.mode import Needs, RunMode, TeacherNeed
 from kdlib.data.batching import global_batches
 from kdlib.errors import ConfigError
 from kdlib.progress import progress
@@ -39,19 +39,11 @@ class CacheMode(RunMode):
             raise ConfigError("student.model is not set (mode=cache tokenises the data as the student's run will)")
 
     @classmethod
-    def build(cls, pipeline: "Pipeline") -> "CacheMode":
-        cfg = pipeline.cfg
-        student, teacher = assembly.chat_encoders(cfg, with_teacher=True)
-        pipeline.student_tokenizer = student.pretrained_files
-        pipeline.data = assembly.load_data(cfg, student, teacher)
-        assembly.open_teacher_cache(pipeline, teacher or student)
-        assembly.start_launcher(pipeline)
-        if assembly.uncached_samples(pipeline):
-            assembly.start_teacher(pipeline)
-        return cls(pipeline)
+    def needs(cls, cfg: KDConfig) -> Needs:
+        return Needs(responses=True, teacher=TeacherNeed.uncached, students=False)
 
     def run(self) -> RunResult:
-        p, cfg = self.p, self.cfg
+        p, cfg = self.pipeline, self.cfg
         data, cache = p.data, p.cache
         rounds = [
             p.data.step_batches(samples, cfg.train, cfg.student.num_workers)[1]
@@ -61,7 +53,7 @@ class CacheMode(RunMode):
         if data.eval:
             rounds.append(data.eval_batches(cfg.eval.batch_size))
         n_samples = len(data.train) + len(data.eval)
-        missing_before = assembly.uncached_samples(p)
+        missing_before = assembly.uncached_samples(cache, data)
         dispatch = TeacherDispatch(p.teacher, cache)
         computed_seconds = 0.0
         with progress("filling teacher cache", total=n_samples, unit="sample", enabled=cfg.logging.progress) as bar:
@@ -74,7 +66,7 @@ class CacheMode(RunMode):
                     bar.update(sum(len(b.sample_ids) for b in pending_batches))
                 pending = (job, batches) if job is not None else None
         cache.refresh()
-        missing_after = assembly.uncached_samples(p)
+        missing_after = assembly.uncached_samples(cache, data)
         if missing_after:
             raise ConfigError(f"teacher cache {cfg.teacher.cache}: {missing_after} samples are still missing after the fill")
         cache.write_index()

@@ -29,7 +29,8 @@ from kdlib.progress import phase
 from kdlib.tracking import write_json
 
 if TYPE_CHECKING:
-    from kdlib.pipeline import Pipeline
+    from kdlib.config.schema import KDConfig
+    from kdlib.workers.groups import StudentGroup, TeacherGroup
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,22 @@ class Resumed:
 class Checkpoints:
     """Writes and restores the training checkpoints of one run."""
 
-    def __init__(self, pipeline: "Pipeline", *, teacher_follows_student: bool) -> None:
-        self.p = pipeline
-        self.cfg = pipeline.cfg
-        self.teacher_follows_student = teacher_follows_student
+    def __init__(
+        self, cfg: "KDConfig", run_dir: Path, students: "StudentGroup", teacher: Optional["TeacherGroup"],
+        total_steps: int, tokenizer: Any = None,
+    ) -> None:
+        """``teacher``: a self-distillation teacher that follows the student (its weights are part
+        of each checkpoint), else None; ``tokenizer``: saved beside the final student."""
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.students = students
+        self.teacher = teacher
+        self.total_steps = total_steps
+        self.tokenizer = tokenizer
 
     @property
     def root(self) -> Path:
-        if self.p.run_dir is None:
-            raise ConfigError("training checkpoints need a run directory")
-        return self.p.run_dir / "checkpoints"
+        return self.run_dir / "checkpoints"
 
     def latest(self) -> Optional[Path]:
         found = ckpt.complete_checkpoints(self.root)
@@ -66,20 +73,18 @@ class Checkpoints:
 
     def save(self, step: int, trainer_state: Optional[dict[str, Any]] = None) -> Path:
         """Write ``step_<step>`` atomically, then drop the oldest beyond ``train.keep_checkpoints``."""
-        p = self.p
         root = self.root
         for leftover in ckpt.partial_dirs(root):
             log.warning("removing %s, left by a checkpoint write that did not finish", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
         final = root / f"step_{step}"
         staging = ckpt.staging_dir(final)
-        state = {"step": step, "total_steps": p.total_steps, "seed": self.cfg.seed, **(trainer_state or {})}
+        state = {"step": step, "total_steps": self.total_steps, "seed": self.cfg.seed, **(trainer_state or {})}
         try:
             with phase(f"writing checkpoint step_{step}", summary=False):
-                p.student.call("save_checkpoint", str(staging), {"step": step})
-                if self.teacher_follows_student:
-                    paths = [(str(staging / TEACHER_WEIGHTS),)] + [(None,)] * (p.teacher.size - 1)
-                    p.teacher.call_each("save_weights", paths)
+                self.students.save_checkpoint(str(staging), {"step": step})
+                if self.teacher is not None:
+                    self.teacher.save_weights(str(staging / TEACHER_WEIGHTS))
                 write_json(staging / TRAINER_STATE, state)
                 ckpt.publish(staging, final)
         except (OSError, WorkerError) as exc:
@@ -100,13 +105,13 @@ class Checkpoints:
         if directory is None:
             raise ConfigError(f"train.resume: no complete checkpoint in {path}")
         state = json.loads((directory / TRAINER_STATE).read_text())
-        self.p.student.call("load_checkpoint", str(directory))
+        self.students.load_checkpoint(str(directory))
         resumed = Resumed(step=int(state["step"]), state=state)
-        if self.teacher_follows_student:
+        if self.teacher is not None:
             weights = directory / TEACHER_WEIGHTS
             if weights.exists():
-                self.p.teacher.call("load_saved_weights", str(weights))
-                self.p.student.call("set_teacher_head", self.p.teacher.call("lm_head")[0])
+                self.teacher.load_saved_weights(str(weights))
+                self.students.set_teacher_head(self.teacher.lm_head())
                 resumed.teacher_restored = True
             else:
                 log.warning("%s holds no teacher weights (an older checkpoint): the self-distillation "
@@ -119,18 +124,18 @@ class Checkpoints:
         """The final student in Hugging Face format (with its tokenizer), published atomically,
         and whatever the student transforms save beside it (LoRA: ``student_adapter/``); returns
         the directories by name."""
-        p = self.p
         staging = ckpt.staging_dir(directory)
         try:
             with phase("saving the student"):
-                saved = p.student.call_each("save", [(str(staging),)] + [(None,)] * (p.student.size - 1))[0]
+                saved = self.students.save(str(staging))
                 outputs = {name: Path(out) for name, out in saved.items()}
-                for out in outputs.values():
-                    p.student_tokenizer.save_pretrained(out)
+                if self.tokenizer is not None:
+                    for out in outputs.values():
+                        self.tokenizer.save_pretrained(out)
                 ckpt.publish(staging, directory, mark_complete=False)
         except (OSError, WorkerError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
-            latest = self.latest() if p.run_dir is not None and self.root.is_dir() else None
+            latest = self.latest() if self.root.is_dir() else None
             intact = f"the last checkpoint {latest} is intact" if latest else "no training checkpoint was written"
             raise CheckpointError(f"cannot save the student to {directory}: {_reason(exc)}; {intact}") from None
         outputs["student"] = directory

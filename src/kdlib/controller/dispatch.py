@@ -18,7 +18,7 @@ from kdlib.batch import MicroBatch
 from kdlib.cache.store import CachedOutput
 from kdlib.data.batching import assign_by_cost
 from kdlib.errors import KdlibError
-from kdlib.launch import WorkerGroup
+from kdlib.workers.groups import TeacherGroup
 
 if TYPE_CHECKING:
     from kdlib.cache.store import TeacherCache
@@ -47,13 +47,18 @@ class TeacherDispatch:
     """The teacher side as the controller sees it: a worker group, a cache, or both (or neither:
     algorithms without a teacher get None handles)."""
 
-    def __init__(self, group: Optional[WorkerGroup], cache: Optional["TeacherCache"] = None) -> None:
+    def __init__(self, group: Optional[TeacherGroup], cache: Optional["TeacherCache"] = None) -> None:
         self.group = group
         self.cache = cache
 
     @property
     def active(self) -> bool:
         return self.group is not None or self.cache is not None
+
+    @property
+    def workers(self) -> int:
+        """Teacher workers scoring in parallel (1 when there are none)."""
+        return self.group.size if self.group is not None else 1
 
     def submit(self, batches: list[MicroBatch], *, publish: bool = True) -> TeacherJob:
         """Start getting the outputs of ``batches`` (cached ones are answered at once)."""
@@ -76,7 +81,7 @@ class TeacherDispatch:
             )
         costs = [batches[i].teacher_view.n_tokens for i in to_score]
         assignment = [[to_score[j] for j in idx] for idx in assign_by_cost(costs, self.group.size)]
-        futures = self.group.submit_each("forward", [([batches[i] for i in idx], publish) for idx in assignment])
+        futures = self.group.submit_forward([[batches[i] for i in idx] for idx in assignment], publish)
         return TeacherJob(handles, assignment, futures)
 
     def collect(self, job: TeacherJob) -> TeacherOutputs:
@@ -85,7 +90,7 @@ class TeacherDispatch:
         cached = sum(isinstance(h, CachedOutput) for h in handles)
         if not job.futures:
             return TeacherOutputs(handles, cached=cached)
-        results = self.group.gather(job.futures, "forward")
+        results = self.group.gather_forward(job.futures)
         for indices, result in zip(job.assignment, results):
             for index, handle in zip(indices, result.handles):
                 handles[index] = handle

@@ -21,9 +21,12 @@ from kdlib.controller.dispatch import TeacherDispatch
 from kdlib.data.batching import even_shares
 from kdlib.evaluation import HeldoutSums
 from kdlib.progress import progress
+from kdlib.workers.student import StudentShare
 
 if TYPE_CHECKING:
-    from kdlib.pipeline import Pipeline
+    from kdlib.config.schema import KDConfig
+    from kdlib.data.bundle import DataBundle
+    from kdlib.workers.groups import StudentGroup
 
 LABELS = {
     "kl": ("KL(teacher || student) per token", "lower"),
@@ -42,11 +45,11 @@ class Evaluator:
     the same hidden states every time. Call :meth:`invalidate` when the teacher's weights change.
     """
 
-    def __init__(self, pipeline: "Pipeline", teacher: TeacherDispatch) -> None:
-        self.p = pipeline
+    def __init__(self, cfg: "KDConfig", data: "DataBundle", students: "StudentGroup", teacher: TeacherDispatch) -> None:
+        self.cfg = cfg
+        self.students = students
         self.teacher = teacher
-        data = pipeline.data
-        self.batches = [] if data is None else data.eval_batches(pipeline.cfg.eval.batch_size)
+        self.batches = data.eval_batches(cfg.eval.batch_size)
         self._teacher_handles: Optional[list] = None
 
     def invalidate(self) -> None:
@@ -54,16 +57,15 @@ class Evaluator:
 
     def __call__(self) -> Optional[dict[str, float]]:
         """Held-out metrics of the current student, or None without eval data."""
-        p = self.p
         if not self.batches:
             return None
-        width = max(p.student.size, p.teacher.size if p.teacher is not None else 1)
+        width = max(self.students.size, self.teacher.workers)
         rounds = [self.batches[i : i + width] for i in range(0, len(self.batches), width)]
         cached = self._teacher_handles
         handles: list = []
         total = HeldoutSums()
         job = None if cached is not None else self.teacher.submit(rounds[0])
-        with progress("evaluating", total=len(self.batches), unit="batch", enabled=p.cfg.logging.progress) as bar:
+        with progress("evaluating", total=len(self.batches), unit="batch", enabled=self.cfg.logging.progress) as bar:
             for index, batches in enumerate(rounds):
                 if cached is not None:
                     round_handles = cached[len(handles) : len(handles) + len(batches)]
@@ -72,15 +74,15 @@ class Evaluator:
                     if index + 1 < len(rounds):  # the teacher scores the next round meanwhile
                         job = self.teacher.submit(rounds[index + 1])
                 handles.extend(round_handles)
-                shares = even_shares(list(zip(batches, round_handles)), p.student.size)
-                results = p.student.call_each(
-                    "evaluate",
-                    [([b for (b, _), _ in share], [h for (_, h), _ in share], [w for _, w in share]) for share in shares],
-                )
+                shares = even_shares(list(zip(batches, round_handles)), self.students.size)
+                results = self.students.evaluate([
+                    StudentShare([b for (b, _), _ in share], [h for (_, h), _ in share], [w for _, w in share])
+                    for share in shares
+                ])
                 for sums in results:
                     total = total.add(sums)
                 bar.update(len(batches))
-        if cached is None and p.cfg.eval.cache_teacher:
+        if cached is None and self.cfg.eval.cache_teacher:
             self._teacher_handles = handles
         return total.means()  # what was measured: no teacher, no KL, agreement or teacher figure
 

@@ -16,8 +16,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kdlib.controller import assembly, modality
-from kdlib.controller.mode import RunMode
+from kdlib.config.schema import KDConfig
+from kdlib.controller.mode import Needs, RunMode, TeacherNeed
 from kdlib.data.encoding import ChatEncoder
 from kdlib.data.samples import load_conversations
 from kdlib.data.sources import load_rows
@@ -34,16 +34,17 @@ log = logging.getLogger(__name__)
 
 class GenerateMode(RunMode):
     @classmethod
-    def build(cls, pipeline: "Pipeline") -> "GenerateMode":
-        modality.require_text_model(pipeline.cfg.teacher, "teacher", "mode=generate")
-        pipeline.student_tokenizer = load_tokenizer(pipeline.cfg.teacher)  # the generating model's
-        assembly.start_launcher(pipeline)
-        assembly.start_rollout(pipeline, pipeline.cfg.teacher, syncs_weights=False)
-        return cls(pipeline)
+    def needs(cls, cfg: KDConfig) -> Needs:
+        return Needs(responses=False, prompts=False, teacher=TeacherNeed.none, students=False, rollout="teacher")
+
+    def __init__(self, pipeline: "Pipeline") -> None:
+        super().__init__(pipeline)
+        self.run_dir = pipeline.run_dir
+        self.engines = pipeline.rollout
 
     def run(self) -> RunResult:
-        cfg, p = self.cfg, self.p
-        tokenizer = p.student_tokenizer  # the generating model's tokenizer (the teacher's)
+        cfg = self.cfg
+        tokenizer = load_tokenizer(cfg.teacher)  # the generating model's tokenizer
         encoder = ChatEncoder(tokenizer, apply_chat_template=cfg.data.apply_chat_template, name="teacher")
         source = load_rows(cfg.data.train, split=cfg.data.train_split, key="data.train", max_rows=cfg.data.max_samples)
         counts: Counter = Counter(rows=len(source.rows))
@@ -59,7 +60,7 @@ class GenerateMode(RunMode):
 
         d = cfg.data
         replaced = {d.messages_key, d.prompt_key, d.response_key, "conversations", "instruction", "input", "output", "system"}
-        output = Path(cfg.generate.output) if cfg.generate.output else p.run_dir / "generated.jsonl"
+        output = (Path(cfg.generate.output) if cfg.generate.output else self.run_dir / "generated.jsonl").resolve()
         output.parent.mkdir(parents=True, exist_ok=True)
         batch = max(cfg.rollout.batch_size, 1)
         with output.open("w", encoding="utf-8") as handle, progress(
@@ -67,9 +68,8 @@ class GenerateMode(RunMode):
         ) as bar:
             for start in range(0, len(jobs), batch):
                 chunk = jobs[start : start + batch]
-                generations = p.rollout.call(
-                    "generate", [ids for _, _, ids in chunk],
-                    stop_ids=encoder.end_of_turn_ids, pad_id=encoder.pad_id, seed=cfg.seed + start,
+                generations = self.engines.generate(
+                    [[ids for _, _, ids in chunk]], encoder.end_of_turn_ids, encoder.pad_id, [cfg.seed + start],
                 )[0]
                 for (index, prompt, _), samples in zip(chunk, generations):
                     for sample in samples:
@@ -88,7 +88,7 @@ class GenerateMode(RunMode):
                         counts["written"] += 1
                 bar.update(len(chunk))
         summary = dict(counts)
-        write_json(p.run_dir / "generate_report.json", {"output": str(output), **summary})
+        write_json(self.run_dir / "generate_report.json", {"output": str(output), **summary})
         log.info("generated %d responses into %s (%s)", counts["written"], output, summary)
-        return RunResult(run_dir=p.run_dir, metrics={k: float(v) for k, v in summary.items()}, outputs={"generated": output})
+        return RunResult(run_dir=self.run_dir, metrics={k: float(v) for k, v in summary.items()}, outputs={"generated": output})
 

@@ -49,8 +49,8 @@ def vision_run(cfg: KDConfig, *, with_teacher: bool) -> bool:
     if not cfg.data.apply_chat_template:
         raise ConfigError("data.apply_chat_template=false is not supported for vision-language models (their "
                           "processors place the images through the chat template)")
-    if with_teacher and not _teacher_reads_images(cfg.teacher.backend):
-        raise ConfigError(f"teacher.backend={cfg.teacher.backend} cannot score images; use teacher.backend=hf "
+    if with_teacher and not _teacher_reads_images(cfg.teacher.backend.name):
+        raise ConfigError(f"teacher/backend={cfg.teacher.backend.name} cannot score images; use teacher/backend=hf "
                           "for vision-language models")
     return True
 
@@ -63,7 +63,7 @@ def require_text_model(cfg: ModelConfig, role: str, what: str) -> None:
 
 def check_rollout(cfg: KDConfig, model: ModelConfig, role: str) -> None:
     """A generation engine for ``model``: VLMs need a backend that generates about images."""
-    from kdlib.rollout.base import IMAGE_ROLLOUT_BACKENDS
+    from kdlib.backends import IMAGE_ROLLOUT_BACKENDS
 
     if cfg.rollout.backend not in IMAGE_ROLLOUT_BACKENDS and is_vision_language(model):
         raise ConfigError(f"rollout.backend={cfg.rollout.backend} cannot generate about images; use rollout.backend=hf "
@@ -71,7 +71,7 @@ def check_rollout(cfg: KDConfig, model: ModelConfig, role: str) -> None:
 
 
 def _teacher_reads_images(backend: str) -> bool:
-    from kdlib.teacher import TEACHER_BACKENDS
+    from kdlib.backends import TEACHER_BACKENDS
 
     info = TEACHER_BACKENDS.entry(backend).info
     return bool(info is not None and info.images)

@@ -1,6 +1,6 @@
 """Launchers (registry ``launcher``): where teacher, student and rollout workers run."""
 
-from kdlib.config.schema import LauncherConfig
+from kdlib.config.training import LauncherConfig
 from kdlib.launch.ray import RayLauncherConfig
 from kdlib.launch.base import LAUNCHERS, Launcher, WorkerGroup, build_launcher
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from kdlib.launch.base import Launcher, WorkerGroup
+from kdlib.launch.base import Launcher, WorkerCall, WorkerGroup
 
 
 class LocalWorkerGroup(WorkerGroup):
@@ -16,12 +16,11 @@ class LocalWorkerGroup(WorkerGroup):
     def size(self) -> int:
         return len(self.workers)
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        return [getattr(worker, method)(*args, **kwargs) for worker in self.workers]
+    def call(self, fn: WorkerCall, *args: Any, **kwargs: Any) -> list[Any]:
+        return [fn(worker, *args, **kwargs) for worker in self.workers]
 
-    def call_each(self, method: str, args_per_worker: Sequence[tuple]) -> list[Any]:
-        self.check_arity(args_per_worker)
-        return [getattr(worker, method)(*args) for worker, args in zip(self.workers, args_per_worker)]
+    def call_each(self, fn: WorkerCall, args_per_worker: Sequence[tuple]) -> list[Any]:
+        return [fn(worker, *args) for worker, args in zip(self.workers, args_per_worker, strict=True)]
 
 
 class LocalLauncher(Launcher):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
+from kdlib.config.node import ConfigNode
 from kdlib.errors import ConfigError
 
 # The order in which the modes start their roles; a role can only share the bundles of an earlier one.
@@ -39,7 +40,7 @@ class PlacementStrategy(str, Enum):
 
 
 @dataclass
-class RolePlacement:
+class RolePlacement(ConfigNode):
     """Where the workers of one role run on a Ray cluster."""
 
     # Custom Ray resources each worker asks for, e.g. {node_b: 1} to run only on nodes started
@@ -47,7 +48,7 @@ class RolePlacement:
     resources: dict[str, float] = field(default_factory=dict)
     # CPUs each worker asks for (null: launcher.cpus_per_worker).
     cpus_per_worker: Optional[float] = None
-    # GPUs each worker asks for (null: launcher.gpus_per_worker; an SGLang engine's tp_size on GPUs).
+    # GPUs each worker asks for (null: launcher.gpus_per_worker; a tensor-parallel engine's tp_size on GPUs).
     gpus_per_worker: Optional[float] = None
     # How the role's workers are packed onto nodes (one placement group per role).
     strategy: PlacementStrategy = PlacementStrategy.PACK

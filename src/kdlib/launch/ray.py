@@ -1,9 +1,10 @@
 """The Ray launcher: every worker is a Ray actor; Ray is started (or joined) per run.
 
 Each actor wraps one plain worker object (``TeacherWorker``, ``StudentWorker``, ...), constructed
-inside the actor; a group call sends the method name and arguments and returns the results in rank
-order. Student groups are data-parallel: rank 0's actor picks ``MASTER_ADDR``/``MASTER_PORT``
-before any worker is built, so the workers can form their torch.distributed group.
+inside the actor; a group call sends the worker call (a function of the worker, pickled by
+reference) and its arguments, and returns the results in rank order. Student groups are
+data-parallel: rank 0's actor picks ``MASTER_ADDR``/``MASTER_PORT`` before any worker is built, so
+the workers can form their torch.distributed group.
 
 Each role's workers are reserved as one placement group with the role's resources
 (``launcher.teacher`` / ``launcher.student`` / ``launcher.rollout``, see
@@ -26,9 +27,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from kdlib.config.schema import LauncherConfig
+from kdlib.config.training import LauncherConfig
 from kdlib.errors import ConfigError, WorkerError
-from kdlib.launch.base import Launcher, WorkerGroup
+from kdlib.launch.base import Launcher, WorkerCall, WorkerGroup, call_name
 from kdlib.launch.placement import (
     ROLE_ORDER,
     RolePlacement,
@@ -95,12 +96,12 @@ def _actor_class():
             self.worker = worker_cls(spec)
             return os.getpid(), ray.get_runtime_context().get_node_id()
 
-        def call(self, method: str, args: tuple, kwargs: dict) -> Any:
-            return getattr(self.worker, method)(*args, **kwargs)
+        def call(self, fn: Any, args: tuple, kwargs: dict) -> Any:
+            return fn(self.worker, *args, **kwargs)
 
-        def call_packed(self, method: str, packed: tuple) -> Any:
+        def call_packed(self, fn: Any, packed: tuple) -> Any:
             args, kwargs = packed  # Ray resolved the shared object ref to its value
-            return getattr(self.worker, method)(*args, **kwargs)
+            return fn(self.worker, *args, **kwargs)
 
     return WorkerActor
 
@@ -117,25 +118,24 @@ class RayWorkerGroup(WorkerGroup):
     def size(self) -> int:
         return len(self.actors)
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+    def call(self, fn: WorkerCall, *args: Any, **kwargs: Any) -> list[Any]:
         import ray
 
         packed = ray.put((args, kwargs))  # serialised once, however many workers read it
-        return self.gather([a.call_packed.remote(method, packed) for a in self.actors], method)
+        return self.gather([a.call_packed.remote(fn, packed) for a in self.actors], fn)
 
-    def call_each(self, method: str, args_per_worker: Sequence[tuple]) -> list[Any]:
-        self.check_arity(args_per_worker)
-        refs = [a.call.remote(method, tuple(args), {}) for a, args in zip(self.actors, args_per_worker)]
-        return self.gather(refs, method)
+    def call_each(self, fn: WorkerCall, args_per_worker: Sequence[tuple]) -> list[Any]:
+        return self.gather(self.submit_each(fn, args_per_worker), fn)
 
-    def submit_each(self, method: str, args_per_worker: Sequence[tuple]) -> list:
+    def submit_each(self, fn: WorkerCall, args_per_worker: Sequence[tuple]) -> list:
         """Start the calls and return their futures (Ray object refs) without waiting."""
-        return [a.call.remote(method, tuple(args), {}) for a, args in zip(self.actors, args_per_worker)]
+        return [a.call.remote(fn, tuple(args), {}) for a, args in zip(self.actors, args_per_worker, strict=True)]
 
-    def gather(self, refs: list, method: str = "call") -> list[Any]:
+    def gather(self, refs: list, fn: WorkerCall | str = "call") -> list[Any]:
         """Results of ``refs`` in order; the first failure raises WorkerError at once."""
         import ray
 
+        method = fn if isinstance(fn, str) else call_name(fn)
         index = {ref: rank for rank, ref in enumerate(refs)}
         pending = list(refs)
         while pending:

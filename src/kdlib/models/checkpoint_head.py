@@ -1,6 +1,6 @@
 """The teacher's LM head read from its checkpoint files, without building the model.
 
-When the teacher model lives elsewhere (an SGLang engine owns it) or is not needed at all (every
+When the teacher model lives elsewhere (an inference engine in its own processes owns it) or is not needed at all (every
 teacher output comes from the cache), the students still need the teacher's head to turn hidden
 states into logits. Here the architecture is instantiated on the ``meta`` device (no memory, no
 weights) only to learn which parameter is the output embedding, under which names it may be saved

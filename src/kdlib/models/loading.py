@@ -1,8 +1,8 @@
 """Loading models and tokenizers from a hub id, a local directory, a GGUF file or a package.
 
 GGUF files (the embedded SmolLM2 teacher ships as one) are dequantised by transformers once, saved
-as safetensors in kdlib's cache and loaded from there afterwards (about 20 s the first time, well
-under a second later). A file lock keeps two processes (a sweep, Ray workers) from converting the
+as safetensors in kdlib's cache and loaded from there afterwards (tens of seconds the first
+time, under a second later). A file lock keeps two processes (a sweep, Ray workers) from converting the
 same file at once. Model dtype, attention implementation and chat-template overrides come from the
 model's :class:`~kdlib.config.ModelConfig`.
 """

@@ -3,7 +3,7 @@
 from kdlib.config.schema import TransportConfig
 from kdlib.transport.base import TRANSPORTS, Transport, TransportStats, build_transport
 
-TRANSPORTS.register("inprocess", "kdlib.transport.inprocess:InProcessTransport", config=TransportConfig)
+TRANSPORTS.register("inprocess", "kdlib.transport.base:InProcessTransport", config=TransportConfig)
 TRANSPORTS.register("ray", "kdlib.transport.ray:RayObjectTransport", config=TransportConfig)
 
 __all__ = ["TRANSPORTS", "Transport", "TransportStats", "build_transport"]

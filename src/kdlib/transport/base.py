@@ -6,7 +6,8 @@ back; only handles pass through the controller; the student worker that needs th
 every tensor of the carrier into the object store (``TeacherOutput.to_parts``), so fields added
 to the carrier travel without the transport knowing them. The same channel carries buckets of model weights for on-policy weight sync
 (``publish_state``/``fetch_state``). Every transport counts the bytes and seconds it spends, which
-the step metrics report.
+the step metrics report. The in-process transport (teacher and students in one process) is the
+trivial one and lives here: the object is its own handle.
 """
 
 from __future__ import annotations
@@ -76,3 +77,25 @@ class Transport(ABC):
 
 def build_transport(cfg: TransportConfig) -> Transport:
     return TRANSPORTS.get(cfg.name)(cfg)
+
+
+class InProcessTransport(Transport):
+    def publish(self, output: TeacherOutput) -> TeacherOutput:
+        with self._timed(output.nbytes):
+            return output
+
+    def fetch(self, handle: TeacherOutput) -> TeacherOutput:
+        if not isinstance(handle, TeacherOutput):
+            raise TypeError(
+                f"the in-process transport got a {type(handle).__name__} handle; teacher and "
+                "student must use the same transport"
+            )
+        with self._timed(handle.nbytes):
+            return handle
+
+    def publish_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with self._timed(sum(t.numel() * t.element_size() for t in state.values())):
+            return state
+
+    def fetch_state(self, handle: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return handle

@@ -1,7 +1,8 @@
-"""What each worker is built from: one typed spec per role, instead of positional tuples.
+"""What each worker is built from: one typed spec per role, holding only what that worker needs.
 
 A launcher creates ``worker_cls(spec)`` for every spec of a group, in this process or inside a Ray
-actor; specs are plain dataclasses of configs, so they pickle by reference to the config classes.
+actor; specs are plain dataclasses of (frozen) config nodes, built by keyword in
+:mod:`kdlib.pipeline`, so they pickle by reference to the config classes.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from kdlib.cache.fingerprint import CacheNamespace
-from kdlib.config.schema import KDConfig, ModelConfig, RolloutConfig, TeacherConfig, TransportConfig
+from kdlib.config.models import ModelConfig, StudentConfig, TeacherConfig
+from kdlib.config.rollout import RolloutConfig
+from kdlib.config.training import AlgorithmConfig, LossConfig, TrainConfig, TransportConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class TeacherSpec:
     """One teacher replica."""
 
@@ -27,16 +30,26 @@ class TeacherSpec:
     cache: Optional[CacheNamespace] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class StudentSpec:
     """One data-parallel student replica."""
 
-    cfg: KDConfig
+    student: StudentConfig
+    algorithm: AlgorithmConfig
+    loss: LossConfig
+    train: TrainConfig
+    transport: TransportConfig
+    device: str
+    seed: int
+    # Modules to import first (a user's algorithm or loss registers there; in a Ray actor too).
+    plugins: tuple[str, ...] = ()
+    # teacher.cache: the directory the controller checked (micro-batches may come from it).
+    teacher_cache: Optional[str] = None
     rank: int = 0
     world_size: int = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class RolloutSpec:
     """One generation engine: the model it runs and how it samples."""
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,31 +51,62 @@ from kdlib.workers.specs import StudentSpec
 from kdlib.xtok.vocab import VocabMatch
 
 
+@dataclass
+class StudentShare:
+    """One student worker's part of an optimizer step, in the order it trains on them."""
+
+    batches: list[MicroBatch]
+    # The teacher output of each micro-batch: a transport or cache handle (None without a teacher).
+    teacher: list[Any]
+    # 1.0, or 0.0 for a padding micro-batch that only keeps the ranks' collectives in step.
+    weights: list[float]
+
+
+@dataclass
+class StepSums:
+    """What one worker's optimizer step adds to the step's metrics: sums over its micro-batches
+    (the controller adds them over workers and divides by the step's loss tokens)."""
+
+    loss_sum: float
+    kd_sum: float
+    ce_sum: float
+    loss_tokens: int
+    tokens: int
+    grad_norm: float  # of the whole step (the ranks agree)
+    lr: float
+    skipped: bool  # the update was not finite and was skipped (the ranks agree)
+    bad_sample_ids: list[int]  # samples whose loss was not finite
+    student_seconds: float
+    fetch_seconds: float
+    fetched_bytes: int
+
+
 class StudentWorker:
     def __init__(self, spec: StudentSpec) -> None:
-        cfg = spec.cfg
-        import_plugins(cfg.plugins)  # in a Ray actor, a user's algorithm or loss registers here too
-        self.cfg = cfg
+        import_plugins(spec.plugins)  # in a Ray actor, a user's algorithm or loss registers here too
+        self.spec = spec
         self.rank = spec.rank
         self.world_size = spec.world_size
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(spec.device)
         if self.world_size > 1:
             timeout = float(os.environ.get("KDLIB_COLLECTIVE_TIMEOUT_S", 600))
             init_process_group(self.rank, self.world_size, self.device, timeout_s=timeout)
-        set_seed(cfg.seed)  # identical initial weights on every rank
-        self.student = build_student(cfg.student, self.device)
+        set_seed(spec.seed)  # identical initial weights on every rank
+        self.student = build_student(spec.student, self.device)
         self.model = self.student.model
         # a vision-language student lays out its micro-batches' images with its own processor
-        self.images = image_layout_for(cfg.student, self.model, name="student")
-        self.transport = build_transport(cfg.transport)
+        self.images = image_layout_for(spec.student, self.model, name="student")
+        self.transport = build_transport(spec.transport)
         self.cache = None
-        if cfg.teacher.cache:
+        if spec.teacher_cache:
             from kdlib.cache.store import TeacherCache
 
-            self.cache = TeacherCache.for_reading(cfg.teacher.cache)
+            self.cache = TeacherCache.for_reading(spec.teacher_cache)
         self.objective: Optional[StudentObjective] = None
         self.optimizer = None
         self.scheduler = None
+        # State that a backend's worker calls keep in this worker (e.g. a weight-broadcast group).
+        self.extensions: dict[str, Any] = {}
 
     def setup(self, teacher_head: Optional[LMHead], total_steps: int, vocab_match: Optional[VocabMatch] = None) -> None:
         """Receive the teacher head (None without a teacher) and, across tokenizers, the matched
@@ -84,28 +115,28 @@ class StudentWorker:
             teacher_head = teacher_head.detached(device=self.device)
         if vocab_match is not None:
             vocab_match = vocab_match.to(self.device)
-        algorithm = ALGORITHMS.get(self.cfg.algorithm.name)(self.cfg.algorithm, self.cfg.loss, teacher_head)
+        spec = self.spec
+        algorithm = ALGORITHMS.get(spec.algorithm.name)(spec.algorithm, spec.loss, teacher_head)
         algorithm.attach(self.model, vocab_match)
         self.objective = StudentObjective(
             self.model, algorithm, device_type=self.device.type,
-            autocast=self.cfg.student.autocast, chunk_size=self.cfg.loss.chunk_size, vocab_match=vocab_match,
+            autocast=spec.student.autocast, chunk_size=spec.loss.chunk_size, vocab_match=vocab_match,
         )
         if self.world_size > 1:
             from kdlib.parallel.fsdp import shard_student
 
-            shard_student(self.objective, self.model, self.cfg.student.fsdp, self.world_size, self.device)
+            shard_student(self.objective, self.model, spec.student.fsdp, self.world_size, self.device)
         self.optimizer = build_optimizer(
-            self.objective, self.cfg.train, lr_by_prefix={"algorithm_modules.": algorithm.modules_lr()},
+            self.objective, spec.train, lr_by_prefix={"algorithm_modules.": algorithm.modules_lr()},
         )
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, total_steps)
+        self.scheduler = build_scheduler(self.optimizer, spec.train, total_steps)
 
-    def train_step(
-        self, batches: list[MicroBatch], handles: list[Any], normaliser: float, weights: Optional[list[float]] = None
-    ) -> dict[str, Any]:
+    def train_step(self, share: StudentShare, normaliser: float) -> StepSums:
         """One optimizer step over this worker's micro-batches (skipped when the loss or the
-        gradients are not finite); returns additive sums, ``skipped`` and ``bad_sample_ids``."""
+        gradients are not finite); every term is a sum divided by ``normaliser``, the loss tokens of
+        the whole step on every worker."""
         assert self.objective is not None, "setup() must run before train_step()"
-        weights = weights or [1.0] * len(batches)
+        batches, handles, weights = share.batches, share.teacher, share.weights
         start = time.perf_counter()
         self.objective.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -134,28 +165,18 @@ class StudentWorker:
             self.optimizer.step()
             self.scheduler.step()
         fetched = self.transport.stats.take()
-        return {
-            "loss_sum": loss_sum,
-            "kd_sum": kd_sum,
-            "ce_sum": ce_sum,
-            "loss_tokens": float(n_loss_tokens),
-            "tokens": float(n_tokens),
-            "padding_batches": float(sum(1 for w in weights if not w)),
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "skipped": float(skipped),
-            "bad_sample_ids": bad_samples,
-            "student_seconds": time.perf_counter() - start,
-            "fetch_seconds": fetched.seconds,
-            "fetched_bytes": float(fetched.bytes),
-        }
+        return StepSums(
+            loss_sum=loss_sum, kd_sum=kd_sum, ce_sum=ce_sum, loss_tokens=n_loss_tokens, tokens=n_tokens,
+            grad_norm=grad_norm, lr=lr, skipped=skipped, bad_sample_ids=bad_samples,
+            student_seconds=time.perf_counter() - start, fetch_seconds=fetched.seconds, fetched_bytes=fetched.bytes,
+        )
 
     @torch.no_grad()
-    def evaluate(self, batches: list[MicroBatch], handles: list[Any], weights: Optional[list[float]] = None) -> HeldoutSums:
+    def evaluate(self, share: StudentShare) -> HeldoutSums:
         """Held-out sums of KL(teacher || student), CE and top-1 agreement (weight-0 batches skipped)."""
         self.objective.eval()
         total = HeldoutSums()
-        for batch, handle, weight in zip(batches, handles, weights or [1.0] * len(batches), strict=True):
+        for batch, handle, weight in zip(share.batches, share.teacher, share.weights, strict=True):
             sums = self.objective(self._inputs(batch), self._fetch(handle), 1.0, evaluate=True)
             if weight:
                 total = total.add(sums)
@@ -203,38 +224,6 @@ class StudentWorker:
             "optimizer_state_bytes": float(optimizer_bytes),
         }
 
-    # rollout.sglang.weight_sync=distributed: rank 0 broadcasts into the rollout engines
-    # (kdlib.rollout.sglang_sync); every rank calls, since gathering the weights is collective.
-
-    def weight_sync_address(self) -> tuple[str, int]:
-        from kdlib.parallel.distributed import free_port, node_address
-
-        return node_address(), free_port()
-
-    def open_weight_broadcast(
-        self, address: str, port: int, world_size: int, group_name: str, backend: str, bucket_bytes: int
-    ) -> list:
-        """Open rank 0's side of the weight-sync group; rank 0 returns the bucket plan."""
-        from kdlib.rollout.sglang_sync import bucket_plan, open_sender_group
-
-        state = self.export_state()
-        if self.rank != 0:
-            return []
-        timeout = float(os.environ.get("KDLIB_COLLECTIVE_TIMEOUT_S", 600))
-        plan = bucket_plan(state, bucket_bytes)
-        self._weight_broadcast = (open_sender_group(address, port, world_size, group_name, backend, timeout), plan)
-        return plan
-
-    def broadcast_weights(self) -> int:
-        """Send the current weights to the rollout engines (bytes sent by rank 0)."""
-        from kdlib.rollout.sglang_sync import broadcast_state
-
-        state = self.export_state()
-        if self.rank != 0:
-            return 0
-        group, plan = self._weight_broadcast
-        return broadcast_state(group, state, plan, self.device)
-
     def set_teacher_head(self, teacher_head: LMHead) -> None:
         """A self-distillation teacher changed: use its new head from now on."""
         self.objective.algorithm.teacher_head = teacher_head.detached(device=self.device)
@@ -280,7 +269,7 @@ class StudentWorker:
             output = self.cache.read(list(handle.keys), list(handle.sample_ids)) if self.cache is not None else None
             if output is None:
                 raise KdlibError(
-                    f"teacher cache {self.cfg.teacher.cache}: samples {list(handle.sample_ids)} are missing or damaged "
+                    f"teacher cache {self.spec.teacher_cache}: samples {list(handle.sample_ids)} are missing or damaged "
                     "(damaged shards are set aside); run again to recompute them"
                 )
             self.transport.stats.record(output.nbytes, time.perf_counter() - start)
@@ -299,7 +288,7 @@ class StudentWorker:
 
     def _clip_gradients(self) -> float:
         params = [p for p in self.objective.parameters() if p.grad is not None]
-        max_norm = self.cfg.train.max_grad_norm
+        max_norm = self.spec.train.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
             norm = norm.full_tensor()

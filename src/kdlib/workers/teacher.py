@@ -17,12 +17,12 @@ from typing import Any, Optional
 
 import torch
 
+from kdlib.backends import TEACHER_BACKENDS
 from kdlib.batch import MicroBatch
-from kdlib.config.schema import HiddenDtype
+from kdlib.config.training import HiddenDtype
 from kdlib.models.head import LMHead
 from kdlib.models.loading import resolve_device
 from kdlib.models.weights import distinct_tensors
-from kdlib.teacher import TEACHER_BACKENDS
 from kdlib.teacher_output import TeacherOutput
 from kdlib.transport import build_transport
 from kdlib.workers.specs import TeacherSpec
@@ -44,9 +44,10 @@ class TeacherResult:
 
 class TeacherWorker:
     def __init__(self, spec: TeacherSpec) -> None:
+        self.spec = spec
         self.rank = spec.rank
         self.device = resolve_device(spec.device)
-        self.backend = TEACHER_BACKENDS.get(spec.teacher.backend)(spec.teacher, self.device, spec.architecture)
+        self.backend = TEACHER_BACKENDS.get(spec.teacher.backend.name)(spec.teacher, self.device, spec.architecture)
         self.transport = build_transport(spec.transport)
         self.wire_dtype = WIRE_DTYPES[HiddenDtype(spec.transport.dtype)]
         self.cache = None

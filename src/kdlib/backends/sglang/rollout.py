@@ -11,9 +11,9 @@ hf backend's).
 Weights arrive after every optimizer step, in buckets, through one SGLang weight-update session:
 ``begin_weight_update`` before the first bucket, ``update_weights_from_tensor`` (buckets through
 kdlib's transport) or ``update_weights_from_distributed`` (an NCCL broadcast from student rank 0,
-see :mod:`kdlib.rollout.sglang_sync`) per bucket with ``flush_cache=False``, then, before the
+see :mod:`kdlib.backends.sglang.sync`) per bucket with ``flush_cache=False``, then, before the
 next generation, ``end_weight_update`` and one ``flush_cache``: the KV/prefix cache was computed
-with the old weights. With ``rollout.sglang.release_memory`` the engine frees its GPU memory
+with the old weights. With ``rollout.release_memory`` the engine frees its GPU memory
 after each generation; the weights are released without a host copy, so the next generation is
 refused unless a full set of weights was loaded after the release (the stale-weights bug that
 sleep/wake cycles cause in other frameworks).
@@ -31,13 +31,14 @@ from typing import Any, Optional
 
 import torch
 
-from kdlib.config.schema import SGLANG_MEMORY_TAGS, ModelConfig, RolloutConfig, SGLangRolloutConfig, StudentConfig
+from kdlib.backends.base import Generation, RolloutBackend
+from kdlib.backends.sglang.engine import SGLangEngine, server_args
+from kdlib.backends.sglang.options import MEMORY_TAGS, SGLangRolloutConfig
+from kdlib.backends.sglang.sync import BucketMeta
+from kdlib.config.models import ModelConfig, StudentConfig
 from kdlib.errors import ModelError
 from kdlib.locations import cache_dir
 from kdlib.models.loading import model_location
-from kdlib.rollout.base import Generation, RolloutBackend
-from kdlib.rollout.sglang_sync import BucketMeta
-from kdlib.sglang_engine import SGLangEngine, server_args
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,11 @@ WEIGHTS = "weights"
 
 
 class SGLangRolloutBackend(RolloutBackend):
+    cfg: SGLangRolloutConfig
+
     def __init__(self, model: ModelConfig, device: torch.device, cfg: SGLangRolloutConfig) -> None:
-        super().__init__(model, device)
-        self.options = cfg.sglang
+        super().__init__(model, device, cfg)
+        self.options = cfg
         args = server_args(
             self.options, model, model_path=engine_checkpoint(model), device=device,
             enable_memory_saver=self.options.release_memory,
@@ -94,9 +97,8 @@ class SGLangRolloutBackend(RolloutBackend):
     # ------------------------------------------------------------------------------------------
     # Generation
 
-    def generate(
-        self, prompts: list[list[int]], cfg: RolloutConfig, *, stop_ids: set[int], pad_id: int, seed: int
-    ) -> list[list[Generation]]:
+    def generate(self, prompts: list[list[int]], *, stop_ids: set[int], pad_id: int, seed: int) -> list[list[Generation]]:
+        cfg = self.cfg
         self._prepare_generation()
         n = cfg.n_samples_per_prompt
         requests = [prompt for prompt in prompts for _ in range(n)]
@@ -113,7 +115,7 @@ class SGLangRolloutBackend(RolloutBackend):
             params = base
         outputs = self.engine.generate(requests, params)
         if self.options.release_memory:
-            self._release(list(SGLANG_MEMORY_TAGS))
+            self._release(list(MEMORY_TAGS))
             self._weights_lost = True
         out: list[list[Generation]] = [[] for _ in prompts]
         for index, output in enumerate(outputs):
@@ -135,7 +137,7 @@ class SGLangRolloutBackend(RolloutBackend):
                     "sample from stale or freed weights"
                 )
             self._weights_lost = False
-        self._resume([tag for tag in SGLANG_MEMORY_TAGS if tag in self._released])
+        self._resume([tag for tag in MEMORY_TAGS if tag in self._released])
         if self._dirty:
             self.engine.flush_cache()
             self._dirty = False

@@ -64,8 +64,8 @@ def split_samples(batch: TokenBatch) -> list[ScoredSample]:
 def prefill_hidden(output: dict[str, Any], n_tokens: int, positions: Sequence[int], what: str) -> torch.Tensor:
     """Rows ``positions`` of the prefill block of ``meta_info["hidden_states"]``, float32
     [len(positions), hidden]. Only those rows are converted from Python floats (numpy converts
-    nested lists about 3x faster than ``torch.tensor``; the conversion is a visible part of a
-    teacher step, see docs/gpu.md)."""
+    nested lists faster than ``torch.tensor``; the conversion is a visible part of a teacher step,
+    see docs/gpu.md)."""
     blocks = output["meta_info"].get("hidden_states")
     if not blocks:
         raise ModelError(

@@ -1,8 +1,7 @@
 """Reading a run's tracker output back from disk, without any server: W&B offline runs and
 TensorBoard event files.
 
-The tests use it to check that the trackers got exactly what ``metrics.jsonl`` holds; users can
-use it to look into an offline W&B run before ``wandb sync`` uploads it. A W&B run directory keeps
+The tests use it to check that the trackers got exactly what ``metrics.jsonl`` holds. A W&B run directory keeps
 its records (config, history rows, summary) in ``run-<id>.wandb``: a header, then blocks of
 32 KiB holding length-prefixed chunks (checksum, length, kind: full, first, middle, last) of
 W&B's ``Record`` protocol buffers, which the wandb package itself defines. TensorBoard's event

@@ -1,10 +1,10 @@
 """SGLang teacher backend: one SGLang Engine per teacher worker, prefill only, hidden states out.
 
 The engine starts with hidden-state return on, the radix cache and chunked prefill off (both would
-leave prompt positions without a hidden state, see :mod:`kdlib.teacher.sglang_outputs`), a static
+leave prompt positions without a hidden state, see :mod:`kdlib.backends.sglang.outputs`), a static
 memory fraction, and the memory saver when the teacher releases memory between phases
 (``pipeline.colocate``): ``release_memory_occupation`` / ``resume_memory_occupation`` with
-``teacher.sglang.offload_tags``, with a host copy of the weights when they are released (SGLang
+``teacher.backend.offload_tags``, with a host copy of the weights when they are released (SGLang
 otherwise resumes with lost weights). A micro-batch is scored with one ``generate`` call
 (``max_new_tokens=1``; prefill-only requests return no hidden states in 0.5.23), and the rows at
 the loss positions are sent on, optionally with the engine's top-k log-probabilities there.
@@ -24,26 +24,27 @@ from typing import Optional
 
 import torch
 
-from kdlib.batch import TokenBatch
-from kdlib.config.schema import ModelConfig, TeacherConfig
-from kdlib.errors import ModelError
-from kdlib.models.checkpoint_head import load_lm_head
-from kdlib.models.head import LMHead
-from kdlib.models.loading import model_location
-from kdlib.sglang_engine import SGLangEngine, server_args
-from kdlib.teacher.base import TeacherBackend
-from kdlib.teacher.sglang_outputs import (
+from kdlib.backends.base import TeacherBackend
+from kdlib.backends.sglang.engine import SGLangEngine, server_args
+from kdlib.backends.sglang.options import SGLangTeacherOptions
+from kdlib.backends.sglang.outputs import (
     input_token_ids_logprobs,
     input_top_logprobs,
     logprob_of_next_tokens,
     prefill_hidden,
     split_samples,
 )
+from kdlib.batch import TokenBatch
+from kdlib.config.models import ModelConfig, TeacherConfig
+from kdlib.errors import ModelError
+from kdlib.models.checkpoint_head import load_lm_head
+from kdlib.models.head import LMHead
+from kdlib.models.loading import model_location
 from kdlib.teacher_output import TeacherOutput
 
 log = logging.getLogger(__name__)
 
-# One new token (greedy): the request is scored by its prefill; see sglang_outputs.
+# One new token (greedy): the request is scored by its prefill; see outputs.py.
 SCORING = {"max_new_tokens": 1, "temperature": 0.0}
 # Head self-check: probe length, token ids compared per position, and the tolerance on log-probs,
 # ATOL + RTOL * (largest |logit| of the probe). The engine rounds its logits to bf16 (relative
@@ -71,8 +72,8 @@ class SGLangTeacherBackend(TeacherBackend):
     def __init__(self, cfg: TeacherConfig, device: torch.device, architecture: Optional[ModelConfig] = None) -> None:
         super().__init__(cfg, device)
         if architecture is not None:
-            raise ModelError("teacher.backend=sglang cannot build a self-distillation teacher (teacher.from_student)")
-        self.options = cfg.sglang
+            raise ModelError("teacher/backend=sglang cannot build a self-distillation teacher (teacher.from_student)")
+        self.options: SGLangTeacherOptions = cfg.backend
         self._tags = list(self.options.offload_tags or [])
         self._released = False
         self._head = load_lm_head(cfg)

@@ -17,15 +17,14 @@ from typing import Optional
 import torch
 
 from kdlib.batch import BatchImages, PromptImages, VisionInputs
-from kdlib.config.schema import RolloutConfig
+from kdlib.backends.base import Generation
+from kdlib.backends.hf.rollout import HFRolloutBackend, generate_kwargs, left_pad, until_stop
 from kdlib.errors import ModelError
 from kdlib.models.vlm import image_layout_for
-from kdlib.rollout.base import Generation
-from kdlib.rollout.hf import HFRolloutBackend, generate_kwargs, left_pad, until_stop
 
 
 class HFImageGeneration:
-    """Generation about images with an :class:`~kdlib.rollout.hf.HFRolloutBackend`'s model."""
+    """Generation about images with an :class:`~kdlib.backends.hf.rollout.HFRolloutBackend`'s model."""
 
     def __init__(self, backend: HFRolloutBackend) -> None:
         self.backend = backend
@@ -35,11 +34,10 @@ class HFImageGeneration:
 
     @torch.inference_mode()
     def generate(
-        self, prompts: list[list[int]], images: PromptImages, cfg: RolloutConfig, *, stop_ids: set[int], pad_id: int,
-        seed: int,
+        self, prompts: list[list[int]], images: PromptImages, *, stop_ids: set[int], pad_id: int, seed: int,
     ) -> list[list[Generation]]:
         """``cfg.n_samples_per_prompt`` generations per prompt about its images, in prompt order."""
-        model, device = self.backend.model, self.backend.device
+        model, device, cfg = self.backend.model, self.backend.device, self.backend.cfg
         n = cfg.n_samples_per_prompt
         repeated = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
         per_sample = images.repeat(n)

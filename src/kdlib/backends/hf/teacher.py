@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from kdlib.backends.base import TeacherBackend
 from kdlib.batch import TokenBatch
 from kdlib.config.schema import ModelConfig, TeacherConfig
 from kdlib.models.forward import hidden_at_loss_positions
@@ -22,7 +23,6 @@ from kdlib.models.head import LMHead, lm_head_of, verify_lm_head
 from kdlib.models.student import build_model
 from kdlib.models.vlm import image_layout_for, verify_vlm_head
 from kdlib.models.weights import apply_state
-from kdlib.teacher.base import TeacherBackend
 from kdlib.teacher_output import TeacherOutput
 
 

@@ -1,7 +1,7 @@
 """transformers rollout backend: a copy of the model sampling batches of left-padded prompts.
 
 ``rollout.engine`` chooses how a batch is decoded: plain ``model.generate`` (the reference), or
-kdlib's :class:`~kdlib.rollout.engine.DecodeEngine` (static KV cache kept across calls, a lean
+kdlib's :class:`~kdlib.backends.hf.decode.engine.DecodeEngine` (static KV cache kept across calls, a lean
 decode loop, optionally compiled), which runs generate's own preparation and samples the same
 tokens from the same seed. The engine is built on first use and kept for the life of the backend,
 so its caches and compiled graphs survive from one on-policy step to the next; weight syncs copy
@@ -17,17 +17,21 @@ from typing import Optional
 
 import torch
 
-from kdlib.config.schema import ModelConfig, RolloutConfig, RolloutEngine, RolloutSampler
+from kdlib.backends.base import Generation, RolloutBackend
+from kdlib.backends.hf.decode.engine import EngineUnsupported, build_engine
+from kdlib.backends.hf.options import HFRolloutConfig, RolloutEngine, RolloutSampler
+from kdlib.config.models import ModelConfig
+from kdlib.config.rollout import RolloutConfig
 from kdlib.models.student import build_model
-from kdlib.rollout.base import Generation, RolloutBackend
-from kdlib.rollout.engine import EngineUnsupported, build_engine
 
 log = logging.getLogger(__name__)
 
 
 class HFRolloutBackend(RolloutBackend):
-    def __init__(self, model: ModelConfig, device: torch.device) -> None:
-        super().__init__(model, device)
+    cfg: HFRolloutConfig
+
+    def __init__(self, model: ModelConfig, device: torch.device, cfg: HFRolloutConfig) -> None:
+        super().__init__(model, device, cfg)
         self.model = build_model(model, device)
         self.model.eval()
         self.model.requires_grad_(False)
@@ -45,7 +49,8 @@ class HFRolloutBackend(RolloutBackend):
                 self._engines[kind] = build_engine(self.model, compile=kind == RolloutEngine.compiled,
                                                    freeze=kind == RolloutEngine.frozen)
             except EngineUnsupported as exc:
-                log.warning("rollout.engine=%s: %s; decoding with plain generate", choice.value, exc)
+                log.info("rollout.engine=%s: %s; decoding with plain generate (the same distribution)",
+                         kind.value, exc)
                 self._engines[kind] = None
             else:
                 self._engines[kind].reserve(self._reserved)
@@ -66,9 +71,8 @@ class HFRolloutBackend(RolloutBackend):
         return [engine for engine in self._engines.values() if engine is not None]
 
     @torch.inference_mode()
-    def generate(
-        self, prompts: list[list[int]], cfg: RolloutConfig, *, stop_ids: set[int], pad_id: int, seed: int
-    ) -> list[list[Generation]]:
+    def generate(self, prompts: list[list[int]], *, stop_ids: set[int], pad_id: int, seed: int) -> list[list[Generation]]:
+        cfg = self.cfg
         kwargs = generate_kwargs(cfg, stop_ids=stop_ids, pad_id=pad_id)
         out: list[list[Generation]] = [[] for _ in prompts]
         repeated = [(i, p) for i, p in enumerate(prompts) for _ in range(cfg.n_samples_per_prompt)]
@@ -82,14 +86,15 @@ class HFRolloutBackend(RolloutBackend):
                 out[prompt_index].append(until_stop(tokens, stop_ids))
         return out
 
-    def _decode_batch(self, ids: torch.Tensor, attention: torch.Tensor, cfg: RolloutConfig, kwargs: dict) -> torch.Tensor:
+    def _decode_batch(self, ids: torch.Tensor, attention: torch.Tensor, cfg: HFRolloutConfig, kwargs: dict) -> torch.Tensor:
         """generate's ``sequences`` for one left-padded batch, on the configured engine."""
         engine = self.engine(cfg.engine)
         if engine is not None:
             try:
                 return engine.decode(ids, attention, sampler=RolloutSampler(cfg.sampler).value, **kwargs).sequences
             except EngineUnsupported as exc:  # raised before anything is drawn
-                log.warning("rollout.engine=%s: %s; decoding with plain generate", RolloutEngine(cfg.engine).value, exc)
+                log.info("rollout.engine=%s: %s; decoding with plain generate (the same distribution)",
+                         RolloutEngine(cfg.engine).value, exc)
                 self._engines = dict.fromkeys(self._engines)
         return self.model.generate(input_ids=ids, attention_mask=attention, **kwargs)
 

@@ -2,12 +2,12 @@
 
 ``generate`` samples with ``torch.multinomial(probs, 1)``, which on CPU is ``argmax(probs / q)``
 with ``q`` one exponential variate per vocabulary entry, drawn serially from the global Mersenne
-Twister: ~20 ns per entry on one core, 4 ms per decode step for 4 rows of SmolLM2's 49k
-vocabulary, a quarter of a compiled step. :func:`multinomial_draw` draws the same variates from
+Twister, one serial draw per entry: for a 49k vocabulary a visible share of a compiled decode step
+(docs/benchmarks.md#rollout-decode). :func:`multinomial_draw` draws the same variates from
 the same generator state with numpy's MT19937 (the same algorithm, generated in bulk), transforms
 them as torch does (a 53-bit uniform from two 32-bit words, ``-log1p(-u)``, rounded to float32),
 moves torch's generator past them and takes the same argmax: the same tokens and the same
-generator state afterwards, in about half the time. It depends on the layout of torch's CPU
+generator state afterwards, in less time (measured in docs/benchmarks.md). It depends on the layout of torch's CPU
 generator state and on its exponential kernel, so it checks itself once per process against
 ``torch.multinomial`` (several generator states, one at a twist boundary) and otherwise, or for
 any input it does not cover (not CPU float32 [batch, V]), calls ``torch.multinomial``. It reads and

@@ -11,15 +11,14 @@ through :class:`SGLangEngine`, so that test sees them all; the calls that report
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
 from importlib import metadata
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from kdlib.config.schema import ModelConfig, Precision, SGLangEngineConfig
+from kdlib.backends.sglang.options import RESERVED_SERVER_ARGS, SGLangEngineConfig
+from kdlib.config.models import ModelConfig, Precision
 from kdlib.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -27,19 +26,6 @@ log = logging.getLogger(__name__)
 # SGLang releases whose Engine API, ServerArgs and output layout kdlib was checked against.
 SUPPORTED_VERSIONS = ("0.5.23",)
 
-# The class started instead of sglang.Engine, taking its keyword arguments: a subclass with
-# plugins, or the tests' engine double. None: $KDLIB_SGLANG_ENGINE ("module:Class", which worker
-# processes inherit), else sglang.Engine after the version check.
-engine_class: Optional[Callable[..., Any]] = None
-ENGINE_VARIABLE = "KDLIB_SGLANG_ENGINE"
-
-# ServerArgs fields kdlib sets itself (its protocol depends on them); `server_args` may not.
-RESERVED_SERVER_ARGS = frozenset({
-    "mem_fraction_static", "quantization", "attention_backend", "context_length", "model_path", "dtype", "trust_remote_code", "revision", "tp_size", "device", "base_gpu_id",
-    "random_seed", "log_level", "skip_tokenizer_init", "enable_return_hidden_states",
-    "disable_radix_cache", "chunked_prefill_size", "enable_memory_saver",
-    "enable_weights_cpu_backup", "enable_deterministic_inference",
-})
 _DTYPES = {Precision.bfloat16: "bfloat16", Precision.float32: "float32"}
 
 
@@ -61,20 +47,9 @@ def check_version() -> str:
         raise ModelError(
             f"sglang {version} is installed; kdlib supports sglang {supported} (its Engine API and "
             "output layout change between releases): install one of those, or check the new release "
-            "with tests/unit/test_sglang_contract.py and add it to kdlib.sglang_engine.SUPPORTED_VERSIONS"
+            "with tests/unit/test_sglang_contract.py and add it to kdlib.backends.sglang.engine.SUPPORTED_VERSIONS"
         )
     return version
-
-
-def _engine_from_environment() -> Optional[Callable[..., Any]]:
-    path = os.environ.get(ENGINE_VARIABLE)
-    if not path:
-        return None
-    module, _, name = path.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ModelError(f"${ENGINE_VARIABLE}={path}: cannot load it ({exc})") from None
 
 
 def server_args(
@@ -106,19 +81,24 @@ def server_args(
     return args
 
 
+def start_engine(**args: Any) -> Any:
+    """``sglang.Engine(**args)`` after the version check: the one place SGLang is imported."""
+    version = check_version()
+    import sglang
+
+    log.info("starting SGLang %s engine", version)
+    return sglang.Engine(**args)
+
+
 class SGLangEngine:
     """One running ``sglang.Engine`` and the calls kdlib makes on it (``what`` names it in errors)."""
 
+    # What starts an engine from its ServerArgs fields (tests put their engine double here).
+    factory: Callable[..., Any] = staticmethod(start_engine)
+
     def __init__(self, args: dict[str, Any], what: str) -> None:
         self.what = what
-        factory = engine_class or _engine_from_environment()
-        if factory is None:
-            version = check_version()
-            import sglang
-
-            factory = sglang.Engine
-            log.info("starting SGLang %s engine (%s)", version, what)
-        self._engine = factory(**args)
+        self._engine = type(self).factory(**args)
 
     def generate(self, input_ids: list[list[int]], sampling_params: dict | list[dict], **request: Any) -> list[dict]:
         """One output dict per prompt, in order; an aborted request is an error."""

@@ -8,16 +8,16 @@ memory bandwidth when it is laid out as ``nn.Linear`` lays it out. This engine k
 their order, stopping criteria, position ids) by running ``generate`` itself with a callable
 ``custom_generate`` (transformers' documented hook for replacing the decoding loop), and replaces
 only the loop: a pre-allocated :class:`transformers.StaticCache` kept across calls, one batched
-prefill, the head as ``weight @ hidden^T`` (same dot products, 2-3.5x faster on CPU), and the next
+prefill, the head as ``weight @ hidden^T`` (same dot products, faster on CPU), and the next
 token chosen exactly as ``generate``'s sampling loop chooses it (processors, softmax,
 ``torch.multinomial``'s draw on the global generator, reproduced faster by
-:mod:`kdlib.rollout.sampling`, so the same seed draws the same tokens). The decode
+:mod:`kdlib.backends.hf.decode.sampling`, so the same seed draws the same tokens). The decode
 step can be compiled with ``torch.compile`` (inductor); parameters are graph inputs, so weights
 copied in place at sync are the ones the next call uses. Compiled with frozen weights
 (``freeze=True``), inductor folds the weights into the step as constants and its C++ GEMM kernels
 pack them once: on CPU the few-row products then stream the weights at close to the memory
-bandwidth (1.5x faster steps than eager on SmolLM2). The step then reads packed copies, not the
-parameters, so a weight sync repacks them in place (:mod:`kdlib.rollout.frozen`,
+bandwidth (the fastest steps kdlib measured; docs/benchmarks.md). The step then reads packed copies, not the
+parameters, so a weight sync repacks them in place (:mod:`kdlib.backends.hf.decode.frozen`,
 :meth:`DecodeEngine.weights_changed`).
 """
 
@@ -32,10 +32,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from kdlib.backends.hf.decode.products import FewRowLinears, head_logits
 from kdlib.errors import first_line
 from kdlib.models.head import LMHead, decoder_of, lm_head_of, verify_lm_head
-from kdlib.rollout.frozen import FROZEN_COMPILE_OPTIONS, PackedWeights, follows_weights
-from kdlib.rollout.sampling import SAMPLERS
+from kdlib.backends.hf.decode.frozen import FROZEN_COMPILE_OPTIONS, PackedWeights, follows_weights
+from kdlib.backends.hf.decode.sampling import SAMPLERS
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +76,18 @@ class DecodeEngine:
         self.head: LMHead = lm_head_of(model)
         # float32 on CPU: few-row products as weight @ x^T where MKL streams the weight faster; a
         # frozen step keeps x @ weight^T, the form whose weights inductor's GEMM template packs
-        # (measured on SmolLM2's student: 1.55x eager against 1.22x with the transposed form)
+        # (the transposed form is slower there: docs/benchmarks.md#rollout-decode)
         self.transposed_products = (
             not freeze and self.head.weight.device.type == "cpu" and self.head.weight.dtype == torch.float32
         )
-        self._linears = _FewRowLinears(self.decoder, transposed=self.transposed_products)
+        self._linears = FewRowLinears(self.decoder, transposed=self.transposed_products)
         self.compiled = compile or freeze
         self.frozen = freeze
         self._caches: dict[tuple[int, int], object] = {}  # (batch size, length) -> StaticCache
         self._capacity = 0  # length of the cache of the current (or last) call
         # rows the step computes: a compiled step keeps the largest batch it has seen, and a smaller
         # batch (the last prompts of an epoch) runs in it with copies of its first row, which are
-        # computed and ignored, instead of compiling the step for another shape (30-50 s)
+        # computed and ignored, instead of compiling the step for another shape (tens of seconds)
         self._rows = 0
         self._step: Callable = self._compiled_step() if self.compiled else self._forward
         self._verified: set[tuple[int, int]] = set()  # (batch, cache length) the compiled step passed
@@ -103,7 +104,7 @@ class DecodeEngine:
         def frozen_step(*args):
             # set while dynamo traces, not only while inductor compiles: dynamo decides then to make
             # the parameters attributes of the graph, which freezing can fold (torch.compile's
-            # options= patches inductor's config too late, and the step was 1.1x eager, not 1.3x)
+            # options= patches inductor's config too late: the weights are then not folded)
             with inductor_config.patch(FROZEN_COMPILE_OPTIONS), self._packed.recording():
                 return step(*args)
 
@@ -112,8 +113,8 @@ class DecodeEngine:
     def reserve(self, length: int) -> None:
         """Calls will need up to ``length`` positions (longest prompt + new tokens). A compiled
         step is specialised to its cache length, so its cache is sized for them from the start:
-        one compile instead of another each time a longer prompt grows the cache (~50 s for the
-        16-layer student). Eager caches stay tight (attention reads the whole cache)."""
+        one compile instead of another each time a longer prompt grows the cache (tens of seconds
+        each). Eager caches stay tight (attention reads the whole cache)."""
         if self.compiled:
             self._capacity = max(self._capacity, _round_up(length, COMPILED_CAPACITY_STEP))
 
@@ -165,7 +166,7 @@ class DecodeEngine:
             torch.set_rng_state(rng)
             return self.decode(input_ids, attention_mask, **generate_kwargs)
 
-    def lean_products(self) -> "_FewRowLinears":
+    def lean_products(self) -> "FewRowLinears":
         """A context in which the decoder's few-row products are 2D, in the faster orientation."""
         return self._linears
 
@@ -304,74 +305,6 @@ def _repeat_first_row(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
-
-
-def head_logits(head: LMHead, hidden: torch.Tensor, *, transposed: bool) -> torch.Tensor:
-    """float32 ``head(hidden)`` for ``hidden`` [batch, H]; ``transposed``: as ``weight @ hidden^T``.
-
-    The same dot products as ``nn.Linear``; on CPU in float32, MKL streams the [V, H] weight 2-3.5x
-    faster in this orientation when the batch is a few rows (SmolLM2's head, 4 rows, 2 threads:
-    5.4 ms against 19 ms).
-    """
-    hidden = hidden.to(head.weight.dtype)
-    if transposed:
-        logits = torch.mm(head.weight, hidden.t()).t()
-        logits = logits if head.bias is None else logits + head.bias
-    else:
-        logits = nn.functional.linear(hidden, head.weight, head.bias)
-    return head.finish(logits).to(dtype=torch.float32, memory_format=torch.contiguous_format)
-
-
-class _FewRowLinears:
-    """While active, every ``nn.Linear`` of the decoder computes an input of at most
-    :data:`FEW_ROWS` rows as one 2D product; ``transposed``: wide layers as ``weight @ x^T``.
-
-    Wide means ``out_features >= in_features`` and at least :data:`WIDE_MIN_NUMEL` weights:
-    measured with weights streamed from memory, 4 rows, SmolLM2 shapes, float32 on CPU, 576->576 and
-    576->1536 run 1.5-1.7x faster transposed, 1536->576 slower. The 2D form matters when the step
-    is compiled: inductor lowers a [batch, 1, in] x [in, out] product as a batched product with
-    one row per batch and then as its own loops, which read the weight once per row (measured:
-    the compiled step 1.6x slower than eager; with 2D products 1.2x faster). Prefill (many rows)
-    keeps ``nn.Linear``. The forwards are made once, so a compiled step sees the same functions on
-    every call.
-    """
-
-    def __init__(self, decoder: nn.Module, *, transposed: bool) -> None:
-        self._forwards = [
-            (module, functools.partial(_few_rows_linear, module, transposed and _is_wide(module)))
-            for module in decoder.modules()
-            if type(module) is nn.Linear
-        ]
-
-    def __enter__(self) -> None:
-        for module, forward in self._forwards:
-            module.forward = forward
-
-    def __exit__(self, *exc) -> None:
-        for module, _ in self._forwards:
-            del module.forward
-
-
-FEW_ROWS = 16
-# Smaller weights stay in cache and gain nothing from the orientation.
-WIDE_MIN_NUMEL = 1 << 18
-
-
-def _is_wide(module: nn.Linear) -> bool:
-    return module.out_features >= module.in_features and module.weight.numel() >= WIDE_MIN_NUMEL
-
-
-def _few_rows_linear(module: nn.Linear, transposed: bool, x: torch.Tensor) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1]
-    if rows > FEW_ROWS:
-        return nn.functional.linear(x, module.weight, module.bias)
-    flat = x.reshape(rows, x.shape[-1])
-    if transposed:
-        out = torch.mm(module.weight, flat.t()).t()
-        out = out if module.bias is None else out + module.bias
-    else:
-        out = nn.functional.linear(flat, module.weight, module.bias)
-    return out.reshape(*x.shape[:-1], module.out_features)
 
 
 def build_engine(model: nn.Module, *, compile: bool, freeze: bool = False) -> DecodeEngine:

@@ -1,0 +1,108 @@
+"""Resolve, then freeze: every ``auto`` value and derived value settled once, with its reason.
+
+A run's config is resolved in one place before anything is built: the precision of each model and
+the student's autocast (by what the device computes natively), the transport (follows the
+launcher), AdamW's implementation (fused where torch has the kernel), each backend's own ``auto``
+options (the hf rollout engine by the torch versions it was tested with; a tensor-parallel
+engine's GPUs), the mode's defaults (``mode=sft`` trains with the sft algorithm), and, once the
+checkpoints' own configs can be read (``models=True``, in ``kdlib.run``), packing (text or
+image+text, per-sample attention or not). Each choice is recorded in ``cfg.auto_choices`` as
+``"<value>: <reason>"``; the run log prints them once. :func:`kdlib.runner.run` then freezes the
+config (:func:`kdlib.config.node.freeze`) and writes it to ``config.yaml``: that file is exactly
+what the workers receive, and any later write raises.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from kdlib.config.models import Precision
+from kdlib.config.node import AUTO
+from kdlib.config.schema import KDConfig, Mode
+from kdlib.config.training import AdamWImpl
+
+# Attention implementations that attend within each sample of a packed row, computing nothing
+# across samples (kdlib's packed_sdpa, FlashAttention's varlen kernels).
+PER_SAMPLE_ATTENTION = frozenset({"packed_sdpa", "flash_attention_2", "flash_attention_3"})
+
+
+class Choices:
+    """``record(key, value, reason)``: notes a resolved value in ``cfg.auto_choices``."""
+
+    def __init__(self, cfg: KDConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, key: str, value: Any, reason: str) -> None:
+        self.cfg.auto_choices[key] = f"{value}: {reason}"
+
+
+def device_type(cfg: KDConfig) -> str:
+    """'cuda' or 'cpu' (or 'mps') for the run's device setting (a bad one reads as cpu here; the
+    checks name it)."""
+    from kdlib.hardware import resolve_device_type
+
+    return resolve_device_type(cfg.device) if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) else "cpu"
+
+
+def resolve(cfg: KDConfig, *, models: bool = False) -> KDConfig:
+    """Settle ``cfg``'s ``auto`` values in place (values already settled stay); returns ``cfg``.
+    ``models``: also what needs the checkpoints' configs (read from disk, no weights)."""
+    record = Choices(cfg)
+    device = device_type(cfg)
+    _precision(cfg, device, record)
+    if cfg.transport.name == AUTO:
+        cfg.transport.name = "ray" if cfg.launcher.name == "ray" else "inprocess"
+        record("transport", cfg.transport.name, f"follows launcher={cfg.launcher.name}")
+    if cfg.train.adamw_impl is AdamWImpl.auto:
+        from kdlib.optim import fused_adamw_available
+
+        fused = fused_adamw_available(device, cfg.student.dtype)
+        cfg.train.adamw_impl = AdamWImpl.fused if fused else AdamWImpl.default
+        record("train.adamw_impl", cfg.train.adamw_impl.value,
+               f"torch {'has' if fused else 'has no'} fused AdamW for {cfg.student.dtype.value} on {device}")
+    from kdlib.controller import MODES
+
+    MODES.get(cfg.mode.value).resolve(cfg, record)
+    cfg.teacher.backend.resolve(cfg, device, record)
+    cfg.rollout.resolve(cfg, device, record)
+    if models:
+        _packing(cfg, record)
+    return cfg
+
+
+def _precision(cfg: KDConfig, device: str, record: Choices) -> None:
+    from kdlib.hardware import bf16_support
+
+    for role in ("teacher", "student"):
+        model = getattr(cfg, role)
+        if model.dtype is Precision.auto:
+            support = bf16_support(device)
+            model.dtype = Precision.bfloat16 if support.native else Precision.float32
+            record(f"{role}.dtype", model.dtype.value, support.reason)
+    if isinstance(cfg.student.autocast, str) and cfg.student.autocast.lower() == AUTO:
+        support = bf16_support(device)
+        cfg.student.autocast = support.native and cfg.student.dtype is Precision.float32
+        record("student.autocast", str(cfg.student.autocast).lower(), support.reason)
+
+
+def _packing(cfg: KDConfig, record: Choices) -> None:
+    """``train.packing=auto``: pack text runs (no compute on padding); pad image+text runs. An
+    on-policy run with an attention that computes a packed row's full square (``sdpa``, ``eager``)
+    is padded too: its rollouts mostly run to ``rollout.max_new_tokens``, so there is little
+    padding to remove and the cross-sample attention costs more than it saves (benchmarks/step.py,
+    docs/benchmarks.md)."""
+    if cfg.train.packing != AUTO:
+        return
+    from kdlib.controller.modality import is_vision_language
+
+    vision = is_vision_language(cfg.student)
+    per_sample = {cfg.student.attn_implementation, cfg.teacher.attn_implementation} <= PER_SAMPLE_ATTENTION
+    cfg.train.packing = not vision and (per_sample or cfg.mode is not Mode.onpolicy)
+    if vision:
+        reason = "vision-language models lay images out per row"
+    elif not cfg.train.packing:
+        reason = "on-policy rollouts leave little padding and this attention computes across packed samples"
+    else:
+        reason = "text models: no compute on padding"
+    record("train.packing", str(cfg.train.packing).lower(), reason)
