@@ -290,6 +290,25 @@ def test_a_checkpoint_that_differs_from_its_checksums_is_refused(change, message
     assert str(caught.value) == f"{checkpoint}: {message}"
 
 
+def test_damaged_checkpoint_files_are_one_line(tmp_path):
+    from kdlib.errors import CheckpointError
+    from kdlib.parallel import checkpoint as ckpt
+
+    directory = tmp_path / "step_1"
+    _saved_checkpoint(directory)
+    (directory / "trainer_state.json").write_text('{"step": ')
+    ckpt.write_manifest(directory)  # damaged before it was published: the checksums agree
+    with pytest.raises(CheckpointError) as caught:
+        ckpt.verify_checkpoint(directory)
+    assert str(caught.value) == f"cannot read {directory / 'trainer_state.json'}: Expecting value: line 1 column 10 (char 9)"
+    (directory / "trainer_state.json").write_text('{"step": 1}')
+    (directory / ckpt.METADATA).unlink()
+    (directory / ckpt.MANIFEST).unlink()  # a checkpoint copied without its checksums
+    with pytest.raises(CheckpointError) as caught:
+        ckpt.verify_checkpoint(directory)
+    assert str(caught.value) == f"{directory}: .metadata is missing; it is not a complete checkpoint"
+
+
 def test_the_checksums_are_those_sha256sum_checks(checkpoint):
     import shutil
     import subprocess
