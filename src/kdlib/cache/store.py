@@ -186,10 +186,8 @@ class TeacherCache:
                 self._index.setdefault(key, loc)
                 self._scanned.add(loc.shard)
         for name in sorted(on_disk - self._scanned):
-            entries, failure = self._attempt(name, self._read_header)
-            if failure == UNREADABLE:
-                continue  # not now; the next refresh tries again
-            self._scanned.add(name)
+            entries, _ = self._attempt(name, self._read_header)
+            self._scanned.add(name)  # read once per process: one that cannot be read is not used
             for key, (rows, checksum) in (entries or {}).items():
                 self._index.setdefault(key, _Location(name, rows, checksum))
 
@@ -336,8 +334,8 @@ class TeacherCache:
         if isinstance(failure, OSError):
             lost = self._forget_shard(shard)
             self.stats.unreadable += len(lost)
-            log.warning("teacher cache: shard %s cannot be read now (%s); its %d samples are not used by this "
-                        "process (the shard is kept)", shard, _os_reason(failure), len(lost))
+            self._warn_once(f"unreadable {shard}", "teacher cache: shard %s cannot be read now (%s); its samples are "
+                            "not used by this process (the shard is kept)", shard, _os_reason(failure))
             return None, UNREADABLE
         self._quarantine(shard, first_line(failure))
         return None, DAMAGED
