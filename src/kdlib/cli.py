@@ -5,6 +5,11 @@ Before Hydra takes over, the overrides are checked by composing them (every comb
 model loads. ``plugins=[module]`` modules are imported first, so user-registered losses and
 algorithms are valid choices. Hydra then does what it does best: ``--cfg job``, ``-m`` sweeps with a
 directory per job, ``+recipe=...``, ``hydra.run.dir=...``.
+
+What the user sees of a failure: a :class:`~kdlib.errors.KdlibError` (bad input, a fault kdlib
+handles) is one line, ``kdlib: error: ...``, exit code 2; a plugin that raises while it is imported
+is one such line naming its file and line. Any other exception is a bug in kdlib: its traceback,
+then one line asking for a bug report, exit code 1.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ from __future__ import annotations
 import itertools
 import signal
 import sys
-from typing import Optional, Sequence
+import traceback
+from typing import Iterable, Optional, Sequence
 
-from kdlib.errors import ConfigError, Interrupted, KdlibError
+from kdlib.errors import ConfigError, Interrupted, KdlibError, first_line
 
 # Hydra flags that take a value, and flags that only ask for information.
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -27,7 +33,7 @@ _MAX_CHECKED_JOBS = 64
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import hydra
 
-    from kdlib.config.compose import conf_dir, import_plugins, plugins_in
+    from kdlib.config.compose import conf_dir, plugins_in
     from kdlib.config.store import register_configs
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -38,6 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             preflight(overrides, multirun=bool(flags & {"-m", "--multirun"}))
     except KdlibError as exc:
         _fail(exc)
+    except Exception:  # noqa: BLE001 - a bug: shown whole, with where to report it
+        _bug()
     register_configs()
     sys.argv = [sys.argv[0] if sys.argv else "kdlib", *args]
     hydra.main(config_path=conf_dir(), config_name="config", version_base=None)(_task)()
@@ -60,6 +68,27 @@ def _task(cfg) -> None:
         _fail(exc)
     except KeyboardInterrupt:  # Ctrl-C outside the training steps, or a second one inside them
         _fail(Interrupted("interrupted by SIGINT; no checkpoint written", signal_number=signal.SIGINT, resume_dir=None))
+    except Exception:  # noqa: BLE001 - a bug: shown whole, with where to report it
+        _bug()
+
+
+def import_plugins(names: Iterable[str]) -> None:
+    """Import the ``plugins=[...]`` modules one by one; one that raises while it is imported (a
+    bug in the plugin) is a one-line ConfigError naming the plugin, the file and the line."""
+    from kdlib.config.compose import import_plugins as import_each
+
+    for name in names:
+        try:
+            import_each([name])
+        except KdlibError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the plugin's own code failed
+            frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")]
+            at = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+            raise ConfigError(
+                f"plugins: importing {name!r} raised {type(exc).__name__}: {first_line(exc)}{at}; "
+                f"`python -c 'import {name}'` shows the traceback"
+            ) from None
 
 
 def resume_command(task_overrides: list[str], resume_dir: str) -> str:
@@ -129,6 +158,17 @@ def preflight(overrides: list[str], *, multirun: bool) -> None:
 def _fail(exc: Exception) -> None:
     print(f"kdlib: error: {exc}", file=sys.stderr)
     sys.exit(getattr(exc, "exit_code", 2))
+
+
+BUG_REPORT = ("kdlib: internal error: this is a bug in kdlib, not a problem with your input; please report it at "
+              "the project's issue tracker with this traceback")
+
+
+def _bug() -> None:
+    """An unexpected exception (not a KdlibError): its traceback, then where to report it."""
+    traceback.print_exc()
+    print(BUG_REPORT, file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,35 @@ Transports and the teacher cache move a carrier generically through :meth:`Teach
 and :meth:`TeacherOutput.from_parts`: a flat ``{name: tensor}`` dict plus small JSON-able metadata.
 A new tensor field (or a tensor field of a dataclass-valued field such as ``alignment``) travels
 through every transport without any transport knowing about it.
+
+The metadata comes from another process (or, through a transport, another machine), so it names a
+dataclass-valued field's type by a name registered in :data:`CARRIER_TYPES`, never by a module
+path: rebuilding a carrier imports nothing the message names, and a name that is not registered,
+or fields the registered type does not have, are refused with one line (:class:`CarrierError`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Sequence
 
 import torch
+
+from kdlib.registry import Registry
+
+# The dataclass types a carrier field may hold, by name (what travels in a message). kdlib's own
+# are registered here, lazily, so that a receiving process knows them without importing them
+# first; a plugin or a test registers its own with CARRIER_TYPES.register(name, cls).
+CARRIER_TYPES: Registry[type] = Registry("teacher output field type")
+CARRIER_TYPES.register("sent_rows", "kdlib.xtok.groups:SentRows")
+
+
+_PLAIN = (bool, int, float, str, type(None))  # the non-tensor values a message may carry
+
+
+class CarrierError(ValueError):
+    """A teacher-output message names a type or fields kdlib does not build."""
 
 
 @dataclass
@@ -137,7 +156,7 @@ class TeacherOutput:
             if isinstance(value, torch.Tensor):
                 tensors[f.name] = value
             elif dataclasses.is_dataclass(value):
-                meta["types"][f.name] = f"{type(value).__module__}:{type(value).__qualname__}"
+                meta["types"][f.name] = carrier_type_name(type(value))
                 for sub in fields(value):
                     item = getattr(value, sub.name)
                     if isinstance(item, torch.Tensor):
@@ -150,19 +169,60 @@ class TeacherOutput:
 
     @classmethod
     def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "TeacherOutput":
-        """Inverse of :meth:`to_parts`."""
+        """Inverse of :meth:`to_parts`; builds only :class:`TeacherOutput` and the registered
+        :data:`CARRIER_TYPES`, with exactly their fields (else :class:`CarrierError`)."""
+        if not isinstance(meta, dict) or not set(meta) <= {"types", "values"}:
+            raise CarrierError(f"teacher output message: unexpected metadata {_short(meta)}")
+        types, values = meta.get("types", {}), meta.get("values", {})
+        if not isinstance(types, dict) or not isinstance(values, dict):
+            raise CarrierError(f"teacher output message: unexpected metadata {_short(meta)}")
+        own = {f.name for f in fields(cls)}
         top: dict[str, Any] = {}
         nested: dict[str, dict[str, Any]] = {}
-        for key, value in list(tensors.items()) + list(meta.get("values", {}).items()):
-            name, dot, sub = key.partition(".")
+        for key, value in list(tensors.items()) + list(values.items()):
+            name, dot, sub = str(key).partition(".")
+            if name not in own or bool(dot) != (name in types) or (not dot and not isinstance(value, torch.Tensor)):
+                raise CarrierError(f"teacher output message: unexpected field {str(key)[:80]!r}")
+            if not isinstance(value, (torch.Tensor, *_PLAIN)):
+                raise CarrierError(f"teacher output message: field {str(key)[:80]!r} holds a {type(value).__name__}")
             if dot:
                 nested.setdefault(name, {})[sub] = value
             else:
                 top[name] = value
-        for name, type_path in meta.get("types", {}).items():
-            module, _, qualname = type_path.partition(":")
-            obj: Any = importlib.import_module(module)
-            for part in qualname.split("."):
-                obj = getattr(obj, part)
-            top[name] = obj(**nested.get(name, {}))
+        for name, type_name in types.items():
+            if name not in own:
+                raise CarrierError(f"teacher output message: unexpected field {str(name)[:80]!r}")
+            top[name] = _build(type_name, nested.get(name, {}))
         return cls(**top)
+
+
+def carrier_type_name(cls: type) -> str:
+    """The registered name of a dataclass a carrier field holds (TypeError if there is none)."""
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    for entry in CARRIER_TYPES:
+        if entry.target is cls or entry.target == path:
+            return entry.name
+    raise TypeError(f"{cls.__qualname__} is not a registered teacher output field type; register it with "
+                    "kdlib.teacher_output.CARRIER_TYPES.register(name, cls)")
+
+
+def _build(type_name: Any, values: dict[str, Any]) -> Any:
+    """An instance of the registered type ``type_name`` from exactly its fields."""
+    if not isinstance(type_name, str) or type_name not in CARRIER_TYPES:
+        raise CarrierError(f"teacher output message: unknown field type {str(type_name)[:80]!r}; "
+                           f"choose one of: {', '.join(CARRIER_TYPES.names())}")
+    cls = CARRIER_TYPES.get(type_name)
+    expected = {f.name for f in fields(cls) if f.init}
+    if set(values) != expected:
+        unexpected, absent = sorted(set(values) - expected), sorted(expected - set(values))
+        raise CarrierError(
+            f"teacher output message: {type_name} takes the fields {sorted(expected)}"
+            + (f", not {[u[:40] for u in unexpected]}" if unexpected else "")
+            + (f"; missing {absent}" if absent else "")
+        )
+    return cls(**values)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

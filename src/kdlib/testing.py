@@ -11,7 +11,6 @@ cross-tokenizer tests.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -188,34 +187,3 @@ def chat_rows(n: int, *, seed: int = 0) -> list[dict]:
                         {"role": "user", "content": c}, {"role": "assistant", "content": d}]
         rows.append({"id": i, "messages": messages})
     return rows
-
-
-def full_teacher_output():
-    """A teacher output with every carrier field set (random, non-zero), for transport tests."""
-    import torch
-
-    from kdlib.teacher_output import TeacherOutput
-
-    g = torch.Generator().manual_seed(7)
-    rows = 9
-    return TeacherOutput(
-        hidden=torch.randn(rows, 24, generator=g).to(torch.bfloat16),
-        row_offsets=torch.tensor([0, 4, 4, 9]),
-        sample_ids=torch.tensor([11, 5, 30]),
-        topk_ids=torch.randint(0, 1000, (rows, 3), generator=g),
-        topk_logprobs=-torch.rand(rows, 3, generator=g),
-        alignment=ExampleAlignment(
-            teacher_rows=torch.arange(rows), student_rows=torch.randint(0, rows, (rows,), generator=g),
-            weights=torch.rand(rows, generator=g, dtype=torch.float64),
-        ),
-    )
-
-
-
-@dataclass
-class ExampleAlignment:
-    """A dataclass of tensors standing in for a method's alignment object in transport tests."""
-
-    teacher_rows: "torch.Tensor"  # noqa: F821 (annotations are not evaluated)
-    student_rows: "torch.Tensor"  # noqa: F821
-    weights: "torch.Tensor"  # noqa: F821

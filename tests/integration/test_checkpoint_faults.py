@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import kdlib
 from kdlib.errors import CheckpointError
@@ -135,17 +134,18 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(ti
     """A patched write fails with ENOSPC at the second checkpoint, after the shards are written."""
     from kdlib.parallel import checkpoint as ckpt
 
-    real_save, saves = torch.save, []
+    real_save, saves = ckpt.save_extra_state, []
 
-    def full_disk_save(obj, f, *args, **kwargs):
-        if str(f).endswith("extra_rank0.pt"):
-            saves.append(f)
+    def full_disk_save(directory, rank, state):
+        if rank == 0:
+            saves.append(directory)
             if len(saves) == 2:
-                Path(f).write_bytes(b"\0" * 1000)  # a few bytes made it before the disk filled up
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
-        return real_save(obj, f, *args, **kwargs)
+                path = Path(directory) / "extra_rank0.json"
+                path.write_bytes(b"\0" * 1000)  # a few bytes made it before the disk filled up
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(directory, rank, state)
 
-    monkeypatch.setattr(ckpt.torch, "save", full_disk_save)
+    monkeypatch.setattr(ckpt, "save_extra_state", full_disk_save)
     run_dir = tmp_path / "full"
     with pytest.raises(CheckpointError) as caught:
         kdlib.run(kdlib.compose(tiny_overrides + STEPS + [f"output_dir={run_dir}"]))
@@ -155,7 +155,7 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(ti
         f"lower train.keep_checkpoints); the previous checkpoint {root / 'step_1'} is intact"
     )
     assert partial_dirs(root) == [] and [s for s, _ in complete_checkpoints(root)] == [1]
-    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    monkeypatch.setattr(ckpt, "save_extra_state", real_save)
     resumed = kdlib.run(kdlib.compose(tiny_overrides + STEPS + [f"train.resume={run_dir}", f"output_dir={tmp_path / 'resumed'}"]))
     _assert_continues(reference, _rows(resumed.run_dir), first_step=2)
 

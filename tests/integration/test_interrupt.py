@@ -120,7 +120,7 @@ def test_sigterm_to_a_ray_run_checkpoints_every_rank(tiny_overrides, tmp_path):
     overrides = local + ["+recipe=ray", "student.num_workers=2", "launcher.num_cpus=2"]
     stopped_at, command, checkpoint = _interrupt(signal.SIGTERM, overrides, tmp_path / "ray", tmp_path)
     assert "+recipe=ray" in command
-    assert {p.name for p in checkpoint.glob("extra_rank*.pt")} == {"extra_rank0.pt", "extra_rank1.pt"}
+    assert {p.name for p in checkpoint.glob("extra_rank*.json")} == {"extra_rank0.json", "extra_rank1.json"}
     resumed = kdlib.run(kdlib.compose(local + [f"train.resume={tmp_path / 'ray'}", f"output_dir={tmp_path / 'resumed'}"]))
     reference = _reference(local, tmp_path / "reference")
     _assert_continues(_rows(reference.run_dir), _rows(resumed.run_dir), stopped_at, rel=1e-4)  # Ray == local to 1e-4

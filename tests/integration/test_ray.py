@@ -82,8 +82,8 @@ def test_ray_cross_tokenizer_run_equals_local(ray_cluster, tiny_overrides, unigr
 def test_object_store_transport_is_zero_copy_and_moves_every_field(ray_cluster):
     import ray
 
+    from carrier_doubles import full_teacher_output
     from kdlib.config import TransportConfig
-    from kdlib.testing import full_teacher_output
     from kdlib.transport.ray import RayObjectTransport
 
     transport = RayObjectTransport(TransportConfig(name="ray"))
@@ -101,6 +101,8 @@ def test_object_store_transport_is_zero_copy_and_moves_every_field(ray_cluster):
 
     @ray.remote
     def student_side(h):
+        import carrier_doubles  # noqa: F401 (registers the example alignment type in the actor, as a plugin would)
+
         out = RayObjectTransport(TransportConfig(name="ray")).fetch(h)
         arr = ray.get(h.ref)[0]["hidden"][0]
         return out.hidden.data_ptr() == arr.ctypes.data, out

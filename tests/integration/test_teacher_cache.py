@@ -117,7 +117,7 @@ cache = TeacherCache.open(sys.argv[1], ns)
 g = torch.Generator().manual_seed(0)  # both writers write the same values for the same keys
 for i in range(40):
     rows = 1 + i % 5
-    cache.write({f"key{i:03d}": TeacherOutput(torch.randn(rows, 16, generator=g).bfloat16(), row_offsets=torch.tensor([0, rows]))})
+    cache.write({f"{i:032x}": TeacherOutput(torch.randn(rows, 16, generator=g).bfloat16(), row_offsets=torch.tensor([0, rows]))})
 """
 
 
@@ -130,7 +130,7 @@ def test_concurrent_writers_leave_a_valid_cache(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     ns = CacheNamespace(FORMAT, "w", "t", "bfloat16", "hf", "sdpa", "cpu", "tok", "bfloat16")
     cache = TeacherCache.open(root, ns)
-    keys = [f"key{i:03d}" for i in range(40)]
+    keys = [f"{i:032x}" for i in range(40)]  # sample keys are 32 hex digits
     assert not cache.missing(keys) and cache.stats.corrupt == 0
     out = cache.read(keys)
     assert out is not None and out.row_offsets.tolist()[-1] == sum(1 + i % 5 for i in range(40))

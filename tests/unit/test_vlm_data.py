@@ -177,7 +177,7 @@ def _bad_rows(data_dir) -> dict[str, dict]:
     "kind, message",
     [
         ("missing", r"bad.jsonl, row 2: image file not found: .*missing.png$"),
-        ("not an image", r"bad.jsonl, row 2: cannot read image .*not_an_image.png: cannot identify image file"),
+        ("not an image", r"bad.jsonl, row 2: cannot read image .*not_an_image.png: not an image format Pillow reads"),
         ("truncated", r"bad.jsonl, row 2: cannot read image .*truncated.png: "),
         ("too large", r"bad.jsonl, row 2: image .*img0.png has 64x48 = 3072 pixels, more than data.max_image_pixels=2000$"),
         ("remote", r"bad.jsonl, row 2: message 0 part 0: remote image https://example.com/cat.png is not downloaded"),

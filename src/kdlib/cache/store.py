@@ -4,7 +4,7 @@ Layout of a cache directory (``teacher.cache=DIR``)::
 
     DIR/manifest.json                 the namespace (see fingerprint.py): which teacher, tokenizer,
                                       dtypes; a run with another namespace is refused
-    DIR/shards/<id>.safetensors       one shard per write: tensor "<key>" = the sample's hidden
+    DIR/shards/<32 hex>.safetensors   one shard per write: tensor "<key>" = the sample's hidden
                                       states [rows, hidden] (wire dtype), "<key>.topk_ids" / ...
                                       when the engine sent them; metadata: format, per-key
                                       checksums (blake2b of the bytes) and row counts
@@ -13,31 +13,62 @@ Layout of a cache directory (``teacher.cache=DIR``)::
 
 Every write goes to a temporary file in the same directory and is renamed into place, so a reader
 (another sweep job, another Ray worker) sees a shard whole or not at all, and two processes filling
-one cache never write the same file. A shard that cannot be read, or a sample whose bytes do not
-match their checksum, is reported once, moved aside (``*.corrupt``) and its samples count as
-missing, so they are recomputed rather than trusted.
+one cache never write the same file.
+
+Nothing read from the directory is trusted: shard names (from ``index.json`` or a listing) must
+be the names kdlib writes and keys the sample keys it computes, so no name can reach outside
+``DIR/shards`` (symbolic links there are ignored); a shard or a sample whose bytes do not match
+their checksum is damage. The cache is an optimisation, so it degrades instead of stopping a run:
+
+- a read that fails is retried once; damage still there after the retry is reported once, the
+  shard is moved aside (``*.corrupt``, only ever a file of ``DIR/shards``) and its samples count
+  as missing, so they are recomputed rather than trusted. An I/O error that persists (EIO,
+  EAGAIN, ...) is not damage: the shard stays for the other jobs reading it, this process just
+  does not use it.
+- a write that fails (a full disk, a read-only or unwritable directory) leaves no temporary file,
+  warns once per process and turns writing off: the run goes on with the live teacher.
+
+:meth:`TeacherCache.fetch` says which keys it could not serve and why, for a caller that
+recomputes them; :meth:`TeacherCache.forget` drops keys from this process's view of the cache.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
+import stat
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import torch
 
 from kdlib.cache.fingerprint import FORMAT, CacheNamespace
-from kdlib.errors import ConfigError
+from kdlib.errors import ConfigError, first_line
 from kdlib.teacher_output import TeacherOutput
 
 log = logging.getLogger(__name__)
 
 _CARRIED = ("hidden", "topk_ids", "topk_logprobs")  # per-row fields a cache keeps
+# The names kdlib writes: a shard is a random UUID, a key a 16-byte blake2b digest
+# (fingerprint.sample_key), a checksum another one (_checksum). Nothing else is accepted from disk.
+_SHARD_NAME = re.compile(r"[0-9a-f]{32}\.safetensors")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_RETRY_DELAY_S = 0.1  # before the second try of a failed read
+_WARNED: set[tuple[str, str]] = set()  # (cache root, what): warnings given once per process
+
+# Why a key could not be served (CacheRead.unserved).
+MISSING = "missing"  # not in the cache (never written, or its shard was set aside)
+DAMAGED = "damaged"  # its shard or bytes failed the integrity check twice: set aside now
+UNREADABLE = "unreadable"  # an I/O error, twice; the shard stays for other readers
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -49,7 +80,10 @@ class CacheStats:
     written: int = 0
     rows_written: int = 0
     bytes_written: int = 0
-    corrupt: int = 0
+    corrupt: int = 0  # samples whose shard was set aside as damaged
+    unreadable: int = 0  # samples not served because of an I/O error that persisted
+    retried: int = 0  # shard reads that failed once and were tried again
+    write_failures: int = 0  # writes given up (full disk, no permission)
 
     def take(self) -> "CacheStats":
         out = CacheStats(**vars(self))
@@ -67,6 +101,15 @@ class CachedOutput:
     sample_ids: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class CacheRead:
+    """What :meth:`TeacherCache.fetch` found: the joined output when every key was served, else
+    None and, for each key that was not, why (:data:`MISSING`, :data:`DAMAGED`, :data:`UNREADABLE`)."""
+
+    output: Optional[TeacherOutput]
+    unserved: dict[str, str]
+
+
 @dataclass
 class _Location:
     shard: str
@@ -79,41 +122,51 @@ class TeacherCache:
     """One cache directory, opened for a namespace (refused when it holds another)."""
 
     root: Path
-    namespace: CacheNamespace
+    namespace: Optional[CacheNamespace]  # None: a reader's cache that was never created
     stats: CacheStats = field(default_factory=CacheStats)
+    writable: bool = True  # False after a write failed: the run goes on without writing
+    enabled: bool = True  # False when the directory could not be created: always empty
     _index: dict[str, _Location] = field(default_factory=dict)
     _scanned: set[str] = field(default_factory=set)
 
     @classmethod
     def open(cls, root: str | Path, namespace: CacheNamespace) -> "TeacherCache":
+        """Open (or create) ``root`` for ``namespace``. A directory that cannot be created (no
+        permission, a full disk) warns once and gives an empty cache that writes nothing."""
         root = Path(root)
-        (root / "shards").mkdir(parents=True, exist_ok=True)
         manifest = root / "manifest.json"
-        if not manifest.exists():
-            _write_atomic(manifest, json.dumps(namespace.as_dict(), indent=2).encode(), exclusive=True)
-        stored = json.loads(manifest.read_text(encoding="utf-8"))
-        if stored.get("format") != FORMAT:
-            raise ConfigError(f"teacher.cache={root}: format {stored.get('format')!r} is not {FORMAT!r}")
         try:
-            stored_ns = CacheNamespace(**stored)
-        except TypeError:
-            raise ConfigError(f"teacher.cache={root}: manifest.json is not a kdlib teacher cache manifest") from None
+            (root / "shards").mkdir(parents=True, exist_ok=True)
+            if not manifest.exists():
+                _write_atomic(manifest, json.dumps(namespace.as_dict(), indent=2).encode(), exclusive=True)
+        except OSError as exc:
+            if not manifest.exists():
+                cache = cls(root=root, namespace=namespace, writable=False, enabled=False)
+                cache._warn_once("write", "teacher cache %s: cannot create it (%s); this run goes on without the "
+                                 "cache, with the live teacher", root, _os_reason(exc))
+                return cache
+        stored_ns = _read_manifest(root)
         differences = stored_ns.differences(namespace)
         if differences:
             raise ConfigError(
                 f"teacher.cache={root} holds outputs of another teacher setup ({stored_ns.teacher_model}): "
                 + "; ".join(differences) + "; use another directory"
             )
+        _check_confined(root)
         cache = cls(root=root, namespace=namespace)
         cache.refresh()
         return cache
 
     @classmethod
     def for_reading(cls, root: str | Path) -> "TeacherCache":
-        """A cache opened by a reader that trusts the controller's namespace check (students)."""
+        """A cache opened by a reader that trusts the controller's namespace check (students);
+        empty when the controller could not create it."""
         root = Path(root)
-        stored = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
-        cache = cls(root=root, namespace=CacheNamespace(**stored))
+        if not (root / "manifest.json").exists():
+            return cls(root=root, namespace=None, writable=False, enabled=False)
+        namespace = _read_manifest(root)
+        _check_confined(root)
+        cache = cls(root=root, namespace=namespace, writable=False)
         cache.refresh()
         return cache
 
@@ -121,25 +174,22 @@ class TeacherCache:
     # Index
 
     def refresh(self) -> None:
-        """Learn about shards written since the last look (by this or any other process)."""
-        index_file = self.root / "index.json"
-        if not self._scanned and index_file.exists():
-            try:
-                listed = json.loads(index_file.read_text(encoding="utf-8"))
-                for shard, entries in listed.items():
-                    if (self.root / "shards" / shard).exists():
-                        for key, (rows, checksum) in entries.items():
-                            self._index.setdefault(key, _Location(shard, rows, checksum))
-                        self._scanned.add(shard)
-            except (ValueError, TypeError):
-                log.warning("teacher cache %s: index.json is unreadable; scanning the shards", self.root)
-        for path in sorted((self.root / "shards").glob("*.safetensors")):
-            if path.name in self._scanned:
-                continue
-            entries = self._read_header(path)
-            self._scanned.add(path.name)
+        """Learn about shards written since the last look (by this or any other process), and
+        forget those that disappeared (set aside by another process)."""
+        if not self.enabled:
+            return
+        on_disk = self._listed_shards()
+        for gone in self._scanned - on_disk:
+            self._forget_shard(gone)
+        if not self._scanned:
+            for key, loc in self._listed_index(on_disk).items():
+                self._index.setdefault(key, loc)
+                self._scanned.add(loc.shard)
+        for name in sorted(on_disk - self._scanned):
+            entries, _ = self._attempt(name, self._read_header)
+            self._scanned.add(name)  # read once per process: one that cannot be read is not used
             for key, (rows, checksum) in (entries or {}).items():
-                self._index.setdefault(key, _Location(path.name, rows, checksum))
+                self._index.setdefault(key, _Location(name, rows, checksum))
 
     def __contains__(self, key: str) -> bool:
         return key in self._index
@@ -150,35 +200,33 @@ class TeacherCache:
     def missing(self, keys: Iterable[str]) -> list[str]:
         return [k for k in keys if k not in self._index]
 
+    def forget(self, keys: Iterable[str]) -> None:
+        """Stop serving ``keys`` from this process's view (nothing changes on disk): a caller
+        told by another process that they could not be read makes them count as missing."""
+        for key in keys:
+            self._index.pop(key, None)
+
     def verified_missing(self, keys: Iterable[str]) -> list[str]:
         """Like :meth:`missing`, after reading every present entry of ``keys`` and checking its
         checksum: damaged shards are set aside first, so their samples count as missing."""
-        from safetensors import safe_open
-
         keys = list(keys)
-        by_shard: dict[str, list[str]] = {}
-        for key in dict.fromkeys(keys):
-            if key in self._index:
-                by_shard.setdefault(self._index[key].shard, []).append(key)
-        for shard, shard_keys in by_shard.items():
-            path = self.root / "shards" / shard
-            try:
-                with safe_open(str(path), framework="pt") as handle:
-                    for key in shard_keys:
-                        if self._checked_fields(handle, key) is None:
-                            raise _Damaged(f"checksum mismatch for sample {key}")
-            except _UNREADABLE as exc:
-                self._quarantine(path, str(exc))
+        for shard, shard_keys in self._by_shard(dict.fromkeys(keys)).items():
+            self._attempt(shard, lambda path: self._read_entries(path, shard_keys))
         return self.missing(keys)
 
-    def write_index(self) -> Path:
-        """Write ``index.json`` (shard -> {key: [rows, checksum]}) atomically."""
+    def write_index(self) -> Optional[Path]:
+        """Write ``index.json`` (shard -> {key: [rows, checksum]}) atomically (None when the
+        directory cannot be written: the index is a convenience)."""
         self.refresh()
         by_shard: dict[str, dict[str, list]] = {}
         for key, loc in sorted(self._index.items()):
             by_shard.setdefault(loc.shard, {})[key] = [loc.rows, loc.checksum]
         path = self.root / "index.json"
-        _write_atomic(path, json.dumps(by_shard, sort_keys=True).encode())
+        try:
+            _write_atomic(path, json.dumps(by_shard, sort_keys=True).encode())
+        except OSError as exc:
+            self._warn_once("index", "teacher cache %s: cannot write index.json (%s)", self.root, _os_reason(exc))
+            return None
         return path
 
     # ------------------------------------------------------------------------------------------
@@ -186,43 +234,48 @@ class TeacherCache:
 
     def read(self, keys: list[str], sample_ids: Optional[list[int]] = None) -> Optional[TeacherOutput]:
         """The outputs of ``keys`` joined in order, or None when any is missing or damaged."""
-        from safetensors import safe_open
+        return self.fetch(keys, sample_ids).output
 
-        parts: list[TeacherOutput] = []
-        by_shard: dict[str, list[int]] = {}
+    def fetch(self, keys: list[str], sample_ids: Optional[list[int]] = None) -> CacheRead:
+        """The outputs of ``keys`` joined in order, and the keys that could not be served with
+        the reason (a caller can recompute exactly those; damaged shards are already set aside)."""
         if self.missing(keys):
             self.refresh()  # written by another process since this one last looked
-        for i, key in enumerate(keys):
-            loc = self._index.get(key)
-            if loc is None:
-                self.stats.misses += 1
-                return None
-            by_shard.setdefault(loc.shard, []).append(i)
-        found: dict[int, TeacherOutput] = {}
-        for shard, positions in by_shard.items():
-            path = self.root / "shards" / shard
-            try:
-                with safe_open(str(path), framework="pt") as handle:
-                    for i in positions:
-                        tensors = self._checked_fields(handle, keys[i])
-                        if tensors is None:
-                            raise _Damaged(f"checksum mismatch for sample {keys[i]}")
-                        found[i] = TeacherOutput(row_offsets=torch.tensor([0, tensors["hidden"].shape[0]]), **tensors)
-            except _UNREADABLE as exc:
-                self._quarantine(path, str(exc))
-                self.stats.misses += len(keys)
-                return None
-        parts = [found[i] for i in range(len(keys))]
+        unserved = {k: MISSING for k in self.missing(keys)}
+        if unserved:
+            self.stats.misses += len(unserved)
+            return CacheRead(None, unserved)
+        found: dict[str, dict[str, torch.Tensor]] = {}
+        for shard, shard_keys in self._by_shard(keys).items():
+            tensors, failure = self._attempt(shard, lambda path: self._read_entries(path, shard_keys))
+            if failure is None:
+                found.update(tensors)
+            else:
+                unserved.update({k: failure for k in shard_keys})
+        if unserved:
+            self.stats.misses += len(unserved)
+            return CacheRead(None, unserved)
         self.stats.hits += len(keys)
-        output = TeacherOutput.concat(parts)
+        output = TeacherOutput.concat(
+            [TeacherOutput(row_offsets=torch.tensor([0, found[k]["hidden"].shape[0]]), **found[k]) for k in keys]
+        )
         if sample_ids is not None:
             output.sample_ids = torch.tensor(sample_ids, dtype=torch.long)
-        return output
+        return CacheRead(output, {})
 
     def write(self, entries: dict[str, TeacherOutput]) -> Optional[Path]:
-        """Write the samples of ``entries`` not cached yet as one new shard; returns its path."""
+        """Write the samples of ``entries`` not cached yet as one new shard; returns its path, or
+        None when there was nothing new or the write failed (warned once; writing stops)."""
         from safetensors.torch import save
 
+        if not self.writable:
+            return None
+        for key in entries:
+            if not _HEX32.fullmatch(key):
+                raise ValueError(f"teacher cache key {key!r} is not a sample key (32 hex digits)")
+        for shard in {self._index[k].shard for k in entries if k in self._index}:
+            if not (self.root / "shards" / shard).exists():  # set aside by another process: write anew
+                self._forget_shard(shard)
         new = {k: v for k, v in entries.items() if k not in self._index}
         if not new:
             return None
@@ -236,7 +289,14 @@ class TeacherCache:
         name = f"{uuid.uuid4().hex}.safetensors"
         blob = save(tensors, metadata={"format": FORMAT, "samples": json.dumps(meta)})
         path = self.root / "shards" / name
-        _write_atomic(path, blob)
+        try:
+            _write_atomic(path, blob)
+        except OSError as exc:
+            self.writable = False
+            self.stats.write_failures += 1
+            self._warn_once("write", "teacher cache %s: cannot write (%s); this run goes on without writing "
+                            "to the cache, with the live teacher", self.root, _os_reason(exc))
+            return None
         for key, (rows, checksum) in meta.items():
             self._index.setdefault(key, _Location(name, rows, checksum))
         self._scanned.add(name)
@@ -246,44 +306,133 @@ class TeacherCache:
         return path
 
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in (self.root / "shards").glob("*.safetensors"))
+        return sum((self.root / "shards" / name).stat().st_size for name in self._listed_shards())
 
     def total_rows(self) -> int:
         return sum(loc.rows for loc in self._index.values())
 
     # ------------------------------------------------------------------------------------------
+    # Reading one shard, with a retry; setting damage aside
 
-    def _checked_fields(self, handle, key: str) -> Optional[dict[str, torch.Tensor]]:
-        """The stored fields of ``key`` from an open shard, or None when they fail the checksum."""
-        names = set(handle.keys())
-        tensors = {f: handle.get_tensor(_name(key, f)) for f in _CARRIED if _name(key, f) in names}
-        return tensors if _checksum(tensors) == self._index[key].checksum else None
+    def _attempt(self, shard: str, action: Callable[[Path], T]) -> tuple[Optional[T], Optional[str]]:
+        """``(action(path of shard), None)``, or ``(None, DAMAGED / UNREADABLE / MISSING)`` after a
+        second try failed too. Damage is set aside; a persistent I/O error only makes this process
+        stop using the shard; a vanished shard (set aside by another process) is forgotten."""
+        path = self.root / "shards" / shard
+        failure: BaseException | None = None
+        for attempt in range(2):
+            if attempt:
+                self.stats.retried += 1
+                time.sleep(_RETRY_DELAY_S)
+            try:
+                return action(path), None
+            except FileNotFoundError:
+                self._forget_shard(shard)
+                return None, MISSING
+            except _UNREADABLE as exc:
+                failure = exc
+        if isinstance(failure, OSError):
+            lost = self._forget_shard(shard)
+            self.stats.unreadable += len(lost)
+            self._warn_once(f"unreadable {shard}", "teacher cache: shard %s cannot be read now (%s); its samples are "
+                            "not used by this process (the shard is kept)", shard, _os_reason(failure))
+            return None, UNREADABLE
+        self._quarantine(shard, first_line(failure))
+        return None, DAMAGED
 
-    def _read_header(self, path: Path) -> Optional[dict[str, list]]:
+    def _read_entries(self, path: Path, keys: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """The checked fields of ``keys`` from one shard; _Damaged on a checksum mismatch."""
         from safetensors import safe_open
 
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            if metadata.get("format") != FORMAT:
-                raise _Damaged(f"format {metadata.get('format')!r}")
-            return json.loads(metadata["samples"])
-        except _UNREADABLE as exc:
-            self._quarantine(path, str(exc))
-            return None
+        out = {}
+        with safe_open(str(path), framework="pt") as handle:
+            names = set(handle.keys())
+            for key in keys:
+                tensors = {f: handle.get_tensor(_name(key, f)) for f in _CARRIED if _name(key, f) in names}
+                if _checksum(tensors) != self._index[key].checksum:
+                    raise _Damaged(f"checksum mismatch for sample {key}")
+                out[key] = tensors
+        return out
 
-    def _quarantine(self, path: Path, why: str) -> None:
-        """Stop trusting a damaged shard: move it aside, forget its samples, count them."""
-        lost = [k for k, loc in self._index.items() if loc.shard == path.name]
+    def _read_header(self, path: Path) -> dict[str, tuple[int, str]]:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise _Damaged(f"format {metadata.get('format')!r}")
+        entries = _valid_entries(json.loads(metadata["samples"]))
+        if entries is None:
+            raise _Damaged("its sample list is not the one kdlib writes")
+        return entries
+
+    def _quarantine(self, shard: str, why: str) -> None:
+        """Stop trusting a damaged shard: move it aside, forget its samples, count them. Only a
+        regular file of ``shards/`` with a kdlib shard name is ever renamed."""
+        lost = self._forget_shard(shard)
+        self.stats.corrupt += max(len(lost), 1)
+        path = self.root / "shards" / shard
+        if _SHARD_NAME.fullmatch(shard) and _is_regular_file(path):
+            try:
+                os.replace(path, path.with_suffix(".corrupt"))
+            except OSError:
+                pass  # another process moved it first, or the directory is read-only
+        log.warning("teacher cache: shard %s is damaged (%s); its %d samples will be recomputed",
+                    shard, why or "unreadable", len(lost))
+
+    def _forget_shard(self, shard: str) -> list[str]:
+        """Drop a shard from this process's index; returns the keys it held."""
+        lost = [k for k, loc in self._index.items() if loc.shard == shard]
         for key in lost:
             del self._index[key]
-        self.stats.corrupt += max(len(lost), 1)
+        self._scanned.discard(shard)
+        return lost
+
+    def _by_shard(self, keys: Iterable[str]) -> dict[str, list[str]]:
+        by_shard: dict[str, list[str]] = {}
+        for key in keys:
+            if key in self._index:
+                by_shard.setdefault(self._index[key].shard, []).append(key)
+        return by_shard
+
+    def _listed_shards(self) -> set[str]:
+        """Names of the shard files in ``shards/`` (kdlib names, regular files, no links)."""
+        names = set()
+        for path in (self.root / "shards").glob("*.safetensors"):
+            if _SHARD_NAME.fullmatch(path.name) and _is_regular_file(path):
+                names.add(path.name)
+            else:
+                self._warn_once(f"ignored {path.name}", "teacher cache %s: ignoring shards/%s (not a file kdlib "
+                                "wrote: another name, or a symbolic link)", self.root, path.name)
+        return names
+
+    def _listed_index(self, on_disk: set[str]) -> dict[str, _Location]:
+        """The entries of ``index.json`` whose shards exist; an index that is not exactly what
+        kdlib writes is ignored as a whole (the shards' headers are read instead)."""
+        index_file = self.root / "index.json"
+        if not index_file.is_file():
+            return {}
         try:
-            os.replace(path, path.with_suffix(".corrupt"))
-        except OSError:
-            pass  # another process moved it first
-        log.warning("teacher cache: shard %s is damaged (%s); its %d samples will be recomputed",
-                    path.name, why.splitlines()[0] if why else "unreadable", len(lost))
+            listed = json.loads(index_file.read_text(encoding="utf-8"))
+            if not isinstance(listed, dict):
+                raise ValueError("not an object")
+            out = {}
+            for shard, entries in listed.items():
+                valid = _valid_entries(entries)
+                if not _SHARD_NAME.fullmatch(shard) or valid is None:
+                    raise ValueError(f"entry {str(shard)[:80]!r} is not one kdlib writes")
+                if shard in on_disk:
+                    out.update({key: _Location(shard, rows, checksum) for key, (rows, checksum) in valid.items()})
+            return out
+        except (OSError, ValueError) as exc:
+            self._warn_once("index", "teacher cache %s: index.json is not usable (%s); reading the shards' headers",
+                            self.root, first_line(exc))
+            return {}
+
+    def _warn_once(self, what: str, message: str, *args: Any) -> None:
+        if (str(self.root), what) not in _WARNED:
+            _WARNED.add((str(self.root), what))
+            log.warning(message, *args)
 
 
 class _Damaged(Exception):
@@ -293,10 +442,65 @@ class _Damaged(Exception):
 def _unreadable() -> tuple[type[BaseException], ...]:
     from safetensors import SafetensorError
 
-    return (_Damaged, SafetensorError, OSError, RuntimeError, KeyError, ValueError)
+    return (_Damaged, SafetensorError, OSError, RuntimeError, KeyError, ValueError, TypeError)
 
 
 _UNREADABLE = _unreadable()
+
+
+def _valid_entries(entries: Any) -> Optional[dict[str, tuple[int, str]]]:
+    """``{key: (rows, checksum)}`` when ``entries`` is exactly what kdlib writes, else None."""
+    if not isinstance(entries, dict):
+        return None
+    out = {}
+    for key, value in entries.items():
+        if not (isinstance(key, str) and _HEX32.fullmatch(key) and isinstance(value, list) and len(value) == 2):
+            return None
+        rows, checksum = value
+        if type(rows) is not int or rows < 0 or not (isinstance(checksum, str) and _HEX32.fullmatch(checksum)):
+            return None
+        out[key] = (rows, checksum)
+    return out
+
+
+def _read_manifest(root: Path) -> CacheNamespace:
+    try:
+        stored = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"teacher.cache={root}: cannot read manifest.json: {_os_reason(exc)}") from None
+    except ValueError as exc:
+        raise ConfigError(f"teacher.cache={root}: manifest.json is not JSON ({first_line(exc)}); "
+                          "it is not a kdlib teacher cache, or it was damaged: use another directory") from None
+    if not isinstance(stored, dict):
+        raise ConfigError(f"teacher.cache={root}: manifest.json is not a kdlib teacher cache manifest")
+    if stored.get("format") != FORMAT:
+        raise ConfigError(f"teacher.cache={root}: format {stored.get('format')!r} is not {FORMAT!r}")
+    try:
+        return CacheNamespace(**stored)
+    except TypeError:
+        raise ConfigError(f"teacher.cache={root}: manifest.json is not a kdlib teacher cache manifest") from None
+
+
+def _check_confined(root: Path) -> None:
+    """Refuse a cache whose ``shards/`` leads outside it (a symbolic link): every file kdlib
+    reads, writes or moves aside is inside ``shards/``."""
+    resolved = root.resolve()
+    shards = (resolved / "shards").resolve()
+    if shards.parent != resolved:
+        raise ConfigError(f"teacher.cache={root}: shards/ leads outside the cache directory (to {shards}); refused")
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _os_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{exc.strerror or exc} [{errno.errorcode.get(exc.errno, exc.errno)}]"
+    return first_line(exc)
 
 
 def _name(key: str, field_name: str) -> str:
@@ -315,18 +519,20 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> None:
-    """Write ``data`` to ``path`` whole or not at all; with ``exclusive`` an existing file wins."""
+    """Write ``data`` to ``path`` whole or not at all; with ``exclusive`` an existing file wins.
+    The temporary file is removed whatever happens (a full disk, an interrupt)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    if exclusive:
-        try:
-            os.link(tmp, path)  # fails if another process created it first
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if exclusive:
+            try:
+                os.link(tmp, path)  # fails if another process created it first
+            except FileExistsError:
+                pass
+        else:
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

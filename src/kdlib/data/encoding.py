@@ -11,11 +11,12 @@ two pieces are tokenised separately so that the token boundary sits exactly at t
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from kdlib.data.formats import Conversation
-from kdlib.errors import DataError
+from kdlib.errors import DataError, first_line
 
 # End-of-turn tokens of common chat templates, besides the tokenizer's own eos token.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
@@ -103,9 +104,10 @@ class ChatEncoder(TurnTokens):
             getattr(self.tokenizer, "chat_template", None),
         )
 
-    def encode_prompt(self, conversation: Conversation) -> list[int]:
+    def encode_prompt(self, conversation: Conversation, where: Optional[str] = None) -> list[int]:
         """Ids of everything before the response: the generation prompt of a chat."""
-        return self._ids(self._render_prompt(conversation))
+        with template_errors(self.name, where):
+            return self._ids(self._render_prompt(conversation))
 
     def encode(self, conversation: Conversation, where: str) -> Optional[EncodedChat]:
         """Prompt + last assistant turn; None when the response is empty (caller counts it)."""
@@ -113,8 +115,9 @@ class ChatEncoder(TurnTokens):
             raise DataError(f"{where}: the conversation must end with an assistant message to train on")
         if not conversation[-1]["content"].strip():
             return None
-        prompt_text = self._render_prompt(conversation[:-1])
-        full_text = self._render_full(conversation)
+        with template_errors(self.name, where):
+            prompt_text = self._render_prompt(conversation[:-1])
+            full_text = self._render_full(conversation)
         if not full_text.startswith(prompt_text):
             raise DataError(
                 f"{where}: the {self.name} chat template does not render the prompt as a prefix of "
@@ -148,6 +151,21 @@ class ChatEncoder(TurnTokens):
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@contextmanager
+def template_errors(name: str, where: Optional[str]) -> Iterator[None]:
+    """A chat template that cannot render (a syntax error, its own ``raise_exception``, a name it
+    does not define) fails as a DataError naming the model and, when known, the row."""
+    import jinja2
+
+    try:
+        yield
+    except jinja2.TemplateSyntaxError as exc:
+        raise DataError(f"the {name} chat template has a syntax error (line {exc.lineno}: {exc.message})") from None
+    except jinja2.TemplateError as exc:
+        prefix = f"{where}: " if where else ""
+        raise DataError(f"{prefix}the {name} chat template fails on this conversation: {first_line(exc)}") from None
 
 
 def end_of_turn_ids(tokenizer) -> set[int]:

@@ -106,13 +106,18 @@ def open_image(ref: ImageRef, where: str, max_pixels: Optional[int] = None):
     if ref.decoded is not None:
         image = ref.decoded
     else:
+        if ref.path is not None and ref.path.is_dir():
+            raise BadImageError(f"{where}: image {name} is a directory, not an image file", "image not found")
         if ref.path is not None and not ref.path.is_file():
             raise BadImageError(f"{where}: image file not found: {name}", "image not found")
         try:
             image = Image.open(ref.path if ref.path is not None else io.BytesIO(ref.data))
         except Image.DecompressionBombError as exc:  # beyond Pillow's own limit (about 179M pixels)
             raise BadImageError(f"{where}: image {name} is too large: {first_line(exc)}", "image too large") from None
-        except (UnidentifiedImageError, OSError) as exc:
+        except UnidentifiedImageError:
+            raise BadImageError(f"{where}: cannot read image {name}: not an image format Pillow reads (or a "
+                                "damaged file)", "unreadable image") from None
+        except OSError as exc:
             raise BadImageError(f"{where}: cannot read image {name}: {first_line(exc)}", "unreadable image") from None
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:

@@ -156,10 +156,11 @@ def build_prompts(
     prompts = []
     for row in load_conversations(source, cfg):
         prompt = _without_response(row.conversation)
-        ids = student.encode_prompt(prompt)
+        where = f"{source.key}: {source.where(row.index)}"
+        ids = student.encode_prompt(prompt, where)
         teacher_ids = None
         if teacher is not None:
-            teacher_ids = teacher.encode_prompt(_without_response(row.teacher_conversation or row.conversation))
+            teacher_ids = teacher.encode_prompt(_without_response(row.teacher_conversation or row.conversation), where)
         if max(len(ids), len(teacher_ids or [])) >= cfg.max_len:
             report.dropped[f"prompt longer than data.max_len={cfg.max_len}"] += 1
             continue

@@ -2,14 +2,19 @@
 
 Whatever the source, the result is a ``datasets.Dataset`` plus a human-readable name used in every
 error message about its rows. A missing file is reported with the config key that named it; a
-malformed JSON Lines file is reported with the line number, which ``datasets`` itself does not give.
+malformed JSON Lines file, or a text file that is not UTF-8, is reported with the line number,
+which ``datasets`` itself does not give.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from kdlib.errors import DataError, first_line
 from kdlib.locations import looks_like_path, resolve_location
@@ -67,8 +72,11 @@ def _load_file(path: Path, key: str):
         )
     if path.suffix.lower() == ".jsonl":
         _check_jsonl(path, key)
+    elif builder in ("json", "csv"):
+        _check_utf8(path, key)
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+        with _quiet_datasets():
+            return datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
     except Exception as exc:
         raise DataError(f"{key}: cannot read {path}: {_first_line(exc)}") from None
 
@@ -86,16 +94,21 @@ def _load_directory(path: Path, split: str, key: str):
             return loaded[split]
         return loaded
     try:
-        return datasets.load_dataset(str(path), split=split)
+        with _quiet_datasets():
+            return datasets.load_dataset(str(path), split=split)
     except Exception as exc:
         raise DataError(f"{key}: cannot read dataset directory {path}: {_first_line(exc)}") from None
 
 
 def _check_jsonl(path: Path, key: str) -> None:
     """Name the first bad line of a JSON Lines file (datasets' own error does not)."""
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:
         n_rows = 0
-        for number, line in enumerate(handle, start=1):
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(_not_utf8(key, path, number, exc)) from None
             if not line.strip():
                 continue
             try:
@@ -109,8 +122,45 @@ def _check_jsonl(path: Path, key: str) -> None:
         raise DataError(f"{key}: {path} has no rows")
 
 
+def _check_utf8(path: Path, key: str, chunk_bytes: int = 1 << 20) -> None:
+    """Name the line of the first byte that is not UTF-8 (datasets reports a bare codec error)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines_before = 0
+    with path.open("rb") as handle:
+        while True:
+            chunk = handle.read(chunk_bytes)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:  # exc.object: the bytes left from the last chunk + this one
+                number = lines_before + exc.object.count(b"\n", 0, exc.start) + 1
+                raise DataError(_not_utf8(key, path, number, exc)) from None
+            if not chunk:
+                return
+            lines_before += chunk.count(b"\n")
+
+
+def _not_utf8(key: str, path: Path, number: int, exc: UnicodeDecodeError) -> str:
+    byte = exc.object[exc.start : exc.start + 1].hex()
+    return (f"{key}: {path}, line {number}: not UTF-8 text (byte 0x{byte}: {exc.reason}); "
+            "save the file as UTF-8")
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """datasets logs a failed file read at ERROR before raising; the DataError says it once."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _first_line(exc: BaseException) -> str:
-    """:func:`kdlib.errors.first_line` of the first exception in the cause chain with a message."""
-    while exc.__cause__ is not None and not str(exc).strip():
-        exc = exc.__cause__
+    """:func:`kdlib.errors.first_line` of the innermost exception in the cause chain: datasets
+    wraps the error that names the problem in a generic one ("An error occurred while generating
+    the dataset")."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
     return first_line(exc)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from kdlib.batch import VisionInputs
-from kdlib.data.encoding import TurnTokens, end_of_turn_ids
+from kdlib.data.encoding import TurnTokens, end_of_turn_ids, template_errors
 from kdlib.data.multimodal import VisionConversation
 from kdlib.data.vision_inputs import TOKEN_TYPE_KEYS, ImageLayout
 from kdlib.errors import DataError, ModelError, first_line
@@ -100,8 +100,9 @@ class VisionChatEncoder(ImageLayout, TurnTokens):
         if not turns[-1].text.strip():
             return None
         prompt = conversation.without_response()
-        prompt_text = self._render(prompt, generation_prompt=True)
-        full_text = self._render(conversation, generation_prompt=False)
+        with template_errors(self.name, where):
+            prompt_text = self._render(prompt, generation_prompt=True)
+            full_text = self._render(conversation, generation_prompt=False)
         if not full_text.startswith(prompt_text):
             raise DataError(
                 f"{where}: the {self.name} chat template does not render the prompt as a prefix of "
@@ -118,7 +119,9 @@ class VisionChatEncoder(ImageLayout, TurnTokens):
     def encode_prompt(self, conversation: VisionConversation, images: list, where: str) -> VisionEncoding:
         """The generation prompt of a chat (a trailing assistant turn is left out), for rollouts."""
         prompt = conversation.without_response()
-        return self._process(self._render(prompt, generation_prompt=True), images[: len(prompt.images)], where)
+        with template_errors(self.name, where):
+            text = self._render(prompt, generation_prompt=True)
+        return self._process(text, images[: len(prompt.images)], where)
 
     def _render(self, conversation: VisionConversation, *, generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(

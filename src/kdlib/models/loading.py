@@ -5,11 +5,18 @@ as safetensors in kdlib's cache and loaded from there afterwards (tens of second
 time, under a second later). A file lock keeps two processes (a sweep, Ray workers) from converting the
 same file at once. Model dtype, attention implementation and chat-template overrides come from the
 model's :class:`~kdlib.config.ModelConfig`.
+
+Files that cannot be used fail in one line naming the file: the safetensors headers and shard index
+of a local model directory are read when its location is first resolved (with the tokenizer, before
+any weights load), so a truncated download is reported in seconds; a damaged tokenizer file, GGUF
+file or chat template file likewise.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -49,7 +56,37 @@ def model_location(spec: str) -> str:
         return str(converted_gguf(Path(location)))
     if not Path(location).exists() and looks_like_path(spec):
         raise ModelError(f"model directory not found: {location}")
+    if Path(location).is_dir():
+        check_weight_files(Path(location))
     return location
+
+
+def check_weight_files(directory: Path) -> None:
+    """The safetensors files of a model directory are whole (their headers parse and their sizes
+    cover the tensors) and its shard index names files that exist; else a one-line ModelError."""
+    for path in sorted(directory.glob("*.safetensors")):
+        stat = path.stat()
+        _check_safetensors(str(path), stat.st_size, stat.st_mtime_ns)
+    for index in sorted(directory.glob("*.safetensors.index.json")):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"{index} is not a safetensors index ({first_line(exc)}); download it again") from None
+        missing = sorted(name for name in shards if not (directory / str(name)).is_file())
+        if missing:
+            raise ModelError(f"{directory}: {missing[0]} is missing (listed in {index.name}); download it again")
+
+
+@functools.lru_cache(maxsize=256)
+def _check_safetensors(path: str, size: int, mtime_ns: int) -> None:
+    """One file's header (remembered per path, size and modification time)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except Exception as exc:  # SafetensorError, or an OSError
+        raise ModelError(f"{path} is incomplete or damaged ({first_line(exc)}); download or copy it again") from None
 
 
 def converted_gguf(path: Path) -> Path:
@@ -75,8 +112,13 @@ def converted_gguf(path: Path) -> Path:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
                 model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
-            except (ImportError, ValueError) as exc:  # missing gguf/accelerate, unsupported architecture
+            except ImportError as exc:  # the gguf or accelerate package is missing
                 raise ModelError(f"cannot load {path.name}: {first_line(exc)} (install kdlib[gguf])") from None
+            except ValueError as exc:  # not a GGUF file, an architecture transformers cannot read
+                raise ModelError(f"cannot load {path}: {first_line(exc)}") from None
+            except Exception as exc:  # a truncated file fails anywhere inside the GGUF reader
+                raise ModelError(f"cannot read {path}: {_type_name(exc)}: {first_line(exc)}; the file looks "
+                                 "incomplete or damaged (download it again)") from None
             # A GGUF-loaded model carries a quantizer that refuses save_pretrained; the weights are
             # already dequantised, so drop it.
             model.hf_quantizer = None
@@ -97,8 +139,8 @@ def load_tokenizer(cfg: ModelConfig):
         tokenizer = AutoTokenizer.from_pretrained(
             location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load tokenizer {cfg.tokenizer or cfg.model!r}: {first_line(exc)}") from None
+    except Exception as exc:  # transformers and tokenizers raise anything on a damaged file
+        raise ModelError(f"cannot load tokenizer {cfg.tokenizer or cfg.model!r}: {_tokenizer_problem(location, exc)}") from None
     if cfg.chat_template:
         tokenizer.chat_template = chat_template_text(cfg.chat_template)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
@@ -106,10 +148,44 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
+def _type_name(exc: BaseException) -> str:
+    module = type(exc).__module__
+    return type(exc).__qualname__ if module == "builtins" else f"{module}.{type(exc).__qualname__}"
+
+
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "config.json", "chat_template.json")
+
+
+def _tokenizer_problem(location: str, exc: Exception) -> str:
+    """The cause of a failed tokenizer load, naming the file when one of its JSON files is broken."""
+    directory = Path(location)
+    for name in _TOKENIZER_JSON if directory.is_dir() else ():
+        path = directory / name
+        try:
+            if path.is_file():
+                json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as bad:
+            return f"{path} is not valid JSON ({first_line(bad)}); the file is damaged or incomplete"
+    if isinstance(exc, (OSError, ValueError)):
+        return first_line(exc)
+    return f"{_type_name(exc)}: {first_line(exc)} (a file of the tokenizer is not what transformers expects)"
+
+
 def chat_template_text(spec: str) -> str:
     """A ``chat_template`` option's Jinja text: inline text, or the contents of the file it names."""
-    if "{" not in spec and Path(resolve_location(spec)).is_file():
-        return Path(resolve_location(spec)).read_text(encoding="utf-8")
+    path = Path(resolve_location(spec)) if "{" not in spec else None
+    if path is not None and path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            line = exc.object.count(b"\n", 0, exc.start) + 1
+            raise ModelError(f"chat_template {path}, line {line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}: "
+                             f"{exc.reason}); save the file as UTF-8") from None
+        except OSError as exc:
+            raise ModelError(f"chat_template {path}: cannot read it: {first_line(exc)}") from None
+    if path is not None and (looks_like_path(spec) or path.suffix in (".jinja", ".j2", ".txt")):
+        raise ModelError(f"chat_template file not found: {path} (an inline template holds '{{')")
     return spec
 
 
@@ -138,4 +214,9 @@ def load_pretrained(auto_class, cfg: ModelConfig, *, device: torch.device, locat
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load {what} {cfg.model!r}: {first_line(exc)}") from None
+    except Exception as exc:  # safetensors' own error for a file damaged after the header check
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise ModelError(f"cannot load {what} {cfg.model!r}: {first_line(exc)}; a weight file of {location} "
+                         "is damaged (download or copy it again)") from None
     return model.to(device)
