@@ -1,7 +1,7 @@
 """An in-test stand-in for ``sglang.Engine`` (0.5.23) built on a tiny transformers model.
 
 It takes the same keyword arguments (ServerArgs fields) and returns outputs in SGLang's layout,
-as read from the 0.5.23 source (see kdlib/teacher/sglang_outputs.py): ``output_ids`` through the
+as read from the 0.5.23 source (see kdlib/backends/sglang/outputs.py): ``output_ids`` through the
 stop token, ``meta_info["finish_reason"]`` as {"type": "stop", "matched": id} or
 {"type": "length", "length": n}, ``meta_info["hidden_states"]`` = [prefill rows] + one row per
 decode step cut to the number of output tokens, input log-probs whose entry t is the

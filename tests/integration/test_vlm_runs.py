@@ -164,7 +164,7 @@ def test_teacher_cache_on_vlm_samples_is_bit_identical_to_the_live_teacher(vlm_o
         samples = loop.pipeline.data.train + loop.pipeline.data.eval
         users = sum(any(ref.path.name == "img0.png" for ref in s.images) for s in samples)
         assert 0 < users < len(samples)
-        assert uncached_samples(pipeline) == users  # exactly the samples that show the changed picture
+        assert uncached_samples(loop.pipeline.cache, loop.pipeline.data) == users  # exactly the samples that show the changed picture
         assert loop.pipeline.teacher is not None
 
 

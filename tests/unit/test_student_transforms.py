@@ -9,7 +9,6 @@ import copy
 import pytest
 import torch
 
-import kdlib
 from kdlib.config import FreezeConfig, LoraConfig, StudentConfig
 from kdlib.errors import ConfigError
 from kdlib.models.head import decoder_of, lm_head_of, verify_lm_head

@@ -73,7 +73,7 @@ def test_a_cache_that_cannot_be_created_is_an_empty_cache(tmp_path, caplog):
 
 
 def test_temporary_files_go_away_whatever_stops_a_write(tmp_path, monkeypatch):
-    from kdlib.cache import store
+    from kdlib.cache import shards
 
     path = tmp_path / "x.bin"
     for failure in (OSError(errno.EIO, "I/O error"), KeyboardInterrupt()):
@@ -82,7 +82,7 @@ def test_temporary_files_go_away_whatever_stops_a_write(tmp_path, monkeypatch):
 
         monkeypatch.setattr(os, "fsync", fail)
         with pytest.raises(type(failure)):
-            store._write_atomic(path, b"\x01\x02" * 100)
+            shards.write_atomic(path, b"\x01\x02" * 100)
         monkeypatch.undo()
         assert list(tmp_path.iterdir()) == []
 

@@ -6,11 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pytest
 from omegaconf import OmegaConf
 
-import kdlib
-from kdlib.errors import ConfigError
 from kdlib.tracking.trackers import RunIdentity, Tracker, Trackers, identity_from_hydra
 
 

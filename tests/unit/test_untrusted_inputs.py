@@ -9,6 +9,7 @@ import torch
 
 from carrier_doubles import ExampleAlignment, full_teacher_output
 from kdlib.teacher_output import CARRIER_TYPES, CarrierError, TeacherOutput
+from kdlib.parallel import checkpoint_files as ckpt_files
 
 # ----------------------------------------------------------------------------------------------
 # The carrier builds only registered types
@@ -127,6 +128,7 @@ def _saved_checkpoint(directory, extra=None):
 
     from kdlib.parallel import checkpoint as ckpt
 
+
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -169,19 +171,19 @@ def test_extra_state_is_plain_data_and_restores_every_generator_exactly(tmp_path
         optimizer.step(), scheduler.step()
     state = {"scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(), "step": 3,
              "odd": {1: (2.5, float("inf"), None), "nested": [np.int64(-4), np.arange(6, dtype=np.float32).reshape(2, 3)]}}
-    ckpt.save_extra_state(tmp_path, 0, state)
+    ckpt_files.save_extra_state(tmp_path, 0, state)
     expected = (random.random(), random.gauss(0, 1), np.random.rand(4).tolist(), torch.rand(4).tolist())
 
     document = json.loads((tmp_path / "extra_rank0.json").read_text())  # JSON, readable by anyone
     assert document["format"] == "kdlib-checkpoint-extra/1" and not list(tmp_path.glob("*.pt"))
-    loaded = ckpt.load_extra_state(tmp_path, 0)
+    loaded = ckpt_files.load_extra_state(tmp_path, 0)
     assert loaded["scheduler"] == scheduler.state_dict() and loaded["step"] == 3
     assert loaded["odd"][1] == (2.5, float("inf"), None) and loaded["odd"]["nested"][0] == np.int64(-4)
     assert np.array_equal(loaded["odd"]["nested"][1], state["odd"]["nested"][1])
     ckpt.set_rng_state(loaded["rng"])
     assert (random.random(), random.gauss(0, 1), np.random.rand(4).tolist(), torch.rand(4).tolist()) == expected
     with pytest.raises(TypeError, match=r"cannot store state.bad \(a _Payload\) in a checkpoint: not plain data"):
-        ckpt.save_extra_state(tmp_path, 1, {"bad": _Payload(tmp_path / "x")})
+        ckpt_files.save_extra_state(tmp_path, 1, {"bad": _Payload(tmp_path / "x")})
 
 
 def test_a_resumed_checkpoint_restores_model_and_optimizer(checkpoint):
@@ -203,14 +205,14 @@ def test_a_checkpoint_with_pickled_state_is_refused_without_loading_it(checkpoin
     from kdlib.parallel import checkpoint as ckpt
 
     marker = tmp_path / "owned"
-    for name in ("extra_rank0.json", "extra_rank0.safetensors", ckpt.MANIFEST):
+    for name in ("extra_rank0.json", "extra_rank0.safetensors", ckpt_files.MANIFEST):
         (checkpoint / name).unlink()
     (checkpoint / "extra_rank0.pt").write_bytes(pickle.dumps({"step": 1, "rng": _Payload(marker)}))
     with pytest.raises(CheckpointError) as caught:
         ckpt.load_checkpoint(checkpoint, *_fresh_model())
     assert str(caught.value) == (
         f"{checkpoint} was written by an older kdlib: its state extra_rank0.pt is a pickle, which can run code when "
-        f"loaded, so it is not read; if you trust it, convert it once with `python -m kdlib.parallel.checkpoint "
+        f"loaded, so it is not read; if you trust it, convert it once with `python -m kdlib.parallel.checkpoint_files "
         f"convert {checkpoint}`"
     )
     assert not marker.exists()
@@ -222,11 +224,11 @@ def test_an_old_checkpoint_you_trust_converts_and_resumes(checkpoint):
 
     from kdlib.parallel import checkpoint as ckpt
 
-    extra = ckpt.load_extra_state(checkpoint, 0)
-    for name in ("extra_rank0.json", "extra_rank0.safetensors", ckpt.MANIFEST):
+    extra = ckpt_files.load_extra_state(checkpoint, 0)
+    for name in ("extra_rank0.json", "extra_rank0.safetensors", ckpt_files.MANIFEST):
         (checkpoint / name).unlink()
     torch.save(extra, checkpoint / "extra_rank0.pt")  # as older versions wrote it
-    out = subprocess.run([sys.executable, "-m", "kdlib.parallel.checkpoint", "convert", str(checkpoint)],
+    out = subprocess.run([sys.executable, "-m", "kdlib.parallel.checkpoint_files", "convert", str(checkpoint)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "converted extra_rank0.pt" in out.stdout, out.stderr
     assert not (checkpoint / "extra_rank0.pt").exists()
@@ -241,11 +243,11 @@ def test_crafted_dcp_metadata_is_refused_before_dcp_unpickles_it(checkpoint, tmp
     from kdlib.parallel import checkpoint as ckpt
 
     marker = tmp_path / "owned"
-    (checkpoint / ckpt.METADATA).write_bytes(pickle.dumps(_Payload(marker)))
-    ckpt.write_manifest(checkpoint)  # whoever crafted it rewrote the checksums too
+    (checkpoint / ckpt_files.METADATA).write_bytes(pickle.dumps(_Payload(marker)))
+    ckpt_files.write_manifest(checkpoint)  # whoever crafted it rewrote the checksums too
     with pytest.raises(CheckpointError) as caught:
         ckpt.load_checkpoint(checkpoint, *_fresh_model())
-    assert str(caught.value) == (f"cannot read {checkpoint / ckpt.METADATA}: it names pathlib.Path.touch, which "
+    assert str(caught.value) == (f"cannot read {checkpoint / ckpt_files.METADATA}: it names pathlib.Path.touch, which "
                                  "checkpoint metadata never holds; refused")
     assert not marker.exists()
 
@@ -256,7 +258,7 @@ def test_non_tensor_values_of_the_shards_pass_the_weights_only_loader(tmp_path):
     from types import SimpleNamespace
 
     from kdlib.errors import CheckpointError
-    from kdlib.parallel.checkpoint import _plain_data_planner
+    from kdlib.parallel.checkpoint_files import plain_data_planner as _plain_data_planner
 
     marker = tmp_path / "owned"
     planner = _plain_data_planner()
@@ -292,20 +294,19 @@ def test_a_checkpoint_that_differs_from_its_checksums_is_refused(change, message
 
 def test_damaged_checkpoint_files_are_one_line(tmp_path):
     from kdlib.errors import CheckpointError
-    from kdlib.parallel import checkpoint as ckpt
 
     directory = tmp_path / "step_1"
     _saved_checkpoint(directory)
     (directory / "trainer_state.json").write_text('{"step": ')
-    ckpt.write_manifest(directory)  # damaged before it was published: the checksums agree
+    ckpt_files.write_manifest(directory)  # damaged before it was published: the checksums agree
     with pytest.raises(CheckpointError) as caught:
-        ckpt.verify_checkpoint(directory)
+        ckpt_files.verify_checkpoint(directory)
     assert str(caught.value) == f"cannot read {directory / 'trainer_state.json'}: Expecting value: line 1 column 10 (char 9)"
     (directory / "trainer_state.json").write_text('{"step": 1}')
-    (directory / ckpt.METADATA).unlink()
-    (directory / ckpt.MANIFEST).unlink()  # a checkpoint copied without its checksums
+    (directory / ckpt_files.METADATA).unlink()
+    (directory / ckpt_files.MANIFEST).unlink()  # a checkpoint copied without its checksums
     with pytest.raises(CheckpointError) as caught:
-        ckpt.verify_checkpoint(directory)
+        ckpt_files.verify_checkpoint(directory)
     assert str(caught.value) == f"{directory}: .metadata is missing; it is not a complete checkpoint"
 
 

@@ -34,13 +34,9 @@ recomputes them; :meth:`TeacherCache.forget` drops keys from this process's view
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
 import os
-import re
-import stat
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -50,71 +46,21 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 import torch
 
 from kdlib.cache.fingerprint import FORMAT, CacheNamespace
+from kdlib.cache.shards import (
+    CARRIED, DAMAGED, HEX32, MISSING, SHARD_NAME, UNREADABLE, UNREADABLE_ERRORS, CacheRead, CacheStats,
+    Damaged, Location, check_confined, is_regular_file, os_reason, read_manifest, tensor_name, valid_entries,
+    tensors_checksum, write_atomic,
+)
 from kdlib.errors import ConfigError, first_line
 from kdlib.teacher_output import TeacherOutput
 
 log = logging.getLogger(__name__)
 
-_CARRIED = ("hidden", "topk_ids", "topk_logprobs")  # per-row fields a cache keeps
-# The names kdlib writes: a shard is a random UUID, a key a 16-byte blake2b digest
-# (fingerprint.sample_key), a checksum another one (_checksum). Nothing else is accepted from disk.
-_SHARD_NAME = re.compile(r"[0-9a-f]{32}\.safetensors")
-_HEX32 = re.compile(r"[0-9a-f]{32}")
 _RETRY_DELAY_S = 0.1  # before the second try of a failed read
 _WARNED: set[tuple[str, str]] = set()  # (cache root, what): warnings given once per process
 
-# Why a key could not be served (CacheRead.unserved).
-MISSING = "missing"  # not in the cache (never written, or its shard was set aside)
-DAMAGED = "damaged"  # its shard or bytes failed the integrity check twice: set aside now
-UNREADABLE = "unreadable"  # an I/O error, twice; the shard stays for other readers
 
 T = TypeVar("T")
-
-
-@dataclass
-class CacheStats:
-    """What one process's cache did (additive, for metrics and the fill summary)."""
-
-    hits: int = 0
-    misses: int = 0
-    written: int = 0
-    rows_written: int = 0
-    bytes_written: int = 0
-    corrupt: int = 0  # samples whose shard was set aside as damaged
-    unreadable: int = 0  # samples not served because of an I/O error that persisted
-    retried: int = 0  # shard reads that failed once and were tried again
-    write_failures: int = 0  # writes given up (full disk, no permission)
-
-    def take(self) -> "CacheStats":
-        out = CacheStats(**vars(self))
-        for name in vars(self):
-            setattr(self, name, 0)
-        return out
-
-
-@dataclass(frozen=True)
-class CachedOutput:
-    """A handle to a micro-batch's teacher output in the cache (keys in sample order): what the
-    controller passes to a student instead of a transport handle when the cache covers a batch."""
-
-    keys: tuple[str, ...]
-    sample_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class CacheRead:
-    """What :meth:`TeacherCache.fetch` found: the joined output when every key was served, else
-    None and, for each key that was not, why (:data:`MISSING`, :data:`DAMAGED`, :data:`UNREADABLE`)."""
-
-    output: Optional[TeacherOutput]
-    unserved: dict[str, str]
-
-
-@dataclass
-class _Location:
-    shard: str
-    rows: int
-    checksum: str
 
 
 @dataclass
@@ -126,7 +72,7 @@ class TeacherCache:
     stats: CacheStats = field(default_factory=CacheStats)
     writable: bool = True  # False after a write failed: the run goes on without writing
     enabled: bool = True  # False when the directory could not be created: always empty
-    _index: dict[str, _Location] = field(default_factory=dict)
+    _index: dict[str, Location] = field(default_factory=dict)
     _scanned: set[str] = field(default_factory=set)
 
     @classmethod
@@ -138,21 +84,21 @@ class TeacherCache:
         try:
             (root / "shards").mkdir(parents=True, exist_ok=True)
             if not manifest.exists():
-                _write_atomic(manifest, json.dumps(namespace.as_dict(), indent=2).encode(), exclusive=True)
+                write_atomic(manifest, json.dumps(namespace.as_dict(), indent=2).encode(), exclusive=True)
         except OSError as exc:
             if not manifest.exists():
                 cache = cls(root=root, namespace=namespace, writable=False, enabled=False)
                 cache._warn_once("write", "teacher cache %s: cannot create it (%s); this run goes on without the "
-                                 "cache, with the live teacher", root, _os_reason(exc))
+                                 "cache, with the live teacher", root, os_reason(exc))
                 return cache
-        stored_ns = _read_manifest(root)
+        stored_ns = read_manifest(root)
         differences = stored_ns.differences(namespace)
         if differences:
             raise ConfigError(
                 f"teacher.cache={root} holds outputs of another teacher setup ({stored_ns.teacher_model}): "
                 + "; ".join(differences) + "; use another directory"
             )
-        _check_confined(root)
+        check_confined(root)
         cache = cls(root=root, namespace=namespace)
         cache.refresh()
         return cache
@@ -164,8 +110,8 @@ class TeacherCache:
         root = Path(root)
         if not (root / "manifest.json").exists():
             return cls(root=root, namespace=None, writable=False, enabled=False)
-        namespace = _read_manifest(root)
-        _check_confined(root)
+        namespace = read_manifest(root)
+        check_confined(root)
         cache = cls(root=root, namespace=namespace, writable=False)
         cache.refresh()
         return cache
@@ -189,7 +135,7 @@ class TeacherCache:
             entries, _ = self._attempt(name, self._read_header)
             self._scanned.add(name)  # read once per process: one that cannot be read is not used
             for key, (rows, checksum) in (entries or {}).items():
-                self._index.setdefault(key, _Location(name, rows, checksum))
+                self._index.setdefault(key, Location(name, rows, checksum))
 
     def __contains__(self, key: str) -> bool:
         return key in self._index
@@ -223,9 +169,9 @@ class TeacherCache:
             by_shard.setdefault(loc.shard, {})[key] = [loc.rows, loc.checksum]
         path = self.root / "index.json"
         try:
-            _write_atomic(path, json.dumps(by_shard, sort_keys=True).encode())
+            write_atomic(path, json.dumps(by_shard, sort_keys=True).encode())
         except OSError as exc:
-            self._warn_once("index", "teacher cache %s: cannot write index.json (%s)", self.root, _os_reason(exc))
+            self._warn_once("index", "teacher cache %s: cannot write index.json (%s)", self.root, os_reason(exc))
             return None
         return path
 
@@ -271,7 +217,7 @@ class TeacherCache:
         if not self.writable:
             return None
         for key in entries:
-            if not _HEX32.fullmatch(key):
+            if not HEX32.fullmatch(key):
                 raise ValueError(f"teacher cache key {key!r} is not a sample key (32 hex digits)")
         for shard in {self._index[k].shard for k in entries if k in self._index}:
             if not (self.root / "shards" / shard).exists():  # set aside by another process: write anew
@@ -282,23 +228,23 @@ class TeacherCache:
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, list] = {}
         for key, output in new.items():
-            fields = {f: getattr(output, f) for f in _CARRIED if getattr(output, f) is not None}
+            fields = {f: getattr(output, f) for f in CARRIED if getattr(output, f) is not None}
             fields = {f: t.detach().to("cpu").contiguous() for f, t in fields.items()}
-            meta[key] = [int(fields["hidden"].shape[0]), _checksum(fields)]
-            tensors.update({_name(key, f): t for f, t in fields.items()})
+            meta[key] = [int(fields["hidden"].shape[0]), tensors_checksum(fields)]
+            tensors.update({tensor_name(key, f): t for f, t in fields.items()})
         name = f"{uuid.uuid4().hex}.safetensors"
         blob = save(tensors, metadata={"format": FORMAT, "samples": json.dumps(meta)})
         path = self.root / "shards" / name
         try:
-            _write_atomic(path, blob)
+            write_atomic(path, blob)
         except OSError as exc:
             self.writable = False
             self.stats.write_failures += 1
             self._warn_once("write", "teacher cache %s: cannot write (%s); this run goes on without writing "
-                            "to the cache, with the live teacher", self.root, _os_reason(exc))
+                            "to the cache, with the live teacher", self.root, os_reason(exc))
             return None
         for key, (rows, checksum) in meta.items():
-            self._index.setdefault(key, _Location(name, rows, checksum))
+            self._index.setdefault(key, Location(name, rows, checksum))
         self._scanned.add(name)
         self.stats.written += len(meta)
         self.stats.rows_written += sum(rows for rows, _ in meta.values())
@@ -329,28 +275,28 @@ class TeacherCache:
             except FileNotFoundError:
                 self._forget_shard(shard)
                 return None, MISSING
-            except _UNREADABLE as exc:
+            except UNREADABLE_ERRORS as exc:
                 failure = exc
         if isinstance(failure, OSError):
             lost = self._forget_shard(shard)
             self.stats.unreadable += len(lost)
             self._warn_once(f"unreadable {shard}", "teacher cache: shard %s cannot be read now (%s); its samples are "
-                            "not used by this process (the shard is kept)", shard, _os_reason(failure))
+                            "not used by this process (the shard is kept)", shard, os_reason(failure))
             return None, UNREADABLE
         self._quarantine(shard, first_line(failure))
         return None, DAMAGED
 
     def _read_entries(self, path: Path, keys: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-        """The checked fields of ``keys`` from one shard; _Damaged on a checksum mismatch."""
+        """The checked fields of ``keys`` from one shard; Damaged on a checksum mismatch."""
         from safetensors import safe_open
 
         out = {}
         with safe_open(str(path), framework="pt") as handle:
             names = set(handle.keys())
             for key in keys:
-                tensors = {f: handle.get_tensor(_name(key, f)) for f in _CARRIED if _name(key, f) in names}
-                if _checksum(tensors) != self._index[key].checksum:
-                    raise _Damaged(f"checksum mismatch for sample {key}")
+                tensors = {f: handle.get_tensor(tensor_name(key, f)) for f in CARRIED if tensor_name(key, f) in names}
+                if tensors_checksum(tensors) != self._index[key].checksum:
+                    raise Damaged(f"checksum mismatch for sample {key}")
                 out[key] = tensors
         return out
 
@@ -360,10 +306,10 @@ class TeacherCache:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:
-            raise _Damaged(f"format {metadata.get('format')!r}")
-        entries = _valid_entries(json.loads(metadata["samples"]))
+            raise Damaged(f"format {metadata.get('format')!r}")
+        entries = valid_entries(json.loads(metadata["samples"]))
         if entries is None:
-            raise _Damaged("its sample list is not the one kdlib writes")
+            raise Damaged("its sample list is not the one kdlib writes")
         return entries
 
     def _quarantine(self, shard: str, why: str) -> None:
@@ -372,7 +318,7 @@ class TeacherCache:
         lost = self._forget_shard(shard)
         self.stats.corrupt += max(len(lost), 1)
         path = self.root / "shards" / shard
-        if _SHARD_NAME.fullmatch(shard) and _is_regular_file(path):
+        if SHARD_NAME.fullmatch(shard) and is_regular_file(path):
             try:
                 os.replace(path, path.with_suffix(".corrupt"))
             except OSError:
@@ -399,14 +345,14 @@ class TeacherCache:
         """Names of the shard files in ``shards/`` (kdlib names, regular files, no links)."""
         names = set()
         for path in (self.root / "shards").glob("*.safetensors"):
-            if _SHARD_NAME.fullmatch(path.name) and _is_regular_file(path):
+            if SHARD_NAME.fullmatch(path.name) and is_regular_file(path):
                 names.add(path.name)
             else:
                 self._warn_once(f"ignored {path.name}", "teacher cache %s: ignoring shards/%s (not a file kdlib "
                                 "wrote: another name, or a symbolic link)", self.root, path.name)
         return names
 
-    def _listed_index(self, on_disk: set[str]) -> dict[str, _Location]:
+    def _listed_index(self, on_disk: set[str]) -> dict[str, Location]:
         """The entries of ``index.json`` whose shards exist; an index that is not exactly what
         kdlib writes is ignored as a whole (the shards' headers are read instead)."""
         index_file = self.root / "index.json"
@@ -418,11 +364,11 @@ class TeacherCache:
                 raise ValueError("not an object")
             out = {}
             for shard, entries in listed.items():
-                valid = _valid_entries(entries)
-                if not _SHARD_NAME.fullmatch(shard) or valid is None:
+                valid = valid_entries(entries)
+                if not SHARD_NAME.fullmatch(shard) or valid is None:
                     raise ValueError(f"entry {str(shard)[:80]!r} is not one kdlib writes")
                 if shard in on_disk:
-                    out.update({key: _Location(shard, rows, checksum) for key, (rows, checksum) in valid.items()})
+                    out.update({key: Location(shard, rows, checksum) for key, (rows, checksum) in valid.items()})
             return out
         except (OSError, ValueError) as exc:
             self._warn_once("index", "teacher cache %s: index.json is not usable (%s); reading the shards' headers",
@@ -435,104 +381,3 @@ class TeacherCache:
             log.warning(message, *args)
 
 
-class _Damaged(Exception):
-    """A shard or sample failed its integrity check."""
-
-
-def _unreadable() -> tuple[type[BaseException], ...]:
-    from safetensors import SafetensorError
-
-    return (_Damaged, SafetensorError, OSError, RuntimeError, KeyError, ValueError, TypeError)
-
-
-_UNREADABLE = _unreadable()
-
-
-def _valid_entries(entries: Any) -> Optional[dict[str, tuple[int, str]]]:
-    """``{key: (rows, checksum)}`` when ``entries`` is exactly what kdlib writes, else None."""
-    if not isinstance(entries, dict):
-        return None
-    out = {}
-    for key, value in entries.items():
-        if not (isinstance(key, str) and _HEX32.fullmatch(key) and isinstance(value, list) and len(value) == 2):
-            return None
-        rows, checksum = value
-        if type(rows) is not int or rows < 0 or not (isinstance(checksum, str) and _HEX32.fullmatch(checksum)):
-            return None
-        out[key] = (rows, checksum)
-    return out
-
-
-def _read_manifest(root: Path) -> CacheNamespace:
-    try:
-        stored = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"teacher.cache={root}: cannot read manifest.json: {_os_reason(exc)}") from None
-    except ValueError as exc:
-        raise ConfigError(f"teacher.cache={root}: manifest.json is not JSON ({first_line(exc)}); "
-                          "it is not a kdlib teacher cache, or it was damaged: use another directory") from None
-    if not isinstance(stored, dict):
-        raise ConfigError(f"teacher.cache={root}: manifest.json is not a kdlib teacher cache manifest")
-    if stored.get("format") != FORMAT:
-        raise ConfigError(f"teacher.cache={root}: format {stored.get('format')!r} is not {FORMAT!r}")
-    try:
-        return CacheNamespace(**stored)
-    except TypeError:
-        raise ConfigError(f"teacher.cache={root}: manifest.json is not a kdlib teacher cache manifest") from None
-
-
-def _check_confined(root: Path) -> None:
-    """Refuse a cache whose ``shards/`` leads outside it (a symbolic link): every file kdlib
-    reads, writes or moves aside is inside ``shards/``."""
-    resolved = root.resolve()
-    shards = (resolved / "shards").resolve()
-    if shards.parent != resolved:
-        raise ConfigError(f"teacher.cache={root}: shards/ leads outside the cache directory (to {shards}); refused")
-
-
-def _is_regular_file(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _os_reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return f"{exc.strerror or exc} [{errno.errorcode.get(exc.errno, exc.errno)}]"
-    return first_line(exc)
-
-
-def _name(key: str, field_name: str) -> str:
-    return key if field_name == "hidden" else f"{key}.{field_name}"
-
-
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        digest.update(name.encode())
-        digest.update(str(t.dtype).encode())
-        digest.update(repr(tuple(t.shape)).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> None:
-    """Write ``data`` to ``path`` whole or not at all; with ``exclusive`` an existing file wins.
-    The temporary file is removed whatever happens (a full disk, an interrupt)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with tmp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if exclusive:
-            try:
-                os.link(tmp, path)  # fails if another process created it first
-            except FileExistsError:
-                pass
-        else:
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

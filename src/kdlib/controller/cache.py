@@ -12,7 +12,6 @@ tokens, bytes on disk and bytes per token.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from kdlib.config.schema import KDConfig
 from kdlib.controller import assembly
@@ -23,9 +22,6 @@ from kdlib.errors import ConfigError
 from kdlib.progress import progress
 from kdlib.result import RunResult
 from kdlib.tracking import write_json
-
-if TYPE_CHECKING:
-    from kdlib.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from kdlib.backends.sglang.options import RESERVED_SERVER_ARGS, SGLangEngineConfig
+from kdlib.backends.sglang.options import SGLangEngineConfig
 from kdlib.config.models import ModelConfig, Precision
 from kdlib.errors import ModelError
 
