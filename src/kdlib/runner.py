@@ -85,8 +85,8 @@ def resolved(cfg: KDConfig | DictConfig) -> KDConfig:
         import_plugins(cfg.plugins)
         cfg = thawed(cfg)  # the caller keeps its object; a frozen one may be run again
     typed = to_typed(cfg)
-    check_data_files(typed.data)  # a bad file or row costs seconds, not a model load
-    resolve(typed, models=True)
+    layouts = check_data_files(typed.data)  # a bad file or row costs seconds, not a model load
+    resolve(typed, models=True, layouts=layouts)
     validate(typed)
     return freeze(typed)
 

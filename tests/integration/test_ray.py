@@ -161,7 +161,7 @@ def test_dead_worker_stops_the_run_with_its_name_and_the_checkpoint_loads(ray_cl
         loop.step(next(batches))
         loop.save_checkpoint(1)
         os.kill(loop.pipeline.students.group.pids[1], signal.SIGKILL)
-        with pytest.raises(WorkerError, match=r"student worker 1 \(pid \d+\) failed in train_step\(\): the worker process died"):
+        with pytest.raises(WorkerError, match=r"student worker 1 \(pid \d+\) failed in StudentWorker\.train_step\(\): the worker process died"):
             loop.step(next(batches))
     checkpoint = latest_checkpoint(run_dir)
     assert checkpoint is not None and checkpoint.name == "step_1"

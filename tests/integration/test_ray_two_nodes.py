@@ -165,7 +165,7 @@ def test_a_stopped_node_ends_the_run_naming_the_role_and_the_node(two_nodes, tin
         loop.step(next(batches))
         two_nodes["nodes"]["b"].stop()
         started = time.perf_counter()
-        with pytest.raises(WorkerError, match=r"student worker \d \(pid \d+\) failed in train_step\(\): its node "
+        with pytest.raises(WorkerError, match=r"student worker \d \(pid \d+\) failed in StudentWorker\.train_step\(\): its node "
                                               r"\S+ \[node_b\] \(id [0-9a-f]{8}\) stopped"):
             loop.step(next(batches))
         assert time.perf_counter() - started < 120

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from kdlib.cache.fingerprint import FORMAT, CacheNamespace
-from kdlib.cache.store import DAMAGED, MISSING, UNREADABLE, TeacherCache
+from kdlib.cache.shards import DAMAGED, MISSING, UNREADABLE
+from kdlib.cache.store import TeacherCache
 from kdlib.teacher_output import TeacherOutput
 
 NS = CacheNamespace(FORMAT, "w", "t", "bfloat16", "hf", "sdpa", "cpu", "tok", "bfloat16")

@@ -51,7 +51,7 @@ def check_names(cfg: KDConfig) -> None:
         path = group.replace("/", ".")
         node = _get(cfg, path)
         choices = ", ".join(registry.names())
-        if not hasattr(node, key):  # e.g. teacher.backend=sglang instead of teacher/backend=sglang
+        if not hasattr(node, key):  # e.g. teacher.backend=<name> for teacher/backend=<name>
             raise ConfigError(f"{path} is the config group {group}: choose it with {group}=<name> "
                               f"(one of: {choices}), then set its options as {path}.<option>=...")
         name = getattr(node, key)

@@ -6,7 +6,8 @@ launcher), AdamW's implementation (fused where torch has the kernel), each backe
 options (the hf rollout engine by the torch versions it was tested with; a tensor-parallel
 engine's GPUs), the mode's defaults (``mode=sft`` trains with the sft algorithm), and, once the
 checkpoints' own configs can be read (``models=True``, in ``kdlib.run``), packing (text or
-image+text, per-sample attention or not). Each choice is recorded in ``cfg.auto_choices`` as
+image+text, per-sample attention or not), and the data files' layout (``data.format``, detected
+from their columns when the files are checked). Each choice is recorded in ``cfg.auto_choices`` as
 ``"<value>: <reason>"``; the run log prints them once. :func:`kdlib.runner.run` then freezes the
 config (:func:`kdlib.config.node.freeze`) and writes it to ``config.yaml``: that file is exactly
 what the workers receive, and any later write raises.
@@ -15,8 +16,9 @@ what the workers receive, and any later write raises.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Optional
 
+from kdlib.config.data import DataFormat
 from kdlib.config.models import Precision
 from kdlib.config.node import AUTO
 from kdlib.config.schema import KDConfig, Mode
@@ -45,9 +47,10 @@ def device_type(cfg: KDConfig) -> str:
     return resolve_device_type(cfg.device) if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) else "cpu"
 
 
-def resolve(cfg: KDConfig, *, models: bool = False) -> KDConfig:
+def resolve(cfg: KDConfig, *, models: bool = False, layouts: Optional[dict[str, DataFormat]] = None) -> KDConfig:
     """Settle ``cfg``'s ``auto`` values in place (values already settled stay); returns ``cfg``.
-    ``models``: also what needs the checkpoints' configs (read from disk, no weights)."""
+    ``models``: also what needs the checkpoints' configs (read from disk, no weights);
+    ``layouts``: the data files' detected layouts (``kdlib.data.preflight.check_data_files``)."""
     record = Choices(cfg)
     device = device_type(cfg)
     _precision(cfg, device, record)
@@ -68,7 +71,22 @@ def resolve(cfg: KDConfig, *, models: bool = False) -> KDConfig:
     cfg.rollout.resolve(cfg, device, record)
     if models:
         _packing(cfg, record)
+    if layouts:
+        _data_format(cfg, layouts, record)
     return cfg
+
+
+def _data_format(cfg: KDConfig, layouts: dict[str, DataFormat], record: Choices) -> None:
+    """``data.format=auto``: the layout detected in the data files' columns, when they agree."""
+    if cfg.data.format is not DataFormat.auto:
+        return
+    found = set(layouts.values())
+    described = ", ".join(f"{key} is {fmt.value}" for key, fmt in layouts.items())
+    if len(found) == 1:
+        cfg.data.format = found.pop()
+        record("data.format", cfg.data.format.value, f"detected in the columns of {', '.join(layouts)}")
+    else:  # each file is read in its own layout: the one setting that stays a rule
+        record("data.format", "auto", f"{described}: each file is read in the layout of its columns")
 
 
 def _precision(cfg: KDConfig, device: str, record: Choices) -> None:

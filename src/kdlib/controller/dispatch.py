@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from kdlib.batch import MicroBatch
-from kdlib.cache.store import CachedOutput
+from kdlib.cache.shards import CachedOutput
 from kdlib.data.batching import assign_by_cost
 from kdlib.errors import KdlibError
 from kdlib.workers.groups import TeacherGroup

@@ -11,15 +11,16 @@ before any model loads.
 
 from __future__ import annotations
 
-from kdlib.config.schema import DataConfig
+from kdlib.config.schema import DataConfig, DataFormat
 from kdlib.data.formats import detect_format, privileged_conversation, row_to_conversation
 from kdlib.data.multimodal import data_root, row_holds_images, row_to_vision_conversation
 from kdlib.data.sources import load_rows
 from kdlib.errors import DataError
 
 
-def check_data_files(cfg: DataConfig) -> dict[str, int]:
-    """Rows per configured dataset (``{"data.train": n, ...}``); DataError naming file and row."""
+def check_data_files(cfg: DataConfig) -> dict[str, DataFormat]:
+    """The layout of each configured dataset (``{"data.train": DataFormat.messages, ...}``), after
+    checking it as above; DataError naming file and row."""
     found = {}
     specs = [("data.train", cfg.train, cfg.train_split, cfg.max_samples)]
     if cfg.eval:
@@ -43,5 +44,5 @@ def check_data_files(cfg: DataConfig) -> dict[str, int]:
                 break
         else:
             raise DataError(f"{key}: {source.name}: none of its {len(source.rows)} rows has a non-empty message")
-        found[key] = len(source.rows)
+        found[key] = fmt
     return found

@@ -33,7 +33,7 @@ from transformers import set_seed
 from kdlib.algorithms import ALGORITHMS
 from kdlib.algorithms.objective import StudentObjective
 from kdlib.batch import MicroBatch
-from kdlib.cache.store import CachedOutput
+from kdlib.cache.shards import CachedOutput
 from kdlib.errors import KdlibError
 from kdlib.config.compose import import_plugins
 from kdlib.evaluation import HeldoutSums
