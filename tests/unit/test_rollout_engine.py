@@ -347,3 +347,38 @@ def test_a_smaller_batch_runs_in_the_compiled_step_of_a_larger_one(tiny_llama, m
     assert {rows for rows, _ in compiled._verified} == {3}
     _generate(backend, _cfg("static"))
     assert {rows for rows, _ in backend.engine(RolloutEngine.static)._caches} == {2, 3}
+
+
+@pytest.fixture(scope="module")
+def one_layer_llama(tiny_dir, chatml_tokenizer_dir):
+    """A one-layer Llama: the smallest graph the compiled engines compile (the fast variants)."""
+    from kdlib.testing import build_model
+
+    path = tiny_dir / "llama_1layer"
+    if not path.exists():
+        build_model(path, arch="llama", tokenizer_dir=chatml_tokenizer_dir, num_layers=1)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["compiled", "frozen"])
+def test_compiled_engines_sample_generates_tokens_and_follow_a_weight_sync(one_layer_llama, kind):
+    """The fast variant of the slow compiled/frozen tests: one layer, one batch shape, greedy and
+    sampled; the step really compiles (frozen: inductor packs the weights), decodes generate's
+    tokens, and after a weight load decodes with the new weights without compiling again."""
+    backend = _backend(one_layer_llama)
+    short = dict(max_new_tokens=6, batch_size=len(PROMPTS))
+    for sampling in ("greedy", "sampling"):
+        assert _generate(backend, _cfg(kind, sampling, **short)) == _generate(backend, _cfg("generate", sampling, **short))
+    engine = backend.engine(RolloutEngine(kind))
+    assert engine.compiled and engine.frozen == (kind == "frozen")
+    if kind == "frozen":
+        assert len(engine._packed) > 0  # inductor packed the weights, and they are followed
+    step = engine._step
+    new_head = -backend.model.lm_head.weight.detach().clone()
+    before = _generate(backend, _cfg(kind, "greedy", **short))
+    backend.load_weights({"lm_head.weight": new_head})
+    after = _generate(backend, _cfg(kind, "greedy", **short))
+    fresh = _backend(one_layer_llama)
+    fresh.load_weights({"lm_head.weight": new_head})
+    assert after != before and after == _generate(fresh, _cfg("generate", "greedy", **short))
+    assert backend.engine(RolloutEngine(kind)) is engine and engine._step is step  # not compiled again
