@@ -18,9 +18,9 @@ import itertools
 import signal
 import sys
 import traceback
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
-from kdlib.errors import ConfigError, Interrupted, KdlibError, first_line
+from kdlib.errors import ConfigError, Interrupted, KdlibError
 
 # Hydra flags that take a value, and flags that only ask for information.
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -33,7 +33,7 @@ _MAX_CHECKED_JOBS = 64
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import hydra
 
-    from kdlib.config.compose import conf_dir, plugins_in
+    from kdlib.config.compose import conf_dir, import_plugins, plugins_in
     from kdlib.config.store import register_configs
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -70,25 +70,6 @@ def _task(cfg) -> None:
         _fail(Interrupted("interrupted by SIGINT; no checkpoint written", signal_number=signal.SIGINT, resume_dir=None))
     except Exception:  # noqa: BLE001 - a bug: shown whole, with where to report it
         _bug()
-
-
-def import_plugins(names: Iterable[str]) -> None:
-    """Import the ``plugins=[...]`` modules one by one; one that raises while it is imported (a
-    bug in the plugin) is a one-line ConfigError naming the plugin, the file and the line."""
-    from kdlib.config.compose import import_plugins as import_each
-
-    for name in names:
-        try:
-            import_each([name])
-        except KdlibError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the plugin's own code failed
-            frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")]
-            at = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
-            raise ConfigError(
-                f"plugins: importing {name!r} raised {type(exc).__name__}: {first_line(exc)}{at}; "
-                f"`python -c 'import {name}'` shows the traceback"
-            ) from None
 
 
 def resume_command(task_overrides: list[str], resume_dir: str) -> str:

@@ -163,13 +163,16 @@ def test_chat_template_files_that_cannot_be_used(tmp_path):
 
 
 def test_a_plugin_that_raises_while_importing_is_one_line(tmp_path, monkeypatch):
-    from kdlib.cli import import_plugins
+    from kdlib.config.compose import import_plugins
 
     plugin = tmp_path / "raising_plugin_xyz.py"
     plugin.write_text("import os\n\nSETTING = os.environ['KDLIB_TEST_NO_SUCH_VARIABLE']\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError) as caught:
         import_plugins(["raising_plugin_xyz"])
+    with pytest.raises(ConfigError) as through_compose:  # kdlib.compose says the same
+        kdlib.compose(["plugins=[raising_plugin_xyz]"])
+    assert str(through_compose.value) == str(caught.value)
     assert str(caught.value) == (
         f"plugins: importing 'raising_plugin_xyz' raised KeyError: 'KDLIB_TEST_NO_SUCH_VARIABLE' ({plugin}, line 3); "
         "`python -c 'import raising_plugin_xyz'` shows the traceback"

@@ -24,7 +24,7 @@ from kdlib.config.checks import check_names, validate
 from kdlib.config.resolve import resolve
 from kdlib.config.schema import KDConfig
 from kdlib.config.store import register_configs
-from kdlib.errors import ConfigError, first_line
+from kdlib.errors import ConfigError, KdlibError, first_line
 
 CONFIG_NAME = "config"
 
@@ -116,15 +116,28 @@ def plugins_in(overrides: Iterable[str]) -> list[str]:
 
 
 def import_plugins(modules: Iterable[str]) -> None:
-    """Import user modules (they register losses, algorithms, backends); '.' is importable."""
+    """Import user modules (they register losses, algorithms, backends); '.' is importable. A module
+    that cannot be found, or that raises while it is imported (a bug in the plugin), is a one-line
+    ConfigError naming the plugin and, for a raise, the file and line."""
+    import traceback
+
     modules = list(modules)
     if modules and "" not in sys.path and "." not in sys.path:
         sys.path.insert(0, "")  # only when asked: a stray file here must not shadow a package
     for name in modules:
         try:
             importlib.import_module(name)
-        except ImportError as exc:
+        except ModuleNotFoundError as exc:
             raise ConfigError(f"plugins: cannot import {name!r}: {exc}") from None
+        except KdlibError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the plugin's own code failed
+            frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")]
+            at = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+            raise ConfigError(
+                f"plugins: importing {name!r} raised {type(exc).__name__}: {first_line(exc)}{at}; "
+                f"`python -c 'import {name}'` shows the traceback"
+            ) from None
 
 
 def explain(exc: BaseException, overrides: Sequence[str]) -> str:
