@@ -73,12 +73,12 @@ def _task(cfg) -> None:
 
 
 def resume_command(task_overrides: list[str], resume_dir: str) -> str:
-    """The command line that continues a job from ``resume_dir``: its own overrides (a sweep's
-    job, not the sweep) with ``train.resume`` set."""
+    """The command line that continues a job from ``resume_dir`` (its run directory) in the same
+    directory: its own overrides (a sweep's job, not the sweep) with ``train.resume`` set."""
     import shlex
 
-    kept = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") != "train.resume"]
-    return shlex.join(["kdlib", *kept, f"train.resume={resume_dir}"])
+    kept = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") not in ("train.resume", "hydra.run.dir")]
+    return shlex.join(["kdlib", *kept, f"train.resume={resume_dir}", f"hydra.run.dir={resume_dir}"])
 
 
 def split_arguments(args: Sequence[str]) -> tuple[set[str], list[str]]:

@@ -44,7 +44,7 @@ def run(
     """Run ``cfg`` (from ``kdlib.compose`` or Hydra) and return its metrics and paths.
     ``identity``: the run's name and sweep for the trackers (the CLI passes Hydra's)."""
     typed = resolved(cfg)
-    directory = Path(run_dir or typed.output_dir or default_run_dir()).resolve()
+    directory = Path(run_dir or typed.output_dir or resumed_run_dir(typed) or default_run_dir()).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(config_yaml(typed), encoding="utf-8")
     mode = MODES.get(typed.mode.value)
@@ -94,6 +94,17 @@ def resolved(cfg: KDConfig | DictConfig) -> KDConfig:
 def config_yaml(cfg: KDConfig) -> str:
     """``cfg`` as the run directory's config.yaml (a config composed from it equals ``cfg``)."""
     return OmegaConf.to_yaml(OmegaConf.structured(thawed(cfg)), resolve=True)
+
+
+def resumed_run_dir(cfg: KDConfig) -> Optional[Path]:
+    """The run directory ``train.resume`` continues (given as the run directory or as one of its
+    checkpoints), so that a resumed run keeps writing where it started."""
+    if not cfg.train.resume:
+        return None
+    path = Path(cfg.train.resume).resolve()
+    if path.parent.name == "checkpoints" and path.name.startswith("step_"):
+        return path.parent.parent
+    return path if (path / "checkpoints").is_dir() else None
 
 
 def default_run_dir() -> Path:

@@ -68,7 +68,7 @@ def test_a_poisoned_step_changes_nothing_and_the_next_one_trains(fault, tiny_ove
 
 def test_a_run_survives_a_bad_batch_and_counts_it(tiny_overrides, tmp_path):
     result = kdlib.run(_cfg(tiny_overrides, f"algorithm.nan_samples=[{POISONED}]", "train.max_steps=6",
-                            f"output_dir={tmp_path / 'run'}"))
+                            "train.max_skipped_fraction=0.5", f"output_dir={tmp_path / 'run'}"))
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert sum(r["skipped"] for r in rows) == 2  # the sample comes once per epoch of 3 steps
@@ -77,12 +77,55 @@ def test_a_run_survives_a_bad_batch_and_counts_it(tiny_overrides, tmp_path):
     assert all(r["loss"] == r["loss"] for r in rows if not r["skipped"])
     assert result.eval_after["kl"] == result.eval_after["kl"]  # the student stayed finite
     assert result.student_dir is not None
+    # the end of the run says so: results.json, and a row of the held-out table
+    skipped = [r["step"] for r in rows if r["skipped"]]
+    assert json.loads((result.run_dir / "results.json").read_text())["skipped_steps"] == skipped
+    assert "updates skipped (not finite)" in (result.run_dir / "eval.txt").read_text()
+    assert "2 of 6" in (result.run_dir / "eval.txt").read_text()
+
+
+def test_more_skipped_steps_than_the_allowed_fraction_stop_the_run_with_a_checkpoint(tiny_overrides, tmp_path):
+    """With the default train.max_skipped_fraction=0.1 of 6 steps, the first skipped update is one
+    too many: the run stops in one line, after checkpointing the last step (its weights are sound:
+    the bad update was not applied), and names the checkpoint to continue from."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingError) as caught:
+        kdlib.run(_cfg(tiny_overrides, f"algorithm.nan_samples=[{POISONED}]", "train.max_steps=6",
+                       f"output_dir={run_dir}"))
+    message = str(caught.value)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step = rows[-1]["step"]
+    assert "\n" not in message and rows[-1]["skipped"] == 1.0
+    assert message.startswith(f"step {step}: 1 of the run's updates were skipped")
+    assert "more than train.max_skipped_fraction=0.1 allows" in message
+    checkpoint = run_dir / "checkpoints" / f"step_{step}"
+    assert message.endswith(f"checkpoint {checkpoint} (continue with train.resume={run_dir})")
+    assert (checkpoint / ".complete").exists()
+
+
+def test_a_teacher_that_returns_nan_is_one_line_naming_it(tiny_llama, tiny_overrides, tmp_path):
+    """A broken teacher (NaN weights) stops the run in the first evaluation, naming the teacher."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    broken = tmp_path / "nan_teacher"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(broken)
+    overrides = [o for o in tiny_overrides if not o.startswith("teacher.model=")] + [f"teacher.model={broken}"]
+    with pytest.raises(kdlib.KdlibError) as caught:
+        kdlib.run(kdlib.compose(overrides))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"teacher {broken} returned hidden states that are not finite (NaN or inf)")
+    assert "check the checkpoint, or try teacher.dtype=float32" in message
 
 
 def test_too_many_bad_steps_in_a_row_stop_the_run_naming_step_and_samples(tiny_overrides, tmp_path):
     everything = ",".join(str(i) for i in range(24))
     cfg = _cfg(tiny_overrides, f"algorithm.nan_samples=[{everything}]", "train.max_bad_steps=2",
-               "train.max_steps=3", f"output_dir={tmp_path / 'run'}")
+               "train.max_skipped_fraction=1", "train.max_steps=3", f"output_dir={tmp_path / 'run'}")
     with built(cfg, run_dir=None) as loop:
         batches = loop.sample_batches()
         next(batches)
@@ -94,8 +137,10 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_naming_step_and_samples(tiny_o
     assert message.startswith("step 2: loss or gradients not finite (loss=nan")
     assert "for 2 steps in a row (train.max_bad_steps=2)" in message
     assert f"samples {second}" in message
+    assert message.endswith(f"checkpoint {tmp_path / 'run' / 'checkpoints' / 'step_2'} "
+                            f"(continue with train.resume={tmp_path / 'run'})")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["skipped"], r["skipped_steps"]) for r in rows] == [(1, 1.0, 1.0)]
+    assert [(r["step"], r["skipped"], r["skipped_steps"]) for r in rows] == [(1, 1.0, 1.0), (2, 1.0, 2.0)]
 
 
 def test_max_bad_steps_must_be_positive(tiny_overrides):

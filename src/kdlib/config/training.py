@@ -100,8 +100,12 @@ class TrainConfig(ConfigNode):
     # processors lay images out per row, and for on-policy runs whose attn_implementation computes
     # across packed samples, as sdpa and eager do). Resolved when the run's models are known.
     packing: BoolOrAuto = "auto"
-    # Save a sharded training checkpoint every this many steps (0 = never).
+    # Save a sharded training checkpoint every this many steps (0: by time only).
     checkpoint_every: int = 0
+    # Also save one when this many minutes have passed since the last (0 = never): a run killed at
+    # any moment loses at most this much training, plus the step in progress. Runs shorter than
+    # this write none; every stop where the weights are sound writes one anyway.
+    checkpoint_minutes: float = 10.0
     # Keep this many newest checkpoints.
     keep_checkpoints: int = 2
     # Resume from a checkpoint directory, or a run directory (its newest complete checkpoint).
@@ -110,6 +114,9 @@ class TrainConfig(ConfigNode):
     # step; counted as skipped_steps in the metrics); after this many skipped steps in a row the
     # run stops with an error naming the step and its sample ids (1 = at the first one).
     max_bad_steps: int = 5
+    # The run also stops once more than this fraction of its steps have been skipped (0: at the
+    # first skipped step; 1: never for this reason).
+    max_skipped_fraction: float = 0.1
 
     def check(self) -> None:
         check_bool_or_auto(self.packing, "packing")
@@ -127,7 +134,11 @@ class TrainConfig(ConfigNode):
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0 (0 = never), got {self.checkpoint_every}")
+            raise ValueError(f"checkpoint_every must be >= 0 (0 = by time only), got {self.checkpoint_every}")
+        if self.checkpoint_minutes < 0:
+            raise ValueError(f"checkpoint_minutes must be >= 0 (0 = never), got {self.checkpoint_minutes}")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ValueError(f"max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
         if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
             raise ValueError(f"max_tokens_per_micro_batch must be positive or null, got {self.max_tokens_per_micro_batch}")
 

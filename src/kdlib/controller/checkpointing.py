@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from kdlib.errors import CheckpointError, ConfigError, WorkerError
+from kdlib.errors import CheckpointError, ConfigError, first_line
 from kdlib.parallel import checkpoint as ckpt
 from kdlib.progress import phase
 from kdlib.tracking import write_json
@@ -44,6 +44,7 @@ class Resumed:
 
     step: int  # the optimizer steps already done (0: a fresh run)
     state: dict[str, Any]  # trainer_state.json of the checkpoint
+    directory: Optional[Path] = None  # the checkpoint it came from
     teacher_restored: bool = False  # the self-distillation teacher's weights came from it
 
 
@@ -87,7 +88,7 @@ class Checkpoints:
                     self.teacher.save_weights(str(staging / TEACHER_WEIGHTS))
                 write_json(staging / TRAINER_STATE, state)
                 ckpt.publish(staging, final)
-        except (OSError, WorkerError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a full disk surfaces as OSError, WorkerError or a library's own error
             shutil.rmtree(staging, ignore_errors=True)
             raise CheckpointError(f"cannot write checkpoint {final}: {_reason(exc)}; {self._intact()}") from None
         log.info("checkpoint saved: %s", final)
@@ -104,9 +105,14 @@ class Checkpoints:
         directory = path if ckpt.is_complete(path) else ckpt.latest_checkpoint(path)
         if directory is None:
             raise ConfigError(f"train.resume: no complete checkpoint in {path}")
-        state = json.loads((directory / TRAINER_STATE).read_text())
+        ckpt.verify_checkpoint(directory)  # once here, not once per rank: the files are what was written
+        try:
+            state = json.loads((directory / TRAINER_STATE).read_text(encoding="utf-8"))
+            step = int(state["step"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"cannot read {directory / TRAINER_STATE}: {first_line(exc)}") from None
         self.students.load_checkpoint(str(directory))
-        resumed = Resumed(step=int(state["step"]), state=state)
+        resumed = Resumed(step=step, state=state, directory=directory)
         if self.teacher is not None:
             weights = directory / TEACHER_WEIGHTS
             if weights.exists():
@@ -133,11 +139,9 @@ class Checkpoints:
                     for out in outputs.values():
                         self.tokenizer.save_pretrained(out)
                 ckpt.publish(staging, directory, mark_complete=False)
-        except (OSError, WorkerError) as exc:
+        except Exception as exc:  # noqa: BLE001 - e.g. safetensors' own error for a full disk
             shutil.rmtree(staging, ignore_errors=True)
-            latest = self.latest() if self.root.is_dir() else None
-            intact = f"the last checkpoint {latest} is intact" if latest else "no training checkpoint was written"
-            raise CheckpointError(f"cannot save the student to {directory}: {_reason(exc)}; {intact}") from None
+            raise CheckpointError(f"cannot save the student to {directory}: {_reason(exc)}") from None
         outputs["student"] = directory
         return outputs
 

@@ -87,7 +87,9 @@ class Evaluator:
         return total.means()  # what was measured: no teacher, no KL, agreement or teacher figure
 
 
-def comparison_table(before: Optional[dict[str, float]], after: dict[str, float]) -> Table:
+def comparison_table(before: Optional[dict[str, float]], after: dict[str, float],
+                     notes: Optional[dict[str, str]] = None) -> Table:
+    """The before/after table; ``notes`` add rows of text under it (label -> value)."""
     table = Table(title="held-out evaluation", title_justify="left")
     table.add_column("metric")
     if before is not None:
@@ -105,6 +107,8 @@ def comparison_table(before: Optional[dict[str, float]], after: dict[str, float]
         if before is not None:
             row.append(f"{after[key] - before[key]:+.4f}" if key in before else "")
         table.add_row(*row)
+    for label, value in (notes or {}).items():
+        table.add_row(label, *([""] if before is not None else []), value, *([""] if before is not None else []))
     return table
 
 

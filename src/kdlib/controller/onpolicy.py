@@ -35,6 +35,7 @@ from kdlib.controller.training import TrainingLoop
 from kdlib.data.batching import split_across_workers
 from kdlib.data.samples import Prompt, Sample
 from kdlib.errors import ConfigError
+from kdlib.tracking.records import keep_steps
 
 if TYPE_CHECKING:
     from kdlib.pipeline import Pipeline
@@ -135,6 +136,8 @@ class OnPolicyMode(TrainingLoop):
 
     def start(self, first_step: int) -> None:
         super().start(first_step)
+        if first_step > 1:  # resumed: the rollouts of steps after the checkpoint are sampled again
+            keep_steps(self.run_dir / "rollouts.jsonl", first_step - 1)
         self.sync_rollout()  # the engines start from the (possibly resumed) student
 
     def after_step(self, step: int) -> dict[str, float]:

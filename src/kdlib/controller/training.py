@@ -38,10 +38,11 @@ from kdlib.controller.interrupt import StopRequests
 from kdlib.controller.mode import RunMode
 from kdlib.data.batching import StepPlan, global_batches
 from kdlib.data.samples import Sample
-from kdlib.errors import ConfigError, Interrupted
+from kdlib.errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from kdlib.progress import progress
 from kdlib.result import RunResult
 from kdlib.tracking import MetricsWriter, write_json
+from kdlib.tracking.records import read_json
 from kdlib.workers.student import StudentShare
 
 if TYPE_CHECKING:
@@ -88,35 +89,61 @@ class TrainingLoop(RunMode):
             self.cfg, self.run_dir, self.students, self.teacher_workers if self.follows_student else None,
             self.total_steps, tokenizer=self.data.student_encoder.pretrained_files,
         )
-        self.bad_steps = BadSteps(self.cfg.train.max_bad_steps)
+        self.bad_steps = BadSteps(self.cfg.train.max_bad_steps, max_fraction=self.cfg.train.max_skipped_fraction,
+                                  run_steps=self.total_steps)
         self.stop = StopRequests()
         self._last_step_end: Optional[float] = None  # wall clock per step includes preparing it
         self._saved_step: Optional[int] = None  # the step of the last checkpoint this process wrote
+        self._saved_at = time.monotonic()  # when it was written (or the run started)
+        self._done_step = 0  # the last step whose update finished (applied or skipped)
 
     def run(self) -> RunResult:
         cfg = self.cfg
         result = RunResult(run_dir=self.run_dir)
         write_json(self.run_dir / "data_report.json", {k: r.as_dict() for k, r in self.data.reports.items()})
-        evals: list[dict] = []
         with self.stop:
             first_step = self.resume() + 1
+            self._done_step = first_step - 1
+            evals = self._earlier_evaluations(result, first_step)
             if cfg.eval.before and first_step == 1:
                 result.eval_before = self.evaluate()
                 if result.eval_before:
                     log.info("eval before training: %s", _fmt(result.eval_before))
                     self.trackers.log_eval(result.eval_before, step=0)
             self._stop_if_requested(first_step - 1)
-            writer = MetricsWriter(self.run_dir, self.trackers)
+            writer = MetricsWriter(self.run_dir, self.trackers, resumed_at=first_step - 1)
             try:
                 self.start(first_step)
                 self._train_steps(first_step, writer, result, evals)
+            except TrainingError as exc:  # the weights are those of the last good update: keep them
+                raise TrainingError(f"{exc}; {self._last_resort_checkpoint()}") from None
             finally:
                 writer.close()
             self._stop_if_requested(self.total_steps, saved=self._saved_step)
         result.eval_after = self.evaluate()
         self.trackers.log_eval(result.eval_after, self.total_steps)
-        finish_training(self.cfg, self.run_dir, self.trackers, self.checkpoints, self.total_steps, result, writer.rows, evals)
+        finish_training(self.cfg, self.run_dir, self.trackers, self.checkpoints, self.total_steps, result, writer.rows,
+                        evals, skipped=self.bad_steps, saved_step=self._saved_step)
         return result
+
+    def _earlier_evaluations(self, result: RunResult, first_step: int) -> list[dict]:
+        """A resumed run keeps the held-out results of the steps before its checkpoint."""
+        if first_step == 1:
+            return []
+        earlier = read_json(self.run_dir / "eval.json") or {}
+        result.eval_before = earlier.get("before")
+        return [e for e in earlier.get("during") or [] if e.get("step", first_step) < first_step]
+
+    def _last_resort_checkpoint(self) -> str:
+        """Checkpoint the last finished step (when not saved yet) before the run stops; says where."""
+        step = self._done_step
+        if step < 1:
+            return "nothing was trained, nothing to resume"
+        try:
+            directory = self.checkpoints.latest() if self._saved_step == step else self.save_checkpoint(step)
+        except CheckpointError as exc:
+            return f"no checkpoint could be written: {exc}"
+        return f"checkpoint {directory} (continue with train.resume={self.run_dir})"
 
     def _train_steps(self, first_step: int, writer: MetricsWriter, result: RunResult, evals: list[dict]) -> None:
         """Steps ``first_step`` .. ``total_steps``; stops early (with a checkpoint) when asked to."""
@@ -136,13 +163,16 @@ class TrainingLoop(RunMode):
                 metrics = self.train(prepared)
                 metrics.update(self.after_step(step))
                 metrics["step"] = step
-                self.bad_steps.record(step, metrics, prepared.sample_ids, metrics.pop("bad_sample_ids"))
-                if step % cfg.logging.log_every == 0 or step == total:
-                    writer.write(metrics)
-                    result.metrics = metrics
+                self._done_step = step
+                try:  # counts the step and adds skipped_steps; raises when too many were skipped
+                    self.bad_steps.record(step, metrics, prepared.sample_ids, metrics.pop("bad_sample_ids"))
+                finally:
+                    if step % cfg.logging.log_every == 0 or step == total or metrics.get("skipped"):
+                        writer.write(metrics)
+                        result.metrics = metrics
                 bar.set_postfix(**self.progress_fields(metrics))
                 bar.update(1)
-                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                if self._checkpoint_due(step):
                     self.save_checkpoint(step)
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total:
                     during = self.evaluate()
@@ -150,6 +180,15 @@ class TrainingLoop(RunMode):
                     evals.append({"step": step, **(during or {})})
                 if step < total:
                     self._stop_if_requested(step, saved=self._saved_step)
+
+    def _checkpoint_due(self, step: int) -> bool:
+        """Every ``train.checkpoint_every`` steps, and when ``train.checkpoint_minutes`` have passed
+        since the last checkpoint (not at the last step: the student is saved then)."""
+        train = self.cfg.train
+        if train.checkpoint_every and step % train.checkpoint_every == 0:
+            return True
+        minutes = train.checkpoint_minutes
+        return bool(minutes) and step < self.total_steps and time.monotonic() - self._saved_at >= 60 * minutes
 
     def progress_fields(self, metrics: dict[str, Any]) -> dict[str, float]:
         """What the progress bar shows after a step."""
@@ -267,14 +306,15 @@ class TrainingLoop(RunMode):
     def save_checkpoint(self, step: int) -> Any:
         directory = self.checkpoints.save(step, self.bad_steps.state())
         self._saved_step = step
+        self._saved_at = time.monotonic()
         return directory
 
     def resume(self) -> int:
         """Restore ``train.resume``; returns the step it ended at (0 without resuming)."""
         resumed = self.checkpoints.resume()
         if resumed.step:
-            self.bad_steps.total = int(resumed.state.get("skipped_steps", 0))
-            self.bad_steps.in_row = int(resumed.state.get("bad_steps_in_row", 0))
+            self.bad_steps.restore(resumed.state)
+            self._saved_step = resumed.step if resumed.directory.parent == self.checkpoints.root else None
             if self.follows_student and not resumed.teacher_restored:
                 self.update_teacher(ema_decay=None)
         return resumed.step

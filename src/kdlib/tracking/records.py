@@ -16,11 +16,13 @@ if TYPE_CHECKING:
 
 
 class MetricsWriter:
-    """Appends metric rows to ``<run_dir>/metrics.jsonl`` and sends them to the trackers."""
+    """Appends metric rows to ``<run_dir>/metrics.jsonl`` and sends them to the trackers. A run
+    resumed at step ``resumed_at`` keeps the rows of the steps up to it and drops the later ones
+    (they were written after the checkpoint and are trained again), so each step has one row."""
 
-    def __init__(self, run_dir: Path, trackers: Optional["Trackers"] = None) -> None:
+    def __init__(self, run_dir: Path, trackers: Optional["Trackers"] = None, resumed_at: int = 0) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = keep_steps(self.path, resumed_at) if resumed_at else []
         self.trackers = trackers
         self._handle = self.path.open("a", encoding="utf-8")
 
@@ -33,6 +35,34 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._handle.close()
+
+
+def keep_steps(path: Path, last_step: int) -> list[dict[str, Any]]:
+    """Rewrite the JSON Lines file ``path`` with only its rows of steps up to ``last_step`` (rows
+    without a step, and a last line cut by a crash, are dropped); returns the rows kept."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short when the run was killed
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+            kept.append(row)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+    tmp.replace(path)
+    return kept
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file kdlib wrote, or None when it is missing or unreadable (a run killed mid-write)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -20,6 +20,7 @@ import torch
 from kdlib.backends import TEACHER_BACKENDS
 from kdlib.batch import MicroBatch
 from kdlib.config.training import HiddenDtype
+from kdlib.errors import ModelError
 from kdlib.models.head import LMHead
 from kdlib.models.loading import resolve_device
 from kdlib.models.weights import distinct_tensors
@@ -65,6 +66,7 @@ class TeacherWorker:
         view = batch.teacher_view
         output = self.backend.score(view)
         output.check_rows(view.n_loss_tokens)
+        self._check_finite(output, batch)
         counts = view.loss_rows_per_sample().to("cpu")
         offsets = torch.zeros(counts.numel() + 1, dtype=torch.long)
         torch.cumsum(counts, 0, out=offsets[1:])
@@ -74,6 +76,19 @@ class TeacherWorker:
             output.sample_ids = torch.tensor(batch.sample_ids, dtype=torch.long)
         output.__post_init__()  # offsets and ids are consistent with the rows
         return output
+
+    def _check_finite(self, output: TeacherOutput, batch: MicroBatch) -> None:
+        """A teacher whose outputs are NaN or inf stops the run at once, naming the teacher: every
+        student update would be skipped, or worse, the loss would train on nonsense."""
+        bad = ~torch.isfinite(output.hidden).all(dim=-1)
+        if bool(bad.any()):
+            teacher = self.spec.teacher
+            name = "the self-distillation teacher" if teacher.from_student else f"teacher {teacher.model}"
+            raise ModelError(
+                f"{name} returned hidden states that are not finite (NaN or inf) at {int(bad.sum())} of "
+                f"{bad.numel()} loss positions of samples {batch.sample_ids}: its weights or its dtype "
+                f"({teacher.dtype.value}) cannot represent this model; check the checkpoint, or try teacher.dtype=float32"
+            )
 
     def forward(self, batches: list[MicroBatch], publish: bool = True) -> TeacherResult:
         """Transport handles of the outputs of each micro-batch, in order (None when not
