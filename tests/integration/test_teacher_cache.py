@@ -12,6 +12,7 @@ import torch
 import kdlib
 from kdlib.testing import chat_rows
 from kdlib.errors import ConfigError
+from kdlib.cache.store import TeacherCache
 from kdlib.runner import built
 
 
@@ -95,6 +96,30 @@ def test_a_damaged_shard_is_set_aside_and_recomputed(cached_overrides, tmp_path,
     assert "is damaged" in caplog.text
     assert (tmp_path / "cache" / "shards" / shards[0].with_suffix(".corrupt").name).exists()
     assert_same_training(first, second)  # the damaged samples were recomputed, not trusted
+
+
+def test_damage_found_mid_run_is_recomputed_by_a_teacher_loaded_then(cached_overrides, tmp_path, caplog):
+    """The cache covered every sample when the run was built (no teacher loaded); then a shard is
+    damaged (truncated) and another deleted while the run goes on: the students cannot read them,
+    the step runs on no rank, the teacher is loaded, computes those samples again (and stores
+    them again), and the run ends exactly as the run with the live teacher did."""
+    live = kdlib.run(kdlib.compose([o for o in cached_overrides if not o.startswith("teacher.cache")]
+                                   + [f"output_dir={tmp_path / 'live'}"]))
+    kdlib.run(kdlib.compose(cached_overrides + [f"output_dir={tmp_path / 'fill'}"]))
+    cfg = kdlib.compose(cached_overrides + [f"output_dir={tmp_path / 'read'}"])
+    with caplog.at_level("WARNING"), built(cfg, run_dir=tmp_path / "read") as loop:
+        assert loop.pipeline.teacher is None  # covered: no teacher model is loaded
+        shards = sorted((tmp_path / "cache" / "shards").glob("*.safetensors"))
+        data = shards[0].read_bytes()
+        shards[0].write_bytes(data[: len(data) // 2])
+        shards[1].unlink()
+        result = loop.run()
+    assert "loading the teacher to compute them again" in caplog.text
+    assert_same_training(live, result)
+    rows = _rows(result)
+    assert sum(r["teacher_recomputed_batches"] for r in rows) >= 1
+    fresh = TeacherCache.for_reading(tmp_path / "cache")
+    assert len(fresh) >= 24  # the recomputed samples were stored again
 
 
 def test_a_cache_of_another_teacher_is_refused(cached_overrides, tiny_qwen3, tmp_path):

@@ -106,7 +106,8 @@ def test_kd_through_the_teacher_worker_and_transport_equals_full_logit_kd(family
         assert batch.student.images.count == 4  # references travel, pixels do not
         assert batch.student.vision is None or not batch.student.vision.has_images
         (result,) = loop.pipeline.teacher.gather_forward(loop.pipeline.teacher.submit_forward([[batch]]))
-        (sums,) = loop.pipeline.students.evaluate([StudentShare([batch], result.handles, [1.0])])
+        (evaluated,) = loop.pipeline.students.evaluate([StudentShare([batch], result.handles, [1.0])])
+        sums = evaluated.sums
     chats, images = _chats(_option(overrides, "data.train"), [s.index for s in samples])
     teacher_dir = _option(overrides, "teacher.model")
     student_dir = _option(overrides, "student.model")

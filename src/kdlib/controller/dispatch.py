@@ -11,8 +11,9 @@ in the original order.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from kdlib.batch import MicroBatch
 from kdlib.cache.shards import CachedOutput
@@ -22,6 +23,8 @@ from kdlib.workers.groups import TeacherGroup
 
 if TYPE_CHECKING:
     from kdlib.cache.store import TeacherCache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,11 +48,14 @@ class TeacherOutputs:
 
 class TeacherDispatch:
     """The teacher side as the controller sees it: a worker group, a cache, or both (or neither:
-    algorithms without a teacher get None handles)."""
+    algorithms without a teacher get None handles). ``start_teacher`` loads teacher workers the
+    first time a cached output turns out to be unreadable in a run the cache covered."""
 
-    def __init__(self, group: Optional[TeacherGroup], cache: Optional["TeacherCache"] = None) -> None:
+    def __init__(self, group: Optional[TeacherGroup], cache: Optional["TeacherCache"] = None,
+                 start_teacher: Optional[Callable[[], TeacherGroup]] = None) -> None:
         self.group = group
         self.cache = cache
+        self.start_teacher = start_teacher
 
     @property
     def active(self) -> bool:
@@ -102,6 +108,32 @@ class TeacherDispatch:
             published_bytes=sum(r.published_bytes for r in results),
             cached=cached,
         )
+
+    def recompute(self, batches: list[MicroBatch], handles: list[Any], unserved: set[str]) -> list[Any]:
+        """``handles`` with the cached outputs holding an ``unserved`` key (a student could not
+        read them: missing, or damaged and set aside) replaced by the teacher's, computed again
+        now (the teacher workers store them in the cache again). Loads the teacher if the run
+        had none."""
+        redo = [i for i, h in enumerate(handles) if isinstance(h, CachedOutput) and unserved & set(h.keys)]
+        if not redo:
+            raise KdlibError(f"teacher cache: the students could not read {len(unserved)} sample(s) that no "
+                             "micro-batch of this step holds")
+        self.cache.forget(unserved)
+        if self.group is None:
+            if self.start_teacher is None:
+                raise KdlibError(f"teacher cache: {len(unserved)} sample(s) could not be read and no teacher can be loaded")
+            log.warning("teacher cache %s: %d sample(s) could not be read (missing or damaged); loading the teacher "
+                        "to compute them again", self.cache.root, len(unserved))
+            self.group = self.start_teacher()
+        else:
+            log.warning("teacher cache %s: %d sample(s) could not be read (missing or damaged); the teacher computes "
+                        "them again", self.cache.root, len(unserved))
+        job = self.submit([batches[i] for i in redo])
+        new = self.collect(job).handles
+        out = list(handles)
+        for i, handle in zip(redo, new, strict=True):
+            out[i] = handle
+        return out
 
     def outputs(self, batches: list[MicroBatch]) -> list[Any]:
         """Handles of the outputs of ``batches``, in their order (None: no teacher)."""

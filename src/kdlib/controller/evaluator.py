@@ -74,17 +74,25 @@ class Evaluator:
                     if index + 1 < len(rounds):  # the teacher scores the next round meanwhile
                         job = self.teacher.submit(rounds[index + 1])
                 handles.extend(round_handles)
-                shares = even_shares(list(zip(batches, round_handles)), self.students.size)
-                results = self.students.evaluate([
-                    StudentShare([b for (b, _), _ in share], [h for (_, h), _ in share], [w for _, w in share])
-                    for share in shares
-                ])
-                for sums in results:
-                    total = total.add(sums)
+                results = self._evaluate_round(batches, round_handles)
+                if any(r.unserved for r in results):  # a cached output could not be read: once more
+                    unserved = {key for r in results for key in r.unserved}
+                    round_handles = self.teacher.recompute(batches, round_handles, unserved)
+                    handles[-len(batches):] = round_handles
+                    results = self._evaluate_round(batches, round_handles)
+                for result in results:
+                    total = total.add(result.sums)
                 bar.update(len(batches))
         if cached is None and self.cfg.eval.cache_teacher:
             self._teacher_handles = handles
         return total.means()  # what was measured: no teacher, no KL, agreement or teacher figure
+
+    def _evaluate_round(self, batches: list, handles: list) -> list:
+        shares = even_shares(list(zip(batches, handles)), self.students.size)
+        return self.students.evaluate([
+            StudentShare([b for (b, _), _ in share], [h for (_, h), _ in share], [w for _, w in share])
+            for share in shares
+        ])
 
 
 def comparison_table(before: Optional[dict[str, float]], after: dict[str, float],

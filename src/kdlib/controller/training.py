@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from kdlib.batch import MicroBatch
 from kdlib.config.schema import KDConfig
+from kdlib.controller import assembly
 from kdlib.controller.bad_steps import BadSteps
 from kdlib.controller.checkpointing import Checkpoints
 from kdlib.controller.dispatch import TeacherDispatch, TeacherJob
@@ -38,7 +39,7 @@ from kdlib.controller.interrupt import StopRequests
 from kdlib.controller.mode import RunMode
 from kdlib.data.batching import StepPlan, global_batches
 from kdlib.data.samples import Sample
-from kdlib.errors import CheckpointError, ConfigError, Interrupted, TrainingError
+from kdlib.errors import CheckpointError, ConfigError, Interrupted, KdlibError, TrainingError
 from kdlib.progress import progress
 from kdlib.result import RunResult
 from kdlib.tracking import MetricsWriter, write_json
@@ -82,7 +83,10 @@ class TrainingLoop(RunMode):
         self.total_steps = pipeline.total_steps
         self.students = pipeline.students
         self.teacher_workers = pipeline.teacher
-        self.teacher = TeacherDispatch(pipeline.teacher, pipeline.cache)
+        self.teacher = TeacherDispatch(
+            pipeline.teacher, pipeline.cache,
+            start_teacher=lambda: assembly.start_teacher(self.cfg, pipeline.launcher, pipeline.cache),
+        )
         self.evaluate = Evaluator(self.cfg, self.data, self.students, self.teacher)
         self.follows_student = pipeline.teacher is not None and self.cfg.teacher.follows_student
         self.checkpoints = Checkpoints(
@@ -267,11 +271,20 @@ class TrainingLoop(RunMode):
             self.students.wake()
         plan, batches = prepared.plan, prepared.batches
         normaliser = float(sum(b.n_loss_tokens for b in batches))
-        shares = [
-            StudentShare([batches[i] for i, _ in entries], [teacher.handles[i] for i, _ in entries], [w for _, w in entries])
-            for entries in plan.per_worker
-        ]
-        results = self.students.train_step(shares, normaliser)
+        handles = teacher.handles
+        for attempt in range(2):  # a cached output the students cannot read is computed again, once
+            shares = [
+                StudentShare([batches[i] for i, _ in entries], [handles[i] for i, _ in entries], [w for _, w in entries])
+                for entries in plan.per_worker
+            ]
+            results = self.students.train_step(shares, normaliser)
+            unserved = {key for r in results for key in r.unserved}
+            if not unserved:
+                break
+            if attempt:
+                raise KdlibError(f"teacher cache {self.cfg.teacher.cache}: {len(unserved)} sample(s) could not be "
+                                 "read even after the teacher computed them again")
+            handles = self.teacher.recompute(batches, handles, unserved)
         if colocate:
             self.students.sleep()
         end = time.perf_counter()
@@ -295,6 +308,8 @@ class TrainingLoop(RunMode):
             "teacher_wait_seconds": waited,
             "teacher_seconds": teacher.seconds,
             "teacher_cached_batches": float(teacher.cached),
+            # cached outputs the students could not read, computed again by the teacher
+            "teacher_recomputed_batches": float(sum(a is not b for a, b in zip(teacher.handles, handles))),
             "student_seconds": max(r.student_seconds for r in results),
             "transport_bytes": float(sum(r.fetched_bytes for r in results)),
             "transport_seconds": max(r.fetch_seconds for r in results),

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,7 +34,6 @@ from kdlib.algorithms import ALGORITHMS
 from kdlib.algorithms.objective import StudentObjective
 from kdlib.batch import MicroBatch
 from kdlib.cache.shards import CachedOutput
-from kdlib.errors import KdlibError
 from kdlib.config.compose import import_plugins
 from kdlib.evaluation import HeldoutSums
 from kdlib.models.head import LMHead
@@ -79,6 +78,17 @@ class StepSums:
     student_seconds: float
     fetch_seconds: float
     fetched_bytes: int
+    # Teacher-cache keys this worker could not read (missing or damaged): the step did not run on
+    # any rank, and the controller recomputes those outputs with the teacher and runs it again.
+    unserved: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalSums:
+    """One worker's held-out sums, or the teacher-cache keys it could not read (then no sums)."""
+
+    sums: HeldoutSums
+    unserved: list[str] = field(default_factory=list)
 
 
 class StudentWorker:
@@ -136,15 +146,18 @@ class StudentWorker:
         gradients are not finite); every term is a sum divided by ``normaliser``, the loss tokens of
         the whole step on every worker."""
         assert self.objective is not None, "setup() must run before train_step()"
-        batches, handles, weights = share.batches, share.teacher, share.weights
+        batches, weights = share.batches, share.weights
         start = time.perf_counter()
+        teachers, unserved = self._fetch_all(share.teacher)
+        if unserved:
+            return StepSums(0.0, 0.0, 0.0, 0, 0, 0.0, self.scheduler.get_last_lr()[0], False, [],
+                            time.perf_counter() - start, 0.0, 0, unserved=unserved)
         self.objective.train()
         self.optimizer.zero_grad(set_to_none=True)
         kd_sum = ce_sum = loss_sum = 0.0
         n_loss_tokens = n_tokens = 0
         bad_samples: list[int] = []
-        for batch, handle, weight in zip(batches, handles, weights, strict=True):
-            teacher = self._fetch(handle)
+        for batch, teacher, weight in zip(batches, teachers, weights, strict=True):
             loss, kd, ce = self.objective(self._inputs(batch), teacher, normaliser, weight)
             loss.backward()
             kd_sum += float(kd)
@@ -158,7 +171,7 @@ class StudentWorker:
                     bad_samples.extend(batch.sample_ids)
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = self._clip_gradients()
-        skipped = not self._all_ranks_finite(math.isfinite(loss_sum) and math.isfinite(grad_norm))
+        skipped = not self._all_ranks_agree(math.isfinite(loss_sum) and math.isfinite(grad_norm))
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
         else:
@@ -172,16 +185,19 @@ class StudentWorker:
         )
 
     @torch.no_grad()
-    def evaluate(self, share: StudentShare) -> HeldoutSums:
+    def evaluate(self, share: StudentShare) -> EvalSums:
         """Held-out sums of KL(teacher || student), CE and top-1 agreement (weight-0 batches skipped)."""
+        teachers, unserved = self._fetch_all(share.teacher)
+        if unserved:
+            return EvalSums(HeldoutSums(), unserved)
         self.objective.eval()
         total = HeldoutSums()
-        for batch, handle, weight in zip(share.batches, share.teacher, share.weights, strict=True):
-            sums = self.objective(self._inputs(batch), self._fetch(handle), 1.0, evaluate=True)
+        for batch, teacher, weight in zip(share.batches, teachers, share.weights, strict=True):
+            sums = self.objective(self._inputs(batch), teacher, 1.0, evaluate=True)
             if weight:
                 total = total.add(sums)
         self.transport.stats.take()
-        return total
+        return EvalSums(total)
 
     def save(self, path: Optional[str]) -> dict[str, str]:
         """Write the student in Hugging Face format to ``path`` (given to one rank; the others pass
@@ -262,28 +278,39 @@ class StudentWorker:
             batch = replace(batch, student=self.images.attach(batch.student, idle_pixels=self.world_size > 1))
         return batch.to(self.device)
 
-    def _fetch(self, handle: Any) -> Optional[TeacherOutput]:
-        if handle is None:
-            return None
-        if isinstance(handle, CachedOutput):
-            start = time.perf_counter()
-            output = self.cache.read(list(handle.keys), list(handle.sample_ids)) if self.cache is not None else None
-            if output is None:
-                raise KdlibError(
-                    f"teacher cache {self.spec.teacher_cache}: samples {list(handle.sample_ids)} are missing or damaged "
-                    "(damaged shards are set aside); run again to recompute them"
-                )
-            self.transport.stats.record(output.nbytes, time.perf_counter() - start)
-            return output.to(self.device)
-        return self.transport.fetch(handle).to(self.device)
+    def _fetch_all(self, handles: list[Any]) -> tuple[list[Optional[TeacherOutput]], list[str]]:
+        """The teacher outputs of a share, fetched before any forward pass, and the teacher-cache
+        keys that could not be read. The ranks agree on whether any rank has such keys (one
+        all-reduce), so that either every rank runs the step or none does (their collectives must
+        match); a rank that could read everything then reports nothing."""
+        outputs: list[Optional[TeacherOutput]] = []
+        unserved: list[str] = []
+        for handle in handles:
+            if handle is None:
+                outputs.append(None)
+            elif isinstance(handle, CachedOutput):
+                start = time.perf_counter()
+                read = self.cache.fetch(list(handle.keys), list(handle.sample_ids))
+                if read.output is None:
+                    unserved.extend(read.unserved)
+                    outputs.append(None)
+                    continue
+                self.transport.stats.record(read.output.nbytes, time.perf_counter() - start)
+                outputs.append(read.output.to(self.device))
+            else:
+                outputs.append(self.transport.fetch(handle).to(self.device))
+        if not self._all_ranks_agree(not unserved):
+            return outputs, unserved or [_PEER_UNSERVED]
+        return outputs, []
 
-    def _all_ranks_finite(self, finite: bool) -> bool:
-        """True when the update is finite on every rank (they must all step, or all skip)."""
+    def _all_ranks_agree(self, ok: bool) -> bool:
+        """True when ``ok`` holds on every rank (an update finite everywhere, every teacher output
+        read everywhere): the ranks must all step, or all skip."""
         if self.world_size == 1:
-            return finite
+            return ok
         import torch.distributed as dist
 
-        flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() == 0.0)
 
@@ -294,6 +321,10 @@ class StudentWorker:
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
             norm = norm.full_tensor()
         return float(norm)
+
+
+# What a rank reports when only another rank could not read its teacher outputs.
+_PEER_UNSERVED = "<another rank>"
 
 
 def _local_numel(tensor: torch.Tensor) -> int:
