@@ -32,11 +32,20 @@ def _full_and_resumed(overrides: list[str], tmp_path: Path, resume_step: int):
 
 
 def _assert_same_steps(full_rows: list[dict], resumed_rows: list[dict], first_step: int) -> None:
+    """The resumed run's steps equal the uninterrupted run's, bit for bit."""
     expected = [r for r in full_rows if r["step"] >= first_step]
     assert [r["step"] for r in resumed_rows] == [r["step"] for r in expected] and expected
     for a, b in zip(expected, resumed_rows, strict=True):
         for key in ("loss", "kd_loss", "ce_loss", "grad_norm", "lr"):
-            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (b["step"], key)
+            assert b[key] == a[key], (b["step"], key)
+
+
+def _assert_same_student(full, resumed) -> None:
+    """The final students are identical, bit for bit."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(full.student_dir / "model.safetensors"), load_file(resumed.student_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("follow, resume_step", [("teacher.ema_decay=0.5", 2), ("teacher.update_freq=2", 3)],
@@ -59,6 +68,7 @@ def test_resumed_self_distillation_teacher_is_restored_exactly(follow, resume_st
     assert differing, "the checkpoint's teacher equals its student: this test could not fail"
 
     _assert_same_steps(_rows(full.run_dir), _rows(resumed.run_dir), resume_step + 1)
+    _assert_same_student(full, resumed)
     assert "with the self-distillation teacher" in (resumed.run_dir / "kdlib.log").read_text()
 
 
@@ -90,3 +100,15 @@ def test_resumed_onpolicy_run_samples_and_trains_as_the_uninterrupted_one(tiny_o
         return [(r["step"], r["index"], r["response"]) for r in _rows(run_dir, "rollouts.jsonl") if r["step"] > 2]
 
     assert rollouts(resumed.run_dir) == rollouts(full.run_dir) and rollouts(full.run_dir)
+    _assert_same_student(full, resumed)
+
+
+def test_a_resumed_teacher_cache_run_equals_the_uninterrupted_one(tiny_overrides, tmp_path):
+    """A run reading (and writing) the teacher cache: the resumed steps and final student are the
+    uninterrupted run's, bit for bit, whether the outputs come from the cache or the teacher."""
+    overrides = tiny_overrides + [f"teacher.cache={tmp_path / 'cache'}", "train.max_steps=5", "train.checkpoint_every=2",
+                                  "train.keep_checkpoints=3", "train.lr=3e-3"]
+    full, resumed, _ = _full_and_resumed(overrides, tmp_path, resume_step=2)
+    assert all(r["teacher_cached_batches"] == r["micro_batches"] for r in _rows(resumed.run_dir))  # from the cache
+    _assert_same_steps(_rows(full.run_dir), _rows(resumed.run_dir), first_step=3)
+    _assert_same_student(full, resumed)
