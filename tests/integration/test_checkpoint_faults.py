@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import kdlib
 from kdlib.errors import CheckpointError
@@ -125,7 +126,9 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(wher
     # resume into the same run directory: step_1 loads, the run continues exactly, and its first
     # save removes the partial write
     resumed = kdlib.run(kdlib.compose(tiny_overrides + STEPS + [f"train.resume={run_dir}", f"output_dir={run_dir}"]))
-    _assert_continues(reference, _rows(resumed.run_dir)[2:], first_step=2)  # rows 1-2 are the killed run's
+    rows = _rows(resumed.run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]  # each step once: row 1 is the killed run's
+    _assert_continues(reference, rows[1:], first_step=2)
     assert partial_dirs(root) == []
     assert [step for step, _ in complete_checkpoints(root)] == [2, 3]
 
@@ -192,3 +195,38 @@ def test_a_real_full_disk_stops_the_cli_run_with_one_line(tiny_overrides, refere
     assert partial_dirs(copy) == [] and [s for s, _ in complete_checkpoints(copy)] == [1]
     resumed = kdlib.run(kdlib.compose(tiny_overrides + STEPS + [f"train.resume={copy / 'step_1'}", f"output_dir={tmp_path / 'resumed'}"]))
     _assert_continues(reference, _rows(resumed.run_dir), first_step=2)
+
+
+def test_a_final_save_that_fails_keeps_the_weights_and_says_how_to_retry(tiny_overrides, tmp_path, monkeypatch):
+    """The student cannot be saved at the end (safetensors reports the full disk with its own
+    error, not an OSError): the trained weights are kept as a checkpoint, the run ends in one line
+    that says how to save them, and that command saves the student the uninterrupted run saves."""
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    run_dir = tmp_path / "run"
+    steps = ["train.max_steps=3", "eval.before=false", "train.checkpoint_minutes=0"]  # no checkpoint on the way
+    real_save = PreTrainedModel.save_pretrained
+
+    def full_disk(self, *args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    with pytest.raises(CheckpointError) as caught:
+        kdlib.run(kdlib.compose(tiny_overrides + steps + [f"output_dir={run_dir}"]))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"cannot save the student to {run_dir / 'student'}: ")
+    assert "(free some space, or lower train.keep_checkpoints)" in message
+    checkpoint = run_dir / "checkpoints" / "step_3"
+    assert f"the trained weights were saved as checkpoint {checkpoint}" in message
+    assert message.endswith(f"run the same command with train.resume={run_dir}: it saves the student without training again")
+    assert not list(run_dir.glob(".student.partial-*"))  # nothing half-written is left behind
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real_save)
+    retried = kdlib.run(kdlib.compose(tiny_overrides + steps + [f"output_dir={run_dir}", f"train.resume={run_dir}"]))
+    assert [r["step"] for r in _rows(run_dir)] == [1, 2, 3]  # nothing trained again
+    uninterrupted = kdlib.run(kdlib.compose(tiny_overrides + steps + [f"output_dir={tmp_path / 'reference'}"]))
+    from safetensors.torch import load_file
+
+    a = load_file(retried.student_dir / "model.safetensors")
+    b = load_file(uninterrupted.student_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
