@@ -18,7 +18,7 @@ import re
 from dataclasses import fields
 from typing import Any
 
-from kdlib.config.node import AUTO, nodes
+from kdlib.config.node import AUTO, FROZEN_ATTRIBUTE, nodes
 from kdlib.config.schema import KDConfig, Precision
 from kdlib.config.store import registry_groups
 from kdlib.errors import ConfigError, first_line
@@ -43,6 +43,18 @@ def validate(cfg: KDConfig) -> None:
     _check_loss(cfg)
     _check_resume(cfg)
     _check_mode(cfg)
+
+
+def check_unknown_keys(cfg: KDConfig) -> None:
+    """Keys that no config class has: ``+trian.lr=1`` adds one (``+`` may add keys), and nothing
+    would ever read it, so a typo with ``+`` is as much an error as one without."""
+    for path, node in nodes(cfg):
+        extra = sorted(set(vars(node)) - {f.name for f in fields(node)} - {FROZEN_ATTRIBUTE})
+        if extra:
+            where = f"{path}." if path else ""
+            known = ", ".join(f.name for f in fields(node))
+            raise ConfigError(f"unknown key '{where}{extra[0]}' (added with +); valid keys "
+                              f"{'of ' + path + ' ' if path else ''}are: {known}")
 
 
 def check_names(cfg: KDConfig) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kdlib.config.checks import check_names, validate
+from kdlib.config.checks import check_names, check_unknown_keys, validate
 from kdlib.config.resolve import resolve
 from kdlib.config.schema import KDConfig
 from kdlib.config.store import register_configs
@@ -95,6 +95,7 @@ def to_typed(cfg: DictConfig | KDConfig) -> KDConfig:
             raise ConfigError(explain(exc, [])) from None
         if not isinstance(typed, KDConfig):
             raise ConfigError("the composed config is not a kdlib config (was kdlib_schema dropped from defaults?)")
+    check_unknown_keys(typed)
     check_names(typed)  # resolving asks the chosen options, so they must be what they say first
     resolve(typed)
     validate(typed)

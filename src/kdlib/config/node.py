@@ -22,7 +22,7 @@ AUTO = "auto"
 # field holds a bool or a string and its class's check() admits only "auto" as the string.
 BoolOrAuto = Union[bool, str]
 
-_FROZEN = "_kdlib_frozen_"
+FROZEN_ATTRIBUTE = _FROZEN = "_kdlib_frozen_"
 
 
 class ConfigNode:
