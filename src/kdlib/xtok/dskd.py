@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdlib.config.schema import LossConfig
+from kdlib.losses.engine import IGNORE_INDEX, head_logits
 from kdlib.models.head import LMHead
 from kdlib.xtok.groups import RowKind
-from kdlib.xtok.method import IGNORE_INDEX, ChunkInputs, CrossTokenizerLoss, divergence, head_logits
+from kdlib.xtok.method import ChunkInputs, CrossTokenizerLoss, divergence
 from kdlib.xtok.vocab import VocabMatch
 
 
