@@ -18,7 +18,7 @@ and log-probabilities, or sampled tokens and their importance weights); the engi
 chunk ``{name: rows[chunk.teacher]}`` and assumes nothing else about them. A term is one of two
 kinds:
 
-- :class:`LogitTerm`, the fast path: ``evaluate(s, teacher, ws, need_grad)`` receives the chunk's
+- :class:`LogitTerm`, the fast path: ``kd_values(s, teacher, ws, need_grad)`` receives the chunk's
   student logits ``s`` [rows, columns] (float32, float64 for float64 heads, already divided by
   the term's ``temperature``, in a buffer it may overwrite) and returns one value per row; with
   ``need_grad`` it leaves d(sum of values)/ds in ``s``, in closed form or by autograd on the
@@ -85,13 +85,13 @@ class LogitTerm(ChunkTerm):
 
     # Leading student-logit columns the term reads (the common vocabulary).
     columns: int
-    # Divides the student logits before ``evaluate``; the gradient is scaled back by the engine.
+    # Divides the student logits before ``kd_values``; the gradient is scaled back by the engine.
     temperature: float
     # Multiplies the values (T^2 or 1).
     value_scale: float
 
     @abstractmethod
-    def evaluate(self, s: torch.Tensor, teacher: Mapping[str, torch.Tensor], ws: Workspace,
+    def kd_values(self, s: torch.Tensor, teacher: Mapping[str, torch.Tensor], ws: Workspace,
                  need_grad: bool) -> torch.Tensor:
         """Values [rows] of the chunk; with ``need_grad``, d(sum of values)/ds left in ``s``."""
 
@@ -254,7 +254,7 @@ class _FastStep:
             s = z[:, : self.vocab]  # a view: rows are strided when the student vocab is larger
             if term.temperature != 1.0:
                 s.div_(term.temperature)
-            values = term.evaluate(s, teacher, ws, self.kd_grad)
+            values = term.kd_values(s, teacher, ws, self.kd_grad)
             self.kd_rows[chunk.rows] = values if term.value_scale == 1.0 else values * term.value_scale
             if self.kd_grad:
                 alpha = plan.kd_weight * term.value_scale / term.temperature

@@ -65,7 +65,7 @@ class HiddenStateDivergence(LogitTerm):
     temperature: float
     value_scale: float
 
-    def evaluate(self, s, teacher, ws: Workspace, need_grad: bool) -> torch.Tensor:
+    def kd_values(self, s, teacher, ws: Workspace, need_grad: bool) -> torch.Tensor:
         hidden = teacher["hidden"].to(self.head.weight.dtype)
         t = logits_into(hidden, self.head, ws.get("t", s.shape[0], self.columns), None)
         if self.temperature != 1.0:
