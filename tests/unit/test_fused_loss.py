@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from kdlib.config.schema import LossImplementation
 from kdlib.losses import LOSSES, LossTerms, distillation_loss, fused_kd_loss, register_loss
 from kdlib.losses.closed_form import CLOSED_FORM
-from kdlib.losses.fused import IGNORE_INDEX, _Workspace
+from kdlib.losses.chunk_math import IGNORE_INDEX, Workspace as _Workspace
 from kdlib.models.head import LMHead
 from kdlib.registry import UnknownNameError
 
@@ -330,7 +330,7 @@ def test_backward_twice_with_retained_graph():
 
 
 def test_weight_gradient_is_adopted_without_a_copy(monkeypatch):
-    import kdlib.losses.fused as fused_module
+    import kdlib.losses.engine as fused_module
 
     pointers = []
     original = fused_module._run

@@ -25,7 +25,7 @@ from kdlib.xtok.gold import GOLDLoss
 from kdlib.xtok.groups import AlignmentBatch
 from kdlib.xtok.offsets import response_tokens
 from kdlib.xtok.overlap import OverlapLoss
-from kdlib.xtok.uld import ULDLoss, ULDOptions
+from kdlib.xtok.uld import ULDConfig, ULDLoss
 from kdlib.xtok.vocab import match_vocabularies
 
 TEXTS = ["The capital of France is Paris. Café au lait, s'il vous plaît!",
@@ -118,7 +118,7 @@ def test_every_method_trains_the_student(models):
         teacher_all = hidden_at_loss_positions(teacher, batch.teacher)
     methods = {
         "overlap": OverlapLoss(t_head, match, kl),
-        "uld": ULDLoss(t_head, ULDOptions(merge_groups=True)),
+        "uld": ULDLoss(t_head, ULDConfig(merge_groups=True)),
         "gold": GOLDLoss(t_head, match, kl),
         "dskd": DSKDLoss(t_head, DSKDProjectors.from_heads(s_head, t_head, match), kl),
     }

@@ -22,13 +22,13 @@ from kdlib.xtok import method as method_module
 from kdlib.xtok.alignment import align
 from kdlib.xtok.distributions import merged_log_probs
 from kdlib.xtok.distributions import sorted_l1 as xtok_sorted_l1
-from kdlib.xtok.dskd import DSKDLoss, DSKDOptions, DSKDProjectors, T2STarget
-from kdlib.xtok.gold import GOLDLoss, GOLDOptions
+from kdlib.xtok.dskd import DSKDConfig, DSKDLoss, DSKDProjectors, T2STarget
+from kdlib.xtok.gold import GOLDConfig, GOLDLoss
 from kdlib.xtok.groups import AlignmentBatch
-from kdlib.xtok.marginal import MarginalLoss, MarginalOptions
+from kdlib.xtok.marginal import MarginalConfig, MarginalLoss
 from kdlib.xtok.offsets import ResponseTokens
 from kdlib.xtok.overlap import OverlapLoss
-from kdlib.xtok.uld import ULDLoss, ULDOptions
+from kdlib.xtok.uld import ULDConfig, ULDLoss
 from kdlib.xtok.vocab import VocabMatch
 
 F64 = torch.float64
@@ -277,16 +277,16 @@ METHODS = {
                                              cfg("jsd", beta=0.3, temperature=2.0, scale_by_temperature_squared=True),
                                              kd_weight=0.7, ce_weight=0.3, chunk_size=CHUNK),
                        lambda c: ref_overlap(c, "jsd", {"beta": 0.3}, 2.0, True)),
-    "uld": (lambda c: ULDLoss(c.teacher_head, ULDOptions(student_temperature=1.5, teacher_temperature=0.8),
+    "uld": (lambda c: ULDLoss(c.teacher_head, ULDConfig(student_temperature=1.5, teacher_temperature=0.8),
                               kd_weight=0.7, ce_weight=0.3, chunk_size=CHUNK),
             lambda c: ref_uld(c, 1.5, 0.8)),
-    "uld-merged": (lambda c: ULDLoss(c.teacher_head, ULDOptions(merge_groups=True), kd_weight=0.7, ce_weight=0.3,
+    "uld-merged": (lambda c: ULDLoss(c.teacher_head, ULDConfig(merge_groups=True), kd_weight=0.7, ce_weight=0.3,
                                      chunk_size=CHUNK),
                    lambda c: ref_uld(c, merge=True)),
     "gold-kl": (lambda c: GOLDLoss(c.teacher_head, c.match, cfg("kl"), kd_weight=0.7, ce_weight=0.3, chunk_size=CHUNK),
                 lambda c: ref_gold(c)),
     "gold-rkl-weighted": (lambda c: GOLDLoss(c.teacher_head, c.match, cfg("rkl", temperature=1.3),
-                                             GOLDOptions(matched_weight=0.6), kd_weight=0.7, ce_weight=0.3,
+                                             GOLDConfig(matched_weight=0.6), kd_weight=0.7, ce_weight=0.3,
                                              chunk_size=CHUNK),
                           lambda c: ref_gold(c, "rkl", temperature=1.3, matched_weight=0.6)),
     "marginal-kl": (lambda c: MarginalLoss(c.teacher_head, c.match, cfg("kl"), kd_weight=0.7, ce_weight=0.3,
@@ -294,7 +294,7 @@ METHODS = {
                     lambda c: ref_marginal(c)),
     "marginal-rkl-T2": (lambda c: MarginalLoss(c.teacher_head, c.match,
                                                cfg("rkl", temperature=2.0, scale_by_temperature_squared=True),
-                                               MarginalOptions(empty_floor=1e-6), kd_weight=0.7, ce_weight=0.3,
+                                               MarginalConfig(empty_floor=1e-6), kd_weight=0.7, ce_weight=0.3,
                                                chunk_size=CHUNK),
                         lambda c: ref_marginal(c, "rkl", temperature=2.0, t2=True, floor=1e-6)),
 }
@@ -322,7 +322,7 @@ def test_chunked_equals_float64_reference(name, chunk, monkeypatch):
 def test_dskd_equals_float64_reference(target, chunk):
     case = make_case(seed=2)
     projectors = projectors_for(case)
-    loss = DSKDLoss(case.teacher_head, projectors, cfg("kl"), DSKDOptions(t2s_target=T2STarget(target)),
+    loss = DSKDLoss(case.teacher_head, projectors, cfg("kl"), DSKDConfig(t2s_target=T2STarget(target)),
                     match=case.match, kd_weight=0.7, ce_weight=0.3, chunk_size=chunk)
     extra = list(projectors.parameters())
     terms, grads = run(loss, case, extra=extra)
@@ -403,7 +403,7 @@ def test_identical_tokenizers_uld_is_the_positionwise_paper_formula():
     zs, zt = ref_logits(case)
     paper = sum(sorted_l1(torch.softmax(zs[i], -1), torch.softmax(zt[i], -1)) for i in range(zs.shape[0]))
     for merge in (False, True):
-        terms, _ = run(ULDLoss(case.teacher_head, ULDOptions(merge_groups=merge), chunk_size=4), case)
+        terms, _ = run(ULDLoss(case.teacher_head, ULDConfig(merge_groups=merge), chunk_size=4), case)
         assert rel_err(terms.kd_sum, paper) < 1e-13
 
 
@@ -441,12 +441,12 @@ def test_dskd_projector_state_round_trips():
 @pytest.mark.parametrize("merge", [False, True])
 def test_uld_is_invariant_to_permuting_a_vocabulary(merge):
     case = make_case(seed=9)
-    before, grads_before = run(ULDLoss(case.teacher_head, ULDOptions(merge_groups=merge), chunk_size=2), case)
+    before, grads_before = run(ULDLoss(case.teacher_head, ULDConfig(merge_groups=merge), chunk_size=2), case)
     perm = torch.randperm(case.teacher_head.vocab_size, generator=torch.Generator().manual_seed(0))
     inverse = torch.argsort(perm)
     permuted = dataclasses.replace(case, teacher_head=LMHead(case.teacher_head.weight[perm], case.teacher_head.bias[perm]))
     permuted.batch = dataclasses.replace(case.batch, teacher_ids=inverse[case.batch.teacher_ids])
-    after, grads_after = run(ULDLoss(permuted.teacher_head, ULDOptions(merge_groups=merge), chunk_size=2), permuted)
+    after, grads_after = run(ULDLoss(permuted.teacher_head, ULDConfig(merge_groups=merge), chunk_size=2), permuted)
     assert not torch.equal(permuted.teacher_head.weight, case.teacher_head.weight)
     assert rel_err(after.kd_sum, before.kd_sum) < 1e-13
     assert all(rel_err(a, b) < 1e-12 for a, b in zip(grads_after, grads_before))

@@ -1,7 +1,9 @@
-"""What the four cross-tokenizer algorithms share: their config base, the method, the teacher rows.
+"""What the cross-tokenizer algorithms share: their config base, the method, the teacher rows.
 
-``overlap``, ``uld``, ``gold`` and ``dskd`` are algorithms like ``vanilla``: the student's own
-forward to the hidden states at all its loss rows, then a loss. Their loss is a
+``overlap``, ``uld``, ``gold``, ``dskd`` and ``marginal`` are algorithms like ``vanilla``: the
+student's own forward to the hidden states at all its loss rows, then a loss. Each lives in one file
+of :mod:`kdlib.xtok` (its config, a subclass of :class:`CrossTokenizerConfig` whose fields are the
+method's options, its registered algorithm and its per-chunk term). Their loss is a
 :class:`~kdlib.xtok.method.CrossTokenizerLoss` (chunked, never a full ``[tokens, vocab]`` tensor)
 built once the student exists (:meth:`CrossTokenizerAlgorithm.attach`: the matched vocabulary of
 the two tokenizers, the student head for DSKD's projectors) and called per micro-batch with the
@@ -14,8 +16,8 @@ tokenizers every group is 1:1 and each method reduces to its same-tokenizer coun
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Optional, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -30,12 +32,10 @@ from kdlib.xtok.groups import AlignmentBatch, RowKind, SentRows
 from kdlib.xtok.method import CrossTokenizerLoss
 from kdlib.xtok.vocab import VocabMatch
 
-Options = TypeVar("Options")
-
 
 @dataclass
 class CrossTokenizerConfig(AlgorithmConfig):
-    """Base of the cross-tokenizer algorithms' configs (a method's options are mixed in)."""
+    """Base of the cross-tokenizer algorithms' configs; each method adds its options as fields."""
 
     # Weight of the KD term; the CE term on the student's own tokens gets 1 - kd_ratio.
     kd_ratio: float = 0.5
@@ -43,14 +43,6 @@ class CrossTokenizerConfig(AlgorithmConfig):
     def check(self) -> None:
         if not 0.0 <= self.kd_ratio <= 1.0:
             raise ValueError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}")
-        options_check = getattr(super(), "check", None)  # the mixed-in method options' own check
-        if options_check is not None:
-            options_check()
-
-
-def options_of(cfg: Any, options_cls: type[Options]) -> Options:
-    """The method options (``ULDOptions``, ...) held by an algorithm config that mixes them in."""
-    return options_cls(**{f.name: getattr(cfg, f.name) for f in fields(options_cls)})
 
 
 class CrossTokenizerAlgorithm(Algorithm):
@@ -58,19 +50,17 @@ class CrossTokenizerAlgorithm(Algorithm):
 
     needs_alignment = True
     cfg: CrossTokenizerConfig
+    # The method's loss class, which knows the teacher rows it reads.
+    loss_cls: ClassVar[type[CrossTokenizerLoss]]
 
     def __init__(self, cfg, loss, teacher_head) -> None:
         super().__init__(cfg, loss, teacher_head)
         self.method: Optional[CrossTokenizerLoss] = None
         self.vocab_match: Optional[VocabMatch] = None
 
-    # The teacher rows of the groups the method reads (a method whose rows depend on its options
-    # overrides teacher_row_kind instead).
-    row_kind: ClassVar[RowKind]
-
     @classmethod
     def teacher_row_kind(cls, cfg: AlgorithmConfig) -> RowKind:
-        return cls.row_kind
+        return cls.loss_cls.row_kind_for(cfg)
 
     @abstractmethod
     def build_method(self, student_head: LMHead, match: VocabMatch, weights: dict[str, Any]) -> CrossTokenizerLoss:

@@ -6,7 +6,9 @@
 - :mod:`~kdlib.xtok.vocab`, :mod:`~kdlib.xtok.transfer`: the matched sub-vocabulary; vocabulary
   transfer for a student that gets a new tokenizer.
 - :mod:`~kdlib.xtok.overlap`, :mod:`~kdlib.xtok.uld`, :mod:`~kdlib.xtok.gold`,
-  :mod:`~kdlib.xtok.dskd`: the four methods, chunked (:mod:`~kdlib.xtok.chunked`).
+  :mod:`~kdlib.xtok.dskd`, :mod:`~kdlib.xtok.marginal`: the five methods, each whole in its file
+  (config, registered algorithm, per-chunk term on the shared frame of :mod:`~kdlib.xtok.method`,
+  evaluated by :mod:`kdlib.losses.engine`).
 - :mod:`~kdlib.xtok.metrics`: bits per byte and top-1 agreement.
 - :mod:`~kdlib.xtok.metaspace`: SentencePiece-style tokenizers (the demo tokenizer, tests).
 

@@ -1,4 +1,4 @@
-"""``dskd``: Dual-Space KD (Zhang et al. 2024) with exact token alignment (ETA), as in KDFlow.
+"""``algorithm=dskd``: Dual-Space KD (Zhang et al. 2024) with exact token alignment (ETA), as in KDFlow.
 
 DSKD compares the two models in each other's space instead of mapping vocabularies. Two linear
 projectors connect the hidden spaces: t2s (teacher hidden -> student hidden) and s2t (student
@@ -25,21 +25,29 @@ other model's logits on M; with identical heads they are the identity, so z_t2s 
 z_s2t = z_s exactly. Unlike KDFlow (a frozen s2t map and a frozen copy of the student head), both
 projectors are trainable :class:`DSKDProjectors` parameters and the student head is the current
 one, detached; KDFlow also scores unaligned rows against a zero hidden state, kdlib skips them.
+The projectors are trainable modules of the algorithm: the student worker puts them in its
+optimizer (``algorithm.projector_lr``, KDFlow's ``--dskd_projector_lr``; null = train.lr), saves
+and restores them with its training checkpoints, and leaves them out of the exported student. This
+file holds the method whole: its config, its registered algorithm and its per-chunk term.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdlib.algorithms.base import register_algorithm
+from kdlib.algorithms.cross_tokenizer import CrossTokenizerAlgorithm, CrossTokenizerConfig
 from kdlib.config.schema import LossConfig
+from kdlib.losses.engine import IGNORE_INDEX, head_logits
 from kdlib.models.head import LMHead
 from kdlib.xtok.groups import RowKind
-from kdlib.xtok.method import IGNORE_INDEX, ChunkInputs, CrossTokenizerLoss, divergence, head_logits
+from kdlib.xtok.method import ChunkInputs, CrossTokenizerLoss, divergence
 from kdlib.xtok.vocab import VocabMatch
 
 
@@ -51,12 +59,21 @@ class T2STarget(str, Enum):
 
 
 @dataclass
-class DSKDOptions:
-    """Options of the ``dskd`` method (the divergence itself comes from the loss config)."""
+class DSKDConfig(CrossTokenizerConfig):
+    """``algorithm=dskd`` and its options (the divergence itself comes from the loss config)."""
 
+    name: str = "dskd"
     # Target of the t2s projector's CE: the data token (DSKD paper) or the teacher's top-1 token
     # mapped to the student vocabulary (KDFlow).
     t2s_target: T2STarget = T2STarget.data
+    # Learning rate of the two projectors (KDFlow's --dskd_projector_lr); null = train.lr. They
+    # follow the run's warmup and cosine schedule like the student's parameters.
+    projector_lr: Optional[float] = None
+
+    def check(self) -> None:
+        super().check()
+        if self.projector_lr is not None and self.projector_lr <= 0:
+            raise ValueError(f"projector_lr must be positive or null, got {self.projector_lr}")
 
 
 class DSKDProjectors(nn.Module):
@@ -90,9 +107,9 @@ class DSKDLoss(CrossTokenizerLoss):
         teacher_head: LMHead,
         projectors: DSKDProjectors,
         loss: LossConfig,
-        options: DSKDOptions = DSKDOptions(),
+        options: DSKDConfig = DSKDConfig(),
         *,
-        match: VocabMatch | None = None,
+        match: Optional[VocabMatch] = None,
         **weights,
     ) -> None:
         super().__init__(teacher_head, **weights)
@@ -142,3 +159,19 @@ class DSKDLoss(CrossTokenizerLoss):
             return chunk.student_ids[chunk.student_start]
         mapped = self.teacher_to_student[teacher_logits.argmax(-1)]
         return mapped.masked_fill(mapped < 0, IGNORE_INDEX)
+
+
+@register_algorithm("dskd", config=DSKDConfig)
+class DSKD(CrossTokenizerAlgorithm):
+    cfg: DSKDConfig
+    loss_cls = DSKDLoss
+
+    def build_method(self, student_head, match, weights) -> DSKDLoss:
+        self.projectors = DSKDProjectors.from_heads(student_head, self.teacher_head, match)
+        return DSKDLoss(self.teacher_head, self.projectors, self.loss_cfg, self.cfg, match=match, **weights)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"dskd_projectors": self.projectors} if self.method is not None else {}
+
+    def modules_lr(self) -> Optional[float]:
+        return self.cfg.projector_lr

@@ -1,4 +1,4 @@
-"""``gold``: TRL GOLD's hybrid loss, a matched-vocabulary divergence plus ULD on the rest.
+"""``algorithm=gold``: TRL GOLD's hybrid loss, a matched-vocabulary divergence plus ULD on the rest.
 
 GOLD ("Unlocking On-Policy Distillation for Any Model Family", Patiño et al. 2025, TRL's
 ``GOLDTrainer`` with ``use_uld_loss`` and ``uld_use_hybrid_loss``) works on every byte-aligned
@@ -23,7 +23,8 @@ M (:mod:`kdlib.xtok.vocab`) and the rest:
   ``uld_hybrid_matched_weight`` / ``uld_hybrid_unmatched_weight``).
 
 Temperature (``loss.temperature``) applies to both sides' softmax before merging; T^2 scaling
-applies to D.
+applies to D. This file holds the method whole: its config, its registered algorithm and its
+per-chunk term.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from typing import Optional
 
 import torch
 
+from kdlib.algorithms.base import register_algorithm
+from kdlib.algorithms.cross_tokenizer import CrossTokenizerAlgorithm, CrossTokenizerConfig
 from kdlib.config.schema import LossConfig
 from kdlib.models.head import LMHead
 from kdlib.xtok.distributions import (
@@ -49,9 +52,10 @@ from kdlib.xtok.vocab import VocabMatch
 
 
 @dataclass
-class GOLDOptions:
-    """Options of the ``gold`` method (the divergence itself comes from the loss config)."""
+class GOLDConfig(CrossTokenizerConfig):
+    """``algorithm=gold`` and its options (the divergence itself comes from the loss config)."""
 
+    name: str = "gold"
     # Weight of the matched-vocabulary divergence; None = the matched fraction of the teacher's
     # vocabulary (TRL uld_hybrid_matched_weight).
     matched_weight: Optional[float] = None
@@ -62,6 +66,7 @@ class GOLDOptions:
     rest_floor: float = 1e-12
 
     def check(self) -> None:
+        super().check()
         for name in ("matched_weight", "unmatched_weight"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -76,7 +81,7 @@ class GOLDLoss(CrossTokenizerLoss):
     row_kind = RowKind.group_rows
 
     def __init__(
-        self, teacher_head: LMHead, match: VocabMatch, loss: LossConfig, options: GOLDOptions = GOLDOptions(),
+        self, teacher_head: LMHead, match: VocabMatch, loss: LossConfig, options: GOLDConfig = GOLDConfig(),
         **weights,
     ) -> None:
         super().__init__(teacher_head, **weights)
@@ -119,6 +124,14 @@ class GOLDLoss(CrossTokenizerLoss):
             matched = matched * temperature**2
         rest = sorted_l1(s_merged[:, s_unmatched].exp(), t_merged[:, self.teacher_unmatched].exp())
         return (self.matched_weight * matched + self.unmatched_weight * rest).sum()
+
+
+@register_algorithm("gold", config=GOLDConfig)
+class GOLD(CrossTokenizerAlgorithm):
+    loss_cls = GOLDLoss
+
+    def build_method(self, student_head, match, weights) -> GOLDLoss:
+        return GOLDLoss(self.teacher_head, match, self.loss_cfg, self.cfg, **weights)
 
 
 def _rest_log_mass(log_c: torch.Tensor, unmatched_first: torch.Tensor) -> torch.Tensor:

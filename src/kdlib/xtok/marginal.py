@@ -1,4 +1,4 @@
-"""``marginal``: the teacher's whole next-token distribution, carried onto the student's vocabulary.
+"""``algorithm=marginal``: the teacher's whole next-token distribution, carried onto the student's vocabulary.
 
 At the start of every byte-aligned group both models predict the text after the same prefix, the
 teacher as a distribution over its tokens and the student over its own. Each teacher token t
@@ -24,7 +24,8 @@ approximation where the student's tokenizer merges across a teacher token's end 
 ``▁it's`` after the teacher's ``Ġit``): on kdlib's demo tokenizer against SmolLM2's, pi(t) is the
 student's actual first token at 91.6% of the common token starts of the training responses.
 With identical tokenizers pi is the identity and this is exactly vanilla KD. This method is
-kdlib's own (it is not in KDFlow or TRL); see docs/cross_tokenizer.md.
+kdlib's own (it is not in KDFlow or TRL); see docs/cross_tokenizer.md. This file holds the method
+whole: its config, its registered algorithm and its per-chunk term.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from kdlib.algorithms.base import register_algorithm
+from kdlib.algorithms.cross_tokenizer import CrossTokenizerAlgorithm, CrossTokenizerConfig
 from kdlib.config.schema import LossConfig
 from kdlib.models.head import LMHead
 from kdlib.xtok.groups import RowKind
@@ -43,13 +46,15 @@ from kdlib.xtok.vocab import VocabMatch
 
 
 @dataclass
-class MarginalOptions:
-    """Options of the ``marginal`` method (the divergence itself comes from the loss config)."""
+class MarginalConfig(CrossTokenizerConfig):
+    """``algorithm=marginal`` and its options (the divergence itself comes from the loss config)."""
 
+    name: str = "marginal"
     # Probability given to a student token that no teacher token starts with, before renormalising.
     empty_floor: float = 1e-12
 
     def check(self) -> None:
+        super().check()
         if not 0.0 < self.empty_floor < 1.0:
             raise ValueError(f"marginal empty_floor must be in (0, 1), got {self.empty_floor}")
 
@@ -62,7 +67,7 @@ class MarginalLoss(CrossTokenizerLoss):
 
     def __init__(
         self, teacher_head: LMHead, match: VocabMatch, loss: LossConfig,
-        options: MarginalOptions = MarginalOptions(), **weights,
+        options: MarginalConfig = MarginalConfig(), **weights,
     ) -> None:
         super().__init__(teacher_head, **weights)
         options.check()
@@ -104,3 +109,11 @@ class MarginalLoss(CrossTokenizerLoss):
         if self.loss.scale_by_temperature_squared:
             values = values * temperature**2
         return values.sum()
+
+
+@register_algorithm("marginal", config=MarginalConfig)
+class Marginal(CrossTokenizerAlgorithm):
+    loss_cls = MarginalLoss
+
+    def build_method(self, student_head, match, weights) -> MarginalLoss:
+        return MarginalLoss(self.teacher_head, match, self.loss_cfg, self.cfg, **weights)

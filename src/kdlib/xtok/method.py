@@ -1,4 +1,4 @@
-"""What every cross-tokenizer loss shares: inputs, row checks, the CE term and the chunk loop.
+"""What every cross-tokenizer method shares: its inputs, the row checks, and its place in the engine.
 
 A method is a callable object built once per run (it precomputes what depends only on the two
 vocabularies and the teacher head) and called per micro-batch with the student's hidden states at
@@ -7,36 +7,27 @@ all its loss rows, the student head, the teacher's hidden states at the rows
 the student's next-token targets. It returns kdlib's :class:`~kdlib.losses.LossTerms`:
 ``(kd_weight * KD + ce_weight * CE) / normaliser``, with KD summed over the aligned groups the
 method uses and CE over every student loss row (the unaligned tail included), as in vanilla KD.
-Subclasses write only :meth:`CrossTokenizerLoss.kd_sum`, the KD sum of one chunk.
+The methods compare distributions that are not token by token (sorted probabilities, products
+along a group, projections between hidden spaces), so each is a general-path term of
+:mod:`kdlib.losses.engine` (autograd per chunk); this module cuts the rows into chunks that never
+split a group and gives each method its chunk as :class:`ChunkInputs`. Subclasses write only
+:meth:`CrossTokenizerLoss.kd_sum`, the KD sum of one chunk.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 
 from kdlib.config.schema import LossConfig
-from kdlib.losses import LossTerms
+from kdlib.losses.engine import AutogradTerm, Chunk, Plan, StudentRows, evaluate, head_logits
 from kdlib.losses.registry import LOSSES, loss_params
+from kdlib.losses.terms import LossTerms
 from kdlib.models.head import LMHead
-from kdlib.xtok.chunked import Chunk, chunked_loss, plan_chunks
 from kdlib.xtok.groups import AlignmentBatch, GroupRows, RowKind
-
-IGNORE_INDEX = -100
-
-
-def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
-    """float64 for float64 inputs (references, gradcheck), float32 otherwise."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def head_logits(head: LMHead, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``head(hidden)`` in the head's dtype (as the model computes it), returned in ``dtype``."""
-    return head.logits(hidden).to(dtype)
 
 
 def divergence(loss: LossConfig, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -56,6 +47,38 @@ def sub_head(head: LMHead, ids: torch.Tensor) -> LMHead:
     """The head restricted to vocabulary rows ``ids`` (scale and soft-cap act per entry)."""
     bias = None if head.bias is None else head.bias.detach()[ids]
     return replace(head, weight=head.weight.detach()[ids], bias=bias)
+
+
+def plan_chunks(groups: GroupRows, n_rows: int, chunk_size: int) -> tuple[Chunk, ...]:
+    """Cut [0, n_rows) into chunks of at most ``chunk_size`` student rows and at most
+    ``chunk_size`` teacher rows, never inside a unit.
+
+    A unit longer than ``chunk_size`` on either side gets a chunk of its own. Rows outside every
+    unit (CE only) belong to whichever chunk covers them.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    starts = groups.student_start.tolist()
+    ends = (groups.student_start + groups.student_len).tolist()
+    t_starts = groups.teacher_start.tolist()
+    t_ends = (groups.teacher_start + groups.teacher_len).tolist()
+    chunks = []
+    lo = unit = 0
+    while lo < n_rows:
+        hi = min(lo + chunk_size, n_rows)
+        first = unit
+        while unit < len(starts) and starts[unit] < hi:
+            too_long = ends[unit] > hi or (unit > first and t_ends[unit] - t_starts[first] > chunk_size)
+            if too_long:
+                if starts[unit] > lo:  # cut before this unit
+                    hi = starts[unit]
+                    break
+                hi = ends[unit]  # a unit longer than a chunk, at the chunk's start: take it whole
+            unit += 1
+        teacher = slice(t_starts[first], t_ends[unit - 1]) if unit > first else slice(0, 0)
+        chunks.append(Chunk(rows=slice(lo, hi), units=slice(first, unit), teacher=teacher))
+        lo = hi
+    return tuple(chunks)
 
 
 @dataclass
@@ -88,7 +111,7 @@ class ChunkInputs:
 
 
 class CrossTokenizerLoss(ABC):
-    """Base of the cross-tokenizer methods (overlap, uld, gold, dskd)."""
+    """Base of the cross-tokenizer methods (overlap, uld, gold, dskd, marginal)."""
 
     # The teacher rows of the groups this method reads (see kdlib.xtok.groups).
     row_kind: ClassVar[RowKind]
@@ -102,6 +125,11 @@ class CrossTokenizerLoss(ABC):
         self.kd_weight = float(kd_weight)
         self.ce_weight = float(ce_weight)
         self.chunk_size = int(chunk_size)
+
+    @classmethod
+    def row_kind_for(cls, options: Any) -> RowKind:
+        """The teacher rows a method with these options (its algorithm config) reads."""
+        return cls.row_kind
 
     def teacher_rows(self, alignment: AlignmentBatch) -> torch.Tensor:
         """The teacher loss rows whose hidden states this method needs, in the order it reads them."""
@@ -137,42 +165,41 @@ class CrossTokenizerLoss(ABC):
                 f"{type(self).__name__}: the teacher sent {teacher_hidden.shape[0]} hidden states, the "
                 f"alignment needs {groups.teacher_rows.shape[0]} (teacher_rows())"
             )
-        chunks = plan_chunks(groups, n, self.chunk_size)
-        targets = targets.reshape(-1).long()
-        teacher_hidden = teacher_hidden.detach()
-
-        def compute(chunk: Chunk, hidden, weight, bias, *extra):
-            head = replace(student_head, weight=weight, bias=bias)
-            logits = head_logits(head, hidden, accumulation_dtype(weight))
-            ce = F.cross_entropy(logits, targets[chunk.rows], ignore_index=IGNORE_INDEX, reduction="sum")
-            inputs = self._chunk_inputs(chunk, groups, logits, hidden, head, extra, targets, teacher_hidden)
-            return self.kd_sum(inputs), ce
-
-        params = [student_head.weight, student_head.bias, *self.parameters()]
-        total, kd, ce = chunked_loss(
-            compute, chunks, student_hidden, params, kd_weight=self.kd_weight, ce_weight=self.ce_weight
-        )
+        term = _GroupTerm(teacher={"hidden": teacher_hidden.detach(), "ids": groups.teacher_ids}, method=self,
+                          groups=groups)
+        plan = Plan(chunks=plan_chunks(groups, n, self.chunk_size), head=student_head, term=term,
+                    targets=targets.reshape(-1).long(), kd_weight=self.kd_weight, ce_weight=self.ce_weight)
+        total, kd, ce = evaluate(plan, student_hidden, student_head.weight, student_head.bias, self.parameters())
         return LossTerms(loss=total / normaliser, kd_sum=kd, ce_sum=ce, n_tokens=n)
-
-    @staticmethod
-    def _chunk_inputs(chunk, groups: GroupRows, logits, hidden, head, extra, targets, teacher_hidden):
-        units = chunk.units
-        return ChunkInputs(
-            student_logits=logits,
-            student_hidden=hidden,
-            student_head=head,
-            extra=tuple(extra),
-            student_ids=targets[chunk.rows],
-            student_start=groups.student_start[units] - chunk.rows.start,
-            student_len=groups.student_len[units],
-            teacher_hidden=teacher_hidden[chunk.teacher],
-            teacher_start=groups.teacher_start[units] - chunk.teacher.start,
-            teacher_len=groups.teacher_len[units],
-            teacher_ids=groups.teacher_ids[chunk.teacher],
-        )
 
     def teacher_logits(self, chunk: ChunkInputs, rows: Optional[torch.Tensor] = None, head: Optional[LMHead] = None):
         """Teacher logits (constant) of the chunk's teacher rows, or of ``rows`` of them."""
         hidden = chunk.teacher_hidden if rows is None else chunk.teacher_hidden[rows]
         with torch.no_grad():
             return head_logits(head or self.teacher_head, hidden, chunk.dtype)
+
+
+@dataclass(frozen=True)
+class _GroupTerm(AutogradTerm):
+    """A method on one micro-batch's groups, as the engine's term: its teacher rows are the
+    hidden states sent for the groups and the token each of them predicts."""
+
+    teacher: Mapping[str, torch.Tensor]  # {"hidden": [R, Ht], "ids": [R]}
+    method: CrossTokenizerLoss
+    groups: GroupRows
+
+    def kd_sum(self, chunk: Chunk, student: StudentRows, teacher: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        units, groups = chunk.units, self.groups
+        return self.method.kd_sum(ChunkInputs(
+            student_logits=student.logits,
+            student_hidden=student.hidden,
+            student_head=student.head,
+            extra=student.extra,
+            student_ids=student.targets,
+            student_start=groups.student_start[units] - chunk.rows.start,
+            student_len=groups.student_len[units],
+            teacher_hidden=teacher["hidden"],
+            teacher_start=groups.teacher_start[units] - chunk.teacher.start,
+            teacher_len=groups.teacher_len[units],
+            teacher_ids=teacher["ids"],
+        ))

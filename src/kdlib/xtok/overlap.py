@@ -1,4 +1,4 @@
-"""``overlap``: KD on the shared sub-vocabulary at 1:1 groups (KDFlow's SimpleCrossTokenizerKD).
+"""``algorithm=overlap``: KD on the shared sub-vocabulary at 1:1 groups (KDFlow's SimpleCrossTokenizerKD).
 
 Modern tokenizers share most of their common tokens. At every 1:1 group (one student token and one
 teacher token over the same bytes, after the same text) both models predict the same piece of text
@@ -13,17 +13,29 @@ T^2 option), i.e. both distributions renormalised on M; the CE term is the stude
 next-token cross-entropy on every loss row. With identical tokenizers every group is 1:1, M is the
 whole vocabulary and this is exactly vanilla KD. Unlike KDFlow, tokens are matched by their bytes,
 and the unaligned tokens of a truncated side take no part in KD (KDFlow compares them anyway).
+This file holds the method whole: its config, its registered algorithm and its per-chunk term.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from kdlib.algorithms.base import register_algorithm
+from kdlib.algorithms.cross_tokenizer import CrossTokenizerAlgorithm, CrossTokenizerConfig
 from kdlib.config.schema import LossConfig
 from kdlib.models.head import LMHead
 from kdlib.xtok.groups import RowKind
 from kdlib.xtok.method import ChunkInputs, CrossTokenizerLoss, divergence, sub_head
 from kdlib.xtok.vocab import VocabMatch
+
+
+@dataclass
+class OverlapConfig(CrossTokenizerConfig):
+    """``algorithm=overlap``; the divergence is the loss config's (``loss=kl|rkl|jsd|...``)."""
+
+    name: str = "overlap"
 
 
 class OverlapLoss(CrossTokenizerLoss):
@@ -55,3 +67,11 @@ class OverlapLoss(CrossTokenizerLoss):
         head = self.teacher_head if self.identity else self.matched_teacher_head
         teacher = self.teacher_logits(chunk, chunk.teacher_start, head)
         return divergence(self.loss, student, teacher).sum()
+
+
+@register_algorithm("overlap", config=OverlapConfig)
+class Overlap(CrossTokenizerAlgorithm):
+    loss_cls = OverlapLoss
+
+    def build_method(self, student_head, match, weights) -> OverlapLoss:
+        return OverlapLoss(self.teacher_head, match, self.loss_cfg, **weights)
