@@ -31,7 +31,7 @@ REAL_SHAPES = {  # (hidden size, vocabulary) of teachers people distil from
 
 
 def build_workload(root: Path, vocab: int, hidden: int, teacher_layers: int, rows: int) -> dict[str, str]:
-    from kdlib.testing import build_model, build_tokenizer, chat_rows, write_jsonl
+    from kdlib.demo.text import build_model, build_tokenizer, chat_rows, write_jsonl
 
     build_tokenizer(root / "tok")
     build_model(root / "teacher", tokenizer_dir=root / "tok", vocab_size=vocab, hidden_size=hidden, num_layers=teacher_layers)

@@ -89,7 +89,7 @@ def build_setup(args, root: Path):
     from kdlib.data.encoding import ChatEncoder
     from kdlib.data.samples import build_prompts
     from kdlib.models.loading import load_tokenizer
-    from kdlib.testing import build_model, build_tokenizer, chat_rows, write_jsonl
+    from kdlib.demo.text import build_model, build_tokenizer, chat_rows, write_jsonl
 
     if args.tiny:
         build_tokenizer(root / "tok")

@@ -38,7 +38,7 @@ def processors() -> dict:
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from kdlib.testing_vlm import idefics3_processor
+    from kdlib.demo.vlm import idefics3_processor
 
     return {
         # SmolVLM: longest edge 4 x 364, tiles of 364 (plus a global view)
@@ -56,7 +56,7 @@ def processors() -> dict:
 
 def picture(width: int, height: int, seed: int):
     """A photo-like picture: smooth gradients plus noise (compresses like a photo, not like a chart)."""
-    from kdlib.testing_vlm import make_image
+    from kdlib.demo.vlm import make_image
 
     return make_image(width, height, seed=seed)
 

@@ -47,7 +47,7 @@ def modules_naming_sglang() -> list[str]:
 
 
 def _tiny_run(directory: Path, mode: str):
-    from kdlib.testing import build_model, build_tokenizer, chat_rows, write_jsonl
+    from kdlib.demo.text import build_model, build_tokenizer, chat_rows, write_jsonl
 
     build_tokenizer(directory / "tok")
     build_model(directory / "llama", arch="llama", tokenizer_dir=directory / "tok", num_layers=4)

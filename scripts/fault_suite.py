@@ -45,7 +45,7 @@ class Workspace:
     """Tiny models and data in a temporary directory, and a way to run the CLI on them."""
 
     def __init__(self, root: Path) -> None:
-        from kdlib.testing import build_model, build_tokenizer, chat_rows, write_jsonl
+        from kdlib.demo.text import build_model, build_tokenizer, chat_rows, write_jsonl
 
         self.root = root
         build_tokenizer(root / "tok")

@@ -33,7 +33,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def chatml_tokenizer_dir(tiny_dir) -> Path:
-    from kdlib.testing import build_tokenizer
+    from kdlib.demo.text import build_tokenizer
 
     path = tiny_dir / "tok_chatml"
     build_tokenizer(path, template="chatml")
@@ -42,7 +42,7 @@ def chatml_tokenizer_dir(tiny_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def llama3_tokenizer_dir(tiny_dir) -> Path:
-    from kdlib.testing import build_tokenizer
+    from kdlib.demo.text import build_tokenizer
 
     path = tiny_dir / "tok_llama3"
     build_tokenizer(path, template="llama3")
@@ -53,7 +53,7 @@ def llama3_tokenizer_dir(tiny_dir) -> Path:
 def unigram_tokenizer_dir(tiny_dir) -> Path:
     """A metaspace Unigram (BOS, split digits, byte fallback, phantom prefix space): the different
     tokenizer of cross-tokenizer tests."""
-    from kdlib.testing import build_unigram_tokenizer
+    from kdlib.demo.text import build_unigram_tokenizer
 
     path = tiny_dir / "tok_unigram"
     build_unigram_tokenizer(path)
@@ -63,7 +63,7 @@ def unigram_tokenizer_dir(tiny_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_dir, chatml_tokenizer_dir) -> Path:
     """4-layer Llama (untied head) with the ChatML tokenizer."""
-    from kdlib.testing import build_model
+    from kdlib.demo.text import build_model
 
     path = tiny_dir / "llama"
     build_model(path, arch="llama", tokenizer_dir=chatml_tokenizer_dir, num_layers=4)
@@ -73,7 +73,7 @@ def tiny_llama(tiny_dir, chatml_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen3(tiny_dir, chatml_tokenizer_dir) -> Path:
     """4-layer Qwen3 (tied embeddings) with the ChatML tokenizer."""
-    from kdlib.testing import build_model
+    from kdlib.demo.text import build_model
 
     path = tiny_dir / "qwen3"
     build_model(path, arch="qwen3", tokenizer_dir=chatml_tokenizer_dir, num_layers=4, tie_word_embeddings=True, seed=1)
@@ -83,7 +83,7 @@ def tiny_qwen3(tiny_dir, chatml_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def chat_data(tiny_dir) -> dict[str, Path]:
     """Train (24 rows) and eval (8 rows) chats in messages format."""
-    from kdlib.testing import chat_rows, write_jsonl
+    from kdlib.demo.text import chat_rows, write_jsonl
 
     return {
         "train": write_jsonl(tiny_dir / "data" / "train.jsonl", chat_rows(24, seed=0)),
@@ -125,7 +125,7 @@ def tiny_vlm(tiny_dir):
     """``tiny_vlm(family)``: a tiny random VLM with its processor (idefics3, gemma3, qwen3_vl);
     ``tiny_vlm(family, hires=True)``: another of the same family with higher-resolution image
     preprocessing (the teacher in tests). Each is built once per session, in a fraction of a second."""
-    from kdlib.testing_vlm import build_vlm
+    from kdlib.demo.vlm import build_vlm
 
     built: dict[tuple[str, bool], Path] = {}
 
@@ -141,7 +141,7 @@ def tiny_vlm(tiny_dir):
 @pytest.fixture(scope="session")
 def vlm_images(tiny_dir) -> dict[str, Path]:
     """Generated PNG images of different sizes and aspect ratios: img0 .. img3."""
-    from kdlib.testing_vlm import make_image
+    from kdlib.demo.vlm import make_image
 
     directory = tiny_dir / "vlm_images"
     directory.mkdir(exist_ok=True)
@@ -155,8 +155,8 @@ def vlm_images(tiny_dir) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def vlm_chat_data(tiny_dir, vlm_images) -> Path:
     """8 image+text chats (one image, two images, text only, two turns) next to vlm_images."""
-    from kdlib.testing import write_jsonl
-    from kdlib.testing_vlm import vision_chat_rows
+    from kdlib.demo.text import write_jsonl
+    from kdlib.demo.vlm import vision_chat_rows
 
     names = sorted(path.name for path in vlm_images.values())
     return write_jsonl(tiny_dir / "vlm_images" / "chats.jsonl", vision_chat_rows(8, names, seed=0))
@@ -165,8 +165,8 @@ def vlm_chat_data(tiny_dir, vlm_images) -> Path:
 @pytest.fixture(scope="session")
 def vlm_eval_data(vlm_chat_data) -> Path:
     """8 other image+text chats (no row equal to one of vlm_chat_data's) next to the same images."""
-    from kdlib.testing import write_jsonl
-    from kdlib.testing_vlm import vision_chat_rows
+    from kdlib.demo.text import write_jsonl
+    from kdlib.demo.vlm import vision_chat_rows
 
     names = sorted(path.name for path in vlm_chat_data.parent.glob("img*.png"))
     return write_jsonl(vlm_chat_data.parent / "eval_chats.jsonl", vision_chat_rows(8, names, seed=1))

@@ -31,8 +31,8 @@ _TEXT_CHATS = [
 
 
 def build_vlm_quickstart(directory: Path) -> None:
-    from kdlib.testing import write_jsonl
-    from kdlib.testing_vlm import build_idefics3, idefics3_processor
+    from kdlib.demo.text import write_jsonl
+    from kdlib.demo.vlm import build_idefics3, idefics3_processor
 
     build_idefics3(directory / "teacher", longest_edge=96, num_layers=4, hidden_size=64, seed=0)
     idefics3_processor(longest_edge=64).save_pretrained(str(directory / "student_processor"))

@@ -25,7 +25,7 @@ def sglang():
 @pytest.fixture(scope="module")
 def small_llama(tmp_path_factory, chatml_tokenizer_dir):
     """A small Llama SGLang's kernels accept (head_dim 64), bf16, with get_weights_by_name support."""
-    from kdlib.testing import build_model
+    from kdlib.demo.text import build_model
 
     path = tmp_path_factory.mktemp("gpu") / "llama256"
     model = build_model(path, arch="llama", tokenizer_dir=chatml_tokenizer_dir, hidden_size=256, num_layers=2)

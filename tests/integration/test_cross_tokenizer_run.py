@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import kdlib
-from kdlib.testing import chat_rows, write_jsonl
+from kdlib.demo.text import chat_rows, write_jsonl
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 
 import kdlib
 from kdlib.runner import built
-from kdlib.testing import chat_rows, write_jsonl
+from kdlib.demo.text import chat_rows, write_jsonl
 
 pytest.importorskip("peft")
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kdlib
-from kdlib.testing import chat_rows, write_jsonl
+from kdlib.demo.text import chat_rows, write_jsonl
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import kdlib
-from kdlib.testing import chat_rows, write_jsonl
+from kdlib.demo.text import chat_rows, write_jsonl
 
 
 def _onpolicy(tiny_overrides, tmp_path, extra=()):

@@ -17,7 +17,7 @@ import torch
 
 import kdlib
 from kdlib.controller.checkpointing import TEACHER_WEIGHTS
-from kdlib.testing import chat_rows, write_jsonl
+from kdlib.demo.text import chat_rows, write_jsonl
 
 
 def _rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import kdlib
-from kdlib.testing import chat_rows, write_jsonl
+from kdlib.demo.text import chat_rows, write_jsonl
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

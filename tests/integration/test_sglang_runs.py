@@ -9,7 +9,7 @@ import pytest
 
 import kdlib
 from engine_double import EngineDouble
-from kdlib.testing import chat_rows, write_jsonl
+from kdlib.demo.text import chat_rows, write_jsonl
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kdlib
-from kdlib.testing import chat_rows
+from kdlib.demo.text import chat_rows
 from kdlib.errors import ConfigError
 from kdlib.cache.store import TeacherCache
 from kdlib.runner import built

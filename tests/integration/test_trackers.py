@@ -14,7 +14,7 @@ import yaml
 
 import kdlib
 from kdlib.errors import ConfigError
-from kdlib.testing import chat_rows, write_jsonl
+from kdlib.demo.text import chat_rows, write_jsonl
 
 pytest.importorskip("wandb")
 pytest.importorskip("tensorboard")

@@ -24,8 +24,8 @@ from kdlib.errors import ConfigError
 from kdlib.models.vlm import build_vlm, image_probe, vision_parameters
 from kdlib.runner import built
 from kdlib.workers.student import StudentShare
-from kdlib.testing import write_jsonl
-from kdlib.testing_vlm import make_image
+from kdlib.demo.text import write_jsonl
+from kdlib.demo.vlm import make_image
 
 FAMILIES = ["idefics3", "gemma3"]
 

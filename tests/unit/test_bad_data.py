@@ -9,7 +9,7 @@ from kdlib.config import DataConfig, Overlong
 from kdlib.data.encoding import ChatEncoder
 from kdlib.data.samples import build_samples
 from kdlib.errors import DataError
-from kdlib.testing import write_jsonl
+from kdlib.demo.text import write_jsonl
 
 
 @pytest.fixture(scope="module")

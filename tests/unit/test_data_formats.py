@@ -9,7 +9,7 @@ from kdlib.config import DataConfig, DataFormat
 from kdlib.data.batching import collate
 from kdlib.data.encoding import ChatEncoder
 from kdlib.data.samples import build_samples
-from kdlib.testing import write_jsonl
+from kdlib.demo.text import write_jsonl
 
 SYSTEM = "Answer briefly."
 Q1, A1 = "What is the capital of France?", "The capital of France is Paris."

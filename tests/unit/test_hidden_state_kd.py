@@ -20,7 +20,7 @@ from kdlib.losses import distillation_loss, loss_params, per_token_divergence
 from kdlib.losses.registry import LOSSES
 from kdlib.models.forward import hidden_at_loss_positions
 from kdlib.models.head import lm_head_of
-from kdlib.testing import build_model
+from kdlib.demo.text import build_model
 from kdlib.workers.specs import TeacherSpec
 from kdlib.workers.teacher import TeacherWorker
 

@@ -10,7 +10,7 @@ import kdlib
 from kdlib.data.batching import collate
 from kdlib.data.samples import Prompt, rollout_sample
 from kdlib.runner import built
-from kdlib.testing import chat_rows, write_jsonl
+from kdlib.demo.text import chat_rows, write_jsonl
 
 EOS = 2
 

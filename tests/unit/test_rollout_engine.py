@@ -352,7 +352,7 @@ def test_a_smaller_batch_runs_in_the_compiled_step_of_a_larger_one(tiny_llama, m
 @pytest.fixture(scope="module")
 def one_layer_llama(tiny_dir, chatml_tokenizer_dir):
     """A one-layer Llama: the smallest graph the compiled engines compile (the fast variants)."""
-    from kdlib.testing import build_model
+    from kdlib.demo.text import build_model
 
     path = tiny_dir / "llama_1layer"
     if not path.exists():

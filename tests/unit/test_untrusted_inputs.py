@@ -31,7 +31,7 @@ def _refused(tensors, meta, type_name: str) -> None:
     )
 
 
-@pytest.mark.parametrize("type_name", ["os:system", "builtins:eval", "kdlib.testing:ExampleAlignment"])
+@pytest.mark.parametrize("type_name", ["os:system", "builtins:eval", "kdlib.demo.text:ExampleAlignment"])
 def test_a_carrier_naming_a_callable_is_refused_without_calling_it(type_name, monkeypatch):
     import builtins
     import os

@@ -25,7 +25,7 @@ from kdlib.data.sources import load_rows
 from kdlib.data.vision_encoding import VisionChatEncoder
 from kdlib.data.vision_samples import build_vision_samples
 from kdlib.errors import DataError
-from kdlib.testing import write_jsonl
+from kdlib.demo.text import write_jsonl
 
 QUESTION, ANSWER = "What is in the picture?", "A gradient."
 

@@ -19,7 +19,7 @@ from kdlib.data.vision_samples import build_vision_samples, collate_vision
 from kdlib.errors import ModelError
 
 FAMILIES = ["idefics3", "gemma3"]
-# What the tiny templates put before and after a trained response (see kdlib.testing_vlm).
+# What the tiny templates put before and after a trained response (see kdlib.demo.vlm).
 ASSISTANT_HEADER = {"idefics3": "Assistant:", "gemma3": "<start_of_turn>model\n"}
 END_OF_TURN = {"idefics3": "<end_of_utterance>", "gemma3": "<end_of_turn>"}
 

@@ -25,7 +25,7 @@ from kdlib.losses import distillation_loss, loss_params
 from kdlib.losses.registry import LOSSES
 from kdlib.models.head import lm_head_of
 from kdlib.models.vlm import vision_parameters, vlm_hidden_at_loss_positions
-from kdlib.testing_vlm import make_image, qwen3_vl_inputs
+from kdlib.demo.vlm import make_image, qwen3_vl_inputs
 
 
 def _loss_cfg(name: str, implementation: LossImplementation):

@@ -22,7 +22,7 @@ from kdlib.models.vlm import (
     vision_parameters,
     verify_vlm_head,
 )
-from kdlib.testing_vlm import make_image, qwen3_vl_inputs
+from kdlib.demo.vlm import make_image, qwen3_vl_inputs
 
 PROCESSOR_FAMILIES = ["idefics3", "gemma3"]
 QWEN_CHAT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe it.<|im_end|>\n<|im_start|>assistant\n"

@@ -34,7 +34,7 @@ TEXTS = [
 def bpe(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from kdlib.testing import build_tokenizer
+    from kdlib.demo.text import build_tokenizer
 
     path = tmp_path_factory.mktemp("bpe")
     build_tokenizer(path)
@@ -45,7 +45,7 @@ def bpe(tmp_path_factory):
 def unigram(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from kdlib.testing import build_unigram_tokenizer
+    from kdlib.demo.text import build_unigram_tokenizer
 
     path = tmp_path_factory.mktemp("unigram")
     build_unigram_tokenizer(path)
@@ -174,7 +174,7 @@ def test_split_digits_against_merged_digits(tmp_path, unigram):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from kdlib.testing import CHATML_TEMPLATE, CORPUS
+    from kdlib.demo.text import CHATML_TEMPLATE, CORPUS
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -198,7 +198,7 @@ def test_split_digits_against_merged_digits(tmp_path, unigram):
 def test_emoji_split_across_byte_level_tokens(bpe):
     """The byte-level BPE spells the emoji as 4 byte tokens sharing one character's offsets; a
     Unigram that knows the emoji has one token: one 1:4 group over exactly the emoji's bytes."""
-    from kdlib.testing import CORPUS
+    from kdlib.demo.text import CORPUS
     from kdlib.xtok.metaspace import build_metaspace_tokenizer
 
     emoji_aware = build_metaspace_tokenizer(CORPUS * 4 + ["party 🎉 time"] * 20, model="unigram", vocab_size=600)

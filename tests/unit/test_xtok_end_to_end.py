@@ -37,7 +37,7 @@ TEXTS = ["The capital of France is Paris. Café au lait, s'il vous plaît!",
 def models(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdlib.testing import build_model, build_tokenizer, build_unigram_tokenizer
+    from kdlib.demo.text import build_model, build_tokenizer, build_unigram_tokenizer
 
     root = tmp_path_factory.mktemp("xtok_e2e")
     build_tokenizer(root / "bpe")

@@ -18,7 +18,7 @@ from kdlib.data.encoding import ChatEncoder
 from kdlib.data.samples import Prompt, build_samples, rollout_sample
 from kdlib.errors import DataError, ModelError
 from kdlib.teacher_output import TeacherOutput
-from kdlib.testing import write_jsonl
+from kdlib.demo.text import write_jsonl
 from kdlib.workers.teacher import rows_to_send
 from kdlib.xtok.groups import RowKind, SentRows
 

@@ -12,7 +12,7 @@ from kdlib.xtok.vocab import match_vocabularies
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    from kdlib.testing import build_tokenizer, build_unigram_tokenizer
+    from kdlib.demo.text import build_tokenizer, build_unigram_tokenizer
 
     root = tmp_path_factory.mktemp("xtok_vocab")
     build_tokenizer(root / "bpe")
@@ -101,7 +101,7 @@ def test_demo_tokenizer_against_smollm2():
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_vocabulary_transfer_in_place(dirs, bpe, unigram, tied):
-    from kdlib.testing import build_model
+    from kdlib.demo.text import build_model
 
     model = build_model(dirs / f"model_{tied}", arch="qwen3" if tied else "llama", tokenizer_dir=dirs / "bpe",
                         tie_word_embeddings=tied, seed=3)

@@ -1,4 +1,5 @@
-"""Tiny random vision-language models with their processors, built offline for tests and demos.
+"""Tiny random vision-language models with their processors, built offline: the demo models of
+``+recipe=vlm_quickstart`` (see kdlib.builtin_assets), and the tests'.
 
 Each builder writes a directory that ``AutoProcessor`` and ``AutoModelForImageTextToText`` load
 exactly as they load a real checkpoint: a random model from the family's real transformers config
@@ -24,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from kdlib.testing import bpe_tokenizer, language_model_kwargs, random_model
+from kdlib.demo.text import bpe_tokenizer, language_model_kwargs, random_model
 
 IDEFICS3_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
@@ -258,7 +259,7 @@ def vision_chat_rows(n: int, images: list[str], *, seed: int = 0) -> list[dict]:
     (relative to the data file) to draw from."""
     import random
 
-    from kdlib.testing import CORPUS
+    from kdlib.demo.text import CORPUS
 
     rng = random.Random(seed)
     rows = []

@@ -1,4 +1,5 @@
-"""Tiny random models and tokenizers, built from real transformers configs, for tests and benchmarks.
+"""Tiny random models and tokenizers, built from real transformers configs, for tests, benchmarks and
+the project's tools (scripts/).
 
 Everything here is created locally in a second or two and saved to a directory, then loaded by path
 exactly as a real run loads a hub checkpoint; nothing touches the network. The tokenizer is a small
