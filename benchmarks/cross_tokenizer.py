@@ -111,13 +111,12 @@ def timed_steps(name: str, overrides: list[str], steps: int, out: Path) -> tuple
     """(wall seconds, CPU seconds of this process, all threads) of each of ``steps`` optimizer steps
     on the same global batches (the seeded data order), run one by one through the pipeline."""
     import kdlib
-    from kdlib.pipeline import Pipeline
+    from kdlib.runner import built
 
     cfg = kdlib.compose([*overrides, "data.eval=null", "logging.progress=false", "save_student=false",
                          f"train.max_steps={steps}"])
     wall, cpu = [], []
-    with Pipeline.from_config(cfg, run_dir=out / re.sub(r"[^A-Za-z0-9]+", "_", name)) as pipeline:
-        loop = pipeline.mode
+    with built(cfg, run_dir=out / re.sub(r"[^A-Za-z0-9]+", "_", name)) as loop:
         batches = loop.sample_batches()
         for step in range(1, steps + 1):
             samples = next(batches)

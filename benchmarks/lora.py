@@ -27,14 +27,14 @@ CHILD = r"""
 import json, sys
 from pathlib import Path
 import kdlib
-from kdlib.pipeline import Pipeline
+from kdlib.runner import built
 
 overrides, run_dir = json.loads(sys.argv[1]), Path(sys.argv[2])
 run_dir.mkdir(parents=True, exist_ok=True)
 cfg = kdlib.compose(overrides)
-with Pipeline.from_config(cfg, run_dir) as pipeline:
-    result = pipeline.run()
-    stats = pipeline.student.call("parameter_stats")
+with built(cfg, run_dir) as loop:
+    result = loop.run()
+    stats = loop.pipeline.students.parameter_stats()
 rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
 print("RESULT " + json.dumps({

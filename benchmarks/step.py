@@ -150,7 +150,7 @@ def main() -> None:
     import kdlib
     from kdlib.hardware import bf16_support, cpu_capability
     from kdlib.models.head import decoder_of
-    from kdlib.pipeline import Pipeline
+    from kdlib.runner import built
 
     overrides = ["device=cpu", "logging.progress=false", "eval.before=false", "save_student=false"]
     if not args.default_job:
@@ -163,10 +163,10 @@ def main() -> None:
     bf16 = cfg.teacher.dtype.value == "bfloat16" or cfg.student.autocast is True
 
     instrument()
-    with Pipeline.from_config(cfg, run_dir=None) as pipeline:
-        mode = pipeline.mode
-        teacher_model = pipeline.teacher.workers[0].backend.model
-        student_model = pipeline.student.workers[0].model
+    with built(cfg) as mode:
+        pipeline = mode.pipeline
+        teacher_model = pipeline.teacher.group.workers[0].backend.model
+        student_model = pipeline.students.group.workers[0].model
         t_shapes, s_shapes = Shapes.of(teacher_model), Shapes.of(student_model)
         if args.compile_layers:
             for model in (teacher_model, student_model):
@@ -183,7 +183,7 @@ def main() -> None:
             for step in range(2, args.steps + 2):
                 start = time.perf_counter()  # on-policy, drawing the samples runs the rollouts
                 samples = next(batches)
-                metrics = mode.step(samples, step)
+                mode.step(samples, step)
                 times.append(time.perf_counter() - start)
                 flops.append(_step_flops(samples, t_shapes, s_shapes))
                 padding.append(_padding_flops(pipeline, samples, t_shapes, s_shapes))
@@ -241,7 +241,7 @@ def _step_flops(samples, teacher: Shapes, student: Shapes) -> dict[str, float]:
 
 def _padding_flops(pipeline, samples, teacher: Shapes, student: Shapes) -> float:
     """FLOPs of the padded positions the step's micro-batches actually computed."""
-    plan, batches = pipeline.data.step_batches(samples, pipeline.cfg.train, pipeline.student.size)
+    plan, batches = pipeline.data.step_batches(samples, pipeline.cfg.train, pipeline.students.size)
     wasted = 0.0
     for batch in batches:
         view = batch.student

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -73,7 +74,8 @@ class Workspace:
     def cli(self, args: list[str], run_dir: Path, *, env: dict | None = None, timeout: float = 900,
             wait_for: Callable[[], bool] | None = None, send: int | None = None) -> tuple[int, str]:
         """Run ``kdlib args`` in ``run_dir``; optionally send a signal once ``wait_for()`` holds."""
-        command = [sys.executable, "-m", "kdlib", *args, f"hydra.run.dir={run_dir}"]
+        place = [] if any(a.startswith("hydra.run.dir=") for a in args) else [f"hydra.run.dir={run_dir}"]
+        command = [sys.executable, "-m", "kdlib", *args, *place]
         process = subprocess.Popen(command, cwd=self.root, env={**self.env, **(env or {})},
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if wait_for is not None:
@@ -180,7 +182,7 @@ def sigterm(ws: Workspace, name: str, extra: list[str]) -> Row:
     code, stderr = ws.cli(args, run_dir, env={"KDLIB_TEST_STEP_SECONDS": "0.3"},
                           wait_for=lambda: len(_rows(run_dir)) >= 2, send=signal.SIGTERM)
     seen = _seen(stderr)
-    command = seen.split("resume with: ", 1)[-1].split()
+    command = shlex.split(seen.split("resume with: ", 1)[-1])
     resumed_code, resumed_err = ws.cli(command[1:], run_dir)
     ws.cli(args, reference)
     same = resumed_code == 0 and _same_rows(_rows(run_dir), _rows(reference)) and _same_student(run_dir, reference)
@@ -222,20 +224,20 @@ def cache_faults(ws: Workspace) -> list[Row]:
 
 
 def _full_disk_cache(ws: Workspace) -> Row | None:
-    """The teacher cache on a 200 KiB tmpfs (a private mount namespace): warned once, the run ends."""
+    """The teacher cache on a 64 KiB tmpfs (a private mount namespace): warned once, the run ends."""
     if shutil.which("unshare") is None:
         return None
     cache, run_dir = ws.root / "small_cache", ws.run_dir("cache_full_disk")
     cache.mkdir()
     args = " ".join(f"'{a}'" for a in ws.overrides(**{"teacher.cache": str(cache)}) + [f"hydra.run.dir={run_dir}"])
-    script = f"mount -t tmpfs -o size=200k tmpfs {cache} || exit 77; {sys.executable} -m kdlib {args}"
+    script = f"mount -t tmpfs -o size=64k tmpfs {cache} || exit 77; {sys.executable} -m kdlib {args}"
     out = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ws.root,
                          env=ws.env, capture_output=True, text=True, timeout=900)
     if out.returncode == 77:
         return None
-    warnings = out.stderr.count("No space left on device")
+    warnings = (out.stdout + out.stderr).count("No space left on device")  # Hydra logs to stdout
     ok = out.returncode == 0 and warnings == 1 and "Traceback" not in out.stderr
-    return Row("cache_full_disk", "teacher cache on a 200 KiB tmpfs", f"(finished; {warnings} warning about the full disk)",
+    return Row("cache_full_disk", "teacher cache on a 64 KiB tmpfs", f"(finished; {warnings} warning about the full disk)",
                "Traceback" in out.stderr, "the run, with the live teacher; no temporary file", ok)
 
 
