@@ -35,12 +35,16 @@ def test_every_mode_runs(mode, tiny_overrides, tmp_path):
         return
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(r["loss"] > 0 for r in rows)
     if mode is Mode.sft:
         assert cfg.algorithm.name == "sft" and "mode=sft" in cfg.auto_choices["algorithm"]
-        assert all(r["kd_loss"] == 0.0 for r in rows) and set(result.eval_after) == {"ce", "bits_per_byte", "tokens"}
-    else:
-        assert all(r["kd_loss"] > 0 for r in rows)
+        assert all(r["kd_loss"] == 0.0 and r["loss"] == pytest.approx(r["ce_loss"], rel=1e-6) for r in rows)
+        assert set(result.eval_after) == {"ce", "bits_per_byte", "tokens"}
+    else:  # the logged loss is the objective made of the logged terms: (1 - kd_ratio) CE + kd_ratio KD
+        ratio = cfg.algorithm.kd_ratio
+        for r in rows:
+            assert r["kd_loss"] > 0 and r["ce_loss"] > 0
+            assert r["loss"] == pytest.approx(ratio * r["kd_loss"] + (1 - ratio) * r["ce_loss"], rel=1e-6)
+        assert result.eval_after["kl"] > 0 and result.eval_after["tokens"] > 0
 
 
 def test_sft_mode_refuses_an_algorithm_that_needs_a_teacher(tiny_overrides, monkeypatch):

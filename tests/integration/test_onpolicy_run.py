@@ -28,11 +28,33 @@ def test_local_onpolicy_run(tiny_overrides, tmp_path):
     result = kdlib.run(_onpolicy(tiny_overrides, tmp_path, [f"output_dir={tmp_path / 'local'}"]))
     losses = [r["loss"] for r in _rows(result)]
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
-    assert all(r["on_policy"] == 1.0 and r["sync_seconds"] >= 0 for r in _rows(result))
+    assert all(r["on_policy"] == 1.0 and r["sync_seconds"] > 0 for r in _rows(result))
     rollouts = [json.loads(line) for line in (result.run_dir / "rollouts.jsonl").read_text().splitlines()]
     assert len(rollouts) == 12 and {r["step"] for r in rollouts} == {1, 2, 3}
     assert all(r["finish_reason"] in {"stop", "length"} and r["response_tokens"] <= 12 for r in rollouts)
     assert result.student_dir is not None
+
+
+def test_every_sync_gives_the_rollout_engine_the_students_weights(tiny_overrides, tmp_path):
+    """After each step's weight sync, the engine's model holds exactly the student's weights (and
+    they did change: the check could fail)."""
+    import torch
+
+    from kdlib.runner import built
+
+    with built(_onpolicy(tiny_overrides, tmp_path), run_dir=tmp_path / "sync") as loop:
+        student = loop.pipeline.students.group.workers[0]
+        engine = loop.pipeline.rollout.group.workers[0].backend.model
+        loop.start(1)
+        batches = loop.sample_batches()
+        before = {k: v.clone() for k, v in engine.state_dict().items()}
+        for step in (1, 2):
+            loop.step(next(batches), step)
+            expected = student.export_state()
+            got = engine.state_dict()
+            assert set(expected) <= set(got)
+            assert all(torch.equal(got[k], expected[k].to(got[k].dtype)) for k in expected)
+        assert any(not torch.equal(before[k], engine.state_dict()[k]) for k in before)
 
 
 @pytest.mark.ray

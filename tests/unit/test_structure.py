@@ -88,3 +88,24 @@ def test_every_mode_has_one_registered_class():
     assert sorted(MODES.names()) == sorted(m.value for m in Mode)
     for mode in Mode:
         assert issubclass(MODES.get(mode.value), RunMode), mode
+
+
+def _architecture_tool():
+    import importlib.util
+
+    path = SRC.parents[1] / "scripts" / "check_architecture.py"
+    spec = importlib.util.spec_from_file_location("check_architecture", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_no_module_is_over_400_lines():
+    assert _architecture_tool().long_modules() == []
+
+
+def test_only_the_sglang_backend_names_sglang():
+    tool = _architecture_tool()
+    assert tool.modules_naming_sglang() == []
+    # the check can fail: the backend's own modules do name it
+    assert any("sglang" in p.read_text().lower() for p in (SRC / "backends" / "sglang").glob("*.py"))

@@ -33,11 +33,22 @@ def test_parts_round_trip_every_field():
 
 
 def test_in_process_transport_hands_over_every_field():
+    """The in-process transport hands the object itself over (no copy), every field intact, and
+    counts what a remote transport would move; a copy made before publishing is the reference, so
+    the comparison is not of an object with itself."""
     output = full_teacher_output()
+    reference = TeacherOutput.from_parts(*[{k: v.clone() for k, v in output.to_parts()[0].items()},
+                                           output.to_parts()[1]])
     transport = InProcessTransport(TransportConfig(name="inprocess"))
     fetched = transport.fetch(transport.publish(output))
-    _same(fetched, output)
-    _same(output.to("cpu"), output)
+    assert fetched is output  # no copy in one process
+    _same(fetched, reference)
+    assert transport.stats.take().bytes == 2 * reference.nbytes > 0  # publish and fetch both counted
+    moved = output.to("cpu")  # .to() builds a new carrier with every field (here: nothing to move)
+    assert moved is not output
+    _same(moved, reference)
+    with pytest.raises(TypeError, match="same transport"):
+        transport.fetch(object())
 
 
 def test_inconsistent_outputs_are_refused():
