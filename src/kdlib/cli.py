@@ -47,8 +47,27 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except Exception:  # noqa: BLE001 - a bug: shown whole, with where to report it
         _bug()
     register_configs()
+    if flags & {"-m", "--multirun"}:
+        args.append(_fixed_overrides_excluded(overrides))  # job directories named by the swept values
     sys.argv = [sys.argv[0] if sys.argv else "kdlib", *args]
     hydra.main(config_path=conf_dir(), config_name="config", version_base=None)(_task)()
+    if _FAILED_JOBS:
+        _fail(KdlibError(f"{len(_FAILED_JOBS)} sweep job(s) failed ({', '.join(_FAILED_JOBS)}); the sweep's "
+                         "sweep_results.md says why"))
+
+
+# Sweep jobs that failed with a kdlib error in this process (the sweep goes on without them).
+_FAILED_JOBS: list[str] = []
+
+
+def _fixed_overrides_excluded(overrides: list[str]) -> str:
+    """The Hydra override that leaves the overrides a sweep does not vary out of its job names."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(
+        [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))])
+    fixed = sorted({o.key_or_group for o in parsed if not o.is_sweep_override()})
+    return "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(f"'{k}'" for k in fixed) + "]"
 
 
 def _task(cfg) -> None:
@@ -56,6 +75,8 @@ def _task(cfg) -> None:
 
     from kdlib.runner import run
     from kdlib.tracking.trackers import identity_from_hydra
+
+    from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
     try:
@@ -65,7 +86,16 @@ def _task(cfg) -> None:
             exc.command = resume_command(list(hydra_cfg.overrides.task), exc.resume_dir)
         _fail(exc)
     except KdlibError as exc:
-        _fail(exc)
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            _fail(exc)
+        from pathlib import Path
+
+        from kdlib.tracking.sweep import record_failure
+
+        record_failure(Path(hydra_cfg.runtime.output_dir), str(exc))
+        _FAILED_JOBS.append(Path(hydra_cfg.runtime.output_dir).name)
+        print(f"kdlib: error: sweep job {Path(hydra_cfg.runtime.output_dir).name}: {exc} (the sweep goes on)",
+              file=sys.stderr)
     except KeyboardInterrupt:  # Ctrl-C outside the training steps, or a second one inside them
         _fail(Interrupted("interrupted by SIGINT; no checkpoint written", signal_number=signal.SIGINT, resume_dir=None))
     except Exception:  # noqa: BLE001 - a bug: shown whole, with where to report it

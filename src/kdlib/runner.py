@@ -43,7 +43,7 @@ def run(
 ) -> RunResult:
     """Run ``cfg`` (from ``kdlib.compose`` or Hydra) and return its metrics and paths.
     ``identity``: the run's name and sweep for the trackers (the CLI passes Hydra's)."""
-    typed = resolved(cfg)
+    typed = resolved(cfg, sweep_job=identity is not None and identity.sweep_dir is not None)
     directory = Path(run_dir or typed.output_dir or resumed_run_dir(typed) or default_run_dir()).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(config_yaml(typed), encoding="utf-8")
@@ -79,14 +79,14 @@ def built(cfg: KDConfig | DictConfig, run_dir: Optional[str | Path] = None) -> I
         yield mode(pipeline)
 
 
-def resolved(cfg: KDConfig | DictConfig) -> KDConfig:
+def resolved(cfg: KDConfig | DictConfig, *, sweep_job: bool = False) -> KDConfig:
     """The frozen config a run executes: a copy of ``cfg`` resolved (models included), checked."""
     if isinstance(cfg, KDConfig):
         import_plugins(cfg.plugins)
         cfg = thawed(cfg)  # the caller keeps its object; a frozen one may be run again
     typed = to_typed(cfg)
     layouts = check_data_files(typed.data)  # a bad file or row costs seconds, not a model load
-    resolve(typed, models=True, layouts=layouts)
+    resolve(typed, models=True, layouts=layouts, sweep_job=sweep_job)
     validate(typed)
     return freeze(typed)
 

@@ -46,15 +46,40 @@ def test_cli_run_writes_the_run_directory(tiny_overrides, tmp_path):
     assert sum(m.startswith("evaluating done:") for m in messages) == 2  # before and after training
 
 
-def test_cli_multirun_sweeps_losses_into_separate_directories(tiny_overrides, tmp_path):
+def test_a_failed_sweep_job_does_not_stop_the_sweep(tiny_overrides, tmp_path):
+    """A job whose model cannot be loaded fails in one line; the others run; the table says why the
+    failed one failed; the command exits 2 at the end."""
     sweep_dir = tmp_path / "sweep"
-    args = _cli_overrides(tiny_overrides) + ["train.max_steps=1", "eval.before=false", "save_student=false"]
-    _run(["-m", "loss=kl,rkl", f"hydra.sweep.dir={sweep_dir}", *args], cwd=tmp_path)
-    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
-    assert len(jobs) == 2
-    names = {yaml.safe_load((j / "config.yaml").read_text())["loss"]["name"] for j in jobs}
-    assert names == {"kl", "rkl"}
-    assert all((j / "results.json").exists() for j in jobs)
+    args = [o for o in _cli_overrides(tiny_overrides) if not o.startswith("student.model=")]
+    good = next(o for o in tiny_overrides if o.startswith("student.model=")).split("=", 1)[1]
+    out = _run(["-m", f"student.model={good},{tmp_path / 'no_such_model'}", f"hydra.sweep.dir={sweep_dir}",
+                "train.max_steps=1", "eval.before=false", *args], cwd=tmp_path, check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == ("kdlib: error: 1 sweep job(s) failed (1_student.model="
+                                                  f"{str(tmp_path / 'no_such_model').replace('/', '_')}); "
+                                                  "the sweep's sweep_results.md says why")
+    rows = json.loads((sweep_dir / "sweep_results.json").read_text())
+    assert [r["status"] for r in rows][0] == "done" and rows[1]["status"].startswith("failed: ")
+    assert "no_such_model" in rows[1]["status"]
+
+
+def test_a_sweep_ends_in_one_comparison(tiny_overrides, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = _cli_overrides(tiny_overrides) + ["train.max_steps=1", "eval.before=false"]
+    out = _run(["-m", "loss=kl,rkl,jsd,tvd", f"hydra.sweep.dir={sweep_dir}", *args], cwd=tmp_path)
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert jobs == ["0_loss=kl", "1_loss=rkl", "2_loss=jsd", "3_loss=tvd"]
+    names = {yaml.safe_load((sweep_dir / j / "config.yaml").read_text())["loss"]["name"] for j in jobs}
+    assert names == {"kl", "rkl", "jsd", "tvd"}
+    rows = json.loads((sweep_dir / "sweep_results.json").read_text())
+    assert [r["overrides"] for r in rows] == ["loss=kl", "loss=rkl", "loss=jsd", "loss=tvd"]
+    for row in rows:
+        result = json.loads((sweep_dir / row["job"] / "results.json").read_text())
+        assert row["status"] == "done" and row["kl"] == result["eval_after"]["kl"]
+        assert row["student"] is None  # a sweep's jobs do not save their students by default
+    table = (sweep_dir / "sweep_results.md").read_text()
+    assert table.count("not saved") == 4 and "loss=tvd" in table
+    assert "sweep results" in out.stdout and (sweep_dir / "sweep_results.png").exists()
 
 
 def test_cli_prints_composed_config(tmp_path):

@@ -122,11 +122,12 @@ def test_a_sweep_is_one_view_named_by_its_swept_overrides(tiny_overrides, tmp_pa
     assert out.returncode == 0, out.stderr[-3000:]
     views = sorted(p.name for p in (sweep_dir / "tensorboard").iterdir())
     assert views == ["0-loss=kl", "1-loss=rkl"]
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.name[0].isdigit()) == ["0_loss=kl", "1_loss=rkl"]
     for num, loss in enumerate(("kl", "rkl")):
-        rows = _rows(sweep_dir / str(num))
+        rows = _rows(sweep_dir / f"{num}_loss={loss}")
         scalars = read_tensorboard(sweep_dir / "tensorboard" / views[num])["scalars"]
         assert [scalars["loss"][r["step"]] for r in rows] == [np.float32(r["loss"]) for r in rows]
-        (run_path,) = wandb_run_dirs(sweep_dir / str(num))
+        (run_path,) = wandb_run_dirs(sweep_dir / f"{num}_loss={loss}")
         run = read_wandb_run(run_path)
         assert run.name == f"loss={loss}" and run.group == str(sweep_dir)
         assert run.config["loss"]["name"] == loss

@@ -47,10 +47,12 @@ def device_type(cfg: KDConfig) -> str:
     return resolve_device_type(cfg.device) if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) else "cpu"
 
 
-def resolve(cfg: KDConfig, *, models: bool = False, layouts: Optional[dict[str, DataFormat]] = None) -> KDConfig:
+def resolve(cfg: KDConfig, *, models: bool = False, layouts: Optional[dict[str, DataFormat]] = None,
+            sweep_job: bool = False) -> KDConfig:
     """Settle ``cfg``'s ``auto`` values in place (values already settled stay); returns ``cfg``.
     ``models``: also what needs the checkpoints' configs (read from disk, no weights);
-    ``layouts``: the data files' detected layouts (``kdlib.data.preflight.check_data_files``)."""
+    ``layouts``: the data files' detected layouts (``kdlib.data.preflight.check_data_files``);
+    ``sweep_job``: the run is a job of a ``-m`` sweep (what it saves by default)."""
     record = Choices(cfg)
     device = device_type(cfg)
     _precision(cfg, device, record)
@@ -69,8 +71,9 @@ def resolve(cfg: KDConfig, *, models: bool = False, layouts: Optional[dict[str, 
     MODES.get(cfg.mode.value).resolve(cfg, record)
     cfg.teacher.backend.resolve(cfg, device, record)
     cfg.rollout.resolve(cfg, device, record)
-    if models:
+    if models:  # what kdlib.run settles: the models' configs, and whether this run is a sweep's job
         _packing(cfg, record)
+        _saving(cfg, record, sweep_job)
     if layouts:
         _data_format(cfg, layouts, record)
     return cfg
@@ -102,6 +105,19 @@ def _precision(cfg: KDConfig, device: str, record: Choices) -> None:
         support = bf16_support(device)
         cfg.student.autocast = support.native and cfg.student.dtype is Precision.float32
         record("student.autocast", str(cfg.student.autocast).lower(), support.reason)
+
+
+def _saving(cfg: KDConfig, record: Choices, sweep_job: bool) -> None:
+    if cfg.save_student == AUTO:
+        cfg.save_student = not sweep_job
+        record("save_student", str(cfg.save_student).lower(),
+               "a sweep job: the sweep's table compares the jobs (save_student=true keeps each student)"
+               if sweep_job else "a single run keeps its student")
+    if cfg.save_dtype is Precision.auto:
+        bf16 = cfg.student.dtype is Precision.bfloat16 or cfg.student.autocast is True
+        cfg.save_dtype = Precision.bfloat16 if bf16 else Precision.float32
+        record("save_dtype", cfg.save_dtype.value, "the student computed in bf16 (autocast or dtype)" if bf16
+               else "the student computed in float32")
 
 
 def _packing(cfg: KDConfig, record: Choices) -> None:

@@ -21,7 +21,7 @@ from kdlib.config.data import BadImages, DataConfig, DataFormat, Overlong, Unali
 from kdlib.config.models import (
     FreezeConfig, FSDPConfig, LoraConfig, ModelConfig, Precision, StudentConfig, TeacherBackendConfig, TeacherConfig,
 )
-from kdlib.config.node import ConfigNode
+from kdlib.config.node import BoolOrAuto, ConfigNode, check_bool_or_auto
 from kdlib.config.reporting import LoggingConfig, WandbConfig, WandbMode
 from kdlib.config.rollout import RolloutConfig
 from kdlib.config.training import (
@@ -69,10 +69,18 @@ class KDConfig(ConfigNode):
     plugins: list[str] = field(default_factory=list)
     # Run directory; null: Hydra's run dir under the CLI, outputs/<date>/<time> from Python.
     output_dir: Optional[str] = None
-    # Save the final student (Hugging Face format) into <run dir>/student.
-    save_student: bool = True
+    # Save the final student (Hugging Face format) into <run dir>/student: true, false, or auto
+    # (true for a single run, false for the jobs of a -m sweep, whose table compares them; rerun
+    # the chosen one, or set save_student=true to keep every job's student).
+    save_student: BoolOrAuto = "auto"
+    # Precision of the saved student's weights: float32, bfloat16, or auto (bfloat16 when the student
+    # computed in bf16, as with student.autocast on a CPU with native bf16: half the bytes).
+    save_dtype: Precision = Precision.auto
     # Filled when the config is resolved, not set by users: what each `auto` value became, and why.
     auto_choices: dict[str, str] = field(default_factory=dict)
+
+    def check(self) -> None:
+        check_bool_or_auto(self.save_student, "save_student")
 
 
 __all__ = [

@@ -36,7 +36,12 @@ def registry_groups() -> dict[str, tuple[object, str]]:
 
 
 def register_configs() -> None:
-    """(Re)store the schema and one option per registry entry; idempotent."""
+    """(Re)store the schema and one option per registry entry, and kdlib's config resolvers;
+    idempotent."""
+    from omegaconf import OmegaConf
+
+    # a sweep job's directory from its overrides: a path in a value must not make subdirectories
+    OmegaConf.register_new_resolver("kdlib_dirname", lambda text: str(text).replace("/", "_"), replace=True)
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=KDConfig)
     for group, (registry, key) in registry_groups().items():

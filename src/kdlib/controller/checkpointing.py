@@ -127,13 +127,15 @@ class Checkpoints:
         return resumed
 
     def save_student(self, directory: Path) -> dict[str, Path]:
-        """The final student in Hugging Face format (with its tokenizer), published atomically,
-        and whatever the student transforms save beside it (LoRA: ``student_adapter/``); returns
-        the directories by name."""
+        """The final student in Hugging Face format (with its tokenizer, weights in
+        ``save_dtype``), published atomically, and whatever the student transforms save beside it
+        (LoRA: ``student_adapter/``); returns the directories by name."""
+        from kdlib.models.loading import torch_dtype
+
         staging = ckpt.staging_dir(directory)
         try:
             with phase("saving the student"):
-                saved = self.students.save(str(staging))
+                saved = self.students.save(str(staging), torch_dtype(self.cfg.save_dtype))
                 outputs = {name: Path(out) for name, out in saved.items()}
                 if self.tokenizer is not None:
                     for out in outputs.values():

@@ -14,6 +14,7 @@ from kdlib.controller.evaluator import comparison_table, print_table
 from kdlib.errors import CheckpointError
 from kdlib.result import RunResult
 from kdlib.tracking import plot_loss_curves, write_json
+from kdlib.tracking.records import directory_bytes, human_bytes
 from kdlib.tracking.trackers import Trackers
 
 if TYPE_CHECKING:
@@ -49,8 +50,11 @@ def finish_training(
         outputs = _save_student(checkpoints, run_dir, total_steps, saved_step, skipped.state())
         for name, directory in outputs.items():  # student/ and, with LoRA, student_adapter/ ...
             result.outputs[name] = directory
-            log.info("%s saved to %s", name, directory)
+            log.info("%s saved to %s (%s, %s)", name, directory, human_bytes(directory_bytes(directory)),
+                     cfg.save_dtype.value)
         result.student_dir = outputs["student"]
+    else:
+        log.info("the student is not saved (save_student=false); its held-out results are in eval.json")
     write_json(run_dir / "results.json", {
         "metrics": result.metrics,
         "eval_before": result.eval_before,
@@ -58,6 +62,7 @@ def finish_training(
         "student_dir": result.student_dir,
         "skipped_steps": skipped.steps,
     })
+    log.info("run directory %s: %s written", run_dir, human_bytes(directory_bytes(run_dir)))
 
 
 def _save_student(checkpoints: "Checkpoints", run_dir: Path, step: int, saved_step: Optional[int],

@@ -57,6 +57,20 @@ def keep_steps(path: Path, last_step: int) -> list[dict[str, Any]]:
     return kept
 
 
+def directory_bytes(path: Path) -> int:
+    """Bytes of every file under ``path``."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes as people read them (1.5 MiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def read_json(path: Path) -> Any:
     """A JSON file kdlib wrote, or None when it is missing or unreadable (a run killed mid-write)."""
     try:

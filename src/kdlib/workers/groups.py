@@ -51,9 +51,10 @@ class StudentGroup(_Handle):
     def set_teacher_head(self, head: Any) -> None:
         self.group.call(StudentWorker.set_teacher_head, head)
 
-    def save(self, path: str) -> dict[str, str]:
-        """The student in Hugging Face format at ``path`` (every rank gathers, rank 0 writes)."""
-        return self.group.call_each(StudentWorker.save, [(path,)] + [(None,)] * (self.size - 1))[0]
+    def save(self, path: str, dtype: Any = None) -> dict[str, str]:
+        """The student in Hugging Face format at ``path`` (every rank gathers, rank 0 writes), its
+        floating weights in ``dtype`` (None: as trained)."""
+        return self.group.call_each(StudentWorker.save, [(path, dtype)] + [(None, dtype)] * (self.size - 1))[0]
 
     def save_checkpoint(self, directory: str, extra: dict[str, Any]) -> None:
         self.group.call(StudentWorker.save_checkpoint, directory, extra)

@@ -199,17 +199,23 @@ class StudentWorker:
         self.transport.stats.take()
         return EvalSums(total)
 
-    def save(self, path: Optional[str]) -> dict[str, str]:
+    def save(self, path: Optional[str], dtype: Optional[torch.dtype] = None) -> dict[str, str]:
         """Write the student in Hugging Face format to ``path`` (given to one rank; the others pass
-        None and only take part in gathering the shards), adapters merged, and what the transforms
-        add beside it (LoRA: ``student_adapter/``); returns {output name: directory written}."""
+        None and only take part in gathering the shards), adapters merged, its floating weights in
+        ``dtype`` (None: as they are), and what the transforms add beside it (LoRA:
+        ``student_adapter/``); returns {output name: directory written}."""
         state = self._full_state()
         if path is None:
             return {}
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
+        weights = self.student.plain_state(state)
+        model = self.student.plain_model()
+        if dtype is not None:
+            weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+            model.config.dtype = dtype  # what from_pretrained(dtype="auto") loads it as
         with ckpt.storage_errors(directory):
-            self.student.plain_model().save_pretrained(directory, state_dict=self.student.plain_state(state))
+            model.save_pretrained(directory, state_dict=weights)
             outputs = {"student": directory, **self.student.save_extras(state, directory)}
         return {name: str(out) for name, out in outputs.items()}
 
