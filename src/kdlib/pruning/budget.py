@@ -6,11 +6,13 @@ weights), so tied embeddings, biases, Qwen3's q/k norms and Gemma's extra norms 
 as the pruned checkpoint will hold them (tied weights once). The count of a decoder-only model is
 affine in each prunable size taken alone (number of layers, MLP width, hidden width with head_dim
 fixed), so two counts give the line and the budget's solution exactly; it is rounded down to a
-multiple of ``round_to`` (layers: to a whole layer), never above the budget.
+multiple of ``round_to`` (layers: to a whole layer; hidden: also a multiple of the query heads,
+which configs require), never above the budget.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -51,8 +53,11 @@ def target_sizes(model_class: type, config, source: Sizes, cfg: PruneConfig) -> 
     name = WidthFit(cfg.fit).value
     if cfg.keep_layers is not None and name == "num_layers":
         raise ConfigError("prune.keep_layers fixes the number of layers; fit another size to prune.params")
-    step = 1 if name == "num_layers" else cfg.round_to
     limit = getattr(source, name)
+    step = 1 if name == "num_layers" else cfg.round_to
+    if name == "hidden_size":  # configs require a multiple of the number of query heads
+        heads = target.num_attention_heads
+        step = math.lcm(step, heads) if math.lcm(step, heads) <= limit // 4 else heads
     at_one = count_parameters(model_class, config, replace(target, **{name: step}))
     at_limit = count_parameters(model_class, config, replace(target, **{name: limit}))
     per_unit = (at_limit - at_one) / (limit - step) if limit > step else 0.0

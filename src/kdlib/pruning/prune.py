@@ -61,13 +61,16 @@ def prune_to_directory(
     calibration: Sequence[Sequence[int]],
     cfg: PruneConfig,
     directory: str | Path,
+    *,
+    scores: Optional[Scores] = None,
 ) -> PruneResult:
     """Prune ``source`` (a model directory or a loaded model) as ``cfg`` asks, on ``calibration``
     (token id rows, e.g. the training samples' ``input_ids``), and save the pruned checkpoint with
     ``tokenizer`` (or a processor: anything with ``save_pretrained``; None: not saved), the scores
-    and the plot into ``directory``."""
+    and the plot into ``directory``. ``scores`` computed before for the same source and
+    calibration (several candidates from one scoring) skip the scoring."""
     model = load_source(str(source)) if isinstance(source, (str, Path)) else source
-    pruned, plan, scores, target = prune_model(model, calibration, cfg)
+    pruned, plan, scores, target = prune_model(model, calibration, cfg, scores)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     pruned.save_pretrained(directory)

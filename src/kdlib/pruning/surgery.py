@@ -76,7 +76,18 @@ def pruned_config(config, target: Sizes, layers: Optional[list[int]] = None):
     text.intermediate_size = target.intermediate_size
     text.hidden_size = target.hidden_size
     text.head_dim = head_dim
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except Exception as exc:  # transformers' strict-dataclass errors say what the family needs
+            raise ConfigError(f"cannot prune {config.model_type} to {target}: {_last_line(exc)}") from None
     return config
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def build_pruned(model: nn.Module, plan: PrunePlan, target: Sizes) -> nn.Module:
