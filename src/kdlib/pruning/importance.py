@@ -126,7 +126,7 @@ def compute_scores(model: nn.Module, rows: Sequence[torch.Tensor], cfg: PruneCon
 
 
 # Candidates tried per greedy step: the remaining layers of lowest drop-one KL. Trying every layer
-# costs about L/pool times more for the same result on the embedded teacher (docs/pruning.md).
+# would cost about L/pool times more; the pooled search was not compared with it (docs/pruning.md).
 GREEDY_POOL = 8
 
 

@@ -55,7 +55,8 @@ def plot_scores(scores: Scores, plan: PrunePlan, directory: str | Path) -> Path:
     grid = np.full((n_layers, n_layers + 1), np.nan)
     for span, values in scores.angular.items():
         grid[span - 1, : len(values)] = values
-    image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
+    image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis",
+                      extent=(-0.5, n_layers + 0.5, 0.5, n_layers + 0.5))  # rows: span lengths 1..L
     ax.set(xlabel="first layer of the span", ylabel="layers in the span", title="Angular distance d(l, n)")
     fig.colorbar(image, ax=ax)
 
