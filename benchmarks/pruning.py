@@ -9,7 +9,7 @@ parameters, held-out KL(teacher || student), top-1 agreement and bits per byte b
 KD, and the job's wall-clock time. The scoring time (wall and process CPU) is printed once.
 
     python benchmarks/pruning.py [--candidates NAME ...] [--root DIR] [--reuse] [--json out.json]
-                                 [--threads N] [--build-only] [-- kdlib overrides for every job, e.g. train.lr=1e-3]
+                                 [--threads N] [--tag T] [--build-only] [-- kdlib overrides for every job, e.g. train.lr=1e-3]
 
 ``--reuse`` keeps candidates and finished runs already in ``--root`` (a long search can resume).
 Held-out metrics do not depend on the machine's load; wall-clock times do.
@@ -101,11 +101,11 @@ def build_candidates(names: list[str], root: Path, reuse: bool) -> dict:
     return info
 
 
-def distil(name: str, root: Path, overrides: list[str], threads: int, reuse: bool) -> dict:
+def distil(name: str, root: Path, overrides: list[str], threads: int, reuse: bool, tag: str = "") -> dict:
     """The default job on candidate ``name``: held-out metrics before/after and wall time."""
-    run_dir = root / name / "run"
-    if reuse and (run_dir / "eval.json").is_file():
-        return json.loads((root / name / "summary.json").read_text())
+    run_dir, summary_file = root / name / f"run{tag}", root / name / f"summary{tag}.json"
+    if reuse and summary_file.is_file():
+        return json.loads(summary_file.read_text())
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -118,7 +118,7 @@ def distil(name: str, root: Path, overrides: list[str], threads: int, reuse: boo
     evaluation = json.loads((run_dir / "eval.json").read_text())
     summary = {"before": evaluation["before"], "after": evaluation["after"], "job_seconds": time.perf_counter() - start,
                "command": " ".join(args[1:])}
-    (root / name / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary_file.write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("outputs/bench_pruning"))
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the KD jobs (0: torch's default)")
+    parser.add_argument("--tag", default="", help="suffix of the run directories (runs with other overrides)")
     parser.add_argument("--build-only", action="store_true", help="score and build the candidates, distil none")
     parser.add_argument("--json", type=Path)
     parser.add_argument("overrides", nargs="*", help="kdlib overrides for every job (after --)")
@@ -163,7 +164,7 @@ def main() -> None:
         return
     results = {}
     for name in args.candidates:
-        results[name] = distil(name, args.root, args.overrides, args.threads, args.reuse)
+        results[name] = distil(name, args.root, args.overrides, args.threads, args.reuse, args.tag)
         print(f"{name}: KL {results[name]['after']['kl']:.3f}, top-1 {results[name]['after']['top1_agreement']:.1%}",
               flush=True)
     print(table(info, results))

@@ -68,7 +68,7 @@ class PruneConfig:
     # Calibration tokens for the activation and layer scores (taken from whole samples).
     calibration_tokens: int = 2048
     # Calibration tokens for the KL scores (layer_kl, greedy_kl), a prefix of the above.
-    kl_tokens: int = 1024
+    kl_tokens: int = 512
     # Seed that picks the calibration samples.
     seed: int = 0
     # Span lengths for which the angular-distance table is computed and plotted (None = 1..L-1).
