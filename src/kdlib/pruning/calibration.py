@@ -151,7 +151,7 @@ def record(model: nn.Module, rows: Sequence[torch.Tensor], kl_tokens: int = 0) -
     try:
         for index, layer in enumerate(text.layers):
             handles.append(layer.register_forward_hook(on_layer(index), with_kwargs=True))
-            attention, mlp = _attention_of(layer), _mlp_of(layer)
+            attention, mlp = attention_of(layer), mlp_of(layer)
             handles.append(attention.o_proj.register_forward_pre_hook(on_o_proj(index, attention.o_proj.weight)))
             handles.append(mlp.down_proj.register_forward_pre_hook(on_down_proj(index)))
             for norm in text.hidden_norms(layer):
@@ -179,17 +179,17 @@ def record(model: nn.Module, rows: Sequence[torch.Tensor], kl_tokens: int = 0) -
 
 
 def _intermediate_size(text: TextModel) -> int:
-    return _mlp_of(text.layers[0]).down_proj.weight.shape[1]
+    return mlp_of(text.layers[0]).down_proj.weight.shape[1]
 
 
-def _attention_of(layer: nn.Module) -> nn.Module:
+def attention_of(layer: nn.Module) -> nn.Module:
     attention = getattr(layer, "self_attn", None)
     if attention is None or not all(hasattr(attention, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
         raise ConfigError(f"{type(layer).__name__}: width pruning needs attention with q/k/v/o projections")
     return attention
 
 
-def _mlp_of(layer: nn.Module) -> nn.Module:
+def mlp_of(layer: nn.Module) -> nn.Module:
     mlp = getattr(layer, "mlp", None)
     if mlp is None or not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
         raise ConfigError(f"{type(layer).__name__}: width pruning needs a gated MLP (gate/up/down projections)")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from kdlib.pruning import layer_kl
-from kdlib.pruning.calibration import Recording, TextModel, _attention_of, _mlp_of, record
+from kdlib.pruning.calibration import Recording, TextModel, attention_of, mlp_of, record
 from kdlib.pruning.config import DepthMethod, PruneConfig
 
 
@@ -137,9 +137,9 @@ def _activation_scores(text: TextModel, rec: Recording, cfg: PruneConfig) -> Sco
     spans = cfg.angular_spans or list(range(1, n_layers))
     angular = {s: [angle_mean[l, l + s].item() for l in range(n_layers - s + 1)] for s in spans if 1 <= s <= n_layers}
     heads = (rec.head_sq / n).sqrt()
-    kv = _attention_of(text.layers[0]).k_proj.weight.shape[0] // text.head_dim
+    kv = attention_of(text.layers[0]).k_proj.weight.shape[0] // text.head_dim
     kv_heads = heads.view(n_layers, kv, -1).sum(-1)
-    down_norms = torch.stack([_mlp_of(layer).down_proj.weight.detach().double().norm(dim=0) for layer in text.layers])
+    down_norms = torch.stack([mlp_of(layer).down_proj.weight.detach().double().norm(dim=0) for layer in text.layers])
     channels = (rec.channel_sq / n).sqrt() * down_norms
     return Scores(
         n_tokens=rec.n_tokens,
