@@ -41,14 +41,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         import_plugins(plugins_in(overrides))
         if not flags & _INFO_FLAGS:
-            preflight(overrides, multirun=bool(flags & {"-m", "--multirun"}))
+            # a recipe may sweep by itself (hydra.mode: MULTIRUN, e.g. +recipe=prune_search), so a
+            # sweep override is read as one even without -m (Hydra refuses it in a single run)
+            preflight(overrides, multirun=bool(flags & {"-m", "--multirun"}) or _sweeps(overrides))
     except KdlibError as exc:
         _fail(exc)
     except Exception:  # noqa: BLE001 - a bug: shown whole, with where to report it
         _bug()
     register_configs()
-    if flags & {"-m", "--multirun"}:
-        args.append(_fixed_overrides_excluded(overrides))  # job directories named by the swept values
+    if not flags & _INFO_FLAGS:
+        args.append(_fixed_overrides_excluded(overrides))  # a sweep's job directories named by its swept values
     sys.argv = [sys.argv[0] if sys.argv else "kdlib", *args]
     hydra.main(config_path=conf_dir(), config_name="config", version_base=None)(_task)()
     if _FAILED_JOBS:
@@ -58,6 +60,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 # Sweep jobs that failed with a kdlib error in this process (the sweep goes on without them).
 _FAILED_JOBS: list[str] = []
+
+
+def _sweeps(overrides: list[str]) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(overrides))
+    except Exception:  # noqa: BLE001 - preflight reports a bad override in one line
+        return False
 
 
 def _fixed_overrides_excluded(overrides: list[str]) -> str:

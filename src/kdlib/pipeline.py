@@ -4,7 +4,8 @@ The design card's pipeline object "wires the teacher workers, the student worker
 registry": its typed attributes below list everything a run holds, in the spirit of torchtitan's
 Trainer header. :meth:`Pipeline.build` is the only place that builds them, from the mode's
 :class:`~kdlib.controller.mode.Needs`: tokenizers and data first (a bad file or row is reported
-before any model loads), the teacher cache (a run it covers fully loads no teacher), the launcher,
+before any model loads), the student pruned by importance when ``student.prune`` asks (once per
+source, data and settings), the teacher cache (a run it covers fully loads no teacher), the launcher,
 the teacher, rollout and student worker groups, and the head handshake. The mode is then made from
 the built pipeline and runs; the pipeline does not know the mode and nothing fills it later. The
 launcher is shut down when the pipeline closes, also after a failure while building.
@@ -67,6 +68,10 @@ class Pipeline:
                 if want_teacher and cfg.teacher.cache:
                     cache = assembly.open_teacher_cache(cfg, teacher_enc or student_enc)
                     want_teacher = _teacher_for_cache(cfg, cache, data, needs)
+            if cfg.student.prune.output is not None:
+                from kdlib.models.pruned import ensure_pruned
+
+                ensure_pruned(cfg, run_dir, progress=cfg.logging.progress)
             launcher = build_launcher(cfg.launcher)
             on_failure.callback(launcher.shutdown)
             teacher = assembly.start_teacher(cfg, launcher, cache) if want_teacher else None

@@ -174,3 +174,26 @@ def test_user_loss_from_a_plugin_runs_through_the_fused_path(tiny_overrides, tmp
     user = json.loads((tmp_path / "user" / "metrics.jsonl").read_text().splitlines()[0])
     assert user["kd_loss"] == pytest.approx(0.2 * kl["kd_loss"], rel=1e-5)
     assert yaml.safe_load((tmp_path / "user" / "config.yaml").read_text())["loss"]["alpha"] == 0.2
+
+
+def test_prune_search_sweeps_candidates_and_names_the_winner(tiny_overrides, tmp_path):
+    """+recipe=prune_search is a sweep by itself (no -m); the command line narrows its grid to the
+    tiny model's sizes. Each candidate is pruned to the same budget and judged by held-out KL."""
+    sweep_dir = tmp_path / "search"
+    args = [o for o in _cli_overrides(tiny_overrides) if not o.startswith(("student.num_layers", "train.max_steps"))]
+    out = _run(["+recipe=prune_search", "student.prune.num_layers=2,3", "student.prune.depth=evenly,block_influence",
+                "student.prune.params=150000", "student.prune.calibration_tokens=256", "student.prune.kl_tokens=128",
+                "train.max_steps=2", f"hydra.sweep.dir={sweep_dir}", *args],
+               cwd=tmp_path, env={"KDLIB_CACHE": str(tmp_path / "cache")})
+    rows = json.loads((sweep_dir / "sweep_results.json").read_text())
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows), rows
+    assert rows[0]["job"] == "0_student.prune.depth=evenly,student.prune.num_layers=2"
+    assert all(r["params"] <= 150_000 for r in rows)
+    assert len({r["kl_before"] for r in rows}) > 1  # the candidates start from different students
+    best = min(rows, key=lambda r: r["kl"])
+    table = (sweep_dir / "sweep_results.md").read_text()
+    assert f"lowest held-out KL: job {best['job']}" in table and "KL before" in table
+    command = table.strip().splitlines()[-1].strip()
+    assert command.startswith("kdlib ") and "+recipe=prune_search" not in command
+    assert f"student.prune.depth={best['overrides'].split('depth=')[1].split()[0]}" in command
+    assert command in out.stdout

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 from kdlib.config.node import BoolOrAuto, ConfigNode, check_bool_or_auto
+from kdlib.pruning.config import PruneConfig
 
 
 class Precision(str, Enum):
@@ -155,10 +156,14 @@ class FreezeConfig(ConfigNode):
 class StudentConfig(ModelConfig):
     """The model that trains."""
 
-    # Depth-prune the loaded model to this many decoder layers, evenly spaced, first and last kept.
+    # Depth-prune the loaded model to this many decoder layers, evenly spaced, first and last kept
+    # (resolved into keep_layers before the run).
     num_layers: Optional[int] = None
     # Depth-prune to exactly these decoder layer indices (overrides num_layers).
     keep_layers: Optional[list[int]] = None
+    # Prune by measured importance (depth and width, to sizes or a parameter budget), once per
+    # source and data, before training: see docs/pruning.md. Excludes num_layers / keep_layers.
+    prune: PruneConfig = field(default_factory=PruneConfig)
     # Number of data-parallel student workers (more than one needs launcher=ray).
     num_workers: int = 1
     # Recompute activations in the backward pass to save memory.
@@ -187,4 +192,7 @@ class StudentConfig(ModelConfig):
             raise ValueError(f"num_workers must be positive, got {self.num_workers}")
         if self.num_layers is not None and self.num_layers < 1:
             raise ValueError(f"num_layers must be positive or null, got {self.num_layers}")
+        if self.prune.active and (self.num_layers is not None or self.keep_layers is not None):
+            raise ValueError("num_layers / student.keep_layers (evenly spaced or given layers, pruned at load) and "
+                             "student.prune (pruning by importance) exclude each other: choose one")
 

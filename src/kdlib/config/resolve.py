@@ -74,6 +74,7 @@ def resolve(cfg: KDConfig, *, models: bool = False, layouts: Optional[dict[str, 
     if models:  # what kdlib.run settles: the models' configs, and whether this run is a sweep's job
         _packing(cfg, record)
         _saving(cfg, record, sweep_job)
+        _student_layers(cfg, record)
     if layouts:
         _data_format(cfg, layouts, record)
     return cfg
@@ -118,6 +119,41 @@ def _saving(cfg: KDConfig, record: Choices, sweep_job: bool) -> None:
         cfg.save_dtype = Precision.bfloat16 if bf16 else Precision.float32
         record("save_dtype", cfg.save_dtype.value, "the student computed in bf16 (autocast or dtype)" if bf16
                else "the student computed in float32")
+
+
+def _student_layers(cfg: KDConfig, record: Choices) -> None:
+    """The student's pruning, checked against its checkpoint's config before any weight loads:
+    ``student.num_layers`` becomes the evenly spaced ``keep_layers`` it means; ``student.prune``
+    gets the cache directory of its pruned checkpoint (made once, then reused)."""
+    from kdlib.errors import ConfigError
+
+    student = cfg.student
+    if student.num_layers is None and student.keep_layers is None and not student.prune.active:
+        return
+    from kdlib.models.pruning import evenly_spaced_layers
+    from kdlib.models.vlm import decoder_layer_count
+
+    n = decoder_layer_count(student)
+    if student.keep_layers is None and student.num_layers is not None:
+        if not 1 <= student.num_layers <= n:
+            raise ConfigError(f"student.num_layers={student.num_layers}, but student.model={student.model} has {n} "
+                              f"decoder layers: choose 1 to {n}, or student.num_layers=null to train it whole")
+        student.keep_layers = evenly_spaced_layers(n, student.num_layers)
+        record("student.keep_layers", student.keep_layers, f"{student.num_layers} of {n} layers, evenly spaced")
+    elif student.keep_layers is not None:
+        keep = list(student.keep_layers)
+        if not keep or len(set(keep)) != len(keep) or not all(0 <= i < n for i in keep):
+            raise ConfigError(f"student.keep_layers must be distinct indices of the {n} decoder layers of "
+                              f"{student.model} (0 to {n - 1}), got {keep}")
+    if student.prune.active:
+        if student.prune.num_layers is not None and student.prune.num_layers > n:
+            raise ConfigError(f"student.prune.num_layers={student.prune.num_layers}, but student.model="
+                              f"{student.model} has {n} decoder layers")
+        from kdlib.models.pruned import pruned_directory
+
+        student.prune.output = str(pruned_directory(cfg))
+        record("student.prune.output", student.prune.output,
+               f"{student.model} pruned by {student.prune.depth.value} (made once, then reused)")
 
 
 def _packing(cfg: KDConfig, record: Choices) -> None:

@@ -35,6 +35,13 @@ def registry_groups() -> dict[str, tuple[object, str]]:
     }
 
 
+def _for_student_model(model, value, *, _root_):
+    """``value`` while the student is ``model`` and sets no depth of its own, else null."""
+    student = _root_.student
+    asked = student.get("num_layers") is not None or student.get("keep_layers") is not None
+    return value if student.model == model and not asked else None
+
+
 def register_configs() -> None:
     """(Re)store the schema and one option per registry entry, and kdlib's config resolvers;
     idempotent."""
@@ -42,6 +49,10 @@ def register_configs() -> None:
 
     # a sweep job's directory from its overrides: a path in a value must not make subdirectories
     OmegaConf.register_new_resolver("kdlib_dirname", lambda text: str(text).replace("/", "_"), replace=True)
+    # a student preset's pruning, for the model the preset was measured on: the value while the
+    # student is that model, null once the user gives a student.model of their own or a
+    # student.num_layers / keep_layers (a user's model is never pruned unasked)
+    OmegaConf.register_new_resolver("kdlib_for_student_model", _for_student_model, replace=True)
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=KDConfig)
     for group, (registry, key) in registry_groups().items():

@@ -141,6 +141,8 @@ class LoraTransform(StudentTransform):
             self.unwrap(model).save_pretrained(base_dir, state_dict=self.base_state(state))
             outputs["student_base"] = base_dir
             base_location = str(base_dir.resolve())
+        elif self.cfg.prune.output is not None:
+            base_location = self.cfg.prune.output  # the pruned checkpoint in kdlib's cache
         else:
             base_location = model_location(self.cfg.model)
         model.peft_config[ADAPTER].base_model_name_or_path = base_location

@@ -65,5 +65,5 @@ def prune_as_configured(model: nn.Module, keep_layers: Optional[Sequence[int]], 
     if keep is None:
         return None
     prune_decoder_layers(model, keep)
-    log.info("kept decoder layers %s of %d", keep, n_before)
+    log.debug("kept decoder layers %s of %d", keep, n_before)  # the config resolution logs it once
     return keep

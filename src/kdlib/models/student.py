@@ -25,10 +25,12 @@ from kdlib.models.vlm import build_vlm, checkpoint_is_vision_language, is_vision
 
 
 def build_model(cfg: ModelConfig, device: torch.device, *, dtype: Optional[Precision] = None) -> nn.Module:
-    """``cfg``'s model on ``device``, depth-pruned when ``cfg`` is a student config that asks for it."""
+    """``cfg``'s model on ``device``, depth-pruned when ``cfg`` is a student config that asks for it
+    (``student.prune`` loads the checkpoint pruned by importance, ``student.prune.output``)."""
     if checkpoint_is_vision_language(cfg):
         return build_vlm(cfg, device, dtype=dtype)
-    model = load_causal_lm(cfg, device=device)
+    pruned = isinstance(cfg, StudentConfig) and cfg.prune.output is not None
+    model = load_causal_lm(cfg, device=device, location=cfg.prune.output if pruned else None)
     if isinstance(cfg, StudentConfig):
         prune_as_configured(model, cfg.keep_layers, cfg.num_layers)
         transfer_student_vocabulary(model, cfg)  # student.tokenizer with another vocabulary

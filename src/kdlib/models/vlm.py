@@ -65,6 +65,19 @@ def _is_vision_language_location(spec: str, revision: Optional[str], trust_remot
     return is_vision_language(config)
 
 
+def decoder_layer_count(cfg: ModelConfig) -> int:
+    """Decoder layers of ``cfg.model``'s (language) model, read from its config (no weights)."""
+    from transformers import AutoConfig
+
+    location = model_location(cfg.model)
+    try:
+        config = AutoConfig.from_pretrained(location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config of {cfg.model!r}: {first_line(exc)}") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.num_hidden_layers)
+
+
 def load_processor(cfg: ModelConfig):
     """The model's processor (image processor + tokenizer + chat template), with the config's chat
     template and a pad token."""

@@ -5,11 +5,23 @@ Prune once, then distil: :func:`prune_to_directory` is what a run calls before i
 (docs/pruning.md). Modules: ``config`` (the typed boundary), ``calibration`` (tokens and the
 recorded forward pass), ``importance`` and ``layer_kl`` (the scores), ``selection`` (what to
 keep), ``budget`` (sizes for a parameter budget), ``surgery`` (the pruned model), ``report``
-(scores.json and the plot), ``prune`` (the entry point).
+(scores.json and the plot), ``prune`` (the entry point). Importing the package is light (the
+config layer reads ``PruneConfig``); the entry point imports torch when first used.
 """
 
+from importlib import import_module
+from typing import Any
+
 from kdlib.pruning.config import DepthMethod, PruneConfig, PrunePlan, PruneResult, Sizes, WidthFit
-from kdlib.pruning.prune import load_source, parameter_budget, prune_model, prune_to_directory
+
+_LAZY = {"load_source", "parameter_budget", "prune_model", "prune_to_directory"}  # need torch
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module("kdlib.pruning.prune"), name)
+    raise AttributeError(f"module 'kdlib.pruning' has no attribute {name!r}")
+
 
 __all__ = [
     "DepthMethod", "PruneConfig", "PrunePlan", "PruneResult", "Sizes", "WidthFit",

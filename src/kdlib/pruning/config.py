@@ -1,11 +1,11 @@
 """The typed boundary of pruning: what to prune to (:class:`PruneConfig`) and what was kept
 (:class:`PruneResult`).
 
-A run prunes its student once, before any worker starts, from a :class:`PruneConfig`; the lead's
-config schema nests one as ``student.prune`` and workers load the saved checkpoint. Keeping the
-dataclasses here, free of any model code, lets the config layer import them without torch work.
-Every target is optional: ``None`` keeps the source's size, so an empty config prunes nothing and
-gives the source model back bit for bit.
+A run prunes its student once, before any worker starts, from the :class:`PruneConfig` at
+``student.prune``; the pruned checkpoint is kept in kdlib's cache (``output``, settled when the run's
+config is resolved) and every worker loads it. Keeping the dataclasses here, free of any model code,
+lets the config layer import them without torch work. Every target is optional: ``None`` keeps the
+source's size, so an empty config prunes nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Optional
+
+from kdlib.config.node import ConfigNode
 
 
 class DepthMethod(str, Enum):
@@ -42,8 +44,9 @@ class WidthFit(str, Enum):
 
 
 @dataclass
-class PruneConfig:
-    """A student pruned from its source model by importance on calibration tokens."""
+class PruneConfig(ConfigNode):
+    """A student pruned from its source model by importance on calibration tokens (off while every
+    target is null)."""
 
     # Decoder layers to keep (None = all; with `params` and fit=num_layers, solved).
     num_layers: Optional[int] = None
@@ -74,14 +77,39 @@ class PruneConfig:
     # Span lengths for which the angular-distance table is computed and plotted (None = 1..L-1).
     angular_spans: Optional[list[int]] = None
     # Compute the drop-one-layer KL scores even when the depth method does not need them.
-    layer_kl_scores: bool = True
+    layer_kl_scores: bool = False
+    # Filled when the run's config is resolved, not set by users: the directory of the pruned
+    # checkpoint in kdlib's cache (made once per source, data and settings; later runs reuse it).
+    output: Optional[str] = None
 
     def __post_init__(self) -> None:
-        self.depth, self.fit = DepthMethod(self.depth), WidthFit(self.fit)
+        object.__setattr__(self, "depth", DepthMethod(self.depth))
+        object.__setattr__(self, "fit", WidthFit(self.fit))
+
+    @property
+    def active(self) -> bool:
+        """Whether any target asks for pruning."""
+        targets = (self.num_layers, self.keep_layers, self.num_attention_heads, self.num_key_value_heads,
+                   self.intermediate_size, self.hidden_size, self.params)
+        return any(t is not None for t in targets)
+
+    def check(self) -> None:
+        for name in ("num_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                     "hidden_size", "params"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive or null, got {value}")
+        for name in ("round_to", "calibration_tokens", "kl_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kl_tokens > self.calibration_tokens:
+            raise ValueError(f"kl_tokens ({self.kl_tokens}) must not exceed calibration_tokens ({self.calibration_tokens})")
 
     def as_dict(self) -> dict:
-        out = asdict(self)
+        out = {k: v for k, v in asdict(self).items() if k != "output"}
         out["depth"], out["fit"] = self.depth.value, self.fit.value
+        out["keep_layers"] = None if self.keep_layers is None else list(self.keep_layers)
+        out["angular_spans"] = None if self.angular_spans is None else list(self.angular_spans)
         return out
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from kdlib.pruning.budget import count_parameters, target_sizes
 from kdlib.pruning.calibration import select_calibration
-from kdlib.pruning.config import DepthMethod, PruneConfig, PrunePlan, PruneResult, Sizes
+from kdlib.pruning.config import PruneConfig, PrunePlan, PruneResult, Sizes
 from kdlib.pruning.importance import Scores, compute_scores
 from kdlib.pruning.report import plot_scores, save_scores
 from kdlib.pruning.selection import check_target, make_plan

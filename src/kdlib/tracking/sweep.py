@@ -4,8 +4,8 @@
 varies (``0_loss=kl``). When the sweep ends (a Hydra callback, :class:`SweepReport`), every job's
 held-out results are read back from its run directory and compared in ``sweep_results.md`` (the
 table), ``sweep_results.json`` (the same, for programs) and ``sweep_results.png`` (the held-out
-KL and bits per byte per job), with where each job's student is, or that it was not saved, and
-why a job failed (a failed job does not stop the others: its one-line error is kept in its
+KL and bits per byte per job), with where each job's student is, or that it was not saved, the
+job with the lowest held-out KL as one ``kdlib`` command line, and why a job failed (a failed job does not stop the others: its one-line error is kept in its
 directory as ``error.txt``).
 """
 
@@ -60,8 +60,24 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
             student = results.get("student_dir")
             row["student"] = student
             row["student_bytes"] = _size(Path(student)) if student else None
+            pruned = read_json(job / "pruning" / "prune.json")
+            row["params"] = pruned["params_after"] if pruned else None
+        row["command"] = _command(overrides, sweep_dir)
         rows.append(row)
     return rows
+
+
+def _command(overrides: list[str], sweep_dir: Path) -> str:
+    """A job as one ``kdlib`` run: its overrides, less a recipe that made the sweep by itself
+    (``hydra.sweeper.params``, e.g. +recipe=prune_search) and its settings."""
+    import shlex
+
+    from omegaconf import OmegaConf
+
+    multirun = sweep_dir / "multirun.yaml"
+    own_sweep = multirun.is_file() and bool(OmegaConf.select(OmegaConf.load(multirun), "hydra.sweeper.params"))
+    kept = [o for o in overrides if not (own_sweep and o.startswith("+recipe="))]
+    return shlex.join(["kdlib", *kept])
 
 
 def write_sweep_report(sweep_dir: Path) -> Optional[str]:
@@ -71,21 +87,43 @@ def write_sweep_report(sweep_dir: Path) -> Optional[str]:
         return None
     write_json(sweep_dir / "sweep_results.json", rows)
     text = markdown_table(rows)
+    best = winner(rows)
+    if best is not None:
+        text += (f"\n\nlowest held-out KL: job {best['job']} ({best['kl']:.4f}); as one run:\n"
+                 f"    {best['command']}")
     (sweep_dir / "sweep_results.md").write_text(f"# {sweep_dir}\n\n{text}\n", encoding="utf-8")
     _plot(rows, sweep_dir / "sweep_results.png")
     return f"sweep results ({sweep_dir / 'sweep_results.md'}):\n{text}"
 
 
+def winner(rows: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The finished job with the lowest held-out KL (None when no job finished)."""
+    done = [r for r in rows if r["status"] == "done" and r.get("kl") is not None]
+    return min(done, key=lambda r: r["kl"]) if len(done) > 1 else None
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = ["job", "overrides", *[label for _, label in METRICS], "student"]
+    """Overrides and held-out metrics after training per job, best in bold; the metrics before
+    training too when they differ between jobs (each job starts from another student), and the
+    student's parameter count when jobs pruned it."""
+    done = [r for r in rows if r["status"] == "done"]
+    before = [key for key, _ in METRICS if len({r.get(f"{key}_before") for r in done}) > 1]
+    sized = any(r.get("params") for r in done)
+    header = ["job", "overrides", *(["params"] if sized else []), *[f"{label} before" for key, label in METRICS if key in before],
+              *[label for _, label in METRICS], "student"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     best = {key: min((r[key] for r in rows if r.get(key) is not None), default=None) for key, _ in METRICS}
     best["top1_agreement"] = max((r["top1_agreement"] for r in rows if r.get("top1_agreement") is not None), default=None)
     for row in rows:
         cells = [row["job"], row["overrides"]]
         if row["status"] != "done":
-            cells += [row["status"]] + [""] * (len(METRICS) - 1) + [""]
+            cells += [row["status"]] + [""] * (len(header) - 3)
         else:
+            if sized:
+                cells.append(f"{row['params']:,}" if row.get("params") else "")
+            for key in before:
+                value = row.get(f"{key}_before")
+                cells.append("" if value is None else f"{value:.4f}")
             for key, _ in METRICS:
                 value = row.get(key)
                 cell = "" if value is None else f"{value:.4f}"

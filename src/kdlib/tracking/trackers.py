@@ -215,9 +215,12 @@ def swept_keys(multirun_yaml: Path) -> set[str]:
 
     if not multirun_yaml.is_file():
         return set()
-    task = OmegaConf.select(OmegaConf.load(multirun_yaml), "hydra.overrides.task") or []
+    loaded = OmegaConf.load(multirun_yaml)
+    task = OmegaConf.select(loaded, "hydra.overrides.task") or []
+    # a recipe's own sweep (hydra.sweeper.params, e.g. +recipe=prune_search)
+    params = OmegaConf.select(loaded, "hydra.sweeper.params") or {}
     try:
-        parsed = OverridesParser.create().parse_overrides(list(task))
+        parsed = OverridesParser.create().parse_overrides(list(task) + [f"{k}={v}" for k, v in params.items()])
     except Exception:  # not ours to validate: Hydra ran these overrides already
         return set()
     return {o.input_line.split("=", 1)[0] for o in parsed if o.is_sweep_override()}

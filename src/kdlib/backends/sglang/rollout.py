@@ -170,6 +170,8 @@ def parse_generation(output: dict[str, Any], stop_ids: set[int], max_new_tokens:
 def engine_checkpoint(model: ModelConfig) -> str:
     """A checkpoint SGLang can load with ``model``'s architecture: the model's own location, or
     for a depth-pruned student its initial pruned weights, written once to kdlib's cache."""
+    if isinstance(model, StudentConfig) and model.prune.output is not None:
+        return model.prune.output  # pruned by importance: already a checkpoint of its own
     location = model_location(model.model)
     if not isinstance(model, StudentConfig) or (model.num_layers is None and model.keep_layers is None):
         return location
