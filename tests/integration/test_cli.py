@@ -147,7 +147,8 @@ def test_installed_wheel_finds_its_configs(tmp_path):
 def test_cli_ray_recipe_and_sweep_start_and_stop_ray(tiny_overrides, tmp_path):
     """+recipe=ray: the launcher starts Ray for each job of a sweep and shuts it down after."""
     sweep_dir = tmp_path / "ray_sweep"
-    args = _cli_overrides(tiny_overrides) + ["+recipe=ray", "train.max_steps=2", "eval.before=false", "launcher.num_cpus=2"]
+    args = _cli_overrides(tiny_overrides) + ["+recipe=ray", "train.max_steps=2", "eval.before=false", "launcher.num_cpus=2",
+                                          "save_student=true"]  # a sweep's jobs save only when asked
     out = _run(["-m", "loss=kl,rkl", f"hydra.sweep.dir={sweep_dir}", *args], cwd=tmp_path)
     jobs = sorted(p for p in sweep_dir.iterdir() if (p / "metrics.jsonl").exists())
     assert len(jobs) == 2
