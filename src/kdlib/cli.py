@@ -90,6 +90,7 @@ def _task(cfg) -> None:
     from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
+    _one_console_for_hub_logs()
     try:
         run(cfg, run_dir=hydra_cfg.runtime.output_dir, identity=identity_from_hydra(hydra_cfg))
     except Interrupted as exc:
@@ -111,6 +112,16 @@ def _task(cfg) -> None:
         _fail(Interrupted("interrupted by SIGINT; no checkpoint written", signal_number=signal.SIGINT, resume_dir=None))
     except Exception:  # noqa: BLE001 - a bug: shown whole, with where to report it
         _bug()
+
+
+def _one_console_for_hub_logs() -> None:
+    """huggingface_hub prints its records on a console handler of its own and passes them on to
+    Hydra's: each line twice. Hydra's handlers (console and kdlib.log) are kept."""
+    import logging
+
+    hub = logging.getLogger("huggingface_hub")
+    for handler in [h for h in hub.handlers if type(h) is logging.StreamHandler]:
+        hub.removeHandler(handler)
 
 
 def resume_command(task_overrides: list[str], resume_dir: str) -> str:

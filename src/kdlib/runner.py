@@ -27,6 +27,7 @@ from kdlib.config.resolve import resolve
 from kdlib.config.schema import KDConfig
 from kdlib.controller import MODES
 from kdlib.data.preflight import check_data_files
+from kdlib.models.hub import check_hub
 from kdlib.pipeline import Pipeline
 from kdlib.progress import configured as progress_shown
 from kdlib.result import RunResult
@@ -86,6 +87,7 @@ def resolved(cfg: KDConfig | DictConfig, *, sweep_job: bool = False) -> KDConfig
         cfg = thawed(cfg)  # the caller keeps its object; a frozen one may be run again
     typed = to_typed(cfg)
     layouts = check_data_files(typed.data)  # a bad file or row costs seconds, not a model load
+    check_hub(typed)  # an unreachable hub costs one connection attempt, not minutes of retries
     resolve(typed, models=True, layouts=layouts, sweep_job=sweep_job)
     validate(typed)
     return freeze(typed)
