@@ -68,7 +68,9 @@ def resolve(cfg: KDConfig, *, models: bool = False, layouts: Optional[dict[str, 
                f"torch {'has' if fused else 'has no'} fused AdamW for {cfg.student.dtype.value} on {device}")
     from kdlib.controller import MODES
 
-    MODES.get(cfg.mode.value).resolve(cfg, record)
+    mode = MODES.get(cfg.mode.value)
+    mode.resolve(cfg, record)
+    _said_only_where_used(cfg, mode)
     cfg.teacher.backend.resolve(cfg, device, record)
     cfg.rollout.resolve(cfg, device, record)
     if models:  # what kdlib.run settles: the models' configs, and whether this run is a sweep's job
@@ -106,6 +108,21 @@ def _precision(cfg: KDConfig, device: str, record: Choices) -> None:
         support = bf16_support(device)
         cfg.student.autocast = support.native and cfg.student.dtype is Precision.float32
         record("student.autocast", str(cfg.student.autocast).lower(), support.reason)
+
+
+def _said_only_where_used(cfg: KDConfig, mode: Any) -> None:
+    """Every part's ``auto`` values are settled (the config stays whole) but the log says only those
+    of parts this run uses: no teacher precision in SFT, no rollout engine off-policy; with the
+    teacher cache, the teacher's precision is what it computes in if the cache misses samples."""
+    from kdlib.controller.mode import TeacherNeed
+
+    needs = mode.needs(cfg)
+    unused = ([] if needs.teacher is not TeacherNeed.none else ["teacher."]) + (["rollout."] if needs.rollout is None else [])
+    for key in [k for k in cfg.auto_choices if k.startswith(tuple(unused))] if unused else []:
+        del cfg.auto_choices[key]
+    said, note = cfg.auto_choices.get("teacher.dtype"), " (if the teacher computes: teacher.cache may cover every sample)"
+    if said is not None and cfg.teacher.cache and not said.endswith(note):
+        cfg.auto_choices["teacher.dtype"] = said + note
 
 
 def _saving(cfg: KDConfig, record: Choices, sweep_job: bool) -> None:

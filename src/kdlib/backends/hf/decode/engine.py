@@ -34,6 +34,7 @@ from torch import nn
 
 from kdlib.backends.hf.decode.products import FewRowLinears, head_logits
 from kdlib.errors import first_line
+from kdlib.progress import phase
 from kdlib.models.head import LMHead, decoder_of, lm_head_of, verify_lm_head
 from kdlib.backends.hf.decode.frozen import FROZEN_COMPILE_OPTIONS, PackedWeights, follows_weights
 from kdlib.backends.hf.decode.sampling import SAMPLERS
@@ -236,7 +237,9 @@ class DecodeEngine:
                 return self._step(ids, position, mask, cache)
             # the first call of a shape compiles: a failure or a wrong result is the compiler's
             try:
-                logits = self._step(ids, position, mask, cache)
+                with phase(f"rollout engine: compiling the decode step for {shape[0]} rows x {shape[1]} positions "
+                           "(once per shape; tens of seconds on CPU)"):
+                    logits = self._step(ids, position, mask, cache)
             except Exception as exc:  # noqa: BLE001
                 raise _CompileFailure() from exc
             err = _relative_error(logits, self._redo_eagerly(ids, position, mask, cache))
