@@ -151,3 +151,18 @@ def test_a_plugin_transform_runs_in_the_listed_order(tiny_llama):
     assert seen and seen[0]  # it ran after LoRA: the adapters existed
     assert [type(t).__name__ for t in student.transforms] == ["LoraTransform", "FreezeNorms"]
     assert not any(p.requires_grad for n, p in student.model.named_parameters() if "norm" in n)
+
+
+def test_modules_to_save_match_by_the_end_of_the_name_and_export_plainly(tiny_llama):
+    """docs/lora.md's ``modules_to_save=[norm]``: peft wraps the final norm and every
+    ``*_layernorm``; all of them train and the export is the plain model's, values included."""
+    student = build_student(_student_cfg(tiny_llama, r=2, modules_to_save=["norm"]), torch.device("cpu"))
+    _randomise_adapters(student.model)
+    trained = [n for n, p in student.model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    assert len(trained) == 1 + 2 * 3  # model.norm, and input/post-attention norms of 3 layers
+    exported = student.plain_state({k: v.detach() for k, v in student.model.state_dict().items()})
+    reference = _peft_merged_state(student.model)
+    assert sorted(exported) == sorted(reference)
+    assert all(torch.equal(exported[k], v) for k, v in reference.items())
+    wrapped = dict(student.model.named_parameters())["base_model.model.model.norm.modules_to_save.default.weight"]
+    assert torch.equal(exported["model.norm.weight"], wrapped.detach())
