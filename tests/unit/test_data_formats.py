@@ -104,3 +104,18 @@ def test_batch_loss_mask_alignment_with_padding(tmp_path, chatml_tokenizer_dir):
     # the loss never reads a padded position, and never predicts a pad
     assert not (batch.loss_mask & (batch.attention_mask == 0)).any()
     assert batch.loss_mask[:, -1].sum() == 0
+
+
+def test_row_limits_are_counted(tmp_path, chatml_tokenizer_dir):
+    """data.max_samples / data.eval_max_samples read the first rows and count the rest."""
+    rows = [{"prompt": f"question {i}?", "response": f"answer {i}."} for i in range(7)]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    tokenizer = ChatEncoder(AutoTokenizer.from_pretrained(chatml_tokenizer_dir))
+    samples, report = build_samples(DataConfig(train=str(path), eval=str(path), max_samples=3, eval_max_samples=5),
+                                    "train", tokenizer)
+    assert len(samples) == 3 and report.beyond_limit == 4 and report.as_dict()["beyond_limit"] == 4
+    assert "4 further rows not read (data.max_samples=3)" in report.summary()
+    held_out, report = build_samples(DataConfig(train=str(path), eval=str(path), eval_max_samples=5), "eval", tokenizer)
+    assert len(held_out) == 5 and "2 further rows not read (data.eval_max_samples=5)" in report.summary()
+    _, whole = build_samples(DataConfig(train=str(path)), "train", tokenizer)
+    assert whole.beyond_limit == 0 and "not read" not in whole.summary()

@@ -89,9 +89,20 @@ class FilterReport:
     # data.max_len on one side), trained by CE only.
     unaligned_student_tokens: int = 0
     unaligned_teacher_tokens: int = 0
+    # Rows of the file after the first data.max_samples / data.eval_max_samples, not read.
+    beyond_limit: int = 0
+    limit_key: str = ""
+
+    @classmethod
+    def of(cls, source: "RowSource") -> "FilterReport":
+        """An empty report for the rows of ``source`` (carrying its row limit)."""
+        return cls(source=source.name, rows=len(source.rows), beyond_limit=source.beyond_limit,
+                   limit_key=source.limit_key)
 
     def summary(self) -> str:
         parts = [f"{self.kept}/{self.rows} samples kept from {self.source}"]
+        if self.beyond_limit:
+            parts.append(f"{self.beyond_limit} further rows not read ({self.limit_key}={self.rows})")
         if self.truncated:
             parts.append(f"{self.truncated} truncated")
         for reason, count in sorted(self.dropped.items()):
@@ -110,6 +121,7 @@ class FilterReport:
             "dropped": dict(self.dropped),
             "unaligned_student_tokens": self.unaligned_student_tokens,
             "unaligned_teacher_tokens": self.unaligned_teacher_tokens,
+            "beyond_limit": self.beyond_limit,
         }
 
 
@@ -151,8 +163,9 @@ def build_prompts(
     cfg: DataConfig, student: ChatEncoder, teacher: Optional[ChatEncoder] = None
 ) -> tuple[list[Prompt], FilterReport]:
     """Prompts of data.train (a trailing assistant turn is dropped: the student writes its own)."""
-    source = load_rows(cfg.train, split=cfg.train_split, key="data.train", max_rows=cfg.max_samples)
-    report = FilterReport(source=source.name, rows=len(source.rows))
+    source = load_rows(cfg.train, split=cfg.train_split, key="data.train", max_rows=cfg.max_samples,
+                       limit_key="data.max_samples")
+    report = FilterReport.of(source)
     prompts = []
     for row in load_conversations(source, cfg):
         prompt = _without_response(row.conversation)
@@ -187,7 +200,7 @@ def build_samples(
     ``teacher`` None meaning the teacher reads the student's tokens).
     """
     source = load_split(cfg, split)
-    report = FilterReport(source=source.name, rows=len(source.rows))
+    report = FilterReport.of(source)
     samples = []
     for row in load_conversations(source, cfg):
         index, conversation = row.index, row.conversation
@@ -277,6 +290,7 @@ def load_split(cfg: DataConfig, split: str) -> RowSource:
         split=cfg.train_split if train else cfg.eval_split,
         key=f"data.{split}",
         max_rows=cfg.max_samples if train else cfg.eval_max_samples,
+        limit_key="data.max_samples" if train else "data.eval_max_samples",
     )
 
 

@@ -29,14 +29,19 @@ class RowSource:
     rows: "datasets.Dataset"  # noqa: F821 (datasets is imported lazily)
     name: str  # file path or hub name, for messages
     key: str  # the config key that named it (data.train, data.eval)
+    # Rows after the first max_rows, left out on request, and the option that asked.
+    beyond_limit: int = 0
+    limit_key: str = ""
 
     def where(self, row: int) -> str:
         """'<name>, row <n>' (1-based, as in an editor), for error messages."""
         return f"{self.name}, row {row + 1}"
 
 
-def load_rows(spec: str, *, split: str, key: str, max_rows: int | None = None) -> RowSource:
-    """Load the dataset named by config key ``key`` (value ``spec``)."""
+def load_rows(spec: str, *, split: str, key: str, max_rows: int | None = None,
+              limit_key: str = "") -> RowSource:
+    """Load the dataset named by config key ``key`` (value ``spec``), its first ``max_rows`` rows
+    if given (``limit_key`` names the option that set it, for the filter report)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -56,9 +61,11 @@ def load_rows(spec: str, *, split: str, key: str, max_rows: int | None = None) -
             rows = datasets.load_dataset(spec, split=split)
         except Exception as exc:  # network, unknown name, bad split: one line is what helps
             raise DataError(f"{key}: cannot load hub dataset {spec!r} (split {split!r}): {exc}") from None
+    beyond = 0
     if max_rows is not None and len(rows) > max_rows:
+        beyond = len(rows) - max_rows
         rows = rows.select(range(max_rows))
-    return RowSource(rows=rows, name=str(location), key=key)
+    return RowSource(rows=rows, name=str(location), key=key, beyond_limit=beyond, limit_key=limit_key)
 
 
 def _load_file(path: Path, key: str):

@@ -128,7 +128,7 @@ def build_vision_samples(
     ``teacher`` is given only when the teacher renders samples differently from the student.
     """
     source = load_split(cfg, split)
-    report = FilterReport(source=source.name, rows=len(source.rows))
+    report = FilterReport.of(source)
     samples = []
     for row in _rows(source, cfg, report):
         encoded = student.encode(row.conversation, row.images, row.where)
@@ -159,8 +159,9 @@ def build_vision_prompts(
 ) -> tuple[list[VisionPrompt], FilterReport]:
     """Prompts of data.train with their images (a trailing assistant turn is dropped: the student
     writes its own answer about the images)."""
-    source = load_rows(cfg.train, split=cfg.train_split, key="data.train", max_rows=cfg.max_samples)
-    report = FilterReport(source=source.name, rows=len(source.rows))
+    source = load_rows(cfg.train, split=cfg.train_split, key="data.train", max_rows=cfg.max_samples,
+                       limit_key="data.max_samples")
+    report = FilterReport.of(source)
     prompts = []
     for row in _rows(source, cfg, report):
         prompt = row.conversation.without_response()
