@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild the instruction data shipped with kdlib (src/kdlib/data/builtin/smol_instruct_*.jsonl):
 # SmolLM2-135M-Instruct answers kdlib's own 320 prompts through kdlib's generate mode
-# (sequence-level KD data synthesis), then every 6th kept row goes to the held-out split.
+# (sequence-level KD data synthesis), then every 6th kept row goes to the held-out split. Each row
+# also gets `teacher_prompt`, its prompt with a brevity instruction, for +recipe=context_distill.
 # About 10 minutes on 2 CPU cores. Usage: scripts/build_smol_instruct.sh [extra overrides]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,10 @@ out=$(mktemp -d)
 import json, sys
 from pathlib import Path
 rows = [json.loads(line) for line in open(sys.argv[1], encoding="utf-8")]
+BRIEF = "\n\nAnswer in two or three plain sentences, without lists or code."
+for row in rows:
+    user = [m["content"] for m in row["messages"] if m["role"] == "user"][-1]
+    row["teacher_prompt"] = user + BRIEF
 target = Path(sys.argv[2])
 splits = {"train": [r for i, r in enumerate(rows) if i % 6], "eval": [r for i, r in enumerate(rows) if not i % 6]}
 for name, part in splits.items():
