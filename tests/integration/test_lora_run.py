@@ -154,10 +154,10 @@ def test_lora_run_of_the_embedded_default_finishes_and_its_outputs_load(tmp_path
     result = kdlib.run(cfg)
     assert len(_rows(result)) == 5 and result.eval_after["kl"] < result.eval_before["kl"]
     merged = AutoModelForCausalLM.from_pretrained(result.outputs["student"]).eval()
-    assert merged.config.num_hidden_layers == 16
+    assert merged.config.num_hidden_layers == 20  # the default preset: 20 layers, pruned by importance
     base = AutoModelForCausalLM.from_pretrained(result.outputs["student_base"])
     adapted = PeftModel.from_pretrained(base, result.outputs["student_adapter"]).eval()
     ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        # W x + s B (A x) against (W + s B A) x: float32 reassociation through 16 layers, logits of size ~10
+        # W x + s B (A x) against (W + s B A) x: float32 reassociation through 20 layers, logits of size ~10
         torch.testing.assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-3)

@@ -52,6 +52,14 @@ def test_three_step_offpolicy_run(teacher_fixture, student_fixture, repeat_data,
     assert torch.isfinite(student(**ids).logits).all()
     initial = AutoModelForCausalLM.from_pretrained(teacher)
     assert not torch.equal(student.model.layers[0].mlp.up_proj.weight, initial.model.layers[0].mlp.up_proj.weight)
+    # a tied head (Qwen3 here) is one tensor: saved once, under the embeddings' name, and tied on load
+    from safetensors import safe_open
+
+    with safe_open(str(result.student_dir / "model.safetensors"), "pt") as saved:
+        keys = set(saved.keys())
+    tied = student.config.tie_word_embeddings
+    assert ("lm_head.weight" in keys) is not tied and "model.embed_tokens.weight" in keys
+    assert (student.get_output_embeddings().weight is student.get_input_embeddings().weight) is tied
 
 
 def test_sft_runs_without_a_teacher(tiny_overrides):

@@ -137,3 +137,13 @@ def verify_lm_head(
             f"(max abs error {err:.3g} vs logit scale {scale:.3g}); this architecture applies an "
             "output transform kdlib does not know, so hidden-state KD would be wrong for it"
         )
+
+
+def tied_head_keys(model: nn.Module) -> set[str]:
+    """State-dict names of an output head that shares its weight with the input embeddings (a
+    tied head): one tensor, which a saved checkpoint holds once, under the embeddings' name;
+    ``from_pretrained`` ties the head to it again. Empty when the head is untied."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embeddings is None or head.weight is not embeddings.weight:
+        return set()
+    return {f"{name}.weight" for name, module in model.named_modules(remove_duplicate=False) if module is head}

@@ -27,6 +27,7 @@ from torch import nn
 
 from kdlib.config.schema import StudentConfig
 from kdlib.errors import ConfigError
+from kdlib.models.head import tied_head_keys
 from kdlib.models.head import decoder_of
 from kdlib.models.transforms import State, StudentTransform
 
@@ -136,13 +137,16 @@ class LoraTransform(StudentTransform):
 
         outputs: dict[str, Path] = {}
         adapter_dir = student_dir.parent / "student_adapter"
-        if self.cfg.num_layers is not None or self.cfg.keep_layers is not None:
+        pruned = self.cfg.num_layers is not None or self.cfg.keep_layers is not None or self.cfg.prune.output
+        if pruned:  # beside the adapter, not only in kdlib's cache (which a user may clear)
             base_dir = student_dir.parent / "student_base"
-            self.unwrap(model).save_pretrained(base_dir, state_dict=self.base_state(state))
+            plain = self.unwrap(model)
+            base = self.base_state(state)
+            for key in tied_head_keys(plain):  # one tensor, saved once
+                base.pop(key, None)
+            plain.save_pretrained(base_dir, state_dict=base)
             outputs["student_base"] = base_dir
             base_location = str(base_dir.resolve())
-        elif self.cfg.prune.output is not None:
-            base_location = self.cfg.prune.output  # the pruned checkpoint in kdlib's cache
         else:
             base_location = model_location(self.cfg.model)
         model.peft_config[ADAPTER].base_model_name_or_path = base_location

@@ -36,7 +36,7 @@ from kdlib.batch import MicroBatch
 from kdlib.cache.shards import CachedOutput
 from kdlib.config.compose import import_plugins
 from kdlib.evaluation import HeldoutSums
-from kdlib.models.head import LMHead
+from kdlib.models.head import LMHead, tied_head_keys
 from kdlib.models.loading import resolve_device
 from kdlib.models.student import build_student
 from kdlib.models.vlm import image_layout_for
@@ -211,6 +211,8 @@ class StudentWorker:
         directory.mkdir(parents=True, exist_ok=True)
         weights = self.student.plain_state(state)
         model = self.student.plain_model()
+        for key in tied_head_keys(model):  # gathered, a tied head is a second copy: saved once
+            weights.pop(key, None)
         if dtype is not None:
             weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
             model.config.dtype = dtype  # what from_pretrained(dtype="auto") loads it as
