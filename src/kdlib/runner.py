@@ -27,6 +27,7 @@ from kdlib.config.resolve import resolve
 from kdlib.config.schema import KDConfig
 from kdlib.controller import MODES
 from kdlib.data.preflight import check_data_files
+from kdlib.data.routes import check_routes
 from kdlib.pipeline import Pipeline
 from kdlib.progress import configured as progress_shown
 from kdlib.result import RunResult
@@ -88,6 +89,7 @@ def resolved(cfg: KDConfig | DictConfig, *, sweep_job: bool = False) -> KDConfig
     layouts = check_data_files(typed.data)  # a bad file or row costs seconds, not a model load
     resolve(typed, models=True, layouts=layouts, sweep_job=sweep_job)
     validate(typed)
+    check_routes(typed)  # several teachers: every row's route, before any model loads
     return freeze(typed)
 
 
