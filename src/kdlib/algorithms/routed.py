@@ -79,6 +79,10 @@ class RoutedLoss:
             return self.algorithms[route.teacher].compute_loss(student, batch, teacher, normaliser)
         if not isinstance(teacher, dict) or set(teacher) != set(route.members):
             raise ValueError(f"ensemble {route.target} needs one teacher output per member {list(route.members)}")
+        sole = _sole_member(route.weights)
+        if sole is not None:  # all weight on one member: the target is that teacher's, trained as it alone would be
+            name = route.members[sole]
+            return self.algorithms[name].compute_loss(student, route.view(batch, name), teacher[name], normaliser)
         forward = Algorithm.student_forward(student, batch)
         n = forward.hidden.shape[0]
         members, hidden, covered = [], [], []
@@ -120,3 +124,14 @@ class RoutedLoss:
         for name in route.members[1:]:  # the student's own figures once
             total = total.add(replace(per_teacher[name], ce=0.0, tokens=0, student_bytes=0))
         return RoutedSums(total, per_teacher)
+
+
+def _sole_member(weights: Optional[torch.Tensor]) -> Optional[int]:
+    """The member every sample of a micro-batch puts all its weight on ([n_samples, K] weights),
+    or None."""
+    if weights is None:
+        return None
+    for k in range(weights.shape[1]):
+        if bool((weights[:, k] == 1).all()):
+            return k
+    return None

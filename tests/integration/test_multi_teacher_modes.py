@@ -1,0 +1,146 @@
+"""Several teachers in the other modes: per-teacher caches, teachers taking turns, privileged
+prompts per teacher, a self-distillation teacher, cross-tokenizer routing and ensembles, on-policy.
+
+Each is checked against the one-teacher run it must equal where one exists (every sample routed to
+one teacher), bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import kdlib
+from kdlib.demo.text import write_jsonl
+from kdlib.runner import built
+
+from test_multi_teacher import losses, named, routed_rows, same_run
+
+
+def rows_of(result) -> list[dict]:
+    return [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """Train and held-out rows, every third routed to ``coder``, the rest to the default."""
+    train = write_jsonl(tmp_path / "mixed" / "train.jsonl", routed_rows(16, 0, lambda i: "coder" if i % 3 == 0 else None))
+    held = write_jsonl(tmp_path / "mixed" / "eval.jsonl", routed_rows(6, 1, lambda i: "coder" if i % 3 == 0 else None))
+    return [f"data.train={train}", f"data.eval={held}", "routing.key=expert", "train.max_steps=2"]
+
+
+def test_each_teacher_fills_and_reads_its_own_cache(tiny_overrides, tiny_qwen3, mixed, tmp_path):
+    common = tiny_overrides + mixed + named("coder", tiny_qwen3)
+    caches = [f"teacher.cache={tmp_path / 'cache_a'}", f"teachers.coder.cache={tmp_path / 'cache_b'}"]
+    live = kdlib.run(kdlib.compose(common + [f"output_dir={tmp_path / 'live'}"]))
+    filled = kdlib.run(kdlib.compose(common + caches + ["mode=cache", f"output_dir={tmp_path / 'fill'}"]))
+    assert filled.metrics["samples_computed"] == 22
+    cfg = kdlib.compose(common + caches + [f"output_dir={tmp_path / 'read'}"])
+    with built(cfg, run_dir=tmp_path / "probe") as loop:
+        assert loop.pipeline.teachers.groups == {}  # both caches cover their samples: no model loaded
+    read = kdlib.run(cfg)
+    same_run(live, read)
+    assert live.eval_after == read.eval_after
+    assert all(r["teacher_cached_batches"] == r["micro_batches"] for r in rows_of(read))
+    # a cache made by another teacher is refused, as for one teacher
+    wrong = [f"teacher.cache={tmp_path / 'cache_b'}", f"teachers.coder.cache={tmp_path / 'cache_a'}"]
+    with pytest.raises(kdlib.errors.ConfigError, match="cache"):
+        kdlib.run(kdlib.compose(common + wrong + [f"output_dir={tmp_path / 'wrong'}"]))
+
+
+def test_teachers_taking_turns_train_as_teachers_held_together(tiny_overrides, tiny_qwen3, mixed, tmp_path):
+    common = tiny_overrides + mixed + named("coder", tiny_qwen3)
+    together = kdlib.run(kdlib.compose(common + [f"output_dir={tmp_path / 'together'}"]))
+    cfg = kdlib.compose(common + ["routing.take_turns=true", f"output_dir={tmp_path / 'turns'}"])
+    with built(cfg, run_dir=tmp_path / "probe") as loop:
+        teachers = loop.pipeline.teachers
+        assert len(teachers.loaded) == 1  # one model in memory at a time
+        loop.start(1)
+        loop.step(next(loop.sample_batches()), 1)
+        assert len(teachers.loaded) == 1 and teachers.turns >= 1
+    turns = kdlib.run(cfg)
+    same_run(together, turns)
+    assert together.eval_after == turns.eval_after
+
+
+def test_privileged_prompt_per_teacher(tiny_overrides, tiny_llama, tiny_qwen3, tmp_path):
+    data = routed_rows(16, 0, lambda i: "coder")
+    for row in data:
+        row["hint"] = "Answer in one short sentence: " + [m for m in row["messages"] if m["role"] == "user"][-1]["content"]
+    path = write_jsonl(tmp_path / "hinted.jsonl", data)
+    common = tiny_overrides + [f"data.train={path}", "data.eval=null", "train.max_steps=2"]
+    single = kdlib.run(kdlib.compose(common + ["data.teacher_input_key=hint", f"output_dir={tmp_path / 'single'}"]))
+    routed = kdlib.run(kdlib.compose(common + [
+        f"teacher.model={tiny_qwen3}", "routing.key=expert", *named("coder", tiny_llama), "+routing.input_keys.coder=hint",
+        f"output_dir={tmp_path / 'routed'}",
+    ]))
+    same_run(single, routed)
+    plain = kdlib.run(kdlib.compose(common + [f"output_dir={tmp_path / 'plain'}"]))
+    assert losses(plain) != losses(single)  # the hint does reach the teacher
+
+
+def test_a_self_distillation_teacher_among_others(tiny_overrides, mixed, tmp_path):
+    result = kdlib.run(kdlib.compose(tiny_overrides + mixed + [
+        "+teacher@teachers.coder=smollm2", "teachers.coder.from_student=true", "teachers.coder.dtype=float32",
+        "teachers.coder.model=${student.model}",
+    ]))
+    assert result.eval_after["teacher/coder/kl"] >= 0 and result.eval_after["teacher/teacher/kl"] > 0
+
+
+@pytest.fixture
+def xtok(tiny_overrides, unigram_tokenizer_dir):
+    return tiny_overrides + [f"student.tokenizer={unigram_tokenizer_dir}", "algorithm=marginal", "train.max_steps=2",
+                             "eval.before=false"]
+
+
+def test_cross_tokenizer_ensemble_weighing_one_teacher_is_that_teacher(xtok, tiny_qwen3, tmp_path):
+    single = kdlib.run(kdlib.compose(xtok + [f"output_dir={tmp_path / 'single'}"]))
+    ensemble = kdlib.run(kdlib.compose(xtok + [
+        *named("other", tiny_qwen3), "+ensemble@routing.ensembles.both=mixture",
+        "routing.ensembles.both.members=[teacher,other]", "routing.ensembles.both.weights=[1,0]",
+        "routing.default=both", f"output_dir={tmp_path / 'ensemble'}",
+    ]))
+    same_run(single, ensemble)
+
+
+@pytest.mark.parametrize("combine", ["mixture", "product"])
+def test_an_ensemble_of_a_teacher_with_itself_is_that_teacher(combine, xtok, tiny_overrides, tiny_llama, tmp_path):
+    """Members on the same rows with the same distribution: any weights give the teacher's target
+    (up to rounding), off the student's tokens and on them."""
+    for name, common in (("xtok", xtok), ("same", tiny_overrides + ["train.max_steps=2", "eval.before=false"])):
+        single = kdlib.run(kdlib.compose(common + [f"output_dir={tmp_path / name / 'single'}"]))
+        ensemble = kdlib.run(kdlib.compose(common + [
+            *named("twin", tiny_llama), f"+ensemble@routing.ensembles.both={combine}",
+            "routing.ensembles.both.members=[teacher,twin]", "routing.ensembles.both.weights=[0.3,0.7]",
+            "routing.default=both", f"output_dir={tmp_path / name / 'ensemble'}",
+        ]))
+        assert losses(ensemble) == pytest.approx(losses(single), rel=1e-5), name
+
+
+def test_cross_tokenizer_routing_of_two_teachers(xtok, tiny_qwen3, mixed, tmp_path):
+    result = kdlib.run(kdlib.compose(xtok + mixed + named("coder", tiny_qwen3) + ["eval.before=true"]))
+    for name in ("teacher", "coder"):  # each teacher's own held-out rows, before and after
+        key = f"teacher/{name}/bits_per_byte"
+        assert result.eval_after[key] < result.eval_before[key]
+    assert result.eval_after["teacher/teacher/tokens"] + result.eval_after["teacher/coder/tokens"] == \
+        result.eval_after["tokens"]
+
+
+def test_onpolicy_routing_scores_each_rollout_with_its_prompts_teacher(tiny_overrides, tiny_llama, tiny_qwen3, tmp_path):
+    def onpolicy(route, extra):
+        prompts = write_jsonl(tmp_path / f"prompts_{len(extra)}.jsonl", routed_rows(4, 7, route))
+        return kdlib.compose(tiny_overrides + [
+            "+recipe=onpolicy", "loss=kl", f"data.train={prompts}", "train.global_batch_size=4", "train.epochs=2",
+            "train.max_steps=2", "rollout.max_new_tokens=8", "rollout.temperature=0", "eval.before=false", *extra,
+        ])
+
+    single = kdlib.run(onpolicy(lambda i: "coder", [f"output_dir={tmp_path / 'single'}"]))
+    routed = kdlib.run(onpolicy(lambda i: "coder", [
+        f"teacher.model={tiny_qwen3}", "routing.key=expert", *named("coder", tiny_llama), f"output_dir={tmp_path / 'r'}",
+    ]))
+    same_run(single, routed)
+    mixed = kdlib.run(onpolicy(lambda i: "coder" if i % 2 else None, [
+        "routing.key=expert", *named("coder", tiny_qwen3), f"output_dir={tmp_path / 'mixed'}",
+    ]))
+    assert all(r["routed/coder/samples"] == 2 and r["routed/teacher/samples"] == 2 for r in rows_of(mixed))
