@@ -144,3 +144,77 @@ def test_onpolicy_routing_scores_each_rollout_with_its_prompts_teacher(tiny_over
         "routing.key=expert", *named("coder", tiny_qwen3), f"output_dir={tmp_path / 'mixed'}",
     ]))
     assert all(r["routed/coder/samples"] == 2 and r["routed/teacher/samples"] == 2 for r in rows_of(mixed))
+
+
+@pytest.mark.ray
+def test_ray_routed_run_matches_local(tiny_overrides, tiny_qwen3, mixed, tmp_path):
+    """A worker group per teacher and two FSDP2 students on Ray == the local routed run."""
+    import os
+
+    import ray
+    import torch
+    from safetensors.torch import load_file
+
+    common = tiny_overrides + mixed + named("coder", tiny_qwen3) + ["eval.before=false"]
+    local = kdlib.run(kdlib.compose(common + [f"output_dir={tmp_path / 'local'}"]))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        on_ray = kdlib.run(kdlib.compose(common + [
+            "launcher=ray", "transport=ray", "student.num_workers=2", f"output_dir={tmp_path / 'ray'}",
+        ]))
+    finally:
+        ray.shutdown()
+    for a, b in zip(rows_of(local), rows_of(on_ray), strict=True):
+        for key in ("loss", "kd_loss", "ce_loss", "routed/coder/loss", "routed/teacher/loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+        for key in ("routed/coder/samples", "routed/teacher/loss_tokens", "teacher/coder/tokens"):
+            assert b[key] == a[key], key
+    for name in ("teacher", "coder"):
+        assert on_ray.eval_after[f"teacher/{name}/kl"] == pytest.approx(local.eval_after[f"teacher/{name}/kl"], rel=1e-4)
+    wa, wb = load_file(local.student_dir / "model.safetensors"), load_file(on_ray.student_dir / "model.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_restores_the_resident_teacher(tiny_overrides, tiny_qwen3, mixed, tmp_path):
+    common = tiny_overrides + mixed + named("coder", tiny_qwen3) + [
+        "routing.take_turns=true", "train.max_steps=3", "eval.before=false", "train.checkpoint_every=1",
+        "train.keep_checkpoints=5",
+    ]
+    full = kdlib.run(kdlib.compose(common + [f"output_dir={tmp_path / 'full'}"]))
+    step_1 = full.run_dir / "checkpoints" / "step_1"
+    saved = json.loads((step_1 / "trainer_state.json").read_text())["resident_teacher"]
+    assert saved in ("teacher", "coder")
+    cfg = kdlib.compose(common + [f"train.resume={step_1}", f"output_dir={tmp_path / 'resumed'}"])
+    with built(cfg, run_dir=tmp_path / "probe") as loop:
+        teachers = loop.pipeline.teachers
+        teachers.turn("teacher" if saved == "coder" else "coder")  # another teacher resident before resuming
+        assert loop.resume() == 1
+        assert teachers.resident == saved and teachers.loaded == {saved}
+    resumed = kdlib.run(cfg)
+    assert losses(resumed) == losses(full)[1:]
+
+
+@pytest.mark.parametrize("combine", ["mixture", "product"])
+def test_an_ensemble_across_two_tokenizer_families_trains(combine, tiny_overrides, tiny_llama, unigram_tokenizer_dir,
+                                                           tmp_path):
+    """A byte-level BPE teacher and a metaspace Unigram teacher, combined on a BPE student's tokens
+    where their byte-aligned groups start: the loss falls on a repeated batch, and each teacher's
+    held-out bits per byte of the student fall."""
+    from kdlib.demo.text import build_model
+
+    metaspace = tmp_path / "meta_teacher"
+    build_model(metaspace, arch="llama", tokenizer_dir=unigram_tokenizer_dir, num_layers=2, seed=5)
+    data = write_jsonl(tmp_path / "train8.jsonl", routed_rows(8, 3, lambda i: None))
+    result = kdlib.run(kdlib.compose(tiny_overrides + [
+        "algorithm=marginal", f"data.train={data}", "train.global_batch_size=8", "train.max_steps=3",
+        "train.warmup_ratio=0", "train.lr=3e-3", *named("meta", metaspace),
+        f"+ensemble@routing.ensembles.both={combine}", "routing.ensembles.both.members=[teacher,meta]",
+        "routing.default=both",
+    ]))
+    steps = losses(result)
+    assert steps[0] > steps[1] > steps[2]
+    for name in ("teacher", "meta"):
+        key = f"teacher/{name}/bits_per_byte"
+        assert result.eval_after[key] < result.eval_before[key]
