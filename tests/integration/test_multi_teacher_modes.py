@@ -163,6 +163,12 @@ def test_ray_routed_run_matches_local(tiny_overrides, tiny_qwen3, mixed, tmp_pat
         on_ray = kdlib.run(kdlib.compose(common + [
             "launcher=ray", "transport=ray", "student.num_workers=2", f"output_dir={tmp_path / 'ray'}",
         ]))
+        # each teacher is placed by its own resources: the coder's cannot be met on this cluster
+        with pytest.raises(kdlib.errors.ConfigError, match=r"^launcher.teachers.coder: 1 teachers.coder worker"):
+            kdlib.run(kdlib.compose(common + [
+                "launcher=ray", "+placement@launcher.teachers.coder=default", "+launcher.teachers.coder.resources={absent: 1}",
+                "launcher.placement_timeout_s=1", f"output_dir={tmp_path / 'unplaced'}",
+            ]))
     finally:
         ray.shutdown()
     for a, b in zip(rows_of(local), rows_of(on_ray), strict=True):

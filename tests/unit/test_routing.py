@@ -147,3 +147,9 @@ def test_a_named_teacher_whose_vocabulary_differs_is_refused_before_loading(tiny
     with pytest.raises(ConfigError, match=r"^teachers.coder: ") as exc:
         routed_data(resolved(cfg), prompts=False, responses=True)
     one_line(exc)
+
+
+def test_a_placement_for_an_unknown_teacher_is_refused(tiny_overrides, tmp_path):
+    path = rows(tmp_path, ["coder"])
+    with pytest.raises(ConfigError, match=r"launcher.teachers.nobody: no teacher is named 'nobody' \(teachers: coder\)"):
+        resolved(routed(tiny_overrides, path, "launcher=ray", "+placement@launcher.teachers.nobody=default"))

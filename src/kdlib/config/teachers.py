@@ -122,10 +122,15 @@ def members_of(cfg: Any, target: str) -> tuple[str, ...]:
 def check_run(cfg: Any) -> None:
     """The rules of routed runs across the config (ConfigError naming the key); nothing for a
     one-teacher run. Pure: reads, never writes."""
-    if not several_teachers(cfg):
-        return
     from kdlib.errors import ConfigError
 
+    placed = cfg.launcher.teachers if cfg.launcher.name == "ray" else {}
+    for name in placed:
+        if name not in cfg.teachers:
+            raise ConfigError(f"launcher.teachers.{name}: no teacher is named {name!r} (teachers: "
+                              f"{', '.join(cfg.teachers) or 'none'})")
+    if not several_teachers(cfg):
+        return
     teachers = named_teachers(cfg)
     routing = cfg.routing
     for name, teacher in cfg.teachers.items():
