@@ -64,6 +64,8 @@ def test_every_sample_routed_to_one_teacher_is_the_one_teacher_run(tiny_override
         *named("coder", tiny_llama),
     ]))
     same_run(single, routed)
+    assert {k: routed.eval_after[k] for k in single.eval_after} == single.eval_after
+    assert routed.eval_after["teacher/coder/kl"] == single.eval_after["kl"]
 
 
 @pytest.mark.parametrize("combine", ["mixture", "product"])

@@ -153,3 +153,37 @@ def test_a_placement_for_an_unknown_teacher_is_refused(tiny_overrides, tmp_path)
     path = rows(tmp_path, ["coder"])
     with pytest.raises(ConfigError, match=r"launcher.teachers.nobody: no teacher is named 'nobody' \(teachers: coder\)"):
         resolved(routed(tiny_overrides, path, "launcher=ray", "+placement@launcher.teachers.nobody=default"))
+
+
+def test_several_teachers_refuse_a_vision_language_student(vlm_overrides, tiny_vlm):
+    from kdlib.controller.teachers import routed_data
+
+    cfg = kdlib.compose(vlm_overrides("idefics3") + [
+        "+teacher@teachers.other=smollm2", f"teachers.other.model={tiny_vlm('idefics3', hires=True)}",
+        "teachers.other.dtype=float32", "routing.key=expert",
+    ])
+    with pytest.raises(ConfigError, match=r"several teachers \(teachers / routing\) does not support vision-language"):
+        routed_data(resolved(cfg), prompts=False, responses=True)
+
+
+def test_column_values_mapped_to_teachers(tiny_overrides, tmp_path):
+    from kdlib.data.routes import check_routes
+
+    path = rows(tmp_path, ["code", "math", "coder", None, "chat"])
+    cfg = routed(tiny_overrides, path, "+routing.map.code=coder", "+routing.map.math=coder", "+routing.map.chat=teacher")
+    assert check_routes(cfg) == {"coder": 3, "teacher": 2}
+    path = rows(tmp_path, ["code", "poetry"], name="unmapped.jsonl")
+    with pytest.raises(DataError, match=r"unmapped.jsonl, row 2: expert='poetry' names no teacher or ensemble; choose "
+                                        r"one of: teacher, coder or a value of routing.map \(code\)") as exc:
+        resolved(routed(tiny_overrides, path, "+routing.map.code=coder"))
+    one_line(exc)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["+routing.map.code=nobody"], r"routing.map.code: unknown teacher or ensemble 'nobody'"),
+    (["+routing.map.code=coder", "routing.key=null"], r"routing.map needs routing.key"),
+])
+def test_a_bad_map_is_a_config_error(tiny_overrides, tmp_path, override, message):
+    path = rows(tmp_path, ["coder"])
+    with pytest.raises(ConfigError, match=message):
+        resolved(routed(tiny_overrides, path, *override))

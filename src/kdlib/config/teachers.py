@@ -77,6 +77,9 @@ class RoutingConfig(ConfigNode):
 
     # Data column naming each sample's teacher or ensemble (null: every sample goes to `default`).
     key: Optional[str] = None
+    # Values of the `key` column that stand for a teacher or ensemble ({code: coder, math: coder});
+    # a value neither listed here nor naming a teacher or ensemble is an error naming its row.
+    map: dict[str, str] = field(default_factory=dict)
     # The teacher or ensemble of samples without a key (null: such a sample is an error naming
     # its file and row).
     default: Optional[str] = DEFAULT_TEACHER
@@ -109,7 +112,7 @@ def several_teachers(cfg: Any) -> bool:
     """Whether samples are routed (named teachers, ensembles, a route column or another default);
     otherwise the run is a one-teacher run exactly."""
     routing = cfg.routing
-    return bool(cfg.teachers or routing.ensembles or routing.key or routing.input_keys
+    return bool(cfg.teachers or routing.ensembles or routing.key or routing.input_keys or routing.map
                 or routing.default != DEFAULT_TEACHER)
 
 
@@ -148,6 +151,12 @@ def check_run(cfg: Any) -> None:
     if routing.default is not None and routing.default not in targets:
         raise ConfigError(f"routing.default: unknown teacher or ensemble {routing.default!r}; choose one of: "
                           f"{', '.join(targets)}")
+    for value, target in routing.map.items():
+        if target not in targets:
+            raise ConfigError(f"routing.map.{value}: unknown teacher or ensemble {target!r}; choose one of: "
+                              f"{', '.join(targets)}")
+    if routing.map and not routing.key:
+        raise ConfigError("routing.map needs routing.key: the column whose values it maps")
     for name in routing.input_keys:
         if name not in teachers:
             raise ConfigError(f"routing.input_keys.{name}: unknown teacher {name!r}; teachers: {', '.join(teachers)}")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Optional
 from kdlib.algorithms.routed import TeacherSide
 from kdlib.config.schema import KDConfig
 from kdlib.config.teachers import config_key, named_teachers
-from kdlib.controller import assembly
+from kdlib.controller import assembly, modality
 from kdlib.controller.mode import Needs, TeacherNeed
 from kdlib.data.encoding import ChatEncoder
 from kdlib.data.routed import RoutedDataBundle, TeacherView
@@ -45,6 +45,7 @@ def routed_data(cfg: KDConfig, *, prompts: bool, responses: bool) -> RoutedDataB
     """The run's samples and prompts, each routed and seen by the teachers of its route."""
     from kdlib.algorithms import ALGORITHMS
 
+    modality.require_text_model(cfg.student, "student", "several teachers (teachers / routing)")
     student = ChatEncoder(load_tokenizer(cfg.student), apply_chat_template=cfg.data.apply_chat_template, name="student")
     configs = named_teachers(cfg)
     across = assembly.cross_tokenizer(cfg)

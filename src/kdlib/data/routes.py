@@ -1,8 +1,8 @@
 """Which teacher scores each row: the route column, the default route, an ensemble's weights.
 
-``routing.key`` names a column whose value is a teacher (``teacher`` or a key of ``teachers``) or
-an ensemble (a key of ``routing.ensembles``); a row without it takes ``routing.default`` or, when
-that is null, is an error. An ensemble's weights are its fixed ``weights`` (equal when not given)
+``routing.key`` names a column whose value is a teacher (``teacher`` or a key of ``teachers``), an
+ensemble (a key of ``routing.ensembles``) or a value ``routing.map`` maps to one; a row without it
+takes ``routing.default`` or, when that is null, is an error. An ensemble's weights are its fixed ``weights`` (equal when not given)
 or, with ``weights_key``, the row's own: ``{member: weight}`` (members left out weigh 0) or a list
 in the members' order; they are normalised to sum 1. Every problem is one line naming the file and
 the row, and :func:`check_routes` finds them all at preflight, before any model loads.
@@ -10,7 +10,7 @@ the row, and :func:`check_routes` finds them all at preflight, before any model 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from kdlib.config.teachers import EnsembleConfig, check_weights, named_teachers, several_teachers
@@ -26,11 +26,13 @@ class Router:
     default: Optional[str]
     teachers: tuple[str, ...]
     ensembles: Mapping[str, EnsembleConfig]
+    # Column values standing for a target (routing.map).
+    aliases: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, cfg: Any) -> "Router":
         routing = cfg.routing
-        return cls(routing.key, routing.default, tuple(named_teachers(cfg)), dict(routing.ensembles))
+        return cls(routing.key, routing.default, tuple(named_teachers(cfg)), dict(routing.ensembles), dict(routing.map))
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -50,9 +52,12 @@ class Router:
             target = self.default
         elif not isinstance(value, str):
             raise DataError(f"{where}: {self.key!r} must name a teacher or ensemble, got {type(value).__name__}")
+        elif value in self.aliases:
+            target = self.aliases[value]
         elif value not in self.targets:
+            mapped = f" or a value of routing.map ({', '.join(self.aliases)})" if self.aliases else ""
             raise DataError(f"{where}: {self.key}={value!r} names no teacher or ensemble; choose one of: "
-                            f"{', '.join(self.targets)}")
+                            f"{', '.join(self.targets)}{mapped}")
         else:
             target = value
         return target, self.weights(target, row, where)
