@@ -224,3 +224,25 @@ def test_an_ensemble_across_two_tokenizer_families_trains(combine, tiny_override
     for name in ("teacher", "meta"):
         key = f"teacher/{name}/bits_per_byte"
         assert result.eval_after[key] < result.eval_before[key]
+
+
+def test_a_refreshed_self_teacher_among_others(tiny_overrides, tiny_qwen3, tmp_path):
+    """The run's own teacher follows the student (update_freq) while samples are routed: with
+    every sample on it, the run is the one-teacher run; mixed with a named teacher, it runs."""
+    refreshed = ["teacher.from_student=true", "teacher.update_freq=1", "train.max_steps=3", "eval.before=false"]
+
+    def routed_data(route) -> list[str]:
+        path = write_jsonl(tmp_path / f"train_{len(list(tmp_path.iterdir()))}.jsonl", routed_rows(24, 0, route))
+        return [f"data.train={path}", "data.eval=null"]
+
+    data = routed_data(lambda i: None)
+    single = kdlib.run(kdlib.compose(tiny_overrides + data + refreshed + [f"output_dir={tmp_path / 'single'}"]))
+    routed = kdlib.run(kdlib.compose(tiny_overrides + data + refreshed + [
+        "routing.key=expert", *named("coder", tiny_qwen3), f"output_dir={tmp_path / 'routed'}",
+    ]))
+    same_run(single, routed)
+    assert all(r["teacher_update_seconds"] > 0 for r in rows_of(routed))
+    mixed = kdlib.run(kdlib.compose(tiny_overrides + routed_data(lambda i: "coder" if i % 2 else None) + refreshed + [
+        "routing.key=expert", *named("coder", tiny_qwen3), f"output_dir={tmp_path / 'mixed'}",
+    ]))
+    assert all(r["routed/coder/samples"] > 0 and r["routed/teacher/samples"] > 0 for r in rows_of(mixed))
