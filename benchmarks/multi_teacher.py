@@ -1,7 +1,8 @@
 """Several teachers: the step time of routing, and the memory of teachers taking turns.
 
-Runs the default job's models (the embedded SmolLM2-135M teacher, its depth-pruned student) on the
-shipped training data, each configuration in a fresh process, in this one invocation:
+Runs the default job's models (the embedded SmolLM2-135M teacher, its pruned student, read from
+the checkpoint the default job made) on the shipped training data, each configuration in a fresh
+process, in this one invocation:
 
 - ``single``: the one-teacher run;
 - ``routed_one``: two teachers configured (``teacher`` and ``copy``, a second SmolLM2), every row
@@ -63,6 +64,18 @@ def write_routed(directory: Path) -> Path:
     return path
 
 
+def student() -> list[str]:
+    """The default job's pruned student, as a checkpoint: pruning is keyed on the data file, so
+    the routed copies of the data would otherwise prune (minutes) once per temporary directory."""
+    import kdlib
+    from kdlib.runner import resolved
+
+    pruned = resolved(kdlib.compose(["logging.progress=false"])).student.prune.output
+    if not pruned or not (Path(pruned) / "model.safetensors").exists():
+        raise SystemExit("run the default job once first (`kdlib +recipe=quickstart`): it makes the pruned student")
+    return [f"student.model={pruned}"]
+
+
 def run(overrides: list[str]) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(overrides)], check=True, env=env,
@@ -93,7 +106,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kdlib_multi_teacher_") as tmp:
         data = write_routed(Path(tmp))
         common = [f"train.max_steps={args.steps}", "eval.before=false", "data.eval=null", "logging.progress=false",
-                  "save_student=false", "logging.plot=false", f"data.train={data}", *args.extra]
+                  "save_student=false", "logging.plot=false", f"data.train={data}", *student(), *args.extra]
         results = {}
         for name in args.only:
             results[name] = summary(run(common + CONFIGS[name] + [f"output_dir={Path(tmp) / name}"]))
