@@ -246,3 +246,30 @@ def test_a_refreshed_self_teacher_among_others(tiny_overrides, tiny_qwen3, tmp_p
         "routing.key=expert", *named("coder", tiny_qwen3), f"output_dir={tmp_path / 'mixed'}",
     ]))
     assert all(r["routed/coder/samples"] > 0 and r["routed/teacher/samples"] > 0 for r in rows_of(mixed))
+
+
+def test_colocated_teachers_sleep_and_wake_without_changing_the_run(tiny_overrides, tiny_qwen3, mixed, tmp_path):
+    common = tiny_overrides + mixed + named("coder", tiny_qwen3) + ["eval.before=false"]
+    plain = kdlib.run(kdlib.compose(common + [f"output_dir={tmp_path / 'plain'}"]))
+    colocated = kdlib.run(kdlib.compose(common + ["pipeline.colocate=true", f"output_dir={tmp_path / 'colocated'}"]))
+    same_run(plain, colocated)
+
+
+def test_onpolicy_ensemble_weighing_one_teacher_is_that_teacher(tiny_overrides, tiny_qwen3, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", routed_rows(4, 7, lambda i: None))
+    common = tiny_overrides + [
+        "+recipe=onpolicy", "loss=kl", f"data.train={prompts}", "train.global_batch_size=4", "train.epochs=2",
+        "train.max_steps=2", "rollout.max_new_tokens=8", "rollout.temperature=0", "eval.before=false",
+    ]
+    single = kdlib.run(kdlib.compose(common + [f"output_dir={tmp_path / 'single'}"]))
+    ensemble = kdlib.run(kdlib.compose(common + [
+        *named("other", tiny_qwen3), "+ensemble@routing.ensembles.both=product",
+        "routing.ensembles.both.members=[teacher,other]", "routing.ensembles.both.weights=[1,0]",
+        "routing.default=both", f"output_dir={tmp_path / 'ensemble'}",
+    ]))
+    same_run(single, ensemble)
+    mixed = kdlib.run(kdlib.compose(common + [
+        *named("other", tiny_qwen3), "+ensemble@routing.ensembles.both=mixture",
+        "routing.ensembles.both.members=[teacher,other]", "routing.default=both", f"output_dir={tmp_path / 'mixed'}",
+    ]))
+    assert all(r["routed/both/samples"] == 4 and r["teacher/other/tokens"] > 0 for r in rows_of(mixed))
