@@ -30,6 +30,7 @@ import torch
 if TYPE_CHECKING:
     from kdlib.xtok.groups import AlignmentBatch
     from kdlib.data.images import ImageRef
+    from kdlib.routing import BatchRoute
 
 
 @dataclass
@@ -219,6 +220,8 @@ class MicroBatch:
     # denominator of bits per byte), and the teacher's (None: the same tokens, the same bytes).
     response_bytes: Optional[torch.Tensor] = None
     teacher_response_bytes: Optional[torch.Tensor] = None
+    # Several teachers: the teacher or ensemble these samples go to (kdlib.routing); None otherwise.
+    route: Optional["BatchRoute"] = None
 
     def to(self, device: torch.device | str) -> "MicroBatch":
         def move(value):
@@ -227,7 +230,7 @@ class MicroBatch:
         return replace(
             self, student=self.student.to(device), teacher=move(self.teacher), alignment=move(self.alignment),
             teacher_rows=move(self.teacher_rows), response_bytes=move(self.response_bytes),
-            teacher_response_bytes=move(self.teacher_response_bytes),
+            teacher_response_bytes=move(self.teacher_response_bytes), route=move(self.route),
         )
 
     @property

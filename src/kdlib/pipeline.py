@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from kdlib.config.node import is_frozen
 from kdlib.config.schema import KDConfig
+from kdlib.config.teachers import DEFAULT_TEACHER, several_teachers
 from kdlib.controller import assembly
 from kdlib.controller.mode import Needs, TeacherNeed
+from kdlib.controller.teachers import Teachers, routed_data
 from kdlib.data.bundle import DataBundle
 from kdlib.launch import Launcher, build_launcher
 from kdlib.tracking.trackers import Trackers
@@ -52,16 +54,23 @@ class Pipeline:
     teacher: Optional[TeacherGroup]
     rollout: Optional[RolloutGroup]
     students: Optional[StudentGroup]
+    # Several teachers (teachers / routing): each named teacher's cache, group and head; `teacher`
+    # is then the run's own teacher's group, if it is loaded.
+    teachers: Optional[Teachers] = None
 
     @classmethod
     def build(cls, cfg: KDConfig, run_dir: Path, trackers: Trackers, needs: Needs) -> "Pipeline":
         if not is_frozen(cfg):
             raise ValueError("Pipeline.build takes a resolved, frozen config (kdlib.run freezes it)")
         with contextlib.ExitStack() as on_failure:
-            data = cache = None
+            data = cache = teachers = None
             steps = 0
             want_teacher = needs.teacher is not TeacherNeed.none
-            if needs.responses or needs.prompts:
+            routed = want_teacher and several_teachers(cfg)
+            if routed and (needs.responses or needs.prompts):
+                data = routed_data(cfg, prompts=needs.prompts, responses=needs.responses)
+                steps = _total_steps(cfg, data, needs)
+            elif needs.responses or needs.prompts:
                 student_enc, teacher_enc = assembly.chat_encoders(cfg, with_teacher=want_teacher)
                 data = assembly.load_data(cfg, student_enc, teacher_enc, prompts=needs.prompts, responses=needs.responses)
                 steps = _total_steps(cfg, data, needs)
@@ -74,18 +83,25 @@ class Pipeline:
                 ensure_pruned(cfg, run_dir, progress=cfg.logging.progress)
             launcher = build_launcher(cfg.launcher)
             on_failure.callback(launcher.shutdown)
-            teacher = assembly.start_teacher(cfg, launcher, cache) if want_teacher else None
+            if routed:
+                teachers = Teachers.build(cfg, launcher, data, needs)
+                teacher = teachers.groups.get(DEFAULT_TEACHER)
+            else:
+                teacher = assembly.start_teacher(cfg, launcher, cache) if want_teacher else None
             rollout = None
             if needs.rollout is not None:
                 model = cfg.student if needs.rollout == "student" else cfg.teacher
                 rollout = assembly.start_rollout(cfg, launcher, model, syncs_weights=needs.rollout == "student")
             students = None
-            if needs.students:
+            if needs.students and routed:
+                students = assembly.start_students(cfg, launcher, data, steps, None, teachers=teachers.sides)
+            elif needs.students:
                 head = assembly.teacher_head(cfg, teacher, cache) if needs.teacher is not TeacherNeed.none else None
                 students = assembly.start_students(cfg, launcher, data, steps, head)
             on_failure.pop_all()
         return cls(cfg=cfg, run_dir=Path(run_dir), trackers=trackers, launcher=launcher, data=data,
-                   total_steps=steps, cache=cache, teacher=teacher, rollout=rollout, students=students)
+                   total_steps=steps, cache=cache, teacher=teacher, rollout=rollout, students=students,
+                   teachers=teachers)
 
     def close(self) -> None:
         self.launcher.shutdown()

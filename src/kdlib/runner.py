@@ -27,6 +27,7 @@ from kdlib.config.resolve import resolve
 from kdlib.config.schema import KDConfig
 from kdlib.controller import MODES
 from kdlib.data.preflight import check_data_files
+from kdlib.data.routes import check_routes
 from kdlib.models.hub import check_hub
 from kdlib.pipeline import Pipeline
 from kdlib.progress import configured as progress_shown
@@ -90,6 +91,7 @@ def resolved(cfg: KDConfig | DictConfig, *, sweep_job: bool = False) -> KDConfig
     check_hub(typed)  # an unreachable hub costs one connection attempt, not minutes of retries
     resolve(typed, models=True, layouts=layouts, sweep_job=sweep_job)
     validate(typed)
+    check_routes(typed)  # several teachers: every row's route, before any model loads
     return freeze(typed)
 
 

@@ -53,3 +53,13 @@ def test_reachable_hub_changes_nothing(online, monkeypatch):
 
 def test_reachability_is_one_connection_attempt():
     assert not hub._reachable("https://127.0.0.1:9", timeout=1.0)  # nothing listens on port 9
+
+
+def test_named_teachers_are_checked_too(tmp_path):
+    from kdlib.config.schema import KDConfig, TeacherConfig
+    from kdlib.models.hub import hub_models
+
+    cfg = KDConfig()
+    cfg.teacher.model, cfg.student.model = str(tmp_path), str(tmp_path)
+    cfg.teachers = {"coder": TeacherConfig(model="someone/coder-7b")}
+    assert hub_models(cfg) == {"teachers.coder.model": ("someone/coder-7b", None)}

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kdlib.algorithms.base import Algorithm
+from kdlib.algorithms.routed import RoutedLoss, RoutedSums
 from kdlib.batch import MicroBatch
 from kdlib.teacher_output import TeacherOutput
 from kdlib.evaluation import HeldoutSums, cross_tokenizer_heldout_sums, heldout_sums
@@ -28,12 +29,14 @@ from kdlib.xtok.vocab import VocabMatch
 class StudentObjective(nn.Module):
     def __init__(
         self, model: nn.Module, algorithm: Algorithm, *, device_type: str, autocast: bool = False, chunk_size: int = 256,
-        vocab_match: Optional[VocabMatch] = None,
+        vocab_match: Optional[VocabMatch] = None, routes: Optional[RoutedLoss] = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.algorithm = algorithm
-        self.algorithm_modules = nn.ModuleDict(algorithm.modules())
+        # Several teachers: the algorithm of each and the ensembles' loss, for routed micro-batches.
+        self.routes = routes
+        self.algorithm_modules = nn.ModuleDict(algorithm.modules() if routes is None else routes.modules())
         # Across tokenizers: the matched vocabulary (top-1 agreement at 1:1 groups).
         self.vocab_match = vocab_match
         self.device_type = device_type  # where compute runs (parameters may be offloaded)
@@ -52,18 +55,29 @@ class StudentObjective(nn.Module):
         ``evaluate=True``: the held-out sums of the batch (no gradients)."""
         if evaluate:
             return self._evaluate(batch, teacher)
+        algorithm = self.routes if self.routes is not None and batch.route is not None else self.algorithm
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
-            terms = self.algorithm.compute_loss(self.model, batch, teacher, normaliser)
+            terms = algorithm.compute_loss(self.model, batch, teacher, normaliser)
         return terms.loss * weight, terms.kd_sum * weight, terms.ce_sum * weight
 
-    def _evaluate(self, batch: MicroBatch, teacher: Optional[TeacherOutput]) -> HeldoutSums:
+    def _evaluate(self, batch: MicroBatch, teacher: Optional[TeacherOutput]) -> HeldoutSums | RoutedSums:
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
             hidden = hidden_at_loss_positions(self.model, batch.student)
-        teacher_head: Optional[LMHead] = self.algorithm.teacher_head
         head = lm_head_of(self.model)
-        if teacher is not None and batch.alignment is not None and self.vocab_match is not None:
+
+        def sums(view: MicroBatch, output: Optional[TeacherOutput], teacher_head: Optional[LMHead],
+                 match: Optional[VocabMatch]) -> HeldoutSums:
+            return self._sums(view, output, hidden, head, teacher_head, match)
+
+        if self.routes is not None and batch.route is not None:
+            return self.routes.heldout(batch, teacher, sums)
+        return sums(batch, teacher, self.algorithm.teacher_head, self.vocab_match)
+
+    def _sums(self, batch: MicroBatch, teacher: Optional[TeacherOutput], hidden: torch.Tensor, head: LMHead,
+              teacher_head: Optional[LMHead], match: Optional[VocabMatch]) -> HeldoutSums:
+        if teacher is not None and batch.alignment is not None and match is not None:
             sums = cross_tokenizer_heldout_sums(
-                hidden, head, teacher.hidden, teacher_head, batch.alignment, self.vocab_match, chunk_size=self.chunk_size,
+                hidden, head, teacher.hidden, teacher_head, batch.alignment, match, chunk_size=self.chunk_size,
             )
         else:
             sums = heldout_sums(

@@ -75,6 +75,8 @@ class CachedOutput:
 
     keys: tuple[str, ...]
     sample_ids: tuple[int, ...]
+    # The cache directory (None: the run's teacher.cache); several teachers have a cache each.
+    root: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any
 from kdlib.config.node import AUTO, FROZEN_ATTRIBUTE, nodes
 from kdlib.config.schema import KDConfig, Precision
 from kdlib.config.store import registry_groups
+from kdlib.config.teachers import check_run as check_teachers
 from kdlib.errors import ConfigError, first_line
 
 DEVICES = r"auto|cpu|cuda(:\d+)?|mps"
@@ -36,6 +37,7 @@ def validate(cfg: KDConfig) -> None:
         raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     _check_placement(cfg)
     _check_teacher(cfg)
+    check_teachers(cfg)
     _check_attention(cfg)
     _check_backends(cfg)
     _check_student_transforms(cfg)

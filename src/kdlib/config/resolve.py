@@ -22,6 +22,7 @@ from kdlib.config.data import DataFormat
 from kdlib.config.models import Precision
 from kdlib.config.node import AUTO
 from kdlib.config.schema import KDConfig, Mode
+from kdlib.config.teachers import resolve_teachers
 from kdlib.config.training import AdamWImpl
 
 # Attention implementations that attend within each sample of a packed row, computing nothing
@@ -104,6 +105,7 @@ def _precision(cfg: KDConfig, device: str, record: Choices) -> None:
             support = bf16_support(device)
             model.dtype = Precision.bfloat16 if support.native else Precision.float32
             record(f"{role}.dtype", model.dtype.value, support.reason)
+    resolve_teachers(cfg, record, lambda: bf16_support(device))
     if isinstance(cfg.student.autocast, str) and cfg.student.autocast.lower() == AUTO:
         support = bf16_support(device)
         cfg.student.autocast = support.native and cfg.student.dtype is Precision.float32

@@ -24,6 +24,7 @@ from kdlib.config.models import (
 from kdlib.config.node import BoolOrAuto, ConfigNode, check_bool_or_auto
 from kdlib.config.reporting import LoggingConfig, WandbConfig, WandbMode
 from kdlib.config.rollout import RolloutConfig
+from kdlib.config.teachers import RoutingConfig
 from kdlib.config.training import (
     AdamWImpl, AlgorithmConfig, EvalConfig, GenerateConfig, HiddenDtype, LauncherConfig, LossConfig,
     LossImplementation, OnPolicyConfig, PipelineConfig, TrainConfig, TransportConfig,
@@ -45,6 +46,8 @@ class KDConfig(ConfigNode):
     """A whole run. `kdlib.compose()` returns one; `kdlib.run()` takes one."""
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # More teachers, by name (the run's own is `teacher`); routing says which scores each sample.
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
     student: StudentConfig = field(default_factory=StudentConfig)
     # Registry-backed groups: their node types come from the selected option.
     algorithm: Any = MISSING
@@ -53,6 +56,7 @@ class KDConfig(ConfigNode):
     launcher: Any = MISSING
     rollout: Any = MISSING
     data: DataConfig = field(default_factory=DataConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

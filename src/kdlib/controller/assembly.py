@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Optional
 
-from kdlib.config.schema import KDConfig, ModelConfig
+from kdlib.config.schema import KDConfig, ModelConfig, TeacherConfig
+from kdlib.config.teachers import config_key, named_teachers
 from kdlib.controller import modality
 from kdlib.data.batching import steps_per_epoch
 from kdlib.data.bundle import DataBundle
@@ -47,13 +48,20 @@ def chat_encoders(cfg: KDConfig, *, with_teacher: bool) -> tuple[ChatEncoder, Op
     student = ChatEncoder(student_tok, apply_chat_template=cfg.data.apply_chat_template, name="student")
     if not with_teacher:
         return student, None
-    teacher_tok = student_tok if cfg.teacher.from_student else load_tokenizer(cfg.teacher)
-    teacher = ChatEncoder(teacher_tok, apply_chat_template=cfg.data.apply_chat_template, name="teacher")
+    return student, teacher_encoder(cfg, cfg.teacher, student, privileged=bool(cfg.data.teacher_input_key))
+
+
+def teacher_encoder(cfg: KDConfig, teacher_cfg: TeacherConfig, student: ChatEncoder, *, privileged: bool,
+                    name: str = "teacher") -> Optional[ChatEncoder]:
+    """The encoder of a text teacher, or None when it reads exactly the student's tokens (same
+    tokenizer and template, no privileged prompt); ``name`` is its config key, for messages."""
+    tokenizer = student.tokenizer if teacher_cfg.from_student else load_tokenizer(teacher_cfg)
+    teacher = ChatEncoder(tokenizer, apply_chat_template=cfg.data.apply_chat_template, name=name)
     if not cross_tokenizer(cfg):
         check_vocabularies(teacher, student)
-    if teacher.signature() == student.signature() and not cfg.data.teacher_input_key:
-        return student, None  # same tokens: the teacher reads the student's batch
-    return student, teacher
+    if teacher.signature() == student.signature() and not privileged:
+        return None  # same tokens: the teacher reads the student's batch
+    return teacher
 
 
 def cross_tokenizer(cfg: KDConfig) -> bool:
@@ -89,13 +97,27 @@ def load_data(
     bundle = modality.new_bundle(cfg, student, teacher)
     if cross_tokenizer(cfg):
         from kdlib.algorithms import ALGORITHMS
-        from kdlib.data.cross_tokenizer import ResponseAligner
 
-        bundle.aligner = ResponseAligner(
-            student, teacher or student, student_model=f"student ({cfg.student.tokenizer or cfg.student.model})",
-            teacher_model=f"teacher ({cfg.teacher.tokenizer or cfg.teacher.model})",
-        )
+        bundle.aligner = response_aligner(cfg, student, teacher, cfg.teacher)
         bundle.row_kind = ALGORITHMS.get(cfg.algorithm.name).teacher_row_kind(cfg.algorithm)
+    return fill_bundle(cfg, bundle, prompts=prompts, responses=responses)
+
+
+def response_aligner(cfg: KDConfig, student: ChatEncoder, teacher: Optional[ChatEncoder], teacher_cfg: TeacherConfig,
+                     name: str = "teacher") -> Any:
+    """The byte-offset aligner of the student's and a teacher's tokenisations (``teacher`` None:
+    it reads the student's tokens, every group 1:1)."""
+    from kdlib.data.cross_tokenizer import ResponseAligner
+
+    return ResponseAligner(
+        student, teacher or student, student_model=f"student ({cfg.student.tokenizer or cfg.student.model})",
+        teacher_model=f"{name} ({teacher_cfg.tokenizer or teacher_cfg.model})",
+    )
+
+
+def fill_bundle(cfg: KDConfig, bundle: DataBundle, *, prompts: bool, responses: bool) -> DataBundle:
+    """Load into ``bundle`` the prompts and/or data.train's samples, and data.eval's, with the
+    reports of what was filtered."""
     if prompts:
         bundle.prompts, report = bundle.load_prompts(cfg.data)
         bundle.reports["prompts"] = report
@@ -127,9 +149,11 @@ def total_steps(cfg: KDConfig, n_items: int, items_per_step: int, what: str = "s
     return per_epoch * cfg.train.epochs
 
 
-def open_teacher_cache(cfg: KDConfig, teacher_encoder: ChatEncoder) -> "TeacherCache":
+def open_teacher_cache(cfg: KDConfig, teacher_encoder: ChatEncoder, teacher: Optional[TeacherConfig] = None) -> "TeacherCache":
     """Open ``teacher.cache`` for this run's teacher setup (refused if it holds another's);
-    ``teacher_encoder`` renders the teacher's view (its tokenizer, or its processor for a VLM)."""
+    ``teacher_encoder`` renders the teacher's view (its tokenizer, or its processor for a VLM);
+    ``teacher``: a named teacher's config (default: the run's teacher)."""
+    teacher = teacher or cfg.teacher
     from kdlib.cache.fingerprint import (
         FORMAT, CacheNamespace, processor_fingerprint, tokenizer_fingerprint, weights_fingerprint,
     )
@@ -144,16 +168,16 @@ def open_teacher_cache(cfg: KDConfig, teacher_encoder: ChatEncoder) -> "TeacherC
     )
     namespace = CacheNamespace(
         format=FORMAT,
-        weights=weights_fingerprint(model_location(cfg.teacher.model)),
-        teacher_model=cfg.teacher.model,
-        dtype=cfg.teacher.dtype.value,
-        backend=cfg.teacher.backend.name,
-        attn_implementation=cfg.teacher.attn_implementation,
+        weights=weights_fingerprint(model_location(teacher.model)),
+        teacher_model=teacher.model,
+        dtype=teacher.dtype.value,
+        backend=teacher.backend.name,
+        attn_implementation=teacher.attn_implementation,
         device_type=resolve_device_type(cfg.device),
         tokenizer=rendering,
         wire_dtype=cfg.transport.dtype.value,
     )
-    return TeacherCache.open(cfg.teacher.cache, namespace)
+    return TeacherCache.open(teacher.cache, namespace)
 
 
 def uncached_samples(cache: "TeacherCache", data: DataBundle) -> int:
@@ -163,19 +187,21 @@ def uncached_samples(cache: "TeacherCache", data: DataBundle) -> int:
     return len(cache.verified_missing(keys))
 
 
-def start_teacher(cfg: KDConfig, launcher: Launcher, cache: Optional["TeacherCache"]) -> TeacherGroup:
+def start_teacher(cfg: KDConfig, launcher: Launcher, cache: Optional["TeacherCache"], name: str = "teacher") -> TeacherGroup:
     """``teacher.num_workers`` teacher workers (self-distillation: built like the student); with a
-    teacher cache they write what they compute into it."""
+    teacher cache they write what they compute into it. ``name``: a named teacher (``teachers.<name>``)."""
+    teacher = named_teachers(cfg)[name]
     specs = [
         TeacherSpec(
-            teacher=cfg.teacher, transport=cfg.transport, device=cfg.device, rank=rank,
-            architecture=cfg.student if cfg.teacher.from_student else None,
+            teacher=teacher, transport=cfg.transport, device=cfg.device, rank=rank,
+            architecture=cfg.student if teacher.from_student else None,
             cache=cache.namespace if cache is not None else None,
         )
-        for rank in range(cfg.teacher.num_workers)
+        for rank in range(teacher.num_workers)
     ]
-    with _loading(cfg, "teacher", len(specs)):
-        return TeacherGroup(launcher.group("teacher", TeacherWorker, specs))
+    role = config_key(name)
+    with _loading(cfg, role, len(specs)):
+        return TeacherGroup(launcher.group(role, TeacherWorker, specs))
 
 
 def start_rollout(cfg: KDConfig, launcher: Launcher, model: ModelConfig, *, syncs_weights: bool) -> RolloutGroup:
@@ -194,9 +220,11 @@ def start_rollout(cfg: KDConfig, launcher: Launcher, model: ModelConfig, *, sync
         return RolloutGroup(launcher.group("rollout", RolloutWorker, specs))
 
 
-def start_students(cfg: KDConfig, launcher: Launcher, data: DataBundle, steps: int, teacher_head: Any) -> StudentGroup:
+def start_students(cfg: KDConfig, launcher: Launcher, data: DataBundle, steps: int, teacher_head: Any,
+                   teachers: Any = None) -> StudentGroup:
     """The data-parallel student workers, set up with the teacher's head (None: no teacher) and,
-    across tokenizers, the matched vocabulary (computed once here)."""
+    across tokenizers, the matched vocabulary (computed once here); with several teachers, what
+    they get of each (``teachers``: name -> TeacherSide)."""
     world = cfg.student.num_workers
     match = None if data.aligner is None else data.aligner.vocab_match()
     specs = [
@@ -209,7 +237,7 @@ def start_students(cfg: KDConfig, launcher: Launcher, data: DataBundle, steps: i
     ]
     with _loading(cfg, "student", world):
         students = StudentGroup(launcher.group("student", StudentWorker, specs, distributed=True))
-        students.setup(teacher_head, steps, match)
+        students.setup(teacher_head, steps, match, teachers)
     return students
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 import logging
 
 from kdlib.config.schema import KDConfig
-from kdlib.controller import assembly
+from kdlib.config.teachers import config_key
 from kdlib.controller.dispatch import TeacherDispatch
+from kdlib.controller.routed_dispatch import RoutedDispatch
+from kdlib.controller.teachers import teacher_keys
 from kdlib.controller.mode import Needs, RunMode, TeacherNeed
 from kdlib.data.batching import global_batches
 from kdlib.errors import ConfigError
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 class CacheMode(RunMode):
     @classmethod
     def check(cls, cfg: KDConfig) -> None:
-        if not cfg.teacher.cache:
+        if not (cfg.teacher.cache or any(t.cache for t in cfg.teachers.values())):
             raise ConfigError("mode=cache needs teacher.cache=DIR: the directory to fill with teacher outputs")
         if cfg.student.model in (None, "???"):
             raise ConfigError("student.model is not set (mode=cache tokenises the data as the student's run will)")
@@ -49,8 +51,9 @@ class CacheMode(RunMode):
         if data.eval:
             rounds.append(data.eval_batches(cfg.eval.batch_size))
         n_samples = len(data.train) + len(data.eval)
-        missing_before = assembly.uncached_samples(cache, data)
-        dispatch = TeacherDispatch(p.teacher, cache)
+        caches = self._caches()
+        missing_before = sum(len(c.verified_missing(keys)) for c, keys in caches)
+        dispatch = RoutedDispatch(p.teachers) if p.teachers is not None else TeacherDispatch(p.teacher, cache)
         computed_seconds = 0.0
         with progress("filling teacher cache", total=n_samples, unit="sample", enabled=cfg.logging.progress) as bar:
             pending = None
@@ -61,26 +64,40 @@ class CacheMode(RunMode):
                     computed_seconds += done.seconds
                     bar.update(sum(len(b.sample_ids) for b in pending_batches))
                 pending = (job, batches) if job is not None else None
-        cache.refresh()
-        missing_after = assembly.uncached_samples(cache, data)
-        if missing_after:
-            raise ConfigError(f"teacher cache {cfg.teacher.cache}: {missing_after} samples are still missing after the fill")
-        cache.write_index()
-        rows, disk = cache.total_rows(), cache.disk_bytes()
+        for cache, keys in caches:
+            cache.refresh()
+            missing_after = len(cache.verified_missing(keys))
+            if missing_after:
+                raise ConfigError(f"teacher cache {cache.root}: {missing_after} samples are still missing after the fill")
+            cache.write_index()
+        rows, disk = sum(c.total_rows() for c, _ in caches), sum(c.disk_bytes() for c, _ in caches)
         summary = {
             "samples": float(n_samples),
             "samples_computed": float(missing_before),
             "samples_already_cached": float(n_samples - missing_before),
-            "cached_samples_total": float(len(cache)),
+            "cached_samples_total": float(sum(len(c) for c, _ in caches)),
             "tokens": float(rows),
             "bytes_on_disk": float(disk),
             "bytes_per_token": disk / max(rows, 1),
             "teacher_seconds": computed_seconds,
         }
-        write_json(p.run_dir / "cache_report.json", {"cache": str(cache.root), **summary})
+        roots = ", ".join(str(c.root) for c, _ in caches)
+        write_json(p.run_dir / "cache_report.json", {"cache": roots, **summary})
         log.info(
             "teacher cache %s: %d samples (%d computed now, %d already there), %d tokens, %.1f MiB on disk, "
-            "%.0f bytes per token", cache.root, n_samples, missing_before, n_samples - missing_before, rows,
+            "%.0f bytes per token", roots, n_samples, missing_before, n_samples - missing_before, rows,
             disk / 2**20, summary["bytes_per_token"],
         )
-        return RunResult(run_dir=p.run_dir, metrics=summary, outputs={"teacher_cache": cache.root})
+        return RunResult(run_dir=p.run_dir, metrics=summary, outputs={"teacher_cache": caches[0][0].root})
+
+    def _caches(self) -> list:
+        """(cache, the keys it must hold) of every teacher that fills one: the run's teacher's over
+        every sample, or with several teachers each one's over the samples it scores."""
+        p = self.pipeline
+        if p.teachers is None:
+            return [(p.cache, [s.teacher_key() for s in [*p.data.train, *p.data.eval]])]
+        without = [n for n in p.teachers.names if p.teachers.caches[n] is None]
+        if without:
+            raise ConfigError(f"mode=cache: samples are routed to {without[0]}, which has no cache: set "
+                              f"{config_key(without[0])}.cache=DIR")
+        return [(p.teachers.caches[n], teacher_keys(p.data, n)) for n in p.teachers.names]

@@ -75,7 +75,7 @@ class TeacherDispatch:
         for i, batch in enumerate(batches):
             keys = batch.teacher_keys
             if self.cache is not None and keys is not None and not self.cache.missing(keys):
-                handles[i] = CachedOutput(tuple(keys), tuple(batch.sample_ids))
+                handles[i] = CachedOutput(tuple(keys), tuple(batch.sample_ids), root=str(self.cache.root))
             else:
                 to_score.append(i)
         if not to_score:
@@ -138,3 +138,19 @@ class TeacherDispatch:
     def outputs(self, batches: list[MicroBatch]) -> list[Any]:
         """Handles of the outputs of ``batches``, in their order (None: no teacher)."""
         return self.collect(self.submit(batches)).handles
+
+    def wake(self) -> None:
+        """Colocation: the teacher takes the devices back for its phase."""
+        if self.group is not None:
+            self.group.wake()
+
+    def sleep(self) -> None:
+        if self.group is not None:
+            self.group.sleep()
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the teacher side (nothing for one teacher)."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Resume from a checkpoint's trainer state (nothing to do for one teacher)."""

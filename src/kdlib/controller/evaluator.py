@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdlib.controller.dispatch import TeacherDispatch
+from kdlib.controller.teacher_metrics import add_per_teacher, teacher_means
 from kdlib.data.batching import even_shares
 from kdlib.evaluation import HeldoutSums
 from kdlib.progress import progress
@@ -64,6 +65,7 @@ class Evaluator:
         cached = self._teacher_handles
         handles: list = []
         total = HeldoutSums()
+        per_teacher: dict[str, HeldoutSums] = {}  # several teachers: each one's own samples
         job = None if cached is not None else self.teacher.submit(rounds[0])
         with progress("evaluating", total=len(self.batches), unit="batch", enabled=self.cfg.logging.progress) as bar:
             for index, batches in enumerate(rounds):
@@ -82,10 +84,12 @@ class Evaluator:
                     results = self._evaluate_round(batches, round_handles)
                 for result in results:
                     total = total.add(result.sums)
+                    add_per_teacher(per_teacher, result.per_teacher)
                 bar.update(len(batches))
         if cached is None and self.cfg.eval.cache_teacher:
             self._teacher_handles = handles
-        return total.means()  # what was measured: no teacher, no KL, agreement or teacher figure
+        # what was measured (no teacher: no KL, agreement or teacher figure), and per teacher
+        return {**total.means(), **teacher_means(per_teacher)}
 
     def _evaluate_round(self, batches: list, handles: list) -> list:
         shares = even_shares(list(zip(batches, handles)), self.students.size)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from kdlib.config.schema import KDConfig
 from kdlib.controller.evaluator import comparison_table, print_table
+from kdlib.controller.teacher_metrics import teacher_table
 from kdlib.errors import CheckpointError
 from kdlib.result import RunResult
 from kdlib.tracking import plot_loss_curves, write_json
@@ -39,6 +40,9 @@ def finish_training(
         table = comparison_table(result.eval_before, result.eval_after,
                                  notes={"updates skipped (not finite)": f"{skipped.total} of {total_steps}"})
         text = print_table(table)
+        per_teacher = teacher_table(result.eval_before, result.eval_after)
+        if per_teacher is not None:  # several teachers: a row per teacher
+            text += print_table(per_teacher)
         (run_dir / "eval.txt").write_text(text, encoding="utf-8")
         trackers.log_eval_table(result.eval_before, result.eval_after, total_steps)
     if cfg.logging.plot:

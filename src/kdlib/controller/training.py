@@ -33,10 +33,12 @@ from kdlib.controller import assembly
 from kdlib.controller.bad_steps import BadSteps
 from kdlib.controller.checkpointing import Checkpoints
 from kdlib.controller.dispatch import TeacherDispatch, TeacherJob
+from kdlib.controller.routed_dispatch import RoutedDispatch
 from kdlib.controller.evaluator import Evaluator
 from kdlib.controller.finish import finish_training
 from kdlib.controller.interrupt import StopRequests
 from kdlib.controller.mode import RunMode
+from kdlib.controller.teacher_metrics import route_metrics
 from kdlib.data.batching import StepPlan, global_batches
 from kdlib.data.samples import Sample
 from kdlib.errors import CheckpointError, ConfigError, Interrupted, KdlibError, TrainingError
@@ -83,7 +85,7 @@ class TrainingLoop(RunMode):
         self.total_steps = pipeline.total_steps
         self.students = pipeline.students
         self.teacher_workers = pipeline.teacher
-        self.teacher = TeacherDispatch(
+        self.teacher = RoutedDispatch(pipeline.teachers) if pipeline.teachers is not None else TeacherDispatch(
             pipeline.teacher, pipeline.cache,
             start_teacher=lambda: assembly.start_teacher(self.cfg, pipeline.launcher, pipeline.cache),
         )
@@ -248,8 +250,8 @@ class TrainingLoop(RunMode):
     def prepare(self, samples: list[Sample]) -> PreparedStep:
         """Plan a global batch, collate its micro-batches and start the teacher on them."""
         plan, batches = self.data.step_batches(samples, self.cfg.train, self.students.size)
-        if self.cfg.pipeline.colocate and self.teacher_workers is not None:
-            self.teacher_workers.wake()
+        if self.cfg.pipeline.colocate:
+            self.teacher.wake()
         job = self.teacher.submit(batches)
         return PreparedStep(len(samples), plan, batches, job, time.perf_counter())
 
@@ -266,8 +268,8 @@ class TrainingLoop(RunMode):
         start = time.perf_counter()
         teacher = self.teacher.collect(prepared.teacher)
         waited = time.perf_counter() - start
-        if colocate and self.teacher_workers is not None:
-            self.teacher_workers.sleep()
+        if colocate:
+            self.teacher.sleep()
             self.students.wake()
         plan, batches = prepared.plan, prepared.batches
         normaliser = float(sum(b.n_loss_tokens for b in batches))
@@ -313,13 +315,14 @@ class TrainingLoop(RunMode):
             "student_seconds": max(r.student_seconds for r in results),
             "transport_bytes": float(sum(r.fetched_bytes for r in results)),
             "transport_seconds": max(r.fetch_seconds for r in results),
+            **route_metrics(batches, results),  # several teachers: per route and per teacher
         }
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints
 
     def save_checkpoint(self, step: int) -> Any:
-        directory = self.checkpoints.save(step, self.bad_steps.state())
+        directory = self.checkpoints.save(step, {**self.bad_steps.state(), **self.teacher.state()})
         self._saved_step = step
         self._saved_at = time.monotonic()
         return directory
@@ -329,6 +332,7 @@ class TrainingLoop(RunMode):
         resumed = self.checkpoints.resume()
         if resumed.step:
             self.bad_steps.restore(resumed.state)
+            self.teacher.restore(resumed.state)
             self._saved_step = resumed.step if resumed.directory.parent == self.checkpoints.root else None
             if self.follows_student and not resumed.teacher_restored:
                 self.update_teacher(ema_decay=None)

@@ -26,6 +26,7 @@ from kdlib.errors import DataError
 
 if TYPE_CHECKING:
     from kdlib.data.cross_tokenizer import ResponseAligner
+    from kdlib.routing import SampleRoute
     from kdlib.xtok.alignment import SampleAlignment
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class Sample:
     # teacher's (None: the same tokens, the same bytes).
     response_bytes: int = 0
     teacher_response_bytes: Optional[int] = None
+    # Several teachers: the teacher or ensemble this sample goes to (kdlib.routing); None otherwise.
+    route: Optional["SampleRoute"] = None
 
     @property
     def teacher_view(self) -> Sequence:
@@ -168,12 +171,12 @@ def build_prompts(
     report = FilterReport.of(source)
     prompts = []
     for row in load_conversations(source, cfg):
-        prompt = _without_response(row.conversation)
+        prompt = without_response(row.conversation)
         where = f"{source.key}: {source.where(row.index)}"
         ids = student.encode_prompt(prompt, where)
         teacher_ids = None
         if teacher is not None:
-            teacher_ids = teacher.encode_prompt(_without_response(row.teacher_conversation or row.conversation), where)
+            teacher_ids = teacher.encode_prompt(without_response(row.teacher_conversation or row.conversation), where)
         if max(len(ids), len(teacher_ids or [])) >= cfg.max_len:
             report.dropped[f"prompt longer than data.max_len={cfg.max_len}"] += 1
             continue
@@ -182,7 +185,7 @@ def build_prompts(
     return prompts, report
 
 
-def _without_response(conversation: Conversation) -> Conversation:
+def without_response(conversation: Conversation) -> Conversation:
     return conversation[:-1] if conversation and conversation[-1]["role"] == "assistant" else conversation
 
 
@@ -203,34 +206,8 @@ def build_samples(
     report = FilterReport.of(source)
     samples = []
     for row in load_conversations(source, cfg):
-        index, conversation = row.index, row.conversation
-        where = f"{source.key}: {source.where(index)}"
-        encoded = student.encode(conversation, where)
-        if encoded is None:
-            report.dropped["empty response"] += 1
-            continue
-        student_seq, reason, truncated = _fit(encoded, cfg)
-        if student_seq is None:
-            report.dropped[reason] += 1
-            continue
-        teacher_encoded = None
-        if teacher is not None:
-            teacher_encoded = teacher.encode(row.teacher_conversation or conversation, where)
-        if teacher is not None and teacher_encoded is None:
-            sample, reason = None, "empty teacher response"
-        elif aligner is not None:
-            sample, reason, teacher_truncated = _aligned_sample(
-                index, encoded, student_seq, teacher_encoded, cfg, aligner, where, report
-            )
-            truncated = truncated or teacher_truncated
-        else:
-            sample = Sample(index=index, student=student_seq,
-                            response_bytes=response_bytes(student, student_seq.input_ids[student_seq.response_start:]))
-            if teacher is not None:
-                sample.teacher = _match_teacher(teacher_encoded, student_seq)
-                reason = "teacher tokenises the response differently"
-                if sample.teacher is None:
-                    sample = None
+        where = f"{source.key}: {source.where(row.index)}"
+        sample, reason, truncated = row_sample(row, where, cfg, student, teacher, aligner, report)
         if sample is None:
             report.dropped[reason] += 1
             continue
@@ -238,6 +215,38 @@ def build_samples(
         report.truncated += int(truncated)
         samples.append(sample)
     return samples, report
+
+
+def row_sample(
+    row: Row, where: str, cfg: DataConfig, student: ChatEncoder, teacher: Optional[ChatEncoder],
+    aligner: Optional["ResponseAligner"], report: FilterReport,
+) -> tuple[Optional[Sample], str, bool]:
+    """One row as a sample, as :func:`build_samples` makes it: (sample or None, the reason it was
+    dropped, whether it was truncated)."""
+    index, conversation = row.index, row.conversation
+    encoded = student.encode(conversation, where)
+    if encoded is None:
+        return None, "empty response", False
+    student_seq, reason, truncated = _fit(encoded, cfg)
+    if student_seq is None:
+        return None, reason, False
+    teacher_encoded = None
+    if teacher is not None:
+        teacher_encoded = teacher.encode(row.teacher_conversation or conversation, where)
+    if teacher is not None and teacher_encoded is None:
+        return None, "empty teacher response", truncated
+    if aligner is not None:
+        sample, reason, teacher_truncated = _aligned_sample(
+            index, encoded, student_seq, teacher_encoded, cfg, aligner, where, report
+        )
+        return sample, reason, truncated or teacher_truncated
+    sample = Sample(index=index, student=student_seq,
+                    response_bytes=response_bytes(student, student_seq.input_ids[student_seq.response_start:]))
+    if teacher is not None:
+        sample.teacher = _match_teacher(teacher_encoded, student_seq)
+        if sample.teacher is None:
+            return None, "teacher tokenises the response differently", truncated
+    return sample, "", truncated
 
 
 def _aligned_sample(

@@ -7,8 +7,8 @@ data-parallel: rank 0's actor picks ``MASTER_ADDR``/``MASTER_PORT`` before any w
 the workers can form their torch.distributed group.
 
 Each role's workers are reserved as one placement group with the role's resources
-(``launcher.teacher`` / ``launcher.student`` / ``launcher.rollout``, see
-:mod:`kdlib.launch.placement`), which is how teacher engines, rollout engines and students are
+(``launcher.teacher``, ``launcher.teachers.<name>`` for named teachers, ``launcher.student``,
+``launcher.rollout``; see :mod:`kdlib.launch.placement`), which is how teacher engines, rollout engines and students are
 laid out across the nodes of a cluster (``launcher.address``).
 
 Results are gathered fail-fast: the first worker that raises or dies stops the call with a
@@ -43,6 +43,8 @@ from kdlib.launch.placement import (
 
 log = logging.getLogger(__name__)
 
+NAMED_TEACHER = "teachers."  # the role of a named teacher's group is teachers.<name>
+
 
 @dataclass
 class RayLauncherConfig(LauncherConfig):
@@ -64,11 +66,17 @@ class RayLauncherConfig(LauncherConfig):
     teacher: RolePlacement = field(default_factory=RolePlacement)
     student: RolePlacement = field(default_factory=RolePlacement)
     rollout: RolePlacement = field(default_factory=RolePlacement)
+    # Placement of each named teacher's workers (`teachers.<name>`), by name; a teacher not listed
+    # is placed as `teacher`. Named teachers have bundles of their own (no colocate_with).
+    teachers: dict[str, RolePlacement] = field(default_factory=dict)
     # Seconds to wait for a role's resources before failing with what is missing.
     placement_timeout_s: float = 120.0
 
     def check(self) -> None:
         check_colocation({role: getattr(self, role) for role in ROLE_ORDER})
+        for name, placement in self.teachers.items():
+            if placement.colocate_with is not None:
+                raise ValueError(f"teachers.{name}.colocate_with: a named teacher's workers have bundles of their own")
 
 
 def _actor_class():
@@ -213,6 +221,8 @@ class RayLauncher(Launcher):
         return group
 
     def _placement(self, role: str) -> RolePlacement:
+        if role.startswith(NAMED_TEACHER):  # a named teacher's group: its own placement, else the teacher's
+            return self.cfg.teachers.get(role[len(NAMED_TEACHER):]) or self.cfg.teacher
         return getattr(self.cfg, role, None) or RolePlacement()
 
     def _cpus_gpus(self, role: str) -> tuple[float, float]:

@@ -196,7 +196,7 @@ def _hidden_state_term(spec: DivergenceSpec, teacher_hidden: torch.Tensor, teach
     return HiddenStateDivergence(
         teacher={"hidden": teacher_hidden.detach()},
         head=replace(teacher, weight=teacher.weight.detach()[:vocab], bias=bias),
-        kernel=_kernel_for(spec.name, spec.params, spec.closed_form),
+        kernel=kernel_for(spec.name, spec.params, spec.closed_form),
         params=spec.params,
         columns=vocab,
         temperature=temperature,
@@ -204,7 +204,7 @@ def _hidden_state_term(spec: DivergenceSpec, teacher_hidden: torch.Tensor, teach
     )
 
 
-def _kernel_for(name: str, params: dict, closed_form: bool) -> Kernel:
+def kernel_for(name: str, params: dict, closed_form: bool) -> Kernel:
     """The per-chunk value (and gradient) kernel of a registered loss, params checked."""
     entry = LOSSES.entry(name)
     cfg_cls = entry.config_cls

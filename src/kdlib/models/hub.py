@@ -30,8 +30,9 @@ CONNECT_SECONDS = 5.0
 def hub_models(cfg: KDConfig) -> dict[str, tuple[str, Optional[str]]]:
     """The run's models and tokenizers named by hub id: config key -> (repo id, revision)."""
     named: dict[str, tuple[str, Optional[str]]] = {}
-    for role in ("teacher", "student"):
-        model = getattr(cfg, role)
+    roles = {"teacher": cfg.teacher, "student": cfg.student}
+    roles.update({f"teachers.{name}": teacher for name, teacher in cfg.teachers.items()})
+    for role, model in roles.items():
         for key in ("model", "tokenizer"):
             spec = getattr(model, key, None)
             if spec and _is_hub_id(spec):

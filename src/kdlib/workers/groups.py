@@ -35,8 +35,8 @@ class _Handle:
 class StudentGroup(_Handle):
     """The data-parallel student workers."""
 
-    def setup(self, teacher_head: Any, total_steps: int, vocab_match: Any = None) -> None:
-        self.group.call(StudentWorker.setup, teacher_head, total_steps, vocab_match)
+    def setup(self, teacher_head: Any, total_steps: int, vocab_match: Any = None, teachers: Any = None) -> None:
+        self.group.call(StudentWorker.setup, teacher_head, total_steps, vocab_match, teachers)
 
     def train_step(self, shares: list[StudentShare], normaliser: float) -> list[StepSums]:
         return self.group.call_each(StudentWorker.train_step, [(share, normaliser) for share in shares])
@@ -100,6 +100,12 @@ class TeacherGroup(_Handle):
 
     def wake(self) -> None:
         self.group.call(TeacherWorker.wake)
+
+    def load(self) -> None:
+        self.group.call(TeacherWorker.load)
+
+    def unload(self) -> None:
+        self.group.call(TeacherWorker.unload)
 
 
 class RolloutGroup(_Handle):

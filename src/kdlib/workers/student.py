@@ -32,9 +32,11 @@ from transformers import set_seed
 
 from kdlib.algorithms import ALGORITHMS
 from kdlib.algorithms.objective import StudentObjective
+from kdlib.algorithms.routed import RoutedLoss, RoutedSums, TeacherSide
 from kdlib.batch import MicroBatch
 from kdlib.cache.shards import CachedOutput
 from kdlib.config.compose import import_plugins
+from kdlib.config.teachers import DEFAULT_TEACHER
 from kdlib.evaluation import HeldoutSums
 from kdlib.models.head import LMHead, tied_head_keys
 from kdlib.models.loading import resolve_device
@@ -44,6 +46,7 @@ from kdlib.models.weights import state_buckets
 from kdlib.optim import build_optimizer, build_scheduler
 from kdlib.parallel import checkpoint as ckpt
 from kdlib.parallel.distributed import init_process_group
+from kdlib.routing import MemberHandles
 from kdlib.teacher_output import TeacherOutput
 from kdlib.transport import build_transport
 from kdlib.workers.specs import StudentSpec
@@ -81,6 +84,8 @@ class StepSums:
     # Teacher-cache keys this worker could not read (missing or damaged): the step did not run on
     # any rank, and the controller recomputes those outputs with the teacher and runs it again.
     unserved: list[str] = field(default_factory=list)
+    # Several teachers: (loss, kd) sums of the micro-batches of each route (teacher or ensemble).
+    routes: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,6 +94,8 @@ class EvalSums:
 
     sums: HeldoutSums
     unserved: list[str] = field(default_factory=list)
+    # Several teachers: each teacher's sums on the held-out samples it scores.
+    per_teacher: dict[str, HeldoutSums] = field(default_factory=dict)
 
 
 class StudentWorker:
@@ -108,29 +115,39 @@ class StudentWorker:
         self.images = image_layout_for(spec.student, self.model, name="student")
         self.transport = build_transport(spec.transport)
         self.cache = None
+        # Teacher caches by directory (several teachers have one each), opened on first use.
+        self.caches: dict[str, Any] = {}
         if spec.teacher_cache:
             from kdlib.cache.store import TeacherCache
 
             self.cache = TeacherCache.for_reading(spec.teacher_cache)
+            self.caches[str(self.cache.root)] = self.cache
         self.objective: Optional[StudentObjective] = None
         self.optimizer = None
         self.scheduler = None
         # State that a backend's worker calls keep in this worker (e.g. a weight-broadcast group).
         self.extensions: dict[str, Any] = {}
 
-    def setup(self, teacher_head: Optional[LMHead], total_steps: int, vocab_match: Optional[VocabMatch] = None) -> None:
+    def setup(self, teacher_head: Optional[LMHead], total_steps: int, vocab_match: Optional[VocabMatch] = None,
+              teachers: Optional[dict[str, TeacherSide]] = None) -> None:
         """Receive the teacher head (None without a teacher) and, across tokenizers, the matched
-        vocabulary; build algorithm, sharding, optimizer."""
+        vocabulary, or with several teachers each one's (``teachers``, by name); build algorithm,
+        sharding, optimizer."""
         if teacher_head is not None:
             teacher_head = teacher_head.detached(device=self.device)
         if vocab_match is not None:
             vocab_match = vocab_match.to(self.device)
         spec = self.spec
-        algorithm = ALGORITHMS.get(spec.algorithm.name)(spec.algorithm, spec.loss, teacher_head)
-        algorithm.attach(self.model, vocab_match)
+        routes = None
+        if teachers:
+            routes = RoutedLoss(spec.algorithm, spec.loss, {n: t.to(self.device) for n, t in teachers.items()}, self.model)
+            algorithm = routes.algorithms.get(DEFAULT_TEACHER) or next(iter(routes.algorithms.values()))
+        else:
+            algorithm = ALGORITHMS.get(spec.algorithm.name)(spec.algorithm, spec.loss, teacher_head)
+            algorithm.attach(self.model, vocab_match)
         self.objective = StudentObjective(
             self.model, algorithm, device_type=self.device.type,
-            autocast=spec.student.autocast, chunk_size=spec.loss.chunk_size, vocab_match=vocab_match,
+            autocast=spec.student.autocast, chunk_size=spec.loss.chunk_size, vocab_match=vocab_match, routes=routes,
         )
         if self.world_size > 1:
             from kdlib.parallel.fsdp import shard_student
@@ -157,6 +174,7 @@ class StudentWorker:
         kd_sum = ce_sum = loss_sum = 0.0
         n_loss_tokens = n_tokens = 0
         bad_samples: list[int] = []
+        routes: dict[str, tuple[float, float]] = {}
         for batch, teacher, weight in zip(batches, teachers, weights, strict=True):
             loss, kd, ce = self.objective(self._inputs(batch), teacher, normaliser, weight)
             loss.backward()
@@ -164,6 +182,9 @@ class StudentWorker:
             ce_sum += float(ce)
             micro_loss = float(loss.detach()) * normaliser
             loss_sum += micro_loss
+            if batch.route is not None:
+                before = routes.get(batch.route.target, (0.0, 0.0))
+                routes[batch.route.target] = (before[0] + micro_loss, before[1] + float(kd))
             if weight:
                 n_loss_tokens += batch.n_loss_tokens
                 n_tokens += batch.n_tokens
@@ -182,6 +203,7 @@ class StudentWorker:
             loss_sum=loss_sum, kd_sum=kd_sum, ce_sum=ce_sum, loss_tokens=n_loss_tokens, tokens=n_tokens,
             grad_norm=grad_norm, lr=lr, skipped=skipped, bad_sample_ids=bad_samples,
             student_seconds=time.perf_counter() - start, fetch_seconds=fetched.seconds, fetched_bytes=fetched.bytes,
+            routes=routes,
         )
 
     @torch.no_grad()
@@ -192,12 +214,18 @@ class StudentWorker:
             return EvalSums(HeldoutSums(), unserved)
         self.objective.eval()
         total = HeldoutSums()
+        per_teacher: dict[str, HeldoutSums] = {}
         for batch, teacher, weight in zip(share.batches, teachers, share.weights, strict=True):
             sums = self.objective(self._inputs(batch), teacher, 1.0, evaluate=True)
-            if weight:
-                total = total.add(sums)
+            if not weight:
+                continue
+            if isinstance(sums, RoutedSums):
+                for name, own in sums.per_teacher.items():
+                    per_teacher[name] = per_teacher.get(name, HeldoutSums()).add(own)
+                sums = sums.total
+            total = total.add(sums)
         self.transport.stats.take()
-        return EvalSums(total)
+        return EvalSums(total, per_teacher=per_teacher)
 
     def save(self, path: Optional[str], dtype: Optional[torch.dtype] = None) -> dict[str, str]:
         """Write the student in Hugging Face format to ``path`` (given to one rank; the others pass
@@ -291,25 +319,38 @@ class StudentWorker:
         keys that could not be read. The ranks agree on whether any rank has such keys (one
         all-reduce), so that either every rank runs the step or none does (their collectives must
         match); a rank that could read everything then reports nothing."""
-        outputs: list[Optional[TeacherOutput]] = []
         unserved: list[str] = []
-        for handle in handles:
-            if handle is None:
-                outputs.append(None)
-            elif isinstance(handle, CachedOutput):
-                start = time.perf_counter()
-                read = self.cache.fetch(list(handle.keys), list(handle.sample_ids))
-                if read.output is None:
-                    unserved.extend(read.unserved)
-                    outputs.append(None)
-                    continue
-                self.transport.stats.record(read.output.nbytes, time.perf_counter() - start)
-                outputs.append(read.output.to(self.device))
-            else:
-                outputs.append(self.transport.fetch(handle).to(self.device))
+        outputs = [self._fetch(handle, unserved) for handle in handles]
         if not self._all_ranks_agree(not unserved):
             return outputs, unserved or [_PEER_UNSERVED]
         return outputs, []
+
+    def _fetch(self, handle: Any, unserved: list[str]) -> Any:
+        """One micro-batch's teacher output (an ensemble's: one per member, by name), or None;
+        teacher-cache keys that could not be read are added to ``unserved``."""
+        if handle is None:
+            return None
+        if isinstance(handle, MemberHandles):
+            return {name: self._fetch(member, unserved) for name, member in handle.handles.items()}
+        if not isinstance(handle, CachedOutput):
+            return self.transport.fetch(handle).to(self.device)
+        start = time.perf_counter()
+        read = self._cache(handle.root).fetch(list(handle.keys), list(handle.sample_ids))
+        if read.output is None:
+            unserved.extend(read.unserved)
+            return None
+        self.transport.stats.record(read.output.nbytes, time.perf_counter() - start)
+        return read.output.to(self.device)
+
+    def _cache(self, root: Optional[str]) -> Any:
+        """The teacher cache at ``root`` (None: the run's teacher.cache), opened for reading once."""
+        if root is None:
+            return self.cache
+        if root not in self.caches:
+            from kdlib.cache.store import TeacherCache
+
+            self.caches[root] = TeacherCache.for_reading(root)
+        return self.caches[root]
 
     def _all_ranks_agree(self, ok: bool) -> bool:
         """True when ``ok`` holds on every rank (an update finite everywhere, every teacher output

@@ -10,6 +10,7 @@ published (a teacher cache still stores every loss row, so any method can read i
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,8 @@ class TeacherWorker:
         self.spec = spec
         self.rank = spec.rank
         self.device = resolve_device(spec.device)
-        self.backend = TEACHER_BACKENDS.get(spec.teacher.backend.name)(spec.teacher, self.device, spec.architecture)
+        self.backend = None
+        self.load()
         self.transport = build_transport(spec.transport)
         self.wire_dtype = WIRE_DTYPES[HiddenDtype(spec.transport.dtype)]
         self.cache = None
@@ -130,12 +132,27 @@ class TeacherWorker:
 
         self.backend.load_weights(load_file(path), ema_decay=None)
 
+    def load(self) -> None:
+        """Load the model (at start, and when several teachers take turns and this one's turn comes)."""
+        if self.backend is None:
+            spec = self.spec
+            self.backend = TEACHER_BACKENDS.get(spec.teacher.backend.name)(spec.teacher, self.device, spec.architecture)
+
+    def unload(self) -> None:
+        """Free the model entirely (several teachers taking turns: another one's turn comes)."""
+        self.backend = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def sleep(self) -> None:
-        """Colocation: release the accelerator while the students train."""
-        self.backend.sleep()
+        """Colocation: release the accelerator while the students train (an unloaded teacher holds none)."""
+        if self.backend is not None:
+            self.backend.sleep()
 
     def wake(self) -> None:
-        self.backend.wake()
+        if self.backend is not None:
+            self.backend.wake()
 
 
 def rows_to_send(output: TeacherOutput, batch: MicroBatch) -> TeacherOutput:

@@ -1,0 +1,137 @@
+"""The student's side of several teachers: one algorithm per teacher, and the ensembles' loss.
+
+A routed run gives the student every teacher's head (and, across tokenizers, the matched
+vocabulary) once. :class:`RoutedLoss` builds the configured algorithm once per teacher with that
+teacher's head, so a micro-batch routed to one teacher is trained exactly as a one-teacher run with
+that teacher would train it (the same algorithm object, the same call). A micro-batch routed to an
+ensemble is trained with :func:`kdlib.losses.ensemble.ensemble_loss`: each member's hidden states
+are placed at the student rows it covers (every row for a teacher on the student's tokens; the
+first student row of each byte-aligned group across tokenizers), its distribution is carried onto
+the student's vocabulary as its algorithm carries it, and the target combines them per row. Held-out
+sums are computed per member, each against its own teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from kdlib.algorithms.base import ALGORITHMS, Algorithm
+from kdlib.algorithms.cross_tokenizer import CrossTokenizerAlgorithm, teacher_hidden_for
+from kdlib.batch import MicroBatch
+from kdlib.config.schema import AlgorithmConfig, LossConfig
+from kdlib.evaluation import HeldoutSums
+from kdlib.losses import LossTerms
+from kdlib.losses.ensemble import Member, ensemble_loss, row_weights
+from kdlib.models.head import LMHead
+from kdlib.teacher_output import TeacherOutput
+from kdlib.xtok.vocab import VocabMatch
+
+
+@dataclass
+class TeacherSide:
+    """What the students hold of one teacher: its head, and across tokenizers the matched vocabulary."""
+
+    head: LMHead
+    match: Optional[VocabMatch] = None
+
+    def to(self, device: torch.device | str) -> "TeacherSide":
+        return TeacherSide(self.head.detached(device=device), None if self.match is None else self.match.to(device))
+
+
+@dataclass
+class RoutedSums:
+    """Held-out sums of a routed micro-batch: the batch's (student metrics once, each member's
+    comparison with the student) and each member teacher's own."""
+
+    total: HeldoutSums
+    per_teacher: dict[str, HeldoutSums]
+
+
+# (micro-batch as the teacher reads it, its output, its head, its matched vocabulary) -> sums
+TeacherSums = Callable[[MicroBatch, TeacherOutput, LMHead, Optional[VocabMatch]], HeldoutSums]
+
+
+class RoutedLoss:
+    """The configured algorithm per teacher, and the ensembles' loss."""
+
+    def __init__(self, cfg: AlgorithmConfig, loss: LossConfig, sides: dict[str, TeacherSide], student: nn.Module) -> None:
+        self.cfg = cfg
+        self.loss_cfg = loss
+        self.matches = {name: side.match for name, side in sides.items()}
+        self.algorithms: dict[str, Algorithm] = {}
+        for name, side in sides.items():
+            algorithm = ALGORITHMS.get(cfg.name)(cfg, loss, side.head)
+            algorithm.attach(student, side.match)
+            self.algorithms[name] = algorithm
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Every teacher's algorithm modules (DSKD's projectors), by ``<teacher>_<name>``."""
+        return {f"{teacher}_{name}": module for teacher, algorithm in self.algorithms.items()
+                for name, module in algorithm.modules().items()}
+
+    def compute_loss(self, student: nn.Module, batch: MicroBatch, teacher: Any, normaliser: float) -> LossTerms:
+        route = batch.route
+        if not route.is_ensemble:
+            return self.algorithms[route.teacher].compute_loss(student, batch, teacher, normaliser)
+        if not isinstance(teacher, dict) or set(teacher) != set(route.members):
+            raise ValueError(f"ensemble {route.target} needs one teacher output per member {list(route.members)}")
+        sole = _sole_member(route.weights)
+        if sole is not None:  # all weight on one member: the target is that teacher's, trained as it alone would be
+            name = route.members[sole]
+            return self.algorithms[name].compute_loss(student, route.view(batch, name), teacher[name], normaliser)
+        forward = Algorithm.student_forward(student, batch)
+        n = forward.hidden.shape[0]
+        members, hidden, covered = [], [], []
+        for name in route.members:
+            member, rows, where = self._member(name, route.view(batch, name), teacher[name], n)
+            members.append(member)
+            hidden.append(rows)
+            covered.append(where)
+        weights = row_weights(route.weights, batch.student.loss_rows_per_sample(), torch.stack(covered, -1))
+        kd_ratio = getattr(self.cfg, "kd_ratio")
+        return ensemble_loss(forward.hidden, forward.head, forward.targets, members, hidden, weights, route.combine,
+                             self.loss_cfg, kd_weight=kd_ratio, ce_weight=1.0 - kd_ratio, normaliser=normaliser)
+
+    def _member(self, name: str, view: MicroBatch, output: TeacherOutput, n_rows: int):
+        """(the member for the loss, its hidden states at the student's rows, the rows it covers)."""
+        algorithm = self.algorithms[name]
+        if not isinstance(algorithm, CrossTokenizerAlgorithm):
+            output.check_rows(n_rows)
+            return Member(algorithm.teacher_head), output.hidden, torch.ones(n_rows, dtype=torch.bool,
+                                                                             device=output.hidden.device)
+        method = algorithm.method
+        rows = teacher_hidden_for(method, view.alignment, output)
+        starts = view.alignment.rows(method.row_kind).student_start.to(rows.device)
+        placed = rows.new_zeros(n_rows, rows.shape[-1])
+        placed[starts] = rows
+        covered = torch.zeros(n_rows, dtype=torch.bool, device=rows.device)
+        covered[starts] = True
+        return Member(method.teacher_head, carry=method.teacher_log_probs), placed, covered
+
+    def heldout(self, batch: MicroBatch, teacher: Any, sums: TeacherSums) -> RoutedSums:
+        """Held-out sums of a routed micro-batch, per member against its own teacher."""
+        route = batch.route
+        outputs = teacher if route.is_ensemble else {route.teacher: teacher}
+        per_teacher = {
+            name: sums(route.view(batch, name), outputs[name], self.algorithms[name].teacher_head, self.matches[name])
+            for name in route.members
+        }
+        total = per_teacher[route.teacher]
+        for name in route.members[1:]:  # the student's own figures once
+            total = total.add(replace(per_teacher[name], ce=0.0, tokens=0, student_bytes=0))
+        return RoutedSums(total, per_teacher)
+
+
+def _sole_member(weights: Optional[torch.Tensor]) -> Optional[int]:
+    """The member every sample of a micro-batch puts all its weight on ([n_samples, K] weights),
+    or None."""
+    if weights is None:
+        return None
+    for k in range(weights.shape[1]):
+        if bool((weights[:, k] == 1).all()):
+            return k
+    return None
