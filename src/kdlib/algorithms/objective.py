@@ -19,7 +19,7 @@ from torch import nn
 from kdlib.algorithms.base import Algorithm
 from kdlib.batch import MicroBatch
 from kdlib.teacher_output import TeacherOutput
-from kdlib.evaluation import HeldoutSums, cross_tokenizer_heldout_sums, heldout_sums
+from kdlib.evaluation import HeldoutSums, cross_tokenizer_heldout_sums, heldout_sums, signal_heldout_sums
 from kdlib.models.forward import hidden_at_loss_positions
 from kdlib.models.head import LMHead, lm_head_of
 from kdlib.xtok.vocab import VocabMatch
@@ -61,7 +61,9 @@ class StudentObjective(nn.Module):
             hidden = hidden_at_loss_positions(self.model, batch.student)
         teacher_head: Optional[LMHead] = self.algorithm.teacher_head
         head = lm_head_of(self.model)
-        if teacher is not None and batch.alignment is not None and self.vocab_match is not None:
+        if teacher is not None and teacher.signal != "hidden":
+            sums = signal_heldout_sums(hidden, head, teacher, batch.student.targets(), chunk_size=self.chunk_size)
+        elif teacher is not None and batch.alignment is not None and self.vocab_match is not None:
             sums = cross_tokenizer_heldout_sums(
                 hidden, head, teacher.hidden, teacher_head, batch.alignment, self.vocab_match, chunk_size=self.chunk_size,
             )

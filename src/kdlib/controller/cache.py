@@ -77,10 +77,11 @@ class CacheMode(RunMode):
             "bytes_per_token": disk / max(rows, 1),
             "teacher_seconds": computed_seconds,
         }
-        write_json(p.run_dir / "cache_report.json", {"cache": str(cache.root), **summary})
+        signal = cfg.teacher.signal.describe()
+        write_json(p.run_dir / "cache_report.json", {"cache": str(cache.root), "signal": signal, **summary})
         log.info(
-            "teacher cache %s: %d samples (%d computed now, %d already there), %d tokens, %.1f MiB on disk, "
-            "%.0f bytes per token", cache.root, n_samples, missing_before, n_samples - missing_before, rows,
+            "teacher cache %s (%s): %d samples (%d computed now, %d already there), %d tokens, %.1f MiB on disk, "
+            "%.0f bytes per token", cache.root, signal, n_samples, missing_before, n_samples - missing_before, rows,
             disk / 2**20, summary["bytes_per_token"],
         )
         return RunResult(run_dir=p.run_dir, metrics=summary, outputs={"teacher_cache": cache.root})
