@@ -20,8 +20,12 @@ micro-batch. Per signal and loss it prints
     python benchmarks/teacher_signals.py                         # 2 global batches, kl and rkl
     python benchmarks/teacher_signals.py --steps 4 --draws 4 --losses kl,rkl,jsd --json out.json
 
-The training half of issue 28's lab (held-out KL, bits per byte and ECE of a student trained on
-each signal) is not part of this script.
+With ``--train`` it also trains the default job (``--train-steps`` steps, all by default) once per
+signal of :data:`TRAINED` and evaluates each final student **exactly** (a second, hidden-state
+build of the default job with that student: held-out KL, CE, bits per byte, ECE), since a run on a
+sparse signal can only report its own estimate of the KL.
+
+    python benchmarks/teacher_signals.py --losses kl --train
 """
 
 from __future__ import annotations
@@ -80,6 +84,40 @@ def scored_batches(steps: int, run_dir: Path):
     return cfg, out
 
 
+# (label, overrides) of the signals the default job is trained on with --train.
+TRAINED = [
+    ("hidden (exact)", []),
+    ("topk k=8 tail", ["teacher.signal.kind=topk", "teacher.signal.k=8"]),
+    ("topk k=32 tail", ["teacher.signal.kind=topk", "teacher.signal.k=32"]),
+    ("topk k=32 no tail", ["teacher.signal.kind=topk", "teacher.signal.k=32", "teacher.signal.tail_mass=false"]),
+    ("sampled k=12", ["teacher.signal.kind=sampled", "teacher.signal.k=12"]),
+]
+
+
+def train_and_evaluate(steps: int | None, out: Path) -> list[dict]:
+    """Train the default job on each signal of TRAINED, then evaluate its student exactly."""
+    import kdlib
+    from kdlib.runner import built
+
+    base = ["device=cpu", "logging.progress=false", "eval.before=false", "save_student=true"]
+    if steps:
+        base.append(f"train.max_steps={steps}")
+    rows = []
+    for label, overrides in TRAINED:
+        name = label.replace(" ", "_").replace("=", "")
+        result = kdlib.run(kdlib.compose(base + overrides + [f"output_dir={out / name}"]))
+        # the trained student, evaluated against the teacher's hidden states (exact KL)
+        exact = kdlib.compose(["device=cpu", "logging.progress=false", f"student.model={result.student_dir}",
+                               "student.num_layers=null", f"output_dir={out / (name + '_eval')}"])
+        with built(exact, run_dir=out / (name + "_eval")) as mode:
+            metrics = mode.evaluate()
+        seconds = sum(json.loads(line).get("teacher_seconds", 0.0)
+                      for line in (result.run_dir / "metrics.jsonl").read_text().splitlines())
+        rows.append({"signal": label, "steps": result.metrics.get("step"), "teacher_seconds": seconds, **metrics})
+        print(f"{label:22}" + "".join(f"{k}={metrics[k]:.4f} " for k in ("kl", "ce", "bits_per_byte", "ece")), flush=True)
+    return rows
+
+
 def loss_and_grad(fn):
     """(loss value, flattened gradient of hidden states and head weight) of a loss closure."""
     value, leaves = fn()
@@ -101,8 +139,19 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=3, help="independent draws per micro-batch (sampled)")
     parser.add_argument("--losses", default="kl,rkl")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--train", action="store_true", help="also train the default job on each signal")
+    parser.add_argument("--train-steps", type=int, default=None, help="steps per training run (default: the job's)")
+    parser.add_argument("--skip-static", action="store_true", help="only the training part")
     args = parser.parse_args()
     torch.set_grad_enabled(True)
+    results: dict = {}
+    if args.train:
+        with tempfile.TemporaryDirectory(prefix="kdlib-signals-train-") as tmp:
+            results["trained"] = train_and_evaluate(args.train_steps, Path(tmp))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+    if args.skip_static:
+        return
 
     with tempfile.TemporaryDirectory(prefix="kdlib-signals-") as tmp:
         cfg, batches = scored_batches(args.steps, Path(tmp))
@@ -110,7 +159,7 @@ def main() -> None:
     print(f"CPU: {cpu_capability()}, native bf16: {bf16_support('cpu').native}; teacher {cfg.teacher.model} "
           f"({cfg.teacher.dtype.value}), {len(batches)} micro-batches, {rows} loss tokens, chunk {cfg.loss.chunk_size}")
 
-    results = []
+    results["static"] = []
     for loss_name in args.losses.split(","):
         loss_cfg = LOSSES.entry(loss_name).config_cls(name=loss_name, chunk_size=cfg.loss.chunk_size)
         assert isinstance(loss_cfg, LossConfig)
@@ -163,7 +212,7 @@ def main() -> None:
                 "cos_mean": statistics.mean(cosines), "cos_min": min(cosines),
                 "rel_err_mean": statistics.mean(errors), "rel_err_max": max(errors), "n": len(biases),
             }
-            results.append(row)
+            results["static"].append(row)
             if not math.isfinite(row["bias_mean"]):
                 print(f"{label:22}{row['bytes_per_token']:9.0f}{'inf':>11}")
                 continue
