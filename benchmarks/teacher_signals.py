@@ -100,7 +100,7 @@ def train_and_evaluate(steps: int | None, out: Path) -> list[dict]:
     import kdlib
     from kdlib.runner import built
 
-    base = ["device=cpu", "logging.progress=false", "eval.before=false", "save_student=true"]
+    base = ["device=cpu", "logging.progress=false", "eval.before=false", "save_student=true", "save_dtype=float32"]
     if steps:
         base.append(f"train.max_steps={steps}")
     rows = []
