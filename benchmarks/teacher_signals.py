@@ -19,6 +19,7 @@ micro-batch. Per signal and loss it prints
 
     python benchmarks/teacher_signals.py                         # 2 global batches, kl and rkl
     python benchmarks/teacher_signals.py --steps 4 --draws 4 --losses kl,rkl,jsd --json out.json
+    python benchmarks/teacher_signals.py --losses rkl --only sampled --proposal-temperature 2
 
 With ``--train`` it also trains the default job (``--train-steps`` steps, all by default) once per
 signal of :data:`TRAINED` and evaluates each final student **exactly** (a second, hidden-state
@@ -45,7 +46,7 @@ TOPK = (1, 8, 32, 128)
 SAMPLED = (4, 12, 32)
 
 
-def signal_configs():
+def signal_configs(proposal_temperature: float = 1.0):
     """(label, SignalConfig or None for hidden) for every signal of the table."""
     from kdlib.config import SignalConfig, SignalKind
 
@@ -53,8 +54,9 @@ def signal_configs():
     for tail in (True, False):
         for k in TOPK:
             yield f"topk k={k} {'tail' if tail else 'no tail'}", SignalConfig(kind=SignalKind.topk, k=k, tail_mass=tail)
+    suffix = "" if proposal_temperature == 1.0 else f" T={proposal_temperature:g}"
     for k in SAMPLED:
-        yield f"sampled k={k}", SignalConfig(kind=SignalKind.sampled, k=k)
+        yield f"sampled k={k}{suffix}", SignalConfig(kind=SignalKind.sampled, k=k, proposal_temperature=proposal_temperature)
 
 
 def scored_batches(steps: int, run_dir: Path):
@@ -143,6 +145,8 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="also train the default job on each signal")
     parser.add_argument("--train-steps", type=int, default=None, help="steps per training run (default: the job's)")
     parser.add_argument("--skip-static", action="store_true", help="only the training part")
+    parser.add_argument("--proposal-temperature", type=float, default=1.0, help="sampled: the proposal's temperature")
+    parser.add_argument("--only", default="", help="only the signals whose label starts with this (e.g. sampled)")
     args = parser.parse_args()
     torch.set_grad_enabled(True)
     results: dict = {}
@@ -176,8 +180,10 @@ def main() -> None:
         print(f"\nloss={loss_name}: exact mean per-token loss {statistics.mean(v for v, _ in exact):.4f}")
         print(f"{'signal':22}{'B/token':>9}{'bias mean':>11}{'bias sd':>9}{'cos mean':>10}{'cos min':>9}"
               f"{'rel err':>9}{'rel max':>9}")
-        for label, signal in signal_configs():
+        for label, signal in signal_configs(args.proposal_temperature):
             if signal is not None and signal_support(loss_name, signal.kind.value, {}, signal.k):
+                continue
+            if not label.startswith(args.only) and signal is not None:
                 continue
             biases, cosines, errors, nbytes = [], [], [], []
             draws = args.draws if signal is not None and signal.kind.value == "sampled" else 1
