@@ -27,18 +27,25 @@ class ExampleAlignment:
 CARRIER_TYPES.register("example_alignment", ExampleAlignment)
 
 
-def full_teacher_output() -> TeacherOutput:
-    """A teacher output with every carrier field set (random, non-zero), for transport tests."""
+def full_teacher_output(signal: str = "hidden") -> TeacherOutput:
+    """A teacher output with every carrier field of ``signal`` set (random, non-zero, in the wire
+    dtypes), for transport tests: hidden, topk (with its tail) or sampled (with its proposal)."""
     g = torch.Generator().manual_seed(7)
-    rows = 9
+    rows, k = 9, 3
+    logprobs = torch.log_softmax(torch.randn(rows, 50, generator=g), -1)[:, :k]
+    fields = {
+        "hidden": dict(hidden=torch.randn(rows, 24, generator=g).to(torch.bfloat16)),
+        "topk": dict(topk_ids=torch.randint(0, 1000, (rows, k), generator=g).to(torch.uint16),
+                     topk_logprobs=logprobs, topk_tail=torch.log1p(-logprobs.exp().sum(-1))),
+        "sampled": dict(sampled_ids=torch.randint(0, 70000, (rows, k), generator=g).to(torch.int32),
+                        sampled_logprobs=logprobs, sampled_proposal=logprobs - torch.rand(rows, k, generator=g)),
+    }[signal]
     return TeacherOutput(
-        hidden=torch.randn(rows, 24, generator=g).to(torch.bfloat16),
         row_offsets=torch.tensor([0, 4, 4, 9]),
         sample_ids=torch.tensor([11, 5, 30]),
-        topk_ids=torch.randint(0, 1000, (rows, 3), generator=g),
-        topk_logprobs=-torch.rand(rows, 3, generator=g),
         alignment=ExampleAlignment(
             teacher_rows=torch.arange(rows), student_rows=torch.randint(0, rows, (rows,), generator=g),
             weights=torch.rand(rows, generator=g, dtype=torch.float64),
         ),
+        **fields,
     )

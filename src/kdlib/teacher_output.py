@@ -1,11 +1,21 @@
 """The teacher-output carrier: everything a teacher sends for one micro-batch, as one typed object.
 
-The core of it is the teacher's post-norm last-layer hidden states at the rows the loss needs,
-``[n_rows, hidden]`` in the wire dtype (bf16 by default, never fp16). Around them it carries what
-particular methods need: per-sample row offsets (sample i owns rows ``row_offsets[i]:row_offsets[i+1]``),
-the dataset ids of those samples, top-k log-probabilities when an inference engine returns them,
-and an optional alignment object for cross-tokenizer methods. Algorithms read the extra fields;
-the fused loss only ever sees ``hidden`` (its 1:1 rows contract is unchanged).
+Its core is the teacher's signal at the rows the loss needs, one of (see ``teacher.signal``):
+
+- ``hidden``: post-norm last-layer hidden states ``[n_rows, hidden]`` in the wire dtype (bf16 by
+  default, never fp16); the student recomputes the teacher's logits with the teacher's head;
+- ``topk_ids`` / ``topk_logprobs`` ``[n_rows, k]``: the teacher's k most probable tokens and their
+  log-probabilities (normalised over the whole vocabulary), with ``topk_tail`` ``[n_rows]``, the
+  log of the mass outside them, when the tail bucket is sent;
+- ``sampled_ids`` / ``sampled_logprobs`` ``[n_rows, k]``: k tokens drawn per row and the teacher's
+  log-probability of each, with ``sampled_proposal`` (the log-probability the drawing
+  distribution gave each) when the draws did not come from the teacher's own distribution.
+
+Token ids travel as uint16 when the vocabulary fits (int32 otherwise) and log-probabilities as
+float32. Around the signal: per-sample row offsets (sample i owns rows
+``row_offsets[i]:row_offsets[i+1]``), the dataset ids of those samples, and an optional alignment
+object for cross-tokenizer methods. :meth:`TeacherOutput.check_values` is the signal's own
+validation (ids in range, no NaN); the constructor checks shapes and dtypes.
 
 Transports and the teacher cache move a carrier generically through :meth:`TeacherOutput.to_parts`
 and :meth:`TeacherOutput.from_parts`: a flat ``{name: tensor}`` dict plus small JSON-able metadata.
@@ -42,41 +52,92 @@ class CarrierError(ValueError):
     """A teacher-output message names a type or fields kdlib does not build."""
 
 
+# The fields of each signal (the first one of each is always present when the signal is sent).
+SIGNAL_FIELDS = {
+    "hidden": ("hidden",),
+    "topk": ("topk_ids", "topk_logprobs", "topk_tail"),
+    "sampled": ("sampled_ids", "sampled_logprobs", "sampled_proposal"),
+}
+# Every field with one entry per row: what splitting, joining and row selection act on.
+ROW_FIELDS = tuple(name for names in SIGNAL_FIELDS.values() for name in names)
+_ID_DTYPES = (torch.uint16, torch.int32, torch.int64)
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def id_dtype(vocab_size: int) -> torch.dtype:
+    """The smallest dtype token ids of a ``vocab_size`` vocabulary travel in."""
+    return torch.uint16 if vocab_size <= 2**16 else torch.int32
+
+
 @dataclass
 class TeacherOutput:
-    """What a teacher sends for one micro-batch (rows in (sample, position) order)."""
+    """What a teacher sends for one micro-batch (rows in (sample, position) order): exactly one
+    signal (``hidden``, ``topk_*`` or ``sampled_*``) and its bookkeeping."""
 
     # Post-norm last-layer hidden states at the loss rows, [n_rows, hidden], wire dtype.
-    hidden: torch.Tensor
+    hidden: Optional[torch.Tensor] = None
     # [n_samples + 1] int64 cumulative row counts: sample i owns rows offsets[i]:offsets[i + 1].
     row_offsets: Optional[torch.Tensor] = None
     # [n_samples] int64 dataset row ids of the samples, in order.
     sample_ids: Optional[torch.Tensor] = None
-    # [n_rows, k] int64 / float32: an engine's top-k token ids and log-probabilities per row.
+    # [n_rows, k] token ids (uint16 / int32) and float32 log-probabilities of the teacher's top k,
+    # most probable first; [n_rows] float32 log of the probability outside them (-inf: none).
     topk_ids: Optional[torch.Tensor] = None
     topk_logprobs: Optional[torch.Tensor] = None
+    topk_tail: Optional[torch.Tensor] = None
+    # [n_rows, k] token ids drawn per row (with replacement) and the teacher's log-probability of
+    # each; sampled_proposal: the drawing distribution's log-probability of each (None: the
+    # teacher's own distribution, so every draw weighs 1/k).
+    sampled_ids: Optional[torch.Tensor] = None
+    sampled_logprobs: Optional[torch.Tensor] = None
+    sampled_proposal: Optional[torch.Tensor] = None
     # A dataclass of tensors describing cross-tokenizer alignment (or any per-row side data a
     # method defines); moved generically, interpreted only by the algorithm that asked for it.
     alignment: Optional[Any] = None
 
     def __post_init__(self) -> None:
-        rows = self.hidden.shape[0]
-        if self.hidden.dim() != 2:
-            raise ValueError(f"teacher hidden states must be [rows, hidden], got {tuple(self.hidden.shape)}")
+        sent = [kind for kind, names in SIGNAL_FIELDS.items() if getattr(self, names[0]) is not None]
+        if len(sent) != 1:
+            raise ValueError(f"a teacher output carries exactly one signal (hidden, topk or sampled), got {sent or 'none'}")
+        self._check_shapes(sent[0])
+        rows = self.n_rows
         if self.row_offsets is not None:
             offsets = self.row_offsets
             if offsets.dim() != 1 or offsets.numel() < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != rows:
                 raise ValueError(f"row_offsets must run from 0 to {rows} rows, got {offsets.tolist()}")
             if self.sample_ids is not None and self.sample_ids.numel() != offsets.numel() - 1:
                 raise ValueError(f"{self.sample_ids.numel()} sample ids for {offsets.numel() - 1} samples")
-        for name in ("topk_ids", "topk_logprobs"):
-            value = getattr(self, name)
-            if value is not None and value.shape[0] != rows:
-                raise ValueError(f"{name} has {value.shape[0]} rows, hidden states {rows}")
+
+    def _check_shapes(self, kind: str) -> None:
+        """The fields of ``kind`` agree in rows, width and dtype; no field of another signal."""
+        names = SIGNAL_FIELDS[kind]
+        first = getattr(self, names[0])
+        if kind == "hidden":
+            if first.dim() != 2:
+                raise ValueError(f"teacher hidden states must be [rows, hidden], got {tuple(first.shape)}")
+            return
+        ids, values, extra = (getattr(self, name) for name in names)
+        if ids.dim() != 2 or values is None or values.shape != ids.shape:
+            shape = None if values is None else tuple(values.shape)
+            raise ValueError(f"{names[0]} {tuple(ids.shape)} and {names[1]} {shape} must both be [rows, k]")
+        if ids.dtype not in _ID_DTYPES or values.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{names[0]} must be uint16/int32/int64 and {names[1]} float32, got {ids.dtype}, {values.dtype}")
+        want = (ids.shape[0],) if kind == "topk" else tuple(ids.shape)
+        if extra is not None and (tuple(extra.shape) != want or extra.dtype not in _FLOAT_DTYPES):
+            raise ValueError(f"{names[2]} must be {list(want)} float32, got {tuple(extra.shape)} {extra.dtype}")
+
+    @property
+    def signal(self) -> str:
+        """The signal this output carries: hidden, topk or sampled."""
+        return next(kind for kind, names in SIGNAL_FIELDS.items() if getattr(self, names[0]) is not None)
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self, SIGNAL_FIELDS[self.signal][0]).device
 
     @property
     def n_rows(self) -> int:
-        return self.hidden.shape[0]
+        return getattr(self, SIGNAL_FIELDS[self.signal][0]).shape[0]
 
     @property
     def n_samples(self) -> int:
@@ -91,12 +152,34 @@ class TeacherOutput:
     def check_rows(self, expected: int, what: str = "loss tokens") -> None:
         """The one check that teacher and student agree on the number of rows."""
         if self.n_rows != expected:
-            raise ValueError(f"the teacher sent {self.n_rows} hidden-state rows for {expected} {what}")
+            label = {"hidden": "hidden-state", "topk": "top-k"}.get(self.signal, self.signal)
+            raise ValueError(f"the teacher sent {self.n_rows} {label} rows for {expected} {what}")
+
+    def check_values(self, vocab_size: Optional[int] = None) -> Optional[str]:
+        """What is wrong with the signal's values, in a few words (None: nothing): hidden states
+        and log-probabilities must not be NaN or +inf (log-probabilities not above 0, a little
+        rounding aside), ids must be in the vocabulary."""
+        kind = self.signal
+        if kind == "hidden":
+            bad = ~torch.isfinite(self.hidden).all(dim=-1)
+            return f"hidden states that are not finite (NaN or inf) at {int(bad.sum())} of {bad.numel()} loss positions" if bad.any() else None
+        for name in SIGNAL_FIELDS[kind][1:]:
+            values = getattr(self, name)
+            if values is not None and bool((torch.isnan(values) | (values > 1e-3)).any()):
+                return f"{name} that are NaN or above 0 (not log-probabilities)"
+        ids = getattr(self, SIGNAL_FIELDS[kind][0]).long()
+        if ids.numel() and (int(ids.min()) < 0 or (vocab_size is not None and int(ids.max()) >= vocab_size)):
+            return f"{kind}_ids outside the vocabulary [0, {vocab_size})"
+        return None
 
     def to(self, device: torch.device | str) -> "TeacherOutput":
         """A copy with every tensor on ``device`` (dtypes unchanged; no copy when already there)."""
         tensors, meta = self.to_parts()
         return TeacherOutput.from_parts({k: v.to(device) for k, v in tensors.items()}, meta)
+
+    def select_rows(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        """``{field: rows of it}`` for every per-row field present (views for a slice)."""
+        return {name: getattr(self, name)[rows] for name in ROW_FIELDS if getattr(self, name) is not None}
 
     def sample_rows(self, index: int) -> "TeacherOutput":
         """The rows of sample ``index`` as an output of one sample (views, no copy)."""
@@ -106,11 +189,9 @@ class TeacherOutput:
         if self.alignment is not None:
             raise ValueError("cannot split an output that carries an alignment; recompute it from the data")
         return TeacherOutput(
-            hidden=self.hidden[start:stop],
             row_offsets=torch.tensor([0, stop - start], dtype=torch.long),
             sample_ids=None if self.sample_ids is None else self.sample_ids[index : index + 1],
-            topk_ids=None if self.topk_ids is None else self.topk_ids[start:stop],
-            topk_logprobs=None if self.topk_logprobs is None else self.topk_logprobs[start:stop],
+            **self.select_rows(slice(start, stop)),
         )
 
     @staticmethod
@@ -135,11 +216,7 @@ class TeacherOutput:
             return torch.cat(values)
 
         return TeacherOutput(
-            hidden=torch.cat([o.hidden for o in outputs]),
-            row_offsets=offsets,
-            sample_ids=joined("sample_ids"),
-            topk_ids=joined("topk_ids"),
-            topk_logprobs=joined("topk_logprobs"),
+            row_offsets=offsets, sample_ids=joined("sample_ids"), **{name: joined(name) for name in ROW_FIELDS},
         )
 
     # ------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_each_method_distils_across_tokenizers(algorithm, xtok_overrides, unigra
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     assert all(r["kd_loss"] > 0 and r["ce_loss"] > 0 for r in rows)
     before, after = result.eval_before, result.eval_after
-    assert set(after) == {"ce", "top1_agreement", "bits_per_byte", "teacher_bits_per_byte", "tokens"}
+    assert set(after) == {"ce", "top1_agreement", "bits_per_byte", "teacher_bits_per_byte", "ece", "tokens"}
     assert after["bits_per_byte"] < before["bits_per_byte"]
     assert after["teacher_bits_per_byte"] == before["teacher_bits_per_byte"] > 0
     text = (result.run_dir / "eval.txt").read_text()

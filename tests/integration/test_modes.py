@@ -38,7 +38,7 @@ def test_every_mode_runs(mode, tiny_overrides, tmp_path):
     if mode is Mode.sft:
         assert cfg.algorithm.name == "sft" and "mode=sft" in cfg.auto_choices["algorithm"]
         assert all(r["kd_loss"] == 0.0 and r["loss"] == pytest.approx(r["ce_loss"], rel=1e-6) for r in rows)
-        assert set(result.eval_after) == {"ce", "bits_per_byte", "tokens"}
+        assert set(result.eval_after) == {"ce", "bits_per_byte", "ece", "tokens"}
     else:  # the logged loss is the objective made of the logged terms: (1 - kd_ratio) CE + kd_ratio KD
         ratio = cfg.algorithm.kd_ratio
         for r in rows:

@@ -70,7 +70,7 @@ def test_sft_runs_without_a_teacher(tiny_overrides):
         assert loop.pipeline.teacher is None
     result = kdlib.run(cfg)
     assert result.metrics["kd_loss"] == 0.0 and result.metrics["ce_loss"] > 0
-    assert set(result.eval_after) == {"ce", "bits_per_byte", "tokens"}  # nothing about a teacher
+    assert set(result.eval_after) == {"ce", "bits_per_byte", "ece", "tokens"}  # nothing about a teacher
 
 
 def test_same_seed_same_run(tiny_overrides, tmp_path):

@@ -132,6 +132,36 @@ def test_a_cache_of_another_teacher_is_refused(cached_overrides, tiny_qwen3, tmp
         kdlib.run(fp32)
 
 
+@pytest.mark.parametrize("signal, bytes_per_row", [
+    (["teacher.signal.kind=topk", "teacher.signal.k=8"], 8 * (2 + 4) + 4),  # uint16 ids, float32 log-probs, tail
+    (["teacher.signal.kind=sampled", "teacher.signal.k=4"], 4 * (2 + 4)),
+])
+def test_a_cache_of_a_signal_trains_as_the_live_signal_and_serves_no_other(cached_overrides, tmp_path, signal,
+                                                                           bytes_per_row):
+    """A cache stores the configured teacher signal (its bytes per token in the summary, below the
+    hidden states' 128), training from it equals training with the live teacher (a sample's draws
+    are seeded by its content), no teacher model loads when it covers the run, and a run asking for
+    another signal is refused in one line."""
+    overrides = cached_overrides + signal
+    fill = kdlib.run(kdlib.compose(overrides + ["+recipe=cache_teacher", f"output_dir={tmp_path / 'fill'}"]))
+    report = json.loads((fill.run_dir / "cache_report.json").read_text())
+    assert report["signal"].startswith(signal[0].split("=")[1]) and report["bytes_per_token"] == fill.metrics["bytes_per_token"]
+    assert bytes_per_row <= fill.metrics["bytes_per_token"] < 64 * 2
+    live = kdlib.run(kdlib.compose([o for o in overrides if not o.startswith("teacher.cache")]
+                                   + [f"output_dir={tmp_path / 'live'}"]))
+    cfg = kdlib.compose(overrides + [f"output_dir={tmp_path / 'read'}"])
+    with built(cfg, run_dir=tmp_path / "probe") as loop:
+        assert loop.pipeline.teacher is None
+    reading = kdlib.run(cfg)
+    assert_same_training(live, reading)
+    assert all(r["teacher_cached_batches"] == r["micro_batches"] for r in _rows(reading))
+    for other in (["teacher.signal.kind=hidden"], signal + ["teacher.signal.k=5"]):
+        with pytest.raises(ConfigError) as caught:
+            kdlib.run(kdlib.compose(overrides + other + [f"output_dir={tmp_path / 'other'}"]))
+        message = str(caught.value)
+        assert f"holds the teacher signal '{report['signal']}'" in message and "\n" not in message
+
+
 _WRITER = """
 import sys, torch
 from kdlib.cache.fingerprint import CacheNamespace, FORMAT

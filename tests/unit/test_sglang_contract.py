@@ -21,7 +21,7 @@ import torch
 
 from engine_double import EngineDouble
 from kdlib.backends.sglang.options import SGLangRolloutConfig, SGLangTeacherOptions
-from kdlib.config import StudentConfig, TeacherConfig
+from kdlib.config import SignalKind, StudentConfig, TeacherConfig
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,7 +147,6 @@ def kdlib_calls(tiny_llama) -> list[tuple[str, tuple, dict]]:
         teacher = TeacherConfig(model=str(tiny_llama), backend=SGLangTeacherOptions(), revision="main")
         options = teacher.backend
         options.offload_tags = ["kv_cache", "weights", "cuda_graph"]
-        options.top_logprobs_num = 2
         options.mem_fraction_static, options.quantization, options.attention_backend = 0.5, "fp8", "triton"
         options.context_length, options.server_args = 512, {"max_running_requests": 8}
         backend = SGLangTeacherBackend(teacher, torch.device("cuda", 1))
@@ -155,6 +154,10 @@ def kdlib_calls(tiny_llama) -> list[tuple[str, tuple, dict]]:
         backend.score(TokenBatch(ids, torch.ones_like(ids), torch.tensor([[False, True, True, True, False]])))
         backend.sleep()
         backend.wake()
+        topk = TeacherConfig(model=str(tiny_llama), backend=SGLangTeacherOptions(), revision="main")
+        topk.signal.kind, topk.signal.k = SignalKind.topk, 2  # the engine's own top-k is the signal
+        SGLangTeacherBackend(topk, torch.device("cuda", 1)).score(
+            TokenBatch(ids, torch.ones_like(ids), torch.tensor([[False, True, True, True, False]])))
 
         rollout = SGLangRolloutConfig(max_new_tokens=3, n_samples_per_prompt=2)
         rollout.deterministic = rollout.release_memory = True

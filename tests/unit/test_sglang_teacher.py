@@ -10,7 +10,7 @@ from kdlib.backends.sglang.options import SGLangTeacherOptions
 
 from engine_double import EngineDouble
 from kdlib.batch import TokenBatch
-from kdlib.config import Precision, TeacherConfig
+from kdlib.config import Precision, SignalKind, TeacherConfig
 from kdlib.errors import ModelError
 
 
@@ -122,16 +122,33 @@ def test_a_prefix_cache_hit_or_a_chunked_prefill_is_refused(double, tiny_llama):
         prefill_hidden(nothing, 12, [3], "teacher")
 
 
-def test_topk_logprobs_are_the_engines_at_each_loss_row(double, tiny_llama):
+@pytest.mark.parametrize("tail_mass", [True, False])
+def test_topk_signal_is_the_engines_logprobs_at_each_loss_row(double, tiny_llama, tail_mass):
+    """teacher.signal=topk: the engine's own prompt top-k log-probabilities at the loss rows (no
+    hidden states, no head, no self-check), the tail mass what they leave of the vocabulary."""
     from kdlib.models.checkpoint_head import load_lm_head
     from kdlib.backends.sglang.teacher import SGLangTeacherBackend
 
-    cfg = _teacher_cfg(tiny_llama, top_logprobs_num=4)
-    out = SGLangTeacherBackend(cfg, torch.device("cpu")).score(_padded_batch())
-    assert out.topk_ids.shape == out.topk_logprobs.shape == (out.n_rows, 4)
-    reference = torch.log_softmax(load_lm_head(cfg).logits(out.hidden).float(), dim=-1).topk(4)
-    assert torch.equal(out.topk_ids, reference.indices)
-    torch.testing.assert_close(out.topk_logprobs, reference.values, atol=1e-5, rtol=1e-5)
+    cfg = _teacher_cfg(tiny_llama)
+    batch = _padded_batch()
+    hidden = SGLangTeacherBackend(cfg, torch.device("cpu")).score(batch).hidden
+    cfg.signal.kind, cfg.signal.k, cfg.signal.tail_mass = SignalKind.topk, 4, tail_mass
+    backend = SGLangTeacherBackend(cfg, torch.device("cpu"))
+    assert backend.head_check is None and not double.instances[-1].server_args["enable_return_hidden_states"]
+    with pytest.raises(ModelError, match="loads no head"):
+        backend.lm_head()
+    out = backend.score(batch)
+    assert out.signal == "topk" and out.topk_ids.dtype == torch.uint16  # a 384-token vocabulary
+    assert out.topk_ids.shape == out.topk_logprobs.shape == (batch.n_loss_tokens, 4)
+    full = torch.log_softmax(load_lm_head(cfg).logits(hidden).double(), dim=-1)
+    reference = full.topk(4)
+    assert torch.equal(out.topk_ids.long(), reference.indices)
+    torch.testing.assert_close(out.topk_logprobs.double(), reference.values, atol=1e-5, rtol=1e-5)
+    if tail_mass:
+        tail = torch.logsumexp(full.scatter(-1, reference.indices, float("-inf")), -1)
+        torch.testing.assert_close(out.topk_tail.double(), tail, atol=1e-4, rtol=1e-4)
+    else:
+        assert out.topk_tail is None
 
 
 @pytest.mark.parametrize("dtype", [Precision.float32, Precision.bfloat16])

@@ -53,9 +53,12 @@ class Algorithm(ABC):
     # Whether it compares the models across tokenizers: its micro-batches then carry the
     # byte-offset alignment of the two tokenisations, and the tokenizers may differ.
     needs_alignment: ClassVar[bool] = False
+    # The teacher signals (teacher.signal.kind) it can learn from; composition refuses others.
+    signals: ClassVar[tuple[str, ...]] = ("hidden",)
 
     def __init__(self, cfg: AlgorithmConfig, loss: LossConfig, teacher_head: Optional[LMHead]) -> None:
-        if self.needs_teacher and teacher_head is None:
+        # the head comes with hidden states; an algorithm that also takes sparse signals may get none
+        if self.needs_teacher and teacher_head is None and self.signals == ("hidden",):
             raise ValueError(f"algorithm {cfg.name!r} needs the teacher's head")
         self.cfg = cfg
         self.loss_cfg = loss

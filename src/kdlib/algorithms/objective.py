@@ -20,7 +20,7 @@ from kdlib.algorithms.base import Algorithm
 from kdlib.algorithms.routed import RoutedLoss, RoutedSums
 from kdlib.batch import MicroBatch
 from kdlib.teacher_output import TeacherOutput
-from kdlib.evaluation import HeldoutSums, cross_tokenizer_heldout_sums, heldout_sums
+from kdlib.evaluation import HeldoutSums, cross_tokenizer_heldout_sums, heldout_sums, signal_heldout_sums
 from kdlib.models.forward import hidden_at_loss_positions
 from kdlib.models.head import LMHead, lm_head_of
 from kdlib.xtok.vocab import VocabMatch
@@ -75,7 +75,9 @@ class StudentObjective(nn.Module):
 
     def _sums(self, batch: MicroBatch, teacher: Optional[TeacherOutput], hidden: torch.Tensor, head: LMHead,
               teacher_head: Optional[LMHead], match: Optional[VocabMatch]) -> HeldoutSums:
-        if teacher is not None and batch.alignment is not None and match is not None:
+        if teacher is not None and teacher.signal != "hidden":
+            sums = signal_heldout_sums(hidden, head, teacher, batch.student.targets(), chunk_size=self.chunk_size)
+        elif teacher is not None and batch.alignment is not None and match is not None:
             sums = cross_tokenizer_heldout_sums(
                 hidden, head, teacher.hidden, teacher_head, batch.alignment, match, chunk_size=self.chunk_size,
             )

@@ -26,6 +26,7 @@ class SFTConfig(AlgorithmConfig):
 @register_algorithm("sft", config=SFTConfig)
 class SFT(Algorithm):
     needs_teacher = False
+    signals = ("hidden", "topk", "sampled")  # reads no teacher at all
 
     def compute_loss(
         self, student: nn.Module, batch: MicroBatch, teacher: Optional[TeacherOutput], normaliser: float

@@ -2,6 +2,8 @@
 
 The student's and the teacher's logits are recomputed from hidden states by the configured loss
 (fused and chunked by default); this is KDFlow's ``vanilla_kd`` and the algorithm of the default run.
+With a top-k or sampled teacher signal the divergence is that signal's estimator
+(:mod:`kdlib.losses.sparse`) on the same chunked engine.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import nn
 
 from kdlib.algorithms.base import Algorithm, register_algorithm
@@ -16,6 +19,7 @@ from kdlib.batch import MicroBatch
 from kdlib.teacher_output import TeacherOutput
 from kdlib.config.schema import AlgorithmConfig
 from kdlib.losses import LossTerms, distillation_loss
+from kdlib.losses.sparse import signal_distillation_loss
 
 
 @dataclass
@@ -32,6 +36,7 @@ class VanillaKDConfig(AlgorithmConfig):
 @register_algorithm("vanilla", config=VanillaKDConfig)
 class VanillaKD(Algorithm):
     cfg: VanillaKDConfig
+    signals = ("hidden", "topk", "sampled")
 
     def compute_loss(
         self, student: nn.Module, batch: MicroBatch, teacher: Optional[TeacherOutput], normaliser: float
@@ -39,7 +44,11 @@ class VanillaKD(Algorithm):
         if teacher is None:
             raise ValueError("vanilla KD got no teacher output for a micro-batch")
         fwd = self.student_forward(student, batch)
-        return distillation_loss(
-            fwd.hidden, fwd.head, teacher.hidden, self.teacher_head, fwd.targets, self.loss_cfg,
-            kd_weight=self.cfg.kd_ratio, ce_weight=1.0 - self.cfg.kd_ratio, normaliser=normaliser,
-        )
+        weights = dict(kd_weight=self.cfg.kd_ratio, ce_weight=1.0 - self.cfg.kd_ratio, normaliser=normaliser)
+        if teacher.signal == "hidden":
+            if self.teacher_head is None:
+                raise ValueError("vanilla KD got teacher hidden states but no teacher head")
+            return distillation_loss(fwd.hidden, fwd.head, teacher.hidden, self.teacher_head, fwd.targets,
+                                     self.loss_cfg, **weights)
+        with torch.autocast(fwd.hidden.device.type, enabled=False):  # the loss is never autocast
+            return signal_distillation_loss(fwd.hidden, fwd.head, teacher, fwd.targets, self.loss_cfg, **weights)

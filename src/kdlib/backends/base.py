@@ -32,10 +32,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TeacherCapabilities:
-    """What a teacher backend can do besides returning hidden states."""
+    """What a teacher backend can do."""
 
-    # Returns the engine's own top-k log-probabilities per scored row.
-    topk_logprobs: bool = False
+    # The teacher signals it returns itself (teacher.signal.kind). A backend that returns hidden
+    # states serves every other signal too: the teacher worker computes it from the hidden states
+    # and the backend's head (kdlib.signals).
+    signals: tuple[str, ...] = ("hidden",)
     # Can release its accelerator memory and take it back (pipeline.colocate).
     sleep_wake: bool = False
     # Can take new weights from the student (teacher.from_student with update_freq / ema_decay).
@@ -79,8 +81,9 @@ class TeacherBackend(ABC):
 
     @abstractmethod
     def score(self, batch: "TokenBatch") -> "TeacherOutput":
-        """Post-norm last-layer hidden states at ``batch.loss_mask`` ([n_loss_tokens, hidden], rows
-        in (sample, position) order), and whatever else the engine returns (top-k log-probs)."""
+        """The teacher's signal at ``batch.loss_mask`` (rows in (sample, position) order): the
+        configured ``cfg.signal`` when the backend returns it itself (its capabilities' ``signals``),
+        else post-norm last-layer hidden states [n_loss_tokens, hidden]."""
 
     def load_weights(self, state: dict[str, torch.Tensor], *, ema_decay: Optional[float] = None) -> None:
         """Self-distillation: copy (or average in) a bucket of the student's weights."""

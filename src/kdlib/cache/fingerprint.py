@@ -52,6 +52,9 @@ class CacheNamespace:
     # processor's image settings for a vision-language teacher).
     tokenizer: str
     wire_dtype: str
+    # What the teacher sends (teacher.signal, described: "hidden", "topk k=32 tail", ...); a cache
+    # of one signal cannot serve another. Manifests written before signals existed hold hidden states.
+    signal: str = "hidden"
 
     def differences(self, other: "CacheNamespace") -> list[str]:
         """Human-readable fields in which ``other`` differs (``cache: a, this run: b``)."""

@@ -24,9 +24,9 @@ import torch
 
 from kdlib.cache.fingerprint import FORMAT, CacheNamespace
 from kdlib.errors import ConfigError, first_line
-from kdlib.teacher_output import TeacherOutput
+from kdlib.teacher_output import ROW_FIELDS, TeacherOutput
 
-CARRIED = ("hidden", "topk_ids", "topk_logprobs")  # per-row fields a cache keeps
+CARRIED = ROW_FIELDS  # per-row fields a cache keeps (those of the namespace's one signal)
 
 
 # The names kdlib writes: a shard is a random UUID, a key a 16-byte blake2b digest

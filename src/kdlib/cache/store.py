@@ -5,9 +5,10 @@ Layout of a cache directory (``teacher.cache=DIR``)::
     DIR/manifest.json                 the namespace (see fingerprint.py): which teacher, tokenizer,
                                       dtypes; a run with another namespace is refused
     DIR/shards/<32 hex>.safetensors   one shard per write: tensor "<key>" = the sample's hidden
-                                      states [rows, hidden] (wire dtype), "<key>.topk_ids" / ...
-                                      when the engine sent them; metadata: format, per-key
-                                      checksums (blake2b of the bytes) and row counts
+                                      states [rows, hidden] (wire dtype), or "<key>.topk_ids",
+                                      "<key>.topk_logprobs", ... for the namespace's sparse signal;
+                                      metadata: format, per-key checksums (blake2b of the bytes)
+                                      and row counts
     DIR/index.json                    key -> shard, a convenience for people and a start-up
                                       shortcut; the shards' own headers are the truth
 
@@ -92,6 +93,11 @@ class TeacherCache:
                                  "cache, with the live teacher", root, os_reason(exc))
                 return cache
         stored_ns = read_manifest(root)
+        if stored_ns.signal != namespace.signal:
+            raise ConfigError(
+                f"teacher.cache={root} holds the teacher signal {stored_ns.signal!r}, this run's teacher.signal is "
+                f"{namespace.signal!r}: a cache serves one signal; use another directory"
+            )
         differences = stored_ns.differences(namespace)
         if differences:
             raise ConfigError(
@@ -203,7 +209,8 @@ class TeacherCache:
             return CacheRead(None, unserved)
         self.stats.hits += len(keys)
         output = TeacherOutput.concat(
-            [TeacherOutput(row_offsets=torch.tensor([0, found[k]["hidden"].shape[0]]), **found[k]) for k in keys]
+            [TeacherOutput(row_offsets=torch.tensor([0, next(iter(found[k].values())).shape[0]]), **found[k])
+             for k in keys]
         )
         if sample_ids is not None:
             output.sample_ids = torch.tensor(sample_ids, dtype=torch.long)
@@ -230,7 +237,7 @@ class TeacherCache:
         for key, output in new.items():
             fields = {f: getattr(output, f) for f in CARRIED if getattr(output, f) is not None}
             fields = {f: t.detach().to("cpu").contiguous() for f, t in fields.items()}
-            meta[key] = [int(fields["hidden"].shape[0]), tensors_checksum(fields)]
+            meta[key] = [output.n_rows, tensors_checksum(fields)]
             tensors.update({tensor_name(key, f): t for f, t in fields.items()})
         name = f"{uuid.uuid4().hex}.safetensors"
         blob = save(tensors, metadata={"format": FORMAT, "samples": json.dumps(meta)})

@@ -25,6 +25,8 @@ from kdlib.config.schema import (
     PipelineConfig,
     Precision,
     RolloutConfig,
+    SignalConfig,
+    SignalKind,
     StudentConfig,
     TeacherBackendConfig,
     TeacherConfig,
@@ -39,6 +41,6 @@ __all__ = [
     "AdamWImpl", "AlgorithmConfig", "BadImages", "ConfigNode", "DataConfig", "DataFormat", "EvalConfig",
     "FSDPConfig", "FreezeConfig", "GenerateConfig", "HiddenDtype", "KDConfig", "LauncherConfig", "LoggingConfig",
     "LoraConfig", "LossConfig", "LossImplementation", "Mode", "ModelConfig", "OnPolicyConfig", "Overlong",
-    "PipelineConfig", "Precision", "RolloutConfig", "StudentConfig", "TeacherBackendConfig", "TeacherConfig",
+    "PipelineConfig", "Precision", "RolloutConfig", "SignalConfig", "SignalKind", "StudentConfig", "TeacherBackendConfig", "TeacherConfig",
     "TrainConfig", "TransportConfig", "Unalignable", "WandbConfig", "WandbMode",
 ]

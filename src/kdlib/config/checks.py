@@ -20,6 +20,7 @@ from typing import Any
 
 from kdlib.config.node import AUTO, FROZEN_ATTRIBUTE, nodes
 from kdlib.config.schema import KDConfig, Precision
+from kdlib.config.signal_checks import check_signal
 from kdlib.config.store import registry_groups
 from kdlib.config.teachers import check_run as check_teachers
 from kdlib.errors import ConfigError, first_line
@@ -43,6 +44,7 @@ def validate(cfg: KDConfig) -> None:
     _check_student_transforms(cfg)
     _check_trackers(cfg)
     _check_loss(cfg)
+    check_signal(cfg)
     _check_resume(cfg)
     _check_mode(cfg)
 

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 from kdlib.config.node import BoolOrAuto, ConfigNode, check_bool_or_auto
+from kdlib.config.signal import SignalConfig
 from kdlib.pruning.config import PruneConfig
 
 
@@ -87,6 +88,9 @@ class TeacherConfig(ModelConfig):
 
     # Inference backend and its options: the config group teacher/backend (hf by default).
     backend: Any = field(default_factory=lambda: TeacherBackendConfig(name="hf"))
+    # What the teacher sends per loss position: hidden states (exact, the default), its top-k
+    # log-probabilities, or tokens sampled from it (see docs/teacher_signals.md).
+    signal: SignalConfig = field(default_factory=SignalConfig)
     # Number of teacher workers (more than one needs launcher=ray).
     num_workers: int = 1
     # Self-distillation: the teacher is built like the student (its model and pruning, in this

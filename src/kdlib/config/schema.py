@@ -24,6 +24,7 @@ from kdlib.config.models import (
 from kdlib.config.node import BoolOrAuto, ConfigNode, check_bool_or_auto
 from kdlib.config.reporting import LoggingConfig, WandbConfig, WandbMode
 from kdlib.config.rollout import RolloutConfig
+from kdlib.config.signal import SignalConfig, SignalKind
 from kdlib.config.teachers import RoutingConfig
 from kdlib.config.training import (
     AdamWImpl, AlgorithmConfig, EvalConfig, GenerateConfig, HiddenDtype, LauncherConfig, LossConfig,
@@ -91,6 +92,6 @@ __all__ = [
     "AdamWImpl", "AlgorithmConfig", "BadImages", "ConfigNode", "DataConfig", "DataFormat", "EvalConfig",
     "FSDPConfig", "FreezeConfig", "GenerateConfig", "HiddenDtype", "KDConfig", "LauncherConfig", "LoggingConfig",
     "LoraConfig", "LossConfig", "LossImplementation", "Mode", "ModelConfig", "OnPolicyConfig", "Overlong",
-    "PipelineConfig", "Precision", "RolloutConfig", "StudentConfig", "TeacherBackendConfig", "TeacherConfig",
+    "PipelineConfig", "Precision", "RolloutConfig", "SignalConfig", "SignalKind", "StudentConfig", "TeacherBackendConfig", "TeacherConfig",
     "TrainConfig", "TransportConfig", "Unalignable", "WandbConfig", "WandbMode",
 ]

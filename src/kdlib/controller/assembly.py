@@ -176,6 +176,7 @@ def open_teacher_cache(cfg: KDConfig, teacher_encoder: ChatEncoder, teacher: Opt
         device_type=resolve_device_type(cfg.device),
         tokenizer=rendering,
         wire_dtype=cfg.transport.dtype.value,
+        signal=teacher.signal.describe(),
     )
     return TeacherCache.open(teacher.cache, namespace)
 
@@ -195,7 +196,7 @@ def start_teacher(cfg: KDConfig, launcher: Launcher, cache: Optional["TeacherCac
         TeacherSpec(
             teacher=teacher, transport=cfg.transport, device=cfg.device, rank=rank,
             architecture=cfg.student if teacher.from_student else None,
-            cache=cache.namespace if cache is not None else None,
+            cache=cache.namespace if cache is not None else None, chunk_size=cfg.loss.chunk_size,
         )
         for rank in range(teacher.num_workers)
     ]
@@ -243,7 +244,10 @@ def start_students(cfg: KDConfig, launcher: Launcher, data: DataBundle, steps: i
 
 def teacher_head(cfg: KDConfig, teacher: Optional[TeacherGroup], cache: Optional["TeacherCache"]) -> Any:
     """The teacher's LM head, shipped to every student: from a teacher worker, or read from the
-    checkpoint files when the cache serves every output (None without a teacher)."""
+    checkpoint files when the cache serves every output (None without a teacher, and with a
+    top-k or sampled signal, which carries the teacher's log-probabilities themselves)."""
+    if cfg.teacher.signal.sparse:
+        return None
     if teacher is not None:
         return teacher.lm_head()
     if cache is not None:

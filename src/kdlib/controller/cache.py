@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 from kdlib.config.schema import KDConfig
-from kdlib.config.teachers import config_key
+from kdlib.config.teachers import config_key, named_teachers
 from kdlib.controller.dispatch import TeacherDispatch
 from kdlib.controller.routed_dispatch import RoutedDispatch
 from kdlib.controller.teachers import teacher_keys
@@ -82,10 +82,11 @@ class CacheMode(RunMode):
             "teacher_seconds": computed_seconds,
         }
         roots = ", ".join(str(c.root) for c, _ in caches)
-        write_json(p.run_dir / "cache_report.json", {"cache": roots, **summary})
+        signal = ", ".join(sorted({t.signal.describe() for t in named_teachers(cfg).values()}))
+        write_json(p.run_dir / "cache_report.json", {"cache": roots, "signal": signal, **summary})
         log.info(
-            "teacher cache %s: %d samples (%d computed now, %d already there), %d tokens, %.1f MiB on disk, "
-            "%.0f bytes per token", roots, n_samples, missing_before, n_samples - missing_before, rows,
+            "teacher cache %s (%s): %d samples (%d computed now, %d already there), %d tokens, %.1f MiB on disk, "
+            "%.0f bytes per token", roots, signal, n_samples, missing_before, n_samples - missing_before, rows,
             disk / 2**20, summary["bytes_per_token"],
         )
         return RunResult(run_dir=p.run_dir, metrics=summary, outputs={"teacher_cache": caches[0][0].root})

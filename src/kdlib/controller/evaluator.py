@@ -31,9 +31,11 @@ if TYPE_CHECKING:
 
 LABELS = {
     "kl": ("KL(teacher || student) per token", "lower"),
+    "signal_kl": ("KL(teacher || student) per token, estimated from the teacher's signal", "lower"),
     "ce": ("student cross-entropy per token", "lower"),
     "top1_agreement": ("top-1 agreement with teacher", "higher"),
     "bits_per_byte": ("student bits per byte of the responses", "lower"),
+    "ece": ("student expected calibration error (15 bins)", "lower"),
     "teacher_bits_per_byte": ("teacher bits per byte of the responses", "reference"),
 }
 

@@ -66,6 +66,17 @@ def logits_into(h: torch.Tensor, head: LMHead, out: torch.Tensor, tanh_out: Opti
     return out
 
 
+def log_probs_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """x <- log_softmax(x) over each row, in place (``scratch``, the same shape, is overwritten).
+
+    The one normalisation of teacher logits: the student's hidden-state term and a teacher that
+    computes a top-k or sampled signal both call it, so a top-k signal covering the whole
+    vocabulary holds exactly the log-probabilities the student would have recomputed."""
+    x.sub_(x.amax(-1, keepdim=True))
+    torch.exp(x, out=scratch)
+    return x.sub_(scratch.sum(-1, keepdim=True).log_())
+
+
 def cross_entropy(z, targets, grad_out, weight, ws: Workspace):
     """Per-row CE of logits ``z``; ``grad_out`` (may alias z) gets weight * (softmax - onehot)."""
     valid = targets != IGNORE_INDEX

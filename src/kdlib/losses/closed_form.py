@@ -5,13 +5,16 @@ gradient with respect to the student logits. Autograd on the formula gives both 
 loss; for the built-ins this module computes them in place in reused buffers, several times faster
 on CPU at 150k-entry rows, where every pass over a chunk is bound by memory traffic.
 
-A kernel ``(s, t, ws, need_grad, **params) -> values [rows]`` receives the tempered student and
-teacher logits s, t [rows, V] of one chunk (float32; float64 for float64 inputs), which it may
-overwrite; their rows are contiguous, s may have a row stride larger than V. ``ws.get(name,
-rows, cols)`` lends scratch buffers that are reused by every chunk. With ``need_grad`` the
-kernel leaves d(sum of values)/ds in s. Logits here come from matrix products, so they are
-finite: no -inf handling. tests/unit/test_fused_loss.py checks every kernel against autograd on
-its formula in ``kdlib.losses.divergences``.
+A kernel ``(s, t, ws, need_grad, **params) -> values [rows]`` receives the tempered student
+logits s and the teacher's log-probabilities t [rows, V] of one chunk (float32; float64 for
+float64 inputs), which it may overwrite; their rows are contiguous, s may have a row stride
+larger than V. The caller normalised the teacher (:func:`kdlib.losses.chunk_math.log_probs_` on
+logits recomputed from hidden states, or a top-k signal that covers the vocabulary); every kernel
+takes P = exp(t), so both give the same bits. ``ws.get(name, rows, cols)`` lends scratch buffers
+that are reused by every chunk. With ``need_grad`` the kernel leaves d(sum of values)/ds in s.
+Logits here come from matrix products, so they are finite: no -inf handling.
+tests/unit/test_fused_loss.py checks every kernel against autograd on its formula in
+``kdlib.losses.divergences``.
 """
 
 from __future__ import annotations
@@ -49,12 +52,17 @@ def closed_form(formula: Callable[..., torch.Tensor]):
 
 
 def _log_softmax_(x: torch.Tensor, probs: torch.Tensor) -> None:
-    """x <- log_softmax(x) in place, probs <- softmax(x); one exp."""
+    """x <- log_softmax(x) in place, probs <- softmax(x); one exp (the student's side)."""
     x.sub_(x.amax(-1, keepdim=True))
     torch.exp(x, out=probs)
     norm = probs.sum(-1, keepdim=True)
     probs.mul_(norm.reciprocal())
     x.sub_(norm.log_())
+
+
+def _teacher_probs(t: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """probs <- P = exp(t) from the teacher's log-probabilities (the teacher's side)."""
+    return torch.exp(t, out=probs)
 
 
 # Row sums below are always ``torch.sum`` of an in-place product: its pairwise summation keeps
@@ -74,7 +82,7 @@ def _kl_kernel(s, t, ws, need_grad):
     q = ws.get("q", *s.shape)
     p = ws.get("p", *s.shape)
     _log_softmax_(s, q)
-    _log_softmax_(t, p)
+    _teacher_probs(t, p)
     values = t.sub_(s).mul_(p).sum(-1)  # sum p (log p - log q)
     if need_grad:
         torch.sub(q, p, out=s)
@@ -85,7 +93,6 @@ def _kl_kernel(s, t, ws, need_grad):
 def _rkl_kernel(s, t, ws, need_grad):
     q = ws.get("q", *s.shape)
     _log_softmax_(s, q)
-    _log_softmax_(t, ws.get("p", *s.shape))
     s.sub_(t)  # log q - log p
     if need_grad:  # q * (log q - log p - KL); the inner product is the value itself
         return _project_(s, q)
@@ -107,7 +114,7 @@ def _jsd_kernel(s, t, ws, need_grad, beta=0.5):
     q = ws.get("q", *s.shape)
     p = ws.get("p", *s.shape)
     _log_softmax_(s, q)
-    _log_softmax_(t, p)
+    _teacher_probs(t, p)
     log_m = _log_mixture_into(ws.get("m", *s.shape), p, q, beta)
     kl_p = t.sub_(log_m).mul_(p).sum(-1)
     s.sub_(log_m)  # log q - log m
@@ -128,7 +135,7 @@ def _skl_kernel(s, t, ws, need_grad, lam=0.1):
     p = ws.get("p", *s.shape)
     m = ws.get("m", *s.shape)
     _log_softmax_(s, q)
-    _log_softmax_(t, p)
+    _teacher_probs(t, p)
     torch.lerp(q, p, lam, out=m).clamp_min_(_TINY)
     values = t.sub_(torch.log(m, out=s)).mul_(p).sum(-1)  # sum p (log p - log m)
     if need_grad:  # -(1 - lam) * q * (r - <q, r>), r = p / m
@@ -147,7 +154,7 @@ def _srkl_kernel(s, t, ws, need_grad, lam=0.1):
     p = ws.get("p", *s.shape)
     m = ws.get("m", *s.shape)
     _log_softmax_(s, q)
-    _log_softmax_(t, p)
+    _teacher_probs(t, p)
     torch.lerp(p, q, lam, out=m).clamp_min_(_TINY)
     s.sub_(torch.log(m, out=t))  # log q - log m
     values = torch.mul(s, q, out=p).sum(-1)
@@ -162,7 +169,7 @@ def _tvd_kernel(s, t, ws, need_grad):
     q = ws.get("q", *s.shape)
     diff = ws.get("p", *s.shape)
     _log_softmax_(s, q)
-    _log_softmax_(t, diff)
+    _teacher_probs(t, diff)
     torch.sub(q, diff, out=diff)  # q - p
     if need_grad:  # q * (g - <q, g>), g = sign(q - p) / 2
         torch.sign(diff, out=s)
@@ -178,7 +185,7 @@ def _akl_kernel(s, t, ws, need_grad, alpha=0.5):
     p = ws.get("p", *s.shape)
     d = ws.get("m", *s.shape)
     _log_softmax_(s, q)
-    _log_softmax_(t, p)
+    _teacher_probs(t, p)
     w = akl_head_fraction(p, torch.sub(p, q, out=d).abs_(), alpha)
     torch.sub(t, s, out=d)  # log p - log q
     fkl = torch.mul(p, d, out=t).sum(-1)

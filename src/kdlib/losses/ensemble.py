@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kdlib.config.schema import LossConfig
-from kdlib.losses.chunk_math import Workspace, logits_into
+from kdlib.losses.chunk_math import Workspace, log_probs_, logits_into
 from kdlib.losses.engine import LogitTerm, Plan, evaluate, even_chunks
 from kdlib.losses.fused import Kernel, kernel_for, spec_of
 from kdlib.losses.terms import LossTerms
@@ -107,6 +107,8 @@ class EnsembleDivergence(LogitTerm):
             for k in active:
                 target = torch.where((weights[:, k] == 1).unsqueeze(-1), direct[k], target)
             target = torch.where(covered.unsqueeze(-1), target, s)  # uncovered rows: masked below
+        # the kernels take the teacher's log-probabilities, normalised exactly as one teacher's are
+        log_probs_(target, ws.get("p", rows, self.columns))
         values = self.kernel(s, target, ws, need_grad, **self.params)
         if not bool(covered.all()):
             values = values.masked_fill(~covered, 0.0)

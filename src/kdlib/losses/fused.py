@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from kdlib.config.schema import LossConfig
-from kdlib.losses.chunk_math import Workspace, logits_into
+from kdlib.losses.chunk_math import Workspace, log_probs_, logits_into
 from kdlib.losses.closed_form import CLOSED_FORM
 from kdlib.losses.engine import LogitTerm, Plan, evaluate, even_chunks
 from kdlib.losses.registry import LOSSES, loss_params
@@ -70,6 +70,7 @@ class HiddenStateDivergence(LogitTerm):
         t = logits_into(hidden, self.head, ws.get("t", s.shape[0], self.columns), None)
         if self.temperature != 1.0:
             t.div_(self.temperature)
+        log_probs_(t, ws.get("p", s.shape[0], self.columns))
         return self.kernel(s, t, ws, need_grad, **self.params)
 
 

@@ -220,3 +220,16 @@ def load_pretrained(auto_class, cfg: ModelConfig, *, device: torch.device, locat
         raise ModelError(f"cannot load {what} {cfg.model!r}: {first_line(exc)}; a weight file of {location} "
                          "is damaged (download or copy it again)") from None
     return model.to(device)
+
+
+def text_vocab_size(cfg: ModelConfig) -> int:
+    """The vocabulary size (rows of the embedding and head) in the checkpoint's config."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_location(cfg.model), revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config of {cfg.model!r}: {first_line(exc)}") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)

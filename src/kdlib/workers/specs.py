@@ -28,6 +28,9 @@ class TeacherSpec:
     architecture: Optional[ModelConfig] = None
     # With teacher.cache: the namespace the controller checked; the worker writes what it scores.
     cache: Optional[CacheNamespace] = None
+    # Rows per chunk when the worker computes a top-k or sampled signal from hidden states (the
+    # loss's chunk_size: the same logits, bit for bit, as the student's hidden-state path).
+    chunk_size: int = 256
 
 
 @dataclass(frozen=True)

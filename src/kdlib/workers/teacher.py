@@ -2,8 +2,10 @@
 
 A plain class: the local launcher calls it in the controller's process, the Ray launcher wraps it in
 an actor; it does not know which. It scores micro-batches with its backend, completes the teacher
-output (per-sample row offsets, sample ids, the wire dtype: bf16 by default, never fp16), checks
-that the rows match the loss positions, publishes it through the transport and returns the handles.
+output (per-sample row offsets, sample ids, the wire dtype: bf16 by default, never fp16), turns
+hidden states into the configured ``teacher.signal`` when the backend does not send that signal
+itself (:mod:`kdlib.signals`), checks that the rows match the loss positions and that the values
+are sound, publishes it through the transport and returns the handles.
 Across tokenizers the micro-batch names the teacher rows its algorithm reads: only those are
 published (a teacher cache still stores every loss row, so any method can read it later).
 """
@@ -25,6 +27,7 @@ from kdlib.errors import ModelError
 from kdlib.models.head import LMHead
 from kdlib.models.loading import resolve_device
 from kdlib.models.weights import distinct_tensors
+from kdlib.signals import sample_seed, signal_from_hidden
 from kdlib.teacher_output import TeacherOutput
 from kdlib.transport import build_transport
 from kdlib.workers.specs import TeacherSpec
@@ -53,6 +56,9 @@ class TeacherWorker:
         self.load()
         self.transport = build_transport(spec.transport)
         self.wire_dtype = WIRE_DTYPES[HiddenDtype(spec.transport.dtype)]
+        self.signal = spec.teacher.signal
+        # draws of samples that have no content key (fresh rollouts): this worker's own stream
+        self.generator = torch.Generator().manual_seed(self.signal.seed * 1000 + self.rank)
         self.cache = None
         if spec.cache is not None:
             from kdlib.cache.store import TeacherCache
@@ -68,27 +74,33 @@ class TeacherWorker:
         view = batch.teacher_view
         output = self.backend.score(view)
         output.check_rows(view.n_loss_tokens)
-        self._check_finite(output, batch)
+        self._check_values(output, batch)
         counts = view.loss_rows_per_sample().to("cpu")
         offsets = torch.zeros(counts.numel() + 1, dtype=torch.long)
         torch.cumsum(counts, 0, out=offsets[1:])
-        output.hidden = output.hidden.to(self.wire_dtype)
         output.row_offsets = offsets
+        if output.signal == "hidden":
+            output.hidden = output.hidden.to(self.wire_dtype)
         if batch.sample_ids:
             output.sample_ids = torch.tensor(batch.sample_ids, dtype=torch.long)
+        if self.signal.sparse and output.signal == "hidden":
+            seeds = None if batch.teacher_keys is None else [sample_seed(self.signal.seed, key) for key in batch.teacher_keys]
+            output = signal_from_hidden(output, self.backend.lm_head(), self.signal, wire_dtype=self.wire_dtype,
+                                        chunk_size=self.spec.chunk_size, seeds=seeds, generator=self.generator)
+            self._check_values(output, batch)
         output.__post_init__()  # offsets and ids are consistent with the rows
         return output
 
-    def _check_finite(self, output: TeacherOutput, batch: MicroBatch) -> None:
-        """A teacher whose outputs are NaN or inf stops the run at once, naming the teacher: every
-        student update would be skipped, or worse, the loss would train on nonsense."""
-        bad = ~torch.isfinite(output.hidden).all(dim=-1)
-        if bool(bad.any()):
+    def _check_values(self, output: TeacherOutput, batch: MicroBatch) -> None:
+        """A teacher whose outputs are NaN or inf (or ids outside its vocabulary) stops the run at
+        once, naming the teacher: every student update would be skipped, or worse, the loss would
+        train on nonsense."""
+        problem = output.check_values()
+        if problem:
             teacher = self.spec.teacher
             name = "the self-distillation teacher" if teacher.from_student else f"teacher {teacher.model}"
             raise ModelError(
-                f"{name} returned hidden states that are not finite (NaN or inf) at {int(bad.sum())} of "
-                f"{bad.numel()} loss positions of samples {batch.sample_ids}: its weights or its dtype "
+                f"{name} returned {problem} of samples {batch.sample_ids}: its weights or its dtype "
                 f"({teacher.dtype.value}) cannot represent this model; check the checkpoint, or try teacher.dtype=float32"
             )
 
@@ -162,12 +174,9 @@ def rows_to_send(output: TeacherOutput, batch: MicroBatch) -> TeacherOutput:
     rows = batch.teacher_rows
     if rows is None or rows.numel() == output.n_rows:  # (sorted, distinct: then every row, in order)
         return output
-    rows = rows.to(output.hidden.device)
     return TeacherOutput(
-        hidden=output.hidden[rows],
         row_offsets=batch.alignment.sent_row_offsets(rows.cpu()),
         sample_ids=output.sample_ids,
-        topk_ids=None if output.topk_ids is None else output.topk_ids[rows],
-        topk_logprobs=None if output.topk_logprobs is None else output.topk_logprobs[rows],
         alignment=SentRows(teacher_rows=rows.cpu()),
+        **output.select_rows(rows.to(output.device)),
     )

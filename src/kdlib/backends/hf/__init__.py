@@ -12,7 +12,7 @@ from kdlib.config.models import TeacherBackendConfig
 
 TEACHER_BACKENDS.register(
     "hf", "kdlib.backends.hf.teacher:HFTeacherBackend", config=TeacherBackendConfig,
-    info=TeacherCapabilities(topk_logprobs=False, sleep_wake=True, load_weights=True, images=True, transformers=True),
+    info=TeacherCapabilities(signals=("hidden",), sleep_wake=True, load_weights=True, images=True, transformers=True),
 )
 ROLLOUT_BACKENDS.register("hf", "kdlib.backends.hf.rollout:HFRolloutBackend", config=HFRolloutConfig)
 IMAGE_ROLLOUT_BACKENDS.register("hf", "kdlib.backends.hf.vision_rollout:HFImageGeneration")

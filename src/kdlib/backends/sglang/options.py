@@ -100,8 +100,6 @@ class SGLangTeacherOptions(TeacherBackendConfig, SGLangEngineConfig):
     # Keep a host copy of the weights while they are released; without it SGLang resumes with
     # lost weights (the teacher is never re-synced), so offloading weights requires it.
     weights_cpu_backup: bool = True
-    # Also send the engine's own top-k log-probabilities at every loss row (0 = off).
-    top_logprobs_num: int = 0
 
     def check(self) -> None:
         self.check_engine()
@@ -114,8 +112,6 @@ class SGLangTeacherOptions(TeacherBackendConfig, SGLangEngineConfig):
                 "offload_tags has weights but weights_cpu_backup=false: SGLang would resume the "
                 "teacher with lost weights; keep the backup or drop weights from offload_tags"
             )
-        if self.top_logprobs_num < 0:
-            raise ValueError(f"top_logprobs_num must be >= 0, got {self.top_logprobs_num}")
 
     def resolve(self, cfg: Any, device_type: str, record: Any) -> None:
         _ask_for_tp_gpus(cfg, "teacher", "teacher.backend", self.tp_size, device_type, record)

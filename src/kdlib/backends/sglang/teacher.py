@@ -7,7 +7,10 @@ memory fraction, and the memory saver when the teacher releases memory between p
 ``teacher.backend.offload_tags``, with a host copy of the weights when they are released (SGLang
 otherwise resumes with lost weights). A micro-batch is scored with one ``generate`` call
 (``max_new_tokens=1``; prefill-only requests return no hidden states in 0.5.23), and the rows at
-the loss positions are sent on, optionally with the engine's top-k log-probabilities there.
+the loss positions are sent on. With ``teacher.signal.kind=topk`` the engine returns its own top-k
+prompt log-probabilities instead (``return_logprob``, ``logprob_start_len=0``,
+``top_logprobs_num``), without hidden states, a head or its self-check; the tail mass is what the
+full-vocabulary log-probabilities leave (:func:`kdlib.signals.tail_from_logprobs`).
 
 The engine owns the model, so the students' copy of the head is read from the checkpoint files
 (:func:`~kdlib.models.checkpoint_head.load_lm_head`). Before any data is scored a self-check runs
@@ -36,11 +39,13 @@ from kdlib.backends.sglang.outputs import (
 )
 from kdlib.batch import TokenBatch
 from kdlib.config.models import ModelConfig, TeacherConfig
+from kdlib.config.signal import SignalKind
 from kdlib.errors import ModelError
 from kdlib.models.checkpoint_head import load_lm_head
 from kdlib.models.head import LMHead
 from kdlib.models.loading import model_location
-from kdlib.teacher_output import TeacherOutput
+from kdlib.signals import tail_from_logprobs
+from kdlib.teacher_output import TeacherOutput, id_dtype
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +81,13 @@ class SGLangTeacherBackend(TeacherBackend):
         self.options: SGLangTeacherOptions = cfg.backend
         self._tags = list(self.options.offload_tags or [])
         self._released = False
-        self._head = load_lm_head(cfg)
+        # the engine's own top-k is the signal: no hidden states, so no head and no self-check
+        self.topk = SignalKind(cfg.signal.kind) is SignalKind.topk
+        self._head = None if self.topk else load_lm_head(cfg)
         self.engine = SGLangEngine(self._server_args(cfg, device), "teacher")
+        self.head_check: Optional[HeadCheck] = None
+        if self.topk:
+            return
         try:
             self.head_check = check_head(self.engine, self._head)
         except BaseException:
@@ -89,7 +99,7 @@ class SGLangTeacherBackend(TeacherBackend):
     def _server_args(self, cfg: TeacherConfig, device: torch.device) -> dict:
         return server_args(
             self.options, cfg, model_path=model_location(cfg.model), device=device,
-            enable_return_hidden_states=True,
+            enable_return_hidden_states=not self.topk,
             disable_radix_cache=True,
             chunked_prefill_size=-1,
             enable_memory_saver=bool(self._tags),
@@ -97,27 +107,37 @@ class SGLangTeacherBackend(TeacherBackend):
         )
 
     def lm_head(self) -> LMHead:
+        if self._head is None:
+            raise ModelError("teacher/backend=sglang with teacher.signal=topk sends the engine's log-probabilities; it loads no head")
         return self._head
 
     def score(self, batch: TokenBatch) -> TeacherOutput:
         samples = split_samples(batch)
-        k = self.options.top_logprobs_num
-        request = {"return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": k} if k else {}
-        outputs = self.engine.generate(
-            [s.input_ids for s in samples], SCORING, return_hidden_states=True, **request
-        )
-        hidden, top_ids, top_logprobs = [], [], []
-        for sample, output in zip(samples, outputs):
-            hidden.append(prefill_hidden(output, len(sample.input_ids), sample.loss_positions.tolist(), "teacher"))
-            if k:
-                ids, values = input_top_logprobs(output, sample.loss_positions, k, "teacher")
-                top_ids.append(ids)
-                top_logprobs.append(values)
+        inputs = [s.input_ids for s in samples]
+        if not self.topk:
+            outputs = self.engine.generate(inputs, SCORING, return_hidden_states=True)
+            return TeacherOutput(hidden=torch.cat([
+                prefill_hidden(output, len(sample.input_ids), sample.loss_positions.tolist(), "teacher")
+                for sample, output in zip(samples, outputs)
+            ]))
+        signal = self.cfg.signal
+        outputs = self.engine.generate(inputs, SCORING, return_logprob=True, logprob_start_len=0,
+                                       top_logprobs_num=signal.k)
+        ids, values = zip(*(input_top_logprobs(output, sample.loss_positions, signal.k, "teacher")
+                            for sample, output in zip(samples, outputs)))
+        logprobs = torch.cat(values)
         return TeacherOutput(
-            hidden=torch.cat(hidden),
-            topk_ids=torch.cat(top_ids) if k else None,
-            topk_logprobs=torch.cat(top_logprobs) if k else None,
+            topk_ids=torch.cat(ids).to(id_dtype(self._vocab_size())), topk_logprobs=logprobs,
+            topk_tail=tail_from_logprobs(logprobs) if signal.tail_mass else None,
         )
+
+    def _vocab_size(self) -> int:
+        """The teacher's vocabulary (the ids' wire dtype), from its checkpoint's config."""
+        if not hasattr(self, "_vocab"):
+            from kdlib.models.loading import text_vocab_size
+
+            self._vocab = text_vocab_size(self.cfg)
+        return self._vocab
 
     def sleep(self) -> None:
         if self._tags and not self._released:
