@@ -103,13 +103,20 @@ def test_damage_found_mid_run_is_recomputed_by_a_teacher_loaded_then(cached_over
     damaged (truncated) and another deleted while the run goes on: the students cannot read them,
     the step runs on no rank, the teacher is loaded, computes those samples again (and stores
     them again), and the run ends exactly as the run with the live teacher did."""
+    # no held-out evaluation before training: it would meet the damage first, set the shards aside
+    # and leave the training samples simply missing (computed as misses, not recomputed mid-step)
     live = kdlib.run(kdlib.compose([o for o in cached_overrides if not o.startswith("teacher.cache")]
-                                   + [f"output_dir={tmp_path / 'live'}"]))
+                                   + [f"output_dir={tmp_path / 'live'}", "eval.before=false"]))
     kdlib.run(kdlib.compose(cached_overrides + [f"output_dir={tmp_path / 'fill'}"]))
-    cfg = kdlib.compose(cached_overrides + [f"output_dir={tmp_path / 'read'}"])
+    cfg = kdlib.compose(cached_overrides + [f"output_dir={tmp_path / 'read'}", "eval.before=false"])
     with caplog.at_level("WARNING"), built(cfg, run_dir=tmp_path / "read") as loop:
         assert loop.pipeline.teacher is None  # covered: no teacher model is loaded
-        shards = sorted((tmp_path / "cache" / "shards").glob("*.safetensors"))
+        # two shards holding training samples (shard names are random: some hold only held-out ones)
+        reading = TeacherCache.for_reading(tmp_path / "cache")
+        train_keys = {s.teacher_key() for s in loop.pipeline.data.train}
+        held = sorted({loc.shard for key, loc in reading._index.items() if key in train_keys})
+        shards = [tmp_path / "cache" / "shards" / name for name in held]
+        assert len(shards) >= 2
         data = shards[0].read_bytes()
         shards[0].write_bytes(data[: len(data) // 2])
         shards[1].unlink()
