@@ -29,10 +29,11 @@ def runnable(argv) -> bool:
     for overrides in jobs(list(argv)):
         import_plugins(plugins_in(overrides))
         cfg = compose(overrides)
-        local = [cfg.teacher.model, cfg.student.model, cfg.data.train] + ([cfg.data.eval] if cfg.data.eval else [])
+        teachers = [cfg.teacher, *cfg.teachers.values()]  # named teachers too (issue 27)
+        local = [t.model for t in teachers] + [cfg.student.model, cfg.data.train] + ([cfg.data.eval] if cfg.data.eval else [])
         if not all(Path(resolve_location(spec)).exists() for spec in local):
             return False
-        if (cfg.teacher.backend.name != "hf" or cfg.rollout.backend != "hf" or cfg.device.startswith("cuda")
+        if (any(t.backend.name != "hf" for t in teachers) or cfg.rollout.backend != "hf" or cfg.device.startswith("cuda")
                 or getattr(cfg.launcher, "address", None) not in (None, "local")):
             return False
     return True
