@@ -77,7 +77,8 @@ def resolve(cfg: KDConfig, *, models: bool = False, layouts: Optional[dict[str, 
     if models:  # what kdlib.run settles: the models' configs, and whether this run is a sweep's job
         _packing(cfg, record)
         _saving(cfg, record, sweep_job)
-        _student_layers(cfg, record)
+        needs = mode.needs(cfg)
+        _student_layers(cfg, record, builds_student=needs.students or cfg.teacher.from_student)
     if layouts:
         _data_format(cfg, layouts, record)
     return cfg
@@ -140,13 +141,16 @@ def _saving(cfg: KDConfig, record: Choices, sweep_job: bool) -> None:
                else "the student computed in float32")
 
 
-def _student_layers(cfg: KDConfig, record: Choices) -> None:
+def _student_layers(cfg: KDConfig, record: Choices, *, builds_student: bool) -> None:
     """The student's pruning, checked against its checkpoint's config before any weight loads:
     ``student.num_layers`` becomes the evenly spaced ``keep_layers`` it means; ``student.prune``
-    gets the cache directory of its pruned checkpoint (made once, then reused)."""
+    gets the cache directory of its pruned checkpoint (made once, then reused). A run that builds
+    no student (generation, filling a teacher cache) prunes nothing and reads no student config."""
     from kdlib.errors import ConfigError
 
     student = cfg.student
+    if not builds_student:
+        return
     if student.num_layers is None and student.keep_layers is None and not student.prune.active:
         return
     from kdlib.models.pruning import evenly_spaced_layers

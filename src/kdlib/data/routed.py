@@ -29,7 +29,6 @@ from kdlib.data.routes import Router
 from kdlib.data.samples import (
     FilterReport, Prompt, Row, Sample, load_conversations, load_split, rollout_sample, row_sample, without_response,
 )
-from kdlib.data.sources import load_rows
 from kdlib.routing import BatchRoute, SampleRoute
 
 if TYPE_CHECKING:
@@ -87,7 +86,7 @@ class RoutedDataBundle(DataBundle):
 
     def load_samples(self, cfg: DataConfig, split: str) -> tuple[list[Sample], FilterReport]:
         source = load_split(cfg, split)
-        report = FilterReport(source=source.name, rows=len(source.rows))
+        report = FilterReport.of(source)
         samples = []
         for row in load_conversations(source, cfg):
             raw, where = source.rows[row.index], f"{source.key}: {source.where(row.index)}"
@@ -117,8 +116,8 @@ class RoutedDataBundle(DataBundle):
         return Row(row.index, row.conversation, teacher)
 
     def load_prompts(self, cfg: DataConfig) -> tuple[list[Prompt], FilterReport]:
-        source = load_rows(cfg.train, split=cfg.train_split, key="data.train", max_rows=cfg.max_samples)
-        report = FilterReport(source=source.name, rows=len(source.rows))
+        source = load_split(cfg, "train")
+        report = FilterReport.of(source)
         prompts = []
         for row in load_conversations(source, cfg):
             raw, where = source.rows[row.index], f"{source.key}: {source.where(row.index)}"

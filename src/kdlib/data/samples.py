@@ -166,8 +166,7 @@ def build_prompts(
     cfg: DataConfig, student: ChatEncoder, teacher: Optional[ChatEncoder] = None
 ) -> tuple[list[Prompt], FilterReport]:
     """Prompts of data.train (a trailing assistant turn is dropped: the student writes its own)."""
-    source = load_rows(cfg.train, split=cfg.train_split, key="data.train", max_rows=cfg.max_samples,
-                       limit_key="data.max_samples")
+    source = load_split(cfg, "train")
     report = FilterReport.of(source)
     prompts = []
     for row in load_conversations(source, cfg):

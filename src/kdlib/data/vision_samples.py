@@ -30,7 +30,7 @@ from kdlib.data.formats import detect_format
 from kdlib.data.images import BadImageError, ImageRef, image_digest, open_image
 from kdlib.data.multimodal import VisionConversation, data_root, row_to_vision_conversation
 from kdlib.data.samples import FilterReport, Prompt, Sample, Sequence, _fit, _match_teacher, load_split, rollout_sample
-from kdlib.data.sources import RowSource, load_rows
+from kdlib.data.sources import RowSource
 from kdlib.data.vision_encoding import VisionChatEncoder, VisionEncoding
 from kdlib.data.vision_inputs import ImageLayout
 
@@ -159,8 +159,7 @@ def build_vision_prompts(
 ) -> tuple[list[VisionPrompt], FilterReport]:
     """Prompts of data.train with their images (a trailing assistant turn is dropped: the student
     writes its own answer about the images)."""
-    source = load_rows(cfg.train, split=cfg.train_split, key="data.train", max_rows=cfg.max_samples,
-                       limit_key="data.max_samples")
+    source = load_split(cfg, "train")
     report = FilterReport.of(source)
     prompts = []
     for row in _rows(source, cfg, report):

@@ -66,6 +66,15 @@ def logits_into(h: torch.Tensor, head: LMHead, out: torch.Tensor, tanh_out: Opti
     return out
 
 
+def teacher_logits_into(hidden: torch.Tensor, head: LMHead, out: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A teacher's tempered logits from its hidden states at the chunk's rows, written into
+    ``out``: what every hidden-state KD term (one teacher, or an ensemble's members) divides."""
+    t = logits_into(hidden.to(head.weight.dtype), head, out, None)
+    if temperature != 1.0:
+        t.div_(temperature)
+    return t
+
+
 def log_probs_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """x <- log_softmax(x) over each row, in place (``scratch``, the same shape, is overwritten).
 

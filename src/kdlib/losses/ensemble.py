@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kdlib.config.schema import LossConfig
-from kdlib.losses.chunk_math import Workspace, log_probs_, logits_into
+from kdlib.losses.chunk_math import Workspace, log_probs_, teacher_logits_into
 from kdlib.losses.engine import LogitTerm, Plan, evaluate, even_chunks
 from kdlib.losses.fused import Kernel, kernel_for, spec_of
 from kdlib.losses.terms import LossTerms
@@ -119,10 +119,8 @@ class EnsembleDivergence(LogitTerm):
     def _member_target(self, k: int, teacher, ws: Workspace, rows: int) -> torch.Tensor:
         """Member k's tempered logits (identity) or carried log-probabilities, [rows, columns]."""
         member = self.members[k]
-        hidden = teacher[f"hidden.{k}"].to(member.head.weight.dtype)
-        t = logits_into(hidden, member.head, ws.get(f"t{k}", rows, member.head.vocab_size), None)
-        if self.temperature != 1.0:
-            t.div_(self.temperature)
+        t = teacher_logits_into(teacher[f"hidden.{k}"], member.head, ws.get(f"t{k}", rows, member.head.vocab_size),
+                                self.temperature)
         return t if member.carry is None else member.carry(t, self.columns)
 
     def _log_probs(self, k: int, target: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from kdlib.config.schema import LossConfig
-from kdlib.losses.chunk_math import Workspace, log_probs_, logits_into
+from kdlib.losses.chunk_math import Workspace, log_probs_, teacher_logits_into
 from kdlib.losses.closed_form import CLOSED_FORM
 from kdlib.losses.engine import LogitTerm, Plan, evaluate, even_chunks
 from kdlib.losses.registry import LOSSES, loss_params
@@ -66,10 +66,8 @@ class HiddenStateDivergence(LogitTerm):
     value_scale: float
 
     def kd_values(self, s, teacher, ws: Workspace, need_grad: bool) -> torch.Tensor:
-        hidden = teacher["hidden"].to(self.head.weight.dtype)
-        t = logits_into(hidden, self.head, ws.get("t", s.shape[0], self.columns), None)
-        if self.temperature != 1.0:
-            t.div_(self.temperature)
+        t = teacher_logits_into(teacher["hidden"], self.head, ws.get("t", s.shape[0], self.columns),
+                                self.temperature)
         log_probs_(t, ws.get("p", s.shape[0], self.columns))
         return self.kernel(s, t, ws, need_grad, **self.params)
 
