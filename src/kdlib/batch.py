@@ -222,6 +222,9 @@ class MicroBatch:
     teacher_response_bytes: Optional[torch.Tensor] = None
     # Several teachers: the teacher or ensemble these samples go to (kdlib.routing); None otherwise.
     route: Optional["BatchRoute"] = None
+    # On-policy with a reward: float32 [n_loss_tokens], each loss row its sample's group-normalised
+    # advantage (kdlib.rewards.advantages), in loss-row order; None without a reward.
+    advantages: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device | str) -> "MicroBatch":
         def move(value):
@@ -231,6 +234,7 @@ class MicroBatch:
             self, student=self.student.to(device), teacher=move(self.teacher), alignment=move(self.alignment),
             teacher_rows=move(self.teacher_rows), response_bytes=move(self.response_bytes),
             teacher_response_bytes=move(self.teacher_response_bytes), route=move(self.route),
+            advantages=move(self.advantages),
         )
 
     @property

@@ -40,7 +40,14 @@ def test_every_yaml_option_composes(group):
 
 
 # Options that only make sense together.
-COMPANIONS = {("launcher", "ray"): ["transport=ray"], ("transport", "ray"): ["launcher=ray"]}
+COMPANIONS = {
+    ("launcher", "ray"): ["transport=ray"], ("transport", "ray"): ["launcher=ray"],
+    # rewards and the reward objectives score rollouts: on-policy, with a reward to weigh
+    ("algorithm", "reward_kd"): ["+recipe=onpolicy", "reward=numeric"], ("algorithm", "opd"): ["+recipe=onpolicy"],
+    **{("reward", name): ["+recipe=onpolicy"] for name in ("exact_match", "numeric", "length")},
+    ("reward", "regex"): ["+recipe=onpolicy", "reward.pattern=x"],
+    ("reward", "python"): ["+recipe=onpolicy", "reward.fn=kdlib.rewards.builtin:last_number"],
+}
 
 
 def test_every_registry_option_composes():

@@ -55,6 +55,8 @@ class Algorithm(ABC):
     needs_alignment: ClassVar[bool] = False
     # The teacher signals (teacher.signal.kind) it can learn from; composition refuses others.
     signals: ClassVar[tuple[str, ...]] = ("hidden",)
+    # Whether its loss has a policy-gradient term (kdlib.algorithms.reward), logged as pg_loss.
+    policy_gradient_term: ClassVar[bool] = False
 
     def __init__(self, cfg: AlgorithmConfig, loss: LossConfig, teacher_head: Optional[LMHead]) -> None:
         # the head comes with hidden states; an algorithm that also takes sparse signals may get none

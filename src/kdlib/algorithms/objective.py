@@ -51,14 +51,16 @@ class StudentObjective(nn.Module):
         weight: float = 1.0,
         evaluate: bool = False,
     ):
-        """Training: (loss, kd_sum, ce_sum) tensors, scaled by ``weight`` (0 for padding batches).
-        ``evaluate=True``: the held-out sums of the batch (no gradients)."""
+        """Training: (loss, kd_sum, ce_sum, pg_sum) tensors, scaled by ``weight`` (0 for padding
+        batches; pg_sum 0 without a policy-gradient term). ``evaluate=True``: the held-out sums of
+        the batch (no gradients)."""
         if evaluate:
             return self._evaluate(batch, teacher)
         algorithm = self.routes if self.routes is not None and batch.route is not None else self.algorithm
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
             terms = algorithm.compute_loss(self.model, batch, teacher, normaliser)
-        return terms.loss * weight, terms.kd_sum * weight, terms.ce_sum * weight
+        pg = terms.pg_sum if terms.pg_sum is not None else torch.zeros_like(terms.ce_sum)
+        return terms.loss * weight, terms.kd_sum * weight, terms.ce_sum * weight, pg * weight
 
     def _evaluate(self, batch: MicroBatch, teacher: Optional[TeacherOutput]) -> HeldoutSums | RoutedSums:
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):

@@ -174,11 +174,21 @@ def collate(
             [s.response_bytes if s.teacher_response_bytes is None else s.teacher_response_bytes for s in samples],
             dtype=torch.long,
         )
+    if samples and any(s.advantage is not None for s in samples):
+        batch.advantages = per_token_advantages(samples)
     if samples and samples[0].alignment is not None:
         batch.alignment = AlignmentBatch.from_samples([s.alignment for s in samples])
         if row_kind is not None:
             batch.teacher_rows = batch.alignment.rows(row_kind).teacher_rows
     return batch
+
+
+def per_token_advantages(samples: list[Sample]) -> torch.Tensor:
+    """float32 [n_loss_tokens]: each sample's advantage on each of its loss rows, in loss-row order
+    (samples in order, padded or packed alike); a sample without one (None) contributes 0."""
+    values = torch.tensor([0.0 if s.advantage is None else s.advantage for s in samples], dtype=torch.float32)
+    counts = torch.tensor([s.student.n_loss_tokens for s in samples], dtype=torch.long)
+    return torch.repeat_interleave(values, counts)
 
 
 def _pad(sequences: list[Sequence], pad_id: int) -> TokenBatch:

@@ -86,6 +86,8 @@ class StepSums:
     unserved: list[str] = field(default_factory=list)
     # Several teachers: (loss, kd) sums of the micro-batches of each route (teacher or ensemble).
     routes: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Sum of the policy-gradient term (kdlib.algorithms.reward); None when the algorithm has none.
+    pg_sum: Optional[float] = None
 
 
 @dataclass
@@ -171,15 +173,16 @@ class StudentWorker:
                             time.perf_counter() - start, 0.0, 0, unserved=unserved)
         self.objective.train()
         self.optimizer.zero_grad(set_to_none=True)
-        kd_sum = ce_sum = loss_sum = 0.0
+        kd_sum = ce_sum = loss_sum = pg_sum = 0.0
         n_loss_tokens = n_tokens = 0
         bad_samples: list[int] = []
         routes: dict[str, tuple[float, float]] = {}
         for batch, teacher, weight in zip(batches, teachers, weights, strict=True):
-            loss, kd, ce = self.objective(self._inputs(batch), teacher, normaliser, weight)
+            loss, kd, ce, pg = self.objective(self._inputs(batch), teacher, normaliser, weight)
             loss.backward()
             kd_sum += float(kd)
             ce_sum += float(ce)
+            pg_sum += float(pg)
             micro_loss = float(loss.detach()) * normaliser
             loss_sum += micro_loss
             if batch.route is not None:
@@ -203,7 +206,7 @@ class StudentWorker:
             loss_sum=loss_sum, kd_sum=kd_sum, ce_sum=ce_sum, loss_tokens=n_loss_tokens, tokens=n_tokens,
             grad_norm=grad_norm, lr=lr, skipped=skipped, bad_sample_ids=bad_samples,
             student_seconds=time.perf_counter() - start, fetch_seconds=fetched.seconds, fetched_bytes=fetched.bytes,
-            routes=routes,
+            routes=routes, pg_sum=pg_sum if self.objective.algorithm.policy_gradient_term else None,
         )
 
     @torch.no_grad()
