@@ -44,6 +44,7 @@ from kdlib.data.samples import Sample
 from kdlib.errors import CheckpointError, ConfigError, Interrupted, KdlibError, TrainingError
 from kdlib.progress import progress
 from kdlib.result import RunResult
+from kdlib.rollout_agreement import agreement_metrics
 from kdlib.tracking import MetricsWriter, write_json
 from kdlib.tracking.records import read_json
 from kdlib.workers.student import StudentShare
@@ -316,6 +317,7 @@ class TrainingLoop(RunMode):
             "transport_bytes": float(sum(r.fetched_bytes for r in results)),
             "transport_seconds": max(r.fetch_seconds for r in results),
             **route_metrics(batches, results),  # several teachers: per route and per teacher
+            **agreement_metrics(r.agreement for r in results),  # on-policy: rollout engine vs trainer
         }
 
     # ------------------------------------------------------------------------------------------

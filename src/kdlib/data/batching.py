@@ -12,6 +12,7 @@ contribute nothing); the plan counts them. The order of samples is a seeded shuf
 from __future__ import annotations
 
 import heapq
+import math
 import itertools
 import random
 from dataclasses import dataclass, field
@@ -173,6 +174,11 @@ def collate(
         batch.teacher_response_bytes = torch.tensor(
             [s.response_bytes if s.teacher_response_bytes is None else s.teacher_response_bytes for s in samples],
             dtype=torch.long,
+        )
+    if any(s.rollout_logprobs is not None for s in samples):
+        batch.rollout_logprobs = torch.tensor(
+            [lp for s in samples for lp in (s.rollout_logprobs or [math.nan] * s.student.n_loss_tokens)],
+            dtype=torch.float32,
         )
     if samples and samples[0].alignment is not None:
         batch.alignment = AlignmentBatch.from_samples([s.alignment for s in samples])

@@ -68,6 +68,9 @@ class Sample:
     teacher_response_bytes: Optional[int] = None
     # Several teachers: the teacher or ensemble this sample goes to (kdlib.routing); None otherwise.
     route: Optional["SampleRoute"] = None
+    # On-policy rollouts: the rollout engine's log-probability of each trained response token
+    # (kdlib.backends.Generation.logprobs, cut as the response was); None otherwise.
+    rollout_logprobs: Optional[list[float]] = None
 
     @property
     def teacher_view(self) -> Sequence:
