@@ -85,7 +85,7 @@ class EngineDouble:
     def _one(self, prompt, params, want_hidden, want_logprob, start, top_k, token_ids):
         max_new = params.get("max_new_tokens", 128)
         stops = set(params.get("stop_token_ids") or ()) | {self.model.config.eos_token_id}
-        tokens, rows, prompt_logprobs = list(prompt), [], None
+        tokens, rows, prompt_logprobs, drawn = list(prompt), [], None, []
         generator = (torch.Generator().manual_seed(params["sampling_seed"])
                      if "sampling_seed" in params else self.generator)
         finish = None
@@ -97,6 +97,7 @@ class EngineDouble:
             else:
                 rows.append(hidden[-1].tolist())
             token = self._sample(logprobs[-1], params, generator)
+            drawn.append(self._drawn_logprob(logprobs[-1], token, params))
             tokens.append(token)
             n_out = len(tokens) - len(prompt)
             if token in stops and not params.get("ignore_eos"):
@@ -111,6 +112,7 @@ class EngineDouble:
             meta["hidden_states"] = rows[:finished_len]
         if want_logprob:
             meta.update(self._input_logprobs(prompt, prompt_logprobs, start, top_k, token_ids))
+            meta["output_token_logprobs"] = [(lp, t, None) for lp, t in zip(drawn, output_ids)][:finished_len]
         self._cached_prompts.append(list(prompt))
         return {"output_ids": output_ids[:finished_len], "meta_info": meta}
 
@@ -139,6 +141,13 @@ class EngineDouble:
         if chunk != -1 and len(prompt) - start > chunk:
             start = len(prompt) - ((len(prompt) - start - 1) % chunk + 1)
         return start
+
+    @staticmethod
+    def _drawn_logprob(logprobs, token, params):
+        """SGLang's sampler reports log softmax(logits / T) of the drawn token (raw when greedy)."""
+        temperature = params.get("temperature", 1.0)
+        scaled = logprobs if temperature < 1e-6 else torch.log_softmax(logprobs / temperature, dim=-1)
+        return float(scaled[token])
 
     def _sample(self, logprobs, params, generator):
         temperature = params.get("temperature", 1.0)

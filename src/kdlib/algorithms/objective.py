@@ -21,15 +21,17 @@ from kdlib.algorithms.routed import RoutedLoss, RoutedSums
 from kdlib.batch import MicroBatch
 from kdlib.teacher_output import TeacherOutput
 from kdlib.evaluation import HeldoutSums, cross_tokenizer_heldout_sums, heldout_sums, signal_heldout_sums
+from kdlib.losses import target_logprobs
 from kdlib.models.forward import hidden_at_loss_positions
 from kdlib.models.head import LMHead, lm_head_of
+from kdlib.rollout_agreement import AgreementSums
 from kdlib.xtok.vocab import VocabMatch
 
 
 class StudentObjective(nn.Module):
     def __init__(
         self, model: nn.Module, algorithm: Algorithm, *, device_type: str, autocast: bool = False, chunk_size: int = 256,
-        vocab_match: Optional[VocabMatch] = None, routes: Optional[RoutedLoss] = None,
+        vocab_match: Optional[VocabMatch] = None, routes: Optional[RoutedLoss] = None, rollout_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -42,6 +44,8 @@ class StudentObjective(nn.Module):
         self.device_type = device_type  # where compute runs (parameters may be offloaded)
         self.autocast = autocast
         self.chunk_size = chunk_size
+        # On-policy: the trainer's log-probabilities of sampled tokens are taken at this temperature.
+        self.rollout_temperature = rollout_temperature
 
     def forward(
         self,
@@ -52,15 +56,23 @@ class StudentObjective(nn.Module):
         evaluate: bool = False,
     ):
         """Training: (loss, kd_sum, ce_sum, pg_sum) tensors, scaled by ``weight`` (0 for padding
-        batches; pg_sum 0 without a policy-gradient term). ``evaluate=True``: the held-out sums of
-        the batch (no gradients)."""
+        batches; pg_sum 0 without a policy-gradient term), and for sampled tokens
+        (``batch.rollout_logprobs``) how far the rollout engine's log-probabilities are from the
+        trainer's (:class:`AgreementSums`, else None).
+        ``evaluate=True``: the held-out sums of the batch (no gradients)."""
         if evaluate:
             return self._evaluate(batch, teacher)
         algorithm = self.routes if self.routes is not None and batch.route is not None else self.algorithm
+        sampled = batch.rollout_logprobs
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
-            terms = algorithm.compute_loss(self.model, batch, teacher, normaliser)
+            if sampled is None:
+                terms, agreement = algorithm.compute_loss(self.model, batch, teacher, normaliser), None
+            else:
+                with target_logprobs.recording(self.rollout_temperature) as recorded:
+                    terms = algorithm.compute_loss(self.model, batch, teacher, normaliser)
+                agreement = AgreementSums.of(recorded.rows(sampled.numel()), sampled)
         pg = terms.pg_sum if terms.pg_sum is not None else torch.zeros_like(terms.ce_sum)
-        return terms.loss * weight, terms.kd_sum * weight, terms.ce_sum * weight, pg * weight
+        return terms.loss * weight, terms.kd_sum * weight, terms.ce_sum * weight, pg * weight, agreement
 
     def _evaluate(self, batch: MicroBatch, teacher: Optional[TeacherOutput]) -> HeldoutSums | RoutedSums:
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):

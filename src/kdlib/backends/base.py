@@ -111,6 +111,10 @@ class Generation:
 
     token_ids: list[int]  # the response only, through its end-of-turn token when it has one
     finish_reason: str  # "stop" (ended with an end-of-turn token) or "length" (cut)
+    # When asked for: the log-probability of each token of ``token_ids`` under the distribution the
+    # engine sampled from, temperature-scaled and before top-p truncation (greedy: the raw
+    # distribution), as the engine computed it (its weights, its numerics).
+    logprobs: Optional[list[float]] = None
 
 
 class RolloutBackend(ABC):
@@ -134,8 +138,10 @@ class RolloutBackend(ABC):
         caches for that once. Nothing to do by default."""
 
     @abstractmethod
-    def generate(self, prompts: list[list[int]], *, stop_ids: set[int], pad_id: int, seed: int) -> list[list[Generation]]:
-        """``cfg.n_samples_per_prompt`` generations for each prompt, in prompt order."""
+    def generate(self, prompts: list[list[int]], *, stop_ids: set[int], pad_id: int, seed: int,
+                 logprobs: bool = False) -> list[list[Generation]]:
+        """``cfg.n_samples_per_prompt`` generations for each prompt, in prompt order; with
+        ``logprobs`` each carries its tokens' log-probabilities (see :class:`Generation`)."""
 
 
 class WeightSync(ABC):

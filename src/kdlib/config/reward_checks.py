@@ -1,8 +1,9 @@
 """Rules across a config for on-policy rewards and the reward objectives.
 
 A reward only where rollouts are sampled (mode=onpolicy); a policy-gradient objective only
-on-policy, and with a reward when it weighs one; on-policy distillation only at temperature 1 (it
-compares the two models' log-probabilities of the sampled tokens). Pure functions of the config,
+on-policy, and with a reward when it weighs one; on-policy distillation only at loss temperature
+1 (it compares the two models' log-probabilities of the sampled tokens), and importance weights
+only for rollouts sampled at temperature 1 (the trainer's ratio is taken at temperature 1). Pure functions of the config,
 run with the other checks before any model loads.
 """
 
@@ -30,6 +31,9 @@ def check_reward_config(cfg: Any) -> None:
     if cfg.algorithm.reward_weight and not reward.enabled:
         raise ConfigError(f"algorithm.reward_weight={cfg.algorithm.reward_weight} needs a reward: set reward=<name> "
                           "(exact_match, numeric, regex, length, python, ...) or algorithm.reward_weight=0")
+    if cfg.algorithm.is_clip is not None and cfg.rollout.temperature != 1.0:
+        raise ConfigError(f"algorithm.is_clip compares the trainer's probabilities of the sampled tokens at temperature "
+                          f"1 with the engine's: set rollout.temperature=1, not {cfg.rollout.temperature}")
     if not algorithm.kd_trains and cfg.loss.temperature != 1.0:
         raise ConfigError(f"algorithm=opd compares log-probabilities at temperature 1: set loss.temperature=1, "
                           f"not {cfg.loss.temperature}")

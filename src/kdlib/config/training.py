@@ -191,12 +191,17 @@ class OnPolicyConfig(ConfigNode):
     # Weights travel from the student to the rollout engine (and a self-distillation teacher)
     # in buckets of about this many MiB.
     sync_bucket_mb: int = 256
+    # Warn (once) when the rollout engine's log-probabilities of the sampled tokens are further
+    # than this from the trainer's (rollout_k3 in metrics.jsonl: mean k3 estimate of KL); null: never.
+    agreement_warn_k3: Optional[float] = 1e-3
 
     def check(self) -> None:
         if not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"lmbda must be in [0, 1], got {self.lmbda}")
         if self.sync_bucket_mb < 1:
             raise ValueError(f"sync_bucket_mb must be positive, got {self.sync_bucket_mb}")
+        if self.agreement_warn_k3 is not None and not self.agreement_warn_k3 >= 0:
+            raise ValueError(f"agreement_warn_k3 must be >= 0 or null, got {self.agreement_warn_k3}")
 
 
 @dataclass

@@ -214,7 +214,7 @@ def start_rollout(cfg: KDConfig, launcher: Launcher, model: ModelConfig, *, sync
         modality.require_text_model(model, "teacher", "mode=generate")
     specs = [
         RolloutSpec(model=model, rollout=cfg.rollout, device=cfg.device, rank=rank,
-                    transport=cfg.transport if syncs_weights else None)
+                    transport=cfg.transport if syncs_weights else None, logprobs=syncs_weights)
         for rank in range(cfg.rollout.num_workers)
     ]
     with _loading(cfg, "rollout engine", len(specs)):
@@ -232,7 +232,7 @@ def start_students(cfg: KDConfig, launcher: Launcher, data: DataBundle, steps: i
         StudentSpec(
             student=cfg.student, algorithm=cfg.algorithm, loss=cfg.loss, train=cfg.train, transport=cfg.transport,
             device=cfg.device, seed=cfg.seed, plugins=tuple(cfg.plugins), teacher_cache=cfg.teacher.cache,
-            rank=rank, world_size=world,
+            rank=rank, world_size=world, rollout_temperature=cfg.rollout.temperature or 1.0,
         )
         for rank in range(world)
     ]

@@ -30,7 +30,7 @@ import json
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from kdlib.backends import WEIGHT_SYNCS
 from kdlib.config.schema import KDConfig
@@ -40,10 +40,12 @@ from kdlib.data.batching import split_across_workers
 from kdlib.data.samples import Prompt, Sample, build_prompts
 from kdlib.errors import ConfigError
 from kdlib.rewards.scoring import RolloutScorer
+from kdlib.rollout_agreement import AgreementWarning
 from kdlib.tracking.records import keep_steps
 
 if TYPE_CHECKING:
     from kdlib.backends.base import Generation
+    from kdlib.controller.training import PreparedStep
     from kdlib.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class OnPolicyMode(TrainingLoop):
         self.rollout_engines = pipeline.rollout
         self._rollout_metrics: dict[str, float] = {}
         self._rollout_log = None
+        self._agreement = AgreementWarning(self.cfg.onpolicy.agreement_warn_k3)
         self._weight_sync = WEIGHT_SYNCS.get(self.cfg.rollout.weight_sync_strategy())(
             self.students, self.rollout_engines, self.cfg)
         # a compiled engine sizes its cache once for every prompt (one compile, not one per growth)
@@ -120,6 +123,8 @@ class OnPolicyMode(TrainingLoop):
         for prompt, outs in zip(prompts, generations, strict=True):
             for out in outs:
                 sample, cut = data.rollout_sample(prompt, out.token_ids, cfg.data.max_len)
+                if out.logprobs is not None:
+                    sample.rollout_logprobs = out.logprobs[: sample.student.n_loss_tokens]
                 samples.append(sample)
                 cut_by_max_len += int(cut)
                 unaligned += sample.alignment.unaligned_student if sample.alignment is not None else 0
@@ -179,7 +184,13 @@ class OnPolicyMode(TrainingLoop):
             keep_steps(self.run_dir / "rollouts.jsonl", first_step - 1)
         self.sync_rollout()  # the engines start from the (possibly resumed) student
 
+    def train(self, prepared: "PreparedStep") -> dict[str, Any]:
+        metrics = super().train(prepared)
+        self._agreement.measured(metrics)
+        return metrics
+
     def after_step(self, step: int) -> dict[str, float]:
+        self._agreement.check(step)
         metrics = dict(self._rollout_metrics)
         metrics.update(super().after_step(step))
         metrics["sync_seconds"] = self.sync_rollout()

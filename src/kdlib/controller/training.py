@@ -44,6 +44,7 @@ from kdlib.data.samples import Sample
 from kdlib.errors import CheckpointError, ConfigError, Interrupted, KdlibError, TrainingError
 from kdlib.progress import progress
 from kdlib.result import RunResult
+from kdlib.rollout_agreement import agreement_metrics
 from kdlib.tracking import MetricsWriter, write_json
 from kdlib.tracking.records import read_json
 from kdlib.workers.student import StudentShare
@@ -318,6 +319,7 @@ class TrainingLoop(RunMode):
             **route_metrics(batches, results),  # several teachers: per route and per teacher
             # a reward objective: its policy-gradient term, -(1/N) sum_t w_t log p(y_t)
             **({} if results[0].pg_sum is None else {"pg_loss": sum(r.pg_sum for r in results) / normaliser}),
+            **agreement_metrics(r.agreement for r in results),  # on-policy: rollout engine vs trainer
         }
 
     # ------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ contribute nothing); the plan counts them. The order of samples is a seeded shuf
 from __future__ import annotations
 
 import heapq
+import math
 import itertools
 import random
 from dataclasses import dataclass, field
@@ -176,6 +177,11 @@ def collate(
         )
     if samples and any(s.advantage is not None for s in samples):
         batch.advantages = per_token_advantages(samples)
+    if any(s.rollout_logprobs is not None for s in samples):
+        batch.rollout_logprobs = torch.tensor(
+            [lp for s in samples for lp in (s.rollout_logprobs or [math.nan] * s.student.n_loss_tokens)],
+            dtype=torch.float32,
+        )
     if samples and samples[0].alignment is not None:
         batch.alignment = AlignmentBatch.from_samples([s.alignment for s in samples])
         if row_kind is not None:

@@ -71,6 +71,9 @@ class Sample:
     # On-policy with a reward: the rollout's group-normalised advantage (kdlib.rewards.advantages),
     # given to every one of its loss tokens; None without a reward.
     advantage: Optional[float] = None
+    # On-policy rollouts: the rollout engine's log-probability of each trained response token
+    # (kdlib.backends.Generation.logprobs, cut as the response was); None otherwise.
+    rollout_logprobs: Optional[list[float]] = None
 
     @property
     def teacher_view(self) -> Sequence:

@@ -58,6 +58,7 @@ from kdlib.losses.chunk_math import (
     cross_entropy,
     logits_into,
 )
+from kdlib.losses import target_logprobs
 from kdlib.losses.policy_gradient import PolicyGradient
 from kdlib.models.head import LMHead
 
@@ -267,6 +268,8 @@ class _FastStep:
         self.kd_rows = torch.zeros(n, dtype=acc, device=hidden.device)
         self.ce_rows = torch.zeros(n, dtype=acc, device=hidden.device)
         self.pg_rows = torch.zeros(n, dtype=acc, device=hidden.device) if plan.pg is not None else None
+        self.recorder = target_logprobs.active() if self.has_ce else None
+        self.recorded = None if self.recorder is None else torch.full((n,), float("nan"), device=hidden.device)
         rows = max((c.rows.stop - c.rows.start for c in plan.chunks), default=1)
         self.ws: Optional[Workspace] = Workspace(rows, acc, hidden.device)
 
@@ -279,11 +282,17 @@ class _FastStep:
 
         dz = None  # gradient of the chunk's contribution to the total w.r.t. z
         if self.has_ce:
+            targets = plan.targets[chunk.rows]
+            tempered = self.recorder is not None and self.recorder.temperature != 1.0
+            if tempered:  # before the CE gradient may overwrite z
+                self.recorded[chunk.rows] = target_logprobs.tempered_target_logprobs(z, targets, self.recorder.temperature)
             ce_out = None
             if self.ce_grad:
                 ce_out = z if term is None else ws.get("ce", rows, cols)
             ce_weight = 1.0 if plan.pg is not None else plan.ce_weight  # PG: scaled per row below
-            self.ce_rows[chunk.rows] = cross_entropy(z, plan.targets[chunk.rows], ce_out, ce_weight, ws)
+            self.ce_rows[chunk.rows] = cross_entropy(z, targets, ce_out, ce_weight, ws)
+            if self.recorder is not None and not tempered:
+                self.recorded[chunk.rows] = target_logprobs.from_cross_entropy(self.ce_rows[chunk.rows], targets)
             dz = ce_out
         if term is not None:
             s = z[:, : self.vocab]  # a view: rows are strided when the student vocab is larger
@@ -323,6 +332,8 @@ class _FastStep:
 
     def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.ws = None  # free the chunk buffers before the final casts
+        if self.recorder is not None:
+            self.recorder.evaluations.append(self.recorded)
         return self.kd_rows.sum(), self.ce_rows.sum()
 
 
@@ -335,6 +346,8 @@ class _GeneralStep:
         acc = accumulation_dtype(params[0])
         self.kd = torch.zeros((), dtype=acc, device=hidden.device)
         self.ce = torch.zeros((), dtype=acc, device=hidden.device)
+        self.recorder = target_logprobs.active() if plan.targets is not None else None
+        self.recorded: list[torch.Tensor] = []
 
     def __call__(self, chunk: Chunk, teacher: Mapping[str, torch.Tensor]) -> None:
         plan, needs = self.plan, self.needs
@@ -348,6 +361,8 @@ class _GeneralStep:
                 ce = logits.new_zeros(())
             else:
                 ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+            if self.recorder is not None:
+                self.recorded.append(target_logprobs.tempered_target_logprobs(logits, targets, self.recorder.temperature))
             student = StudentRows(logits=logits, hidden=h, head=head, extra=tuple(leaves[2:]), targets=targets)
             kd = plan.term.kd_sum(chunk, student, teacher)
             total = plan.kd_weight * kd + plan.ce_weight * ce
@@ -369,6 +384,8 @@ class _GeneralStep:
                 buffer.add_(g.to(buffer.dtype))
 
     def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.recorder is not None and self.recorded:
+            self.recorder.evaluations.append(torch.cat(self.recorded))
         return self.kd, self.ce
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kdlib.config.schema import LossConfig, LossImplementation
+from kdlib.losses import target_logprobs
 from kdlib.losses.policy_gradient import PolicyGradient
 from kdlib.losses.registry import LOSSES, loss_params
 from kdlib.losses.terms import LossTerms
@@ -145,6 +146,7 @@ def naive_distillation_loss(
         loss = loss + kd_weight * kd
         kd_sum = kd.detach()
     if targets is not None:
+        target_logprobs.observe_logits(student_logits, targets)
         ce = F.cross_entropy(student_logits, targets, reduction="sum")
         loss = loss + ce_weight * ce
         ce_sum = ce.detach()

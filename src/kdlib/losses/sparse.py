@@ -35,6 +35,7 @@ from kdlib.losses.estimators import (
     topk_estimate,
 )
 from kdlib.losses.fused import Kernel, kernel_for
+from kdlib.losses import target_logprobs
 from kdlib.losses.registry import LOSSES, loss_params
 from kdlib.losses.terms import LossTerms
 from kdlib.models.head import LMHead
@@ -183,6 +184,7 @@ def _naive(student_hidden, student_head: LMHead, kind: str, fields, targets, cfg
     loss = kd_weight * kd
     ce = logits.new_zeros(())
     if targets is not None:
+        target_logprobs.observe_logits(logits, targets)
         ce = F.cross_entropy(logits, targets.reshape(-1).long(), reduction="sum")
         loss = loss + ce_weight * ce
     return LossTerms(loss=loss / normaliser, kd_sum=kd.detach(), ce_sum=ce.detach(), n_tokens=student_hidden.shape[0])

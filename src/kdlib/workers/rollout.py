@@ -40,8 +40,9 @@ class RolloutWorker:
         A vision-language student's prompts come with their pictures (``images``: a
         :class:`kdlib.batch.PromptImages`, None when none has one), laid out by the model's own
         processor (see ``kdlib.backends.IMAGE_ROLLOUT_BACKENDS``)."""
+        options = dict(stop_ids=set(stop_ids), pad_id=pad_id, seed=seed, logprobs=self.spec.logprobs)
         if images is None:
-            return self.backend.generate(prompts, stop_ids=set(stop_ids), pad_id=pad_id, seed=seed)
+            return self.backend.generate(prompts, **options)
         if self._image_generation is None:
             self._image_generation = IMAGE_ROLLOUT_BACKENDS.get(self.cfg.backend)(self.backend)
-        return self._image_generation.generate(prompts, images, stop_ids=set(stop_ids), pad_id=pad_id, seed=seed)
+        return self._image_generation.generate(prompts, images, **options)

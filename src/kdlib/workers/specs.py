@@ -50,6 +50,9 @@ class StudentSpec:
     teacher_cache: Optional[str] = None
     rank: int = 0
     world_size: int = 1
+    # On-policy: the temperature rollouts are sampled at (greedy: 1); the trainer's log-probabilities
+    # of the sampled tokens are taken at it, to measure how far the rollout engine's are.
+    rollout_temperature: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -62,3 +65,6 @@ class RolloutSpec:
     rank: int = 0
     # Needed when the engine receives weights (on-policy sync); None for mode=generate.
     transport: Optional[TransportConfig] = None
+    # Report each sampled token's log-probability (on-policy rollouts: the rollout-train agreement
+    # and importance weights read them; mode=generate does not need them).
+    logprobs: bool = False

@@ -46,6 +46,7 @@ from kdlib.models.weights import state_buckets
 from kdlib.optim import build_optimizer, build_scheduler
 from kdlib.parallel import checkpoint as ckpt
 from kdlib.parallel.distributed import init_process_group
+from kdlib.rollout_agreement import AgreementSums
 from kdlib.routing import MemberHandles
 from kdlib.teacher_output import TeacherOutput
 from kdlib.transport import build_transport
@@ -86,8 +87,9 @@ class StepSums:
     unserved: list[str] = field(default_factory=list)
     # Several teachers: (loss, kd) sums of the micro-batches of each route (teacher or ensemble).
     routes: dict[str, tuple[float, float]] = field(default_factory=dict)
-    # Sum of the policy-gradient term (kdlib.algorithms.reward); None when the algorithm has none.
-    pg_sum: Optional[float] = None
+    # On-policy: the rollout engine's log-probabilities of the sampled tokens against the trainer's.
+    agreement: AgreementSums = field(default_factory=AgreementSums)
+    pg_sum: Optional[float] = None  # of the policy-gradient term (kdlib.algorithms.reward), if any
 
 
 @dataclass
@@ -150,6 +152,7 @@ class StudentWorker:
         self.objective = StudentObjective(
             self.model, algorithm, device_type=self.device.type,
             autocast=spec.student.autocast, chunk_size=spec.loss.chunk_size, vocab_match=vocab_match, routes=routes,
+            rollout_temperature=spec.rollout_temperature,
         )
         if self.world_size > 1:
             from kdlib.parallel.fsdp import shard_student
@@ -177,8 +180,9 @@ class StudentWorker:
         n_loss_tokens = n_tokens = 0
         bad_samples: list[int] = []
         routes: dict[str, tuple[float, float]] = {}
+        agreement = AgreementSums()
         for batch, teacher, weight in zip(batches, teachers, weights, strict=True):
-            loss, kd, ce, pg = self.objective(self._inputs(batch), teacher, normaliser, weight)
+            loss, kd, ce, pg, sampled = self.objective(self._inputs(batch), teacher, normaliser, weight)
             loss.backward()
             kd_sum += float(kd)
             ce_sum += float(ce)
@@ -189,6 +193,8 @@ class StudentWorker:
                 before = routes.get(batch.route.target, (0.0, 0.0))
                 routes[batch.route.target] = (before[0] + micro_loss, before[1] + float(kd))
             if weight:
+                if sampled is not None:
+                    agreement = agreement.add(sampled)
                 n_loss_tokens += batch.n_loss_tokens
                 n_tokens += batch.n_tokens
                 if not math.isfinite(micro_loss):
@@ -206,7 +212,7 @@ class StudentWorker:
             loss_sum=loss_sum, kd_sum=kd_sum, ce_sum=ce_sum, loss_tokens=n_loss_tokens, tokens=n_tokens,
             grad_norm=grad_norm, lr=lr, skipped=skipped, bad_sample_ids=bad_samples,
             student_seconds=time.perf_counter() - start, fetch_seconds=fetched.seconds, fetched_bytes=fetched.bytes,
-            routes=routes, pg_sum=pg_sum if self.objective.algorithm.policy_gradient_term else None,
+            routes=routes, agreement=agreement, pg_sum=pg_sum if self.objective.algorithm.policy_gradient_term else None,
         )
 
     @torch.no_grad()

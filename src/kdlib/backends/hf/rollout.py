@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from kdlib.backends.base import Generation, RolloutBackend
-from kdlib.backends.hf.decode.engine import EngineUnsupported, build_engine
+from kdlib.backends.hf.decode.engine import EngineUnsupported, build_engine, token_logprobs
 from kdlib.backends.hf.options import HFRolloutConfig, RolloutEngine, RolloutSampler
 from kdlib.config.models import ModelConfig
 from kdlib.config.rollout import RolloutConfig
@@ -71,7 +71,8 @@ class HFRolloutBackend(RolloutBackend):
         return [engine for engine in self._engines.values() if engine is not None]
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], *, stop_ids: set[int], pad_id: int, seed: int) -> list[list[Generation]]:
+    def generate(self, prompts: list[list[int]], *, stop_ids: set[int], pad_id: int, seed: int,
+                 logprobs: bool = False) -> list[list[Generation]]:
         cfg = self.cfg
         kwargs = generate_kwargs(cfg, stop_ids=stop_ids, pad_id=pad_id)
         out: list[list[Generation]] = [[] for _ in prompts]
@@ -80,23 +81,27 @@ class HFRolloutBackend(RolloutBackend):
         for start in range(0, len(repeated), cfg.batch_size):
             chunk = repeated[start : start + cfg.batch_size]
             ids, attention = left_pad([p for _, p in chunk], pad_id)
-            sequences = self._decode_batch(ids.to(self.device), attention.to(self.device), cfg, kwargs)
+            sequences, scores = self._decode_batch(ids.to(self.device), attention.to(self.device), cfg, kwargs, logprobs)
             new_tokens = sequences[:, ids.shape[1]:].tolist()
-            for (prompt_index, _), tokens in zip(chunk, new_tokens):
-                out[prompt_index].append(until_stop(tokens, stop_ids))
+            for row, ((prompt_index, _), tokens) in enumerate(zip(chunk, new_tokens)):
+                out[prompt_index].append(until_stop(tokens, stop_ids, None if scores is None else scores[row].tolist()))
         return out
 
-    def _decode_batch(self, ids: torch.Tensor, attention: torch.Tensor, cfg: HFRolloutConfig, kwargs: dict) -> torch.Tensor:
-        """generate's ``sequences`` for one left-padded batch, on the configured engine."""
+    def _decode_batch(self, ids: torch.Tensor, attention: torch.Tensor, cfg: HFRolloutConfig, kwargs: dict,
+                      logprobs: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """generate's ``sequences`` for one left-padded batch, on the configured engine, and with
+        ``logprobs`` the [batch, generated] log-probabilities of the drawn tokens."""
         engine = self.engine(cfg.engine)
         if engine is not None:
             try:
-                return engine.decode(ids, attention, sampler=RolloutSampler(cfg.sampler).value, **kwargs).sequences
+                decoded = engine.decode(ids, attention, sampler=RolloutSampler(cfg.sampler).value,
+                                        record_logprobs=logprobs, **kwargs)
+                return decoded.sequences, decoded.logprobs
             except EngineUnsupported as exc:  # raised before anything is drawn
                 log.info("rollout.engine=%s: %s; decoding with plain generate (the same distribution)",
                          RolloutEngine(cfg.engine).value, exc)
                 self._engines = dict.fromkeys(self._engines)
-        return self.model.generate(input_ids=ids, attention_mask=attention, **kwargs)
+        return generate_with_logprobs(self.model, ids, attention, kwargs, logprobs, cfg.temperature)
 
 
 def generate_kwargs(cfg: RolloutConfig, *, stop_ids: set[int], pad_id: int) -> dict:
@@ -121,9 +126,23 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, attention
 
 
-def until_stop(tokens: list[int], stop_ids: set[int]) -> Generation:
-    """The response through its first stop token (kept), or all of it, cut by max_new_tokens."""
-    for i, token in enumerate(tokens):
-        if token in stop_ids:
-            return Generation(tokens[: i + 1], "stop")
-    return Generation(tokens, "length")
+def generate_with_logprobs(model, ids: torch.Tensor, attention: torch.Tensor, kwargs: dict, logprobs: bool,
+                           temperature: float, **extra) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Plain ``model.generate``'s sequences and, with ``logprobs``, each drawn token's log-probability
+    from generate's own raw logits (``output_logits``; they are kept for every step of the batch,
+    steps x batch x vocabulary floats, which the decode engine avoids)."""
+    if not logprobs:
+        return model.generate(input_ids=ids, attention_mask=attention, **extra, **kwargs), None
+    out = model.generate(input_ids=ids, attention_mask=attention, output_logits=True, return_dict_in_generate=True,
+                         **extra, **kwargs)
+    drawn = out.sequences[:, ids.shape[1]:]
+    scale = temperature if kwargs.get("do_sample") else 1.0
+    return out.sequences, torch.stack([token_logprobs(step, drawn[:, t], scale) for t, step in enumerate(out.logits)], 1)
+
+
+def until_stop(tokens: list[int], stop_ids: set[int], logprobs: Optional[list[float]] = None) -> Generation:
+    """The response through its first stop token (kept), or all of it, cut by max_new_tokens
+    (and its tokens' log-probabilities, cut the same way)."""
+    end = next((i + 1 for i, token in enumerate(tokens) if token in stop_ids), None)
+    kept = tokens if end is None else tokens[:end]
+    return Generation(kept, "length" if end is None else "stop", None if logprobs is None else logprobs[: len(kept)])

@@ -18,7 +18,7 @@ import torch
 
 from kdlib.batch import BatchImages, PromptImages, VisionInputs
 from kdlib.backends.base import Generation
-from kdlib.backends.hf.rollout import HFRolloutBackend, generate_kwargs, left_pad, until_stop
+from kdlib.backends.hf.rollout import HFRolloutBackend, generate_kwargs, generate_with_logprobs, left_pad, until_stop
 from kdlib.errors import ModelError
 from kdlib.models.vlm import image_layout_for
 
@@ -35,6 +35,7 @@ class HFImageGeneration:
     @torch.inference_mode()
     def generate(
         self, prompts: list[list[int]], images: PromptImages, *, stop_ids: set[int], pad_id: int, seed: int,
+        logprobs: bool = False,
     ) -> list[list[Generation]]:
         """``cfg.n_samples_per_prompt`` generations per prompt about its images, in prompt order."""
         model, device, cfg = self.backend.model, self.backend.device, self.backend.cfg
@@ -49,14 +50,10 @@ class HFImageGeneration:
             ids, attention = left_pad([p for _, p in chunk], pad_id)
             vision = self._inputs(per_sample, start, start + len(chunk), ids.shape[1])
             extra = {} if vision is None else vision.to(device, pixel_dtype=model.dtype).model_kwargs()
-            sequences = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=attention.to(device),
-                **extra,
-                **kwargs,
-            )
-            for (prompt_index, _), tokens in zip(chunk, sequences[:, ids.shape[1]:].tolist()):
-                out[prompt_index].append(until_stop(tokens, stop_ids))
+            sequences, scores = generate_with_logprobs(model, ids.to(device), attention.to(device), kwargs,
+                                                       logprobs, cfg.temperature, **extra)
+            for row, ((prompt_index, _), tokens) in enumerate(zip(chunk, sequences[:, ids.shape[1]:].tolist())):
+                out[prompt_index].append(until_stop(tokens, stop_ids, None if scores is None else scores[row].tolist()))
         return out
 
     def _inputs(self, prompts: PromptImages, start: int, stop: int, length: int) -> Optional[VisionInputs]:

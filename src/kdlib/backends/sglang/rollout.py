@@ -97,7 +97,8 @@ class SGLangRolloutBackend(RolloutBackend):
     # ------------------------------------------------------------------------------------------
     # Generation
 
-    def generate(self, prompts: list[list[int]], *, stop_ids: set[int], pad_id: int, seed: int) -> list[list[Generation]]:
+    def generate(self, prompts: list[list[int]], *, stop_ids: set[int], pad_id: int, seed: int,
+                 logprobs: bool = False) -> list[list[Generation]]:
         cfg = self.cfg
         self._prepare_generation()
         n = cfg.n_samples_per_prompt
@@ -113,13 +114,13 @@ class SGLangRolloutBackend(RolloutBackend):
             params: Any = [{**base, "sampling_seed": seed + i} for i in range(len(requests))]
         else:
             params = base
-        outputs = self.engine.generate(requests, params)
+        outputs = self.engine.generate(requests, params, **({"return_logprob": True} if logprobs else {}))
         if self.options.release_memory:
             self._release(list(MEMORY_TAGS))
             self._weights_lost = True
         out: list[list[Generation]] = [[] for _ in prompts]
         for index, output in enumerate(outputs):
-            out[index // n].append(parse_generation(output, stop_ids, cfg.max_new_tokens))
+            out[index // n].append(parse_generation(output, stop_ids, cfg.max_new_tokens, logprobs=logprobs))
         return out
 
     def _prepare_generation(self) -> None:
@@ -155,16 +156,30 @@ class SGLangRolloutBackend(RolloutBackend):
             self._released.difference_update(tags)
 
 
-def parse_generation(output: dict[str, Any], stop_ids: set[int], max_new_tokens: int) -> Generation:
-    """kdlib's Generation from one SGLang output (``output_ids`` include the stop token)."""
+def parse_generation(output: dict[str, Any], stop_ids: set[int], max_new_tokens: int, *,
+                     logprobs: bool = False) -> Generation:
+    """kdlib's Generation from one SGLang output (``output_ids`` include the stop token). With
+    ``logprobs`` (``return_logprob``), ``meta_info["output_token_logprobs"]`` holds one
+    ``(logprob, token_id, text_or_None)`` per output token, from the temperature-scaled
+    distribution before top-p (SGLang's sampler, unless SGLANG_RETURN_ORIGINAL_LOGPROB is set)."""
     tokens = list(output["output_ids"])
+    scores = output_logprobs(output, tokens) if logprobs else None
     for i, token in enumerate(tokens):
         if token in stop_ids:
-            return Generation(tokens[: i + 1], "stop")
+            return Generation(tokens[: i + 1], "stop", None if scores is None else scores[: i + 1])
     reason = output["meta_info"]["finish_reason"]["type"]
     if reason == "length" and len(tokens) != max_new_tokens:
         raise ModelError(f"rollout: SGLang reported a length finish after {len(tokens)} of {max_new_tokens} tokens")
-    return Generation(tokens, "stop" if reason == "stop" else "length")
+    return Generation(tokens, "stop" if reason == "stop" else "length", scores)
+
+
+def output_logprobs(output: dict[str, Any], tokens: list[int]) -> list[float]:
+    """The log-probability SGLang reports for each of ``tokens``, checked token by token."""
+    entries = output["meta_info"].get("output_token_logprobs") or []
+    if [int(entry[1]) for entry in entries] != tokens:
+        raise ModelError(f"rollout: SGLang's output_token_logprobs cover {len(entries)} tokens that are not the "
+                         f"{len(tokens)} output_ids it returned")
+    return [float(entry[0]) for entry in entries]
 
 
 def engine_checkpoint(model: ModelConfig) -> str:

@@ -55,8 +55,8 @@ class Decoded:
     """What one decode call returns: generate's ``sequences`` and, if asked, sampling log-probs."""
 
     sequences: torch.Tensor  # [batch, prompt + generated], pad after a row's stop token
-    # [batch, generated]: log-probability of each chosen token under the processed distribution it
-    # was drawn from (None unless asked for).
+    # [batch, generated]: log-probability of each chosen token under the temperature-scaled
+    # distribution, before top-p truncation (kdlib.backends.Generation.logprobs; None unless asked for).
     logprobs: Optional[torch.Tensor] = None
 
 
@@ -203,6 +203,7 @@ class DecodeEngine:
         logprobs = torch.zeros((batch, total - prompt_len), device=input_ids.device) if record_logprobs else None
         unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
         draw = SAMPLERS[sampler]
+        temperature = float(generation_config.temperature or 1.0) if generation_config.do_sample else 1.0
 
         logits = self._forward(widen(input_ids), widen(position), mask, cache)[:batch]  # batched prefill, eager
         next_position = widen(position[:, -1:] + 1)
@@ -214,7 +215,7 @@ class DecodeEngine:
             else:
                 tokens = torch.argmax(scores, dim=-1)
             if logprobs is not None:
-                logprobs[:, length - prompt_len] = scores.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+                logprobs[:, length - prompt_len] = token_logprobs(logits, tokens, temperature)
             tokens = tokens * unfinished + pad * (1 - unfinished)
             sequence[:, length] = tokens
             length += 1
@@ -376,3 +377,10 @@ def _rtol(dtype: torch.dtype) -> float:
 def _positions(attention: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded batch, as generate computes them."""
     return (attention.long().cumsum(-1) - 1).masked_fill(attention == 0, 0)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature)[token] per row, in float32: the log-probability a rollout
+    engine reports for each sampled token (before top-p truncation: see kdlib.backends.Generation)."""
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    return scaled.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
