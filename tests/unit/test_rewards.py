@@ -161,3 +161,25 @@ def test_advantages_are_collated_onto_each_samples_loss_rows():
         assert batch.advantages.tolist() == [0.5, 0.5, -1.25, -1.25, 0.0, 0.0, 0.0]
         assert batch.advantages.shape[0] == batch.n_loss_tokens
     assert collate([Sample(0, Sequence([1, 2, 3], 1))], student_pad_id=0).advantages is None
+
+
+def test_a_user_registers_a_reward_with_typed_options():
+    from dataclasses import dataclass
+
+    from kdlib.rewards import Reward, RewardConfig, register_reward
+
+    @dataclass
+    class KeywordConfig(RewardConfig):
+        word: str = "please"
+
+    @register_reward("unit_test_keyword", config=KeywordConfig)
+    class Keyword(Reward):
+        def __call__(self, rollout):
+            return float(self.cfg.word in rollout.response)
+
+    reward = _reward(["reward=unit_test_keyword", "reward.word=thanks"])
+    assert isinstance(reward, Keyword) and reward(_rollout("thanks!")) == 1.0 and reward(_rollout("please")) == 0.0
+    with pytest.raises(TypeError, match=r"reward 'unit_test_bad' must subclass kdlib.rewards.Reward"):
+        register_reward("unit_test_bad")(KeywordConfig)
+    with pytest.raises(TypeError, match=r"config must subclass RewardConfig"):
+        register_reward("unit_test_bad", config=dict)(Keyword)

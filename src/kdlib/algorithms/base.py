@@ -102,13 +102,4 @@ class Algorithm(ABC):
 
 def register_algorithm(name: str, *, config: type[AlgorithmConfig] = AlgorithmConfig) -> Callable:
     """Class decorator registering an :class:`Algorithm` subclass under ``name``."""
-
-    def decorate(cls: type[Algorithm]) -> type[Algorithm]:
-        if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
-            raise TypeError(f"algorithm {name!r} must subclass kdlib.algorithms.Algorithm")
-        if not issubclass(config, AlgorithmConfig):
-            raise TypeError(f"algorithm {name!r}: config must subclass kdlib.config.AlgorithmConfig")
-        ALGORITHMS.register(name, cls, config=config)
-        return cls
-
-    return decorate
+    return ALGORITHMS.class_decorator(name, Algorithm, config, AlgorithmConfig, "kdlib.algorithms")

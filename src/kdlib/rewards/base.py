@@ -90,16 +90,7 @@ class Reward(ABC):
 
 def register_reward(name: str, *, config: type[RewardConfig] = RewardConfig) -> Callable:
     """Class decorator registering a :class:`Reward` subclass under ``name``."""
-
-    def decorate(cls: type[Reward]) -> type[Reward]:
-        if not (isinstance(cls, type) and issubclass(cls, Reward)):
-            raise TypeError(f"reward {name!r} must subclass kdlib.rewards.Reward")
-        if not issubclass(config, RewardConfig):
-            raise TypeError(f"reward {name!r}: config must subclass kdlib.rewards.RewardConfig")
-        REWARDS.register(name, cls, config=config)
-        return cls
-
-    return decorate
+    return REWARDS.class_decorator(name, Reward, config, RewardConfig, "kdlib.rewards")
 
 
 def build_reward(cfg: RewardConfig) -> Reward:
