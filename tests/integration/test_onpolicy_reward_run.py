@@ -121,3 +121,17 @@ def test_ray_reward_run_matches_local(tiny_overrides, tmp_path):
         assert y["reward_mean"] == x["reward_mean"]
         for key in ("loss", "kd_loss", "pg_loss"):
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
+
+
+def test_importance_weights_use_the_engines_log_probabilities(tiny_overrides, tmp_path):
+    """With is_clip the PG weights take the rollout engine's log-probabilities of the samples: the
+    engines report them (rollout_k3 is logged) and the run trains on them; a cap below every ratio
+    (1e-6) scales the term down by it, so the PG term changes as the formula says."""
+    extra = ["algorithm=reward_kd", "algorithm.kd_ratio=1", *LENGTH, "train.max_steps=1"]
+    plain = kdlib.run(kdlib.compose(_overrides(tiny_overrides, tmp_path, [*extra, f"output_dir={tmp_path / 'p'}"])))
+    capped = kdlib.run(kdlib.compose(_overrides(tiny_overrides, tmp_path, [
+        *extra, "algorithm.is_clip=1e-6", f"output_dir={tmp_path / 'c'}"])))
+    a, b = _rows(plain.run_dir)[0], _rows(capped.run_dir)[0]
+    assert "rollout_k3" in b and b["reward_mean"] == a["reward_mean"] and a["pg_loss"] != 0.0
+    # the engine and trainer agree (k3 ~ 0), so every ratio is ~1 and min(ratio, 1e-6) = 1e-6
+    assert b["pg_loss"] == pytest.approx(a["pg_loss"] * 1e-6, rel=1e-3)
