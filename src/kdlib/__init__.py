@@ -27,6 +27,8 @@ _EXPORTS = {
     "register_loss": "kdlib.losses",
     "register_algorithm": "kdlib.algorithms",
     "Algorithm": "kdlib.algorithms",
+    "register_reward": "kdlib.rewards",
+    "Reward": "kdlib.rewards",
     "ConfigError": "kdlib.errors",
     "DataError": "kdlib.errors",
     "KdlibError": "kdlib.errors",

@@ -222,6 +222,9 @@ class MicroBatch:
     teacher_response_bytes: Optional[torch.Tensor] = None
     # Several teachers: the teacher or ensemble these samples go to (kdlib.routing); None otherwise.
     route: Optional["BatchRoute"] = None
+    # On-policy with a reward: float32 [n_loss_tokens], each loss row its sample's group-normalised
+    # advantage (kdlib.rewards.advantages), in loss-row order; None without a reward.
+    advantages: Optional[torch.Tensor] = None
     # On-policy: [n_loss_tokens] float32, the rollout engine's log-probability of each loss row's
     # target (the sampled token), NaN for rows it did not sample; None when no sample has them.
     rollout_logprobs: Optional[torch.Tensor] = None
@@ -234,6 +237,7 @@ class MicroBatch:
             self, student=self.student.to(device), teacher=move(self.teacher), alignment=move(self.alignment),
             teacher_rows=move(self.teacher_rows), response_bytes=move(self.response_bytes),
             teacher_response_bytes=move(self.teacher_response_bytes), route=move(self.route),
+            advantages=move(self.advantages),
             rollout_logprobs=move(self.rollout_logprobs),
         )
 

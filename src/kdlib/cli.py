@@ -159,6 +159,7 @@ def preflight(overrides: list[str], *, multirun: bool) -> None:
 
     from kdlib.config.compose import compose
     from kdlib.data.preflight import check_data_files
+    from kdlib.rewards.columns import check_reward_columns
 
     job_overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     try:
@@ -182,6 +183,7 @@ def preflight(overrides: list[str], *, multirun: bool) -> None:
             if data_key not in checked_data:  # each distinct data set once, not once per job
                 check_data_files(cfg.data)
                 checked_data.add(data_key)
+            check_reward_columns(cfg)
         except KdlibError as exc:
             if multirun and any(len(c) > 1 for c in choices):
                 raise type(exc)(f"{exc} (in sweep job {' '.join(combination)})") from None

@@ -21,6 +21,11 @@ class DataError(KdlibError, ValueError):
     """A dataset file, column or row cannot be used."""
 
 
+class RewardError(KdlibError, ValueError):
+    """A reward function failed on a rollout (it raised, or returned no finite number); the message
+    names the reward, its function and the sample's data row."""
+
+
 class ModelError(KdlibError, RuntimeError):
     """A model or tokenizer cannot be loaded or used as configured."""
 

@@ -76,6 +76,21 @@ class Registry(Generic[T]):
             return add
         return add(target)
 
+    def class_decorator(self, name: str, base: type, config: type, config_base: type, public: str) -> Callable[[T], T]:
+        """A decorator registering a subclass of ``base`` under ``name`` with ``config`` (a subclass
+        of ``config_base``) as its typed options; ``public`` is where users find ``base`` (named in
+        the error), e.g. ``kdlib.algorithms``."""
+
+        def decorate(cls: T) -> T:
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise TypeError(f"{self.kind} {name!r} must subclass {public}.{base.__name__}")
+            if not (isinstance(config, type) and issubclass(config, config_base)):
+                raise TypeError(f"{self.kind} {name!r}: config must subclass {config_base.__name__}")
+            self.register(name, cls, config=config)
+            return cls
+
+        return decorate
+
     def entry(self, name: str) -> Entry[T]:
         """The entry for ``name``; an unknown name lists the known ones."""
         try:

@@ -30,6 +30,7 @@ from kdlib.data.preflight import check_data_files
 from kdlib.data.routes import check_routes
 from kdlib.models.hub import check_hub
 from kdlib.pipeline import Pipeline
+from kdlib.rewards.columns import check_reward_columns
 from kdlib.progress import configured as progress_shown
 from kdlib.result import RunResult
 from kdlib.tracking.trackers import RunIdentity, Trackers
@@ -88,6 +89,7 @@ def resolved(cfg: KDConfig | DictConfig, *, sweep_job: bool = False) -> KDConfig
         cfg = thawed(cfg)  # the caller keeps its object; a frozen one may be run again
     typed = to_typed(cfg)
     layouts = check_data_files(typed.data)  # a bad file or row costs seconds, not a model load
+    check_reward_columns(typed)  # every row has the answer column the reward reads
     check_hub(typed)  # an unreachable hub costs one connection attempt, not minutes of retries
     resolve(typed, models=True, layouts=layouts, sweep_job=sweep_job)
     validate(typed)

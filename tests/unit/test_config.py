@@ -40,14 +40,22 @@ def test_every_yaml_option_composes(group):
 
 
 # Options that only make sense together.
-COMPANIONS = {("launcher", "ray"): ["transport=ray"], ("transport", "ray"): ["launcher=ray"]}
+COMPANIONS = {
+    ("launcher", "ray"): ["transport=ray"], ("transport", "ray"): ["launcher=ray"],
+    # rewards and the reward objectives score rollouts: on-policy, with a reward to weigh
+    ("algorithm", "reward_kd"): ["+recipe=onpolicy", "reward=numeric"], ("algorithm", "opd"): ["+recipe=onpolicy"],
+    ("reward", "regex"): ["+recipe=onpolicy", "reward.pattern=x"],
+    ("reward", "python"): ["+recipe=onpolicy", "reward.fn=kdlib.rewards.builtin:last_number"],
+}
+# Every option of a group that only makes sense with another setting (rewards score rollouts).
+GROUP_COMPANIONS = {"reward": ["+recipe=onpolicy"]}
 
 
 def test_every_registry_option_composes():
     register_configs()
     for group, (registry, key) in registry_groups().items():
         for name in registry.names():
-            cfg = kdlib.compose([f"{group}={name}", *COMPANIONS.get((group, name), [])])
+            cfg = kdlib.compose([f"{group}={name}", *COMPANIONS.get((group, name), GROUP_COMPANIONS.get(group, []))])
             node = cfg
             for part in group.split("/"):
                 node = getattr(node, part)

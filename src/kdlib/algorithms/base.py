@@ -55,6 +55,8 @@ class Algorithm(ABC):
     needs_alignment: ClassVar[bool] = False
     # The teacher signals (teacher.signal.kind) it can learn from; composition refuses others.
     signals: ClassVar[tuple[str, ...]] = ("hidden",)
+    # Whether its loss has a policy-gradient term (kdlib.algorithms.reward), logged as pg_loss.
+    policy_gradient_term: ClassVar[bool] = False
 
     def __init__(self, cfg: AlgorithmConfig, loss: LossConfig, teacher_head: Optional[LMHead]) -> None:
         # the head comes with hidden states; an algorithm that also takes sparse signals may get none
@@ -100,13 +102,4 @@ class Algorithm(ABC):
 
 def register_algorithm(name: str, *, config: type[AlgorithmConfig] = AlgorithmConfig) -> Callable:
     """Class decorator registering an :class:`Algorithm` subclass under ``name``."""
-
-    def decorate(cls: type[Algorithm]) -> type[Algorithm]:
-        if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
-            raise TypeError(f"algorithm {name!r} must subclass kdlib.algorithms.Algorithm")
-        if not issubclass(config, AlgorithmConfig):
-            raise TypeError(f"algorithm {name!r}: config must subclass kdlib.config.AlgorithmConfig")
-        ALGORITHMS.register(name, cls, config=config)
-        return cls
-
-    return decorate
+    return ALGORITHMS.class_decorator(name, Algorithm, config, AlgorithmConfig, "kdlib.algorithms")

@@ -55,9 +55,10 @@ class StudentObjective(nn.Module):
         weight: float = 1.0,
         evaluate: bool = False,
     ):
-        """Training: (loss, kd_sum, ce_sum) tensors, scaled by ``weight`` (0 for padding batches), and
-        for sampled tokens (``batch.rollout_logprobs``) how far the rollout engine's log-probabilities
-        are from the trainer's (:class:`AgreementSums`, else None).
+        """Training: (loss, kd_sum, ce_sum, pg_sum) tensors, scaled by ``weight`` (0 for padding
+        batches; pg_sum 0 without a policy-gradient term), and for sampled tokens
+        (``batch.rollout_logprobs``) how far the rollout engine's log-probabilities are from the
+        trainer's (:class:`AgreementSums`, else None).
         ``evaluate=True``: the held-out sums of the batch (no gradients)."""
         if evaluate:
             return self._evaluate(batch, teacher)
@@ -70,7 +71,8 @@ class StudentObjective(nn.Module):
                 with target_logprobs.recording(self.rollout_temperature) as recorded:
                     terms = algorithm.compute_loss(self.model, batch, teacher, normaliser)
                 agreement = AgreementSums.of(recorded.rows(sampled.numel()), sampled)
-        return terms.loss * weight, terms.kd_sum * weight, terms.ce_sum * weight, agreement
+        pg = terms.pg_sum if terms.pg_sum is not None else torch.zeros_like(terms.ce_sum)
+        return terms.loss * weight, terms.kd_sum * weight, terms.ce_sum * weight, pg * weight, agreement
 
     def _evaluate(self, batch: MicroBatch, teacher: Optional[TeacherOutput]) -> HeldoutSums | RoutedSums:
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):

@@ -20,6 +20,7 @@ from typing import Any
 
 from kdlib.config.node import AUTO, FROZEN_ATTRIBUTE, nodes
 from kdlib.config.schema import KDConfig, Precision
+from kdlib.config.reward_checks import check_reward_config
 from kdlib.config.signal_checks import check_signal
 from kdlib.config.store import registry_groups
 from kdlib.config.teachers import check_run as check_teachers
@@ -47,6 +48,7 @@ def validate(cfg: KDConfig) -> None:
     check_signal(cfg)
     _check_resume(cfg)
     _check_mode(cfg)
+    check_reward_config(cfg)
 
 
 def check_unknown_keys(cfg: KDConfig) -> None:

@@ -4,7 +4,7 @@ Every option a user can set is a field of a dataclass (in this package's modules
 training, rollout, reporting), with a comment saying what it does. Hydra composes YAML files from
 ``conf/`` (which only choose and fill values: model paths, sizes, recipe overrides) on top of these
 dataclasses, so a wrong key or type fails at composition, before any model loads. Groups whose
-options are implementations (loss, algorithm, launcher, transport, rollout, teacher/backend) get
+options are implementations (loss, algorithm, launcher, transport, rollout, teacher/backend, reward) get
 their options from the registries: each registered name contributes its own config subclass, so
 ``loss=jsd loss.beta=0.3`` is typed without any YAML file.
 """
@@ -56,6 +56,8 @@ class KDConfig(ConfigNode):
     transport: Any = MISSING
     launcher: Any = MISSING
     rollout: Any = MISSING
+    # On-policy task reward (registry `reward`; none: no reward, KD alone).
+    reward: Any = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

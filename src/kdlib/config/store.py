@@ -1,7 +1,7 @@
 """Registering the schema and the registry-backed group options in Hydra's ConfigStore.
 
 Groups whose options are implementations (``loss``, ``algorithm``, ``transport``, ``launcher``,
-``rollout``, ``teacher/backend``) get one option per registered name, typed by that entry's config
+``rollout``, ``teacher/backend``, ``reward``) get one option per registered name, typed by that entry's config
 class. This runs when a config is composed, not at import, so a plugin module imported just before
 composition (``plugins=[my_module]``) contributes its options like a built-in would.
 """
@@ -23,6 +23,7 @@ def registry_groups() -> dict[str, tuple[object, str]]:
     from kdlib.backends import ROLLOUT_BACKENDS, TEACHER_BACKENDS
     from kdlib.launch import LAUNCHERS
     from kdlib.losses import LOSSES
+    from kdlib.rewards import REWARDS
     from kdlib.transport import TRANSPORTS
 
     return {
@@ -32,6 +33,7 @@ def registry_groups() -> dict[str, tuple[object, str]]:
         "launcher": (LAUNCHERS, "name"),
         "rollout": (ROLLOUT_BACKENDS, "backend"),
         "teacher/backend": (TEACHER_BACKENDS, "name"),
+        "reward": (REWARDS, "name"),
     }
 
 

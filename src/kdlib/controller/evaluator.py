@@ -37,6 +37,7 @@ LABELS = {
     "bits_per_byte": ("student bits per byte of the responses", "lower"),
     "ece": ("student expected calibration error (15 bins)", "lower"),
     "teacher_bits_per_byte": ("teacher bits per byte of the responses", "reference"),
+    "reward": ("reward of the student's samples on data.eval prompts", "higher"),
 }
 
 

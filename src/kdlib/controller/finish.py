@@ -1,4 +1,4 @@
-"""The end of a training run: the held-out table, the loss plot, the saved student, results.json.
+"""The end of a training run: the held-out table, the loss (and reward) plot, the saved student, results.json.
 
 Shared by every training mode; what it writes is listed in the README's run-directory table.
 """
@@ -14,7 +14,7 @@ from kdlib.controller.evaluator import comparison_table, print_table
 from kdlib.controller.teacher_metrics import teacher_table
 from kdlib.errors import CheckpointError
 from kdlib.result import RunResult
-from kdlib.tracking import plot_loss_curves, write_json
+from kdlib.tracking import plot_loss_curves, plot_reward_curves, write_json
 from kdlib.tracking.records import directory_bytes, human_bytes
 from kdlib.tracking.trackers import Trackers
 
@@ -50,6 +50,10 @@ def finish_training(
         if plot is not None:
             result.outputs["loss_plot"] = plot
             trackers.log_image("plots/loss", plot, total_steps)
+        plot = plot_reward_curves(rows, run_dir / "plots" / "reward.png")
+        if plot is not None:  # on-policy with a reward
+            result.outputs["reward_plot"] = plot
+            trackers.log_image("plots/reward", plot, total_steps)
     if cfg.save_student:
         outputs = _save_student(checkpoints, run_dir, total_steps, saved_step, skipped.state())
         for name, directory in outputs.items():  # student/ and, with LoRA, student_adapter/ ...

@@ -17,6 +17,10 @@ Every rollout is appended to ``rollouts.jsonl`` in the run directory (and the fi
 ``logging.tracker_samples`` of each logged step go to the experiment trackers); one is logged
 every ``rollout.print_every`` steps. Sampling is seeded per step, so a resumed run samples as the
 uninterrupted one would.
+
+With a reward (``reward=<name>``) every rollout is scored and gets its group-normalised advantage
+(:class:`kdlib.rewards.scoring.RolloutScorer`); the step's metrics add ``reward_mean``,
+``reward_group_std`` and ``reward_seconds``, and each evaluation adds the held-out ``reward``.
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ from kdlib.config.schema import KDConfig
 from kdlib.controller.mode import Needs, TeacherNeed
 from kdlib.controller.training import TrainingLoop
 from kdlib.data.batching import split_across_workers
-from kdlib.data.samples import Prompt, Sample
+from kdlib.data.samples import Prompt, Sample, build_prompts
 from kdlib.errors import ConfigError
+from kdlib.rewards.scoring import RolloutScorer
 from kdlib.rollout_agreement import AgreementWarning
 from kdlib.tracking.records import keep_steps
 
 if TYPE_CHECKING:
+    from kdlib.backends.base import Generation
     from kdlib.controller.training import PreparedStep
     from kdlib.pipeline import Pipeline
 
@@ -56,6 +62,14 @@ class OnPolicyMode(TrainingLoop):
             self.students, self.rollout_engines, self.cfg)
         # a compiled engine sizes its cache once for every prompt (one compile, not one per growth)
         longest = max((len(q.student_ids) for q in self.data.prompts), default=0)
+        self.scorer, self.eval_prompts = None, []
+        if self.cfg.reward.enabled:
+            self.scorer = RolloutScorer(self.cfg.reward, self.cfg.rollout.n_samples_per_prompt, self._decode)
+            if self.cfg.data.eval and self.cfg.reward.eval_prompts:
+                self.eval_prompts, report = build_prompts(self.cfg.data, self.data.student_encoder, split="eval")
+                log.info("held-out reward prompts: %s", report.summary())
+                self.evaluate = HeldoutReward(self.evaluate, self.heldout_reward)
+            longest = max([longest, *(len(q.student_ids) for q in self.eval_prompts)])
         self.rollout_engines.reserve(longest + self.cfg.rollout.max_new_tokens)
 
     @classmethod
@@ -101,15 +115,9 @@ class OnPolicyMode(TrainingLoop):
     def rollout(self, prompts: list[Prompt], step: int) -> list[Sample]:
         """Sample responses from the current student and turn them into training samples."""
         cfg, data = self.cfg, self.data
-        encoder = data.student_encoder
         start = time.perf_counter()
-        shares = split_across_workers(prompts, self.rollout_engines.size)
-        results = self.rollout_engines.generate(
-            [[q.student_ids for q in share] for share in shares], encoder.end_of_turn_ids, encoder.pad_id,
-            [cfg.seed + 1000 * step + rank for rank in range(len(shares))],
-            [data.rollout_images(share) for share in shares],  # None for text prompts
-        )
-        generations = [g for worker in results for g in worker]
+        generations = self.sample(prompts, cfg.seed + 1000 * step)
+        texts = [self._decode(out.token_ids) for outs in generations for out in outs]
         samples, cut_by_max_len, truncated, lengths, unaligned = [], 0, 0, [], 0
         log_rows = []
         for prompt, outs in zip(prompts, generations, strict=True):
@@ -124,9 +132,14 @@ class OnPolicyMode(TrainingLoop):
                 lengths.append(len(out.token_ids))
                 log_rows.append({
                     "step": step, "index": prompt.index, "prompt": prompt.conversation,
-                    "response": encoder.tokenizer.decode(out.token_ids, skip_special_tokens=True),
+                    "response": texts[len(log_rows)],
                     "response_tokens": len(out.token_ids), "finish_reason": out.finish_reason,
                 })
+        scored: dict[str, float] = {}
+        if self.scorer is not None:
+            rewards, scored = self.scorer.score_step(prompts, generations, texts, samples)
+            for row, sample, reward in zip(log_rows, samples, rewards, strict=True):
+                row.update(reward=reward, advantage=sample.advantage)
         self._write_rollouts(log_rows, step)
         self._rollout_metrics = {
             "on_policy": 1.0,
@@ -137,7 +150,33 @@ class OnPolicyMode(TrainingLoop):
         }
         if data.aligner is not None:
             self._rollout_metrics["rollout_unaligned_tokens"] = float(unaligned)
+        self._rollout_metrics.update(scored)
         return samples
+
+    def sample(self, prompts: list[Prompt], seed: int) -> list[list["Generation"]]:
+        """``rollout.n_samples_per_prompt`` responses per prompt from the current student, the
+        prompts split across the engines (engine ``rank`` seeded ``seed + rank``)."""
+        encoder = self.data.student_encoder
+        shares = split_across_workers(prompts, self.rollout_engines.size)
+        results = self.rollout_engines.generate(
+            [[q.student_ids for q in share] for share in shares], encoder.end_of_turn_ids, encoder.pad_id,
+            [seed + rank for rank in range(len(shares))],
+            [self.data.rollout_images(share) for share in shares],  # None for text prompts
+        )
+        return [g for worker in results for g in worker]
+
+    def heldout_reward(self) -> float:
+        """Mean reward of the current student's samples on the held-out prompts (fixed seed)."""
+        return self.scorer.heldout(self.eval_prompts, self.sample, self.cfg.seed)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.data.student_encoder.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def progress_fields(self, metrics: dict) -> dict[str, float]:
+        fields = super().progress_fields(metrics)
+        if "reward_mean" in metrics:
+            fields["reward"] = metrics["reward_mean"]
+        return fields
 
     def start(self, first_step: int) -> None:
         super().start(first_step)
@@ -177,3 +216,17 @@ class OnPolicyMode(TrainingLoop):
             prompt = row["prompt"][-1]["content"] if row["prompt"] else ""
             log.info("step %d rollout (%s, %d tokens)\n  prompt: %s\n  response: %s",
                      step, row["finish_reason"], row["response_tokens"], prompt, row["response"])
+
+
+class HeldoutReward:
+    """The held-out evaluation plus the held-out reward (``reward`` in its results)."""
+
+    def __init__(self, evaluate, reward) -> None:
+        self.evaluate = evaluate
+        self.reward = reward
+
+    def invalidate(self) -> None:
+        self.evaluate.invalidate()
+
+    def __call__(self) -> dict[str, float]:
+        return {**(self.evaluate() or {}), "reward": self.reward()}

@@ -317,6 +317,8 @@ class TrainingLoop(RunMode):
             "transport_bytes": float(sum(r.fetched_bytes for r in results)),
             "transport_seconds": max(r.fetch_seconds for r in results),
             **route_metrics(batches, results),  # several teachers: per route and per teacher
+            # a reward objective: its policy-gradient term, -(1/N) sum_t w_t log p(y_t)
+            **({} if results[0].pg_sum is None else {"pg_loss": sum(r.pg_sum for r in results) / normaliser}),
             **agreement_metrics(r.agreement for r in results),  # on-policy: rollout engine vs trainer
         }
 

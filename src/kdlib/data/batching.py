@@ -175,6 +175,8 @@ def collate(
             [s.response_bytes if s.teacher_response_bytes is None else s.teacher_response_bytes for s in samples],
             dtype=torch.long,
         )
+    if samples and any(s.advantage is not None for s in samples):
+        batch.advantages = per_token_advantages(samples)
     if any(s.rollout_logprobs is not None for s in samples):
         batch.rollout_logprobs = torch.tensor(
             [lp for s in samples for lp in (s.rollout_logprobs or [math.nan] * s.student.n_loss_tokens)],
@@ -185,6 +187,14 @@ def collate(
         if row_kind is not None:
             batch.teacher_rows = batch.alignment.rows(row_kind).teacher_rows
     return batch
+
+
+def per_token_advantages(samples: list[Sample]) -> torch.Tensor:
+    """float32 [n_loss_tokens]: each sample's advantage on each of its loss rows, in loss-row order
+    (samples in order, padded or packed alike); a sample without one (None) contributes 0."""
+    values = torch.tensor([0.0 if s.advantage is None else s.advantage for s in samples], dtype=torch.float32)
+    counts = torch.tensor([s.student.n_loss_tokens for s in samples], dtype=torch.long)
+    return torch.repeat_interleave(values, counts)
 
 
 def _pad(sequences: list[Sequence], pad_id: int) -> TokenBatch:

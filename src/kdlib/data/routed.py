@@ -113,7 +113,7 @@ class RoutedDataBundle(DataBundle):
     def _row_for(self, member: str, row: Row, raw: dict, where: str, cfg: DataConfig) -> Row:
         key = self.view(member).input_key
         teacher = privileged_conversation(raw, row.conversation, key, where) if key else None
-        return Row(row.index, row.conversation, teacher)
+        return Row(row.index, row.conversation, teacher, row.data)
 
     def load_prompts(self, cfg: DataConfig) -> tuple[list[Prompt], FilterReport]:
         source = load_split(cfg, "train")
@@ -136,7 +136,7 @@ class RoutedDataBundle(DataBundle):
                 continue
             report.kept += 1
             self.prompt_routes[row.index] = PromptRoute(target, members, teacher_ids, weights)
-            prompts.append(Prompt(row.index, ids, teacher_ids[members[0]], prompt))
+            prompts.append(Prompt(row.index, ids, teacher_ids[members[0]], prompt, row.data))
         return prompts, report
 
     def rollout_sample(self, prompt: Prompt, response_ids: list[int], max_len: int) -> tuple[Sample, bool]:
@@ -146,7 +146,7 @@ class RoutedDataBundle(DataBundle):
         for _ in range(2):
             views, cut = {}, False
             for member in route.members:
-                own = Prompt(prompt.index, prompt.student_ids, route.teacher_ids[member], prompt.conversation)
+                own = Prompt(prompt.index, prompt.student_ids, route.teacher_ids[member], prompt.conversation, prompt.row)
                 views[member], member_cut = rollout_sample(own, response_ids, max_len, encoder=self.student_encoder,
                                                            aligner=self.view(member).aligner)
                 cut = cut or member_cut

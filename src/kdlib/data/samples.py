@@ -68,6 +68,9 @@ class Sample:
     teacher_response_bytes: Optional[int] = None
     # Several teachers: the teacher or ensemble this sample goes to (kdlib.routing); None otherwise.
     route: Optional["SampleRoute"] = None
+    # On-policy with a reward: the rollout's group-normalised advantage (kdlib.rewards.advantages),
+    # given to every one of its loss tokens; None without a reward.
+    advantage: Optional[float] = None
     # On-policy rollouts: the rollout engine's log-probability of each trained response token
     # (kdlib.backends.Generation.logprobs, cut as the response was); None otherwise.
     rollout_logprobs: Optional[list[float]] = None
@@ -138,6 +141,8 @@ class Row:
     index: int
     conversation: Conversation
     teacher_conversation: Optional[Conversation] = None
+    # The row as the file holds it (every column), for rewards that read a column of it.
+    data: dict = field(default_factory=dict)
 
 
 def load_conversations(source: RowSource, cfg: DataConfig) -> list[Row]:
@@ -151,7 +156,7 @@ def load_conversations(source: RowSource, cfg: DataConfig) -> list[Row]:
         teacher = None
         if cfg.teacher_input_key:
             teacher = privileged_conversation(raw, conversation, cfg.teacher_input_key, where)
-        rows.append(Row(i, conversation, teacher))
+        rows.append(Row(i, conversation, teacher, dict(raw)))
     return rows
 
 
@@ -163,13 +168,16 @@ class Prompt:
     student_ids: list[int]
     teacher_ids: Optional[list[int]] = None
     conversation: Conversation = field(default_factory=list)
+    # The prompt's data row (every column of the file): what a reward compares the response with.
+    row: dict = field(default_factory=dict)
 
 
 def build_prompts(
-    cfg: DataConfig, student: ChatEncoder, teacher: Optional[ChatEncoder] = None
+    cfg: DataConfig, student: ChatEncoder, teacher: Optional[ChatEncoder] = None, split: str = "train",
 ) -> tuple[list[Prompt], FilterReport]:
-    """Prompts of data.train (a trailing assistant turn is dropped: the student writes its own)."""
-    source = load_split(cfg, "train")
+    """Prompts of ``split`` (data.train, or data.eval for the held-out reward); a trailing
+    assistant turn is dropped: the student writes its own."""
+    source = load_split(cfg, split)
     report = FilterReport.of(source)
     prompts = []
     for row in load_conversations(source, cfg):
@@ -183,7 +191,7 @@ def build_prompts(
             report.dropped[f"prompt longer than data.max_len={cfg.max_len}"] += 1
             continue
         report.kept += 1
-        prompts.append(Prompt(row.index, ids, teacher_ids, prompt))
+        prompts.append(Prompt(row.index, ids, teacher_ids, prompt, row.data))
     return prompts, report
 
 

@@ -30,6 +30,14 @@ kinds:
   autograd; the engine differentiates it with the CE term with respect to every leaf.
 
 A new teacher signal is a new term with its own ``teacher`` tensors, not a new engine.
+
+A policy-gradient term (:class:`~kdlib.losses.policy_gradient.PolicyGradient`, ``Plan.pg``) is a
+cross-entropy on the sampled tokens weighted per token, so the fast path adds it to its CE: the
+chunk's CE gradient is computed with unit weight, the per-token weights follow from the CE values
+(``log p_student(y_t) = -CE_t``) and, for on-policy distillation, the teacher's log-probabilities
+of the targets, which a term writes into its ``teacher[TARGET_LOGPROB]`` rows when it has them;
+then the CE gradient is scaled by ``ce_weight + w_t`` per row. Its value is returned apart
+(``pg_sum = sum_t w_t CE_t``), and the total is ``kd_weight * KD + ce_weight * CE + pg_sum``.
 """
 
 from __future__ import annotations
@@ -51,9 +59,15 @@ from kdlib.losses.chunk_math import (
     logits_into,
 )
 from kdlib.losses import target_logprobs
+from kdlib.losses.policy_gradient import PolicyGradient
 from kdlib.models.head import LMHead
 
-__all__ = ["AutogradTerm", "Chunk", "IGNORE_INDEX", "LogitTerm", "Plan", "StudentRows", "evaluate", "even_chunks"]
+__all__ = ["AutogradTerm", "Chunk", "IGNORE_INDEX", "LogitTerm", "Plan", "StudentRows", "TARGET_LOGPROB", "evaluate",
+           "even_chunks"]
+
+# A term's teacher rows under this name (an [N] buffer, when the plan has one) receive the teacher's
+# log-probability of each row's target, for the on-policy-distillation weights of a PolicyGradient.
+TARGET_LOGPROB = "target_logprob"
 
 
 @dataclass(frozen=True)
@@ -127,19 +141,31 @@ class Plan:
     targets: Optional[torch.Tensor]  # [N] next-token ids for CE (-100 ignored); None: no CE
     kd_weight: float
     ce_weight: float
+    # A policy-gradient term on the targets (needs targets and a LogitTerm or no term); None: none.
+    pg: Optional[PolicyGradient] = None
 
 
 def evaluate(
     plan: Plan, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     extra: Sequence[torch.Tensor] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(kd_weight * KD + ce_weight * CE, KD, CE) summed over the plan's chunks; the first is
-    differentiable with respect to ``hidden``, ``weight``, ``bias`` and ``extra``."""
+    """(kd_weight * KD + ce_weight * CE [+ PG], KD, CE) summed over the plan's chunks; the first
+    is differentiable with respect to ``hidden``, ``weight``, ``bias`` and ``extra``."""
+    total, kd_sum, ce_sum, _ = evaluate_terms(plan, hidden, weight, bias, extra)
+    return total, kd_sum, ce_sum
+
+
+def evaluate_terms(
+    plan: Plan, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    extra: Sequence[torch.Tensor] = (),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`evaluate` and the detached policy-gradient sum ``sum_t w_t CE_t`` (0 without one)."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias, *extra)):
         return _ChunkedLoss.apply(plan, hidden, weight, bias, *extra)
     with torch.no_grad():
-        total, kd_sum, ce_sum, _ = _run(plan, hidden, weight, bias, tuple(extra), (False,) * (3 + len(extra)))
-    return total, kd_sum, ce_sum
+        total, kd_sum, ce_sum, pg_sum, _ = _run(plan, hidden, weight, bias, tuple(extra),
+                                                (False,) * (3 + len(extra)))
+    return total, kd_sum, ce_sum, pg_sum
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -147,14 +173,15 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, hidden, weight, bias, *extra):
-        total, kd_sum, ce_sum, grads = _run(plan, hidden, weight, bias, extra, tuple(ctx.needs_input_grad[1:]))
+        total, kd_sum, ce_sum, pg_sum, grads = _run(plan, hidden, weight, bias, extra,
+                                                    tuple(ctx.needs_input_grad[1:]))
         ctx.grads = grads
-        ctx.mark_non_differentiable(kd_sum, ce_sum)
-        return total, kd_sum, ce_sum
+        ctx.mark_non_differentiable(kd_sum, ce_sum, pg_sum)
+        return total, kd_sum, ce_sum, pg_sum
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_total, _grad_kd, _grad_ce):
+    def backward(ctx, grad_total, _grad_kd, _grad_ce, _grad_pg):
         grads = ctx.grads
         if grads is None:
             raise RuntimeError("the chunked KD loss was already differentiated without retain_graph")
@@ -182,18 +209,24 @@ def _graph_is_kept() -> bool:
 
 
 def _run(plan: Plan, hidden, weight, bias, extra, needs):
-    """Loop over chunks: (total, kd_sum, ce_sum, grads), with the gradients flagged in ``needs``
-    (hidden, weight, bias, *extra) and None for the others."""
+    """Loop over chunks: (total, kd_sum, ce_sum, pg_sum, grads), with the gradients flagged in
+    ``needs`` (hidden, weight, bias, *extra) and None for the others."""
     params = (weight, bias, *extra)
     grads = _Grads(hidden, params, needs, accumulation_dtype(weight))
     general = isinstance(plan.term, AutogradTerm)
+    if plan.pg is not None and (general or plan.targets is None):
+        raise ValueError("a policy-gradient term needs the targets and a logit term (same-tokenizer KD)")
     step = _GeneralStep(plan, hidden, params, needs, grads) if general else _FastStep(plan, hidden, params, needs, grads)
     teacher = {} if plan.term is None else plan.term.teacher
     for chunk in plan.chunks:
         step(chunk, {name: rows[chunk.teacher] for name, rows in teacher.items()})
     kd_sum, ce_sum = step.sums()
     total = plan.kd_weight * kd_sum + plan.ce_weight * ce_sum
-    return total, kd_sum, ce_sum, grads.result(params)
+    pg_sum = torch.zeros_like(ce_sum)
+    if plan.pg is not None:
+        pg_sum = step.pg_rows.sum()
+        total = total + pg_sum
+    return total, kd_sum, ce_sum, pg_sum, grads.result(params)
 
 
 class _Grads:
@@ -228,12 +261,13 @@ class _FastStep:
                             bias=None if bias is None else bias.detach()[: self.cols])
         acc = accumulation_dtype(weight)
         kd_grad = self.term is not None and plan.kd_weight != 0.0
-        ce_grad = self.has_ce and plan.ce_weight != 0.0
+        ce_grad = self.has_ce and (plan.ce_weight != 0.0 or plan.pg is not None)
         self.any_grad = any(needs[:3]) and (kd_grad or ce_grad)
         self.kd_grad = kd_grad and self.any_grad
         self.ce_grad = ce_grad and self.any_grad
         self.kd_rows = torch.zeros(n, dtype=acc, device=hidden.device)
         self.ce_rows = torch.zeros(n, dtype=acc, device=hidden.device)
+        self.pg_rows = torch.zeros(n, dtype=acc, device=hidden.device) if plan.pg is not None else None
         self.recorder = target_logprobs.active() if self.has_ce else None
         self.recorded = None if self.recorder is None else torch.full((n,), float("nan"), device=hidden.device)
         rows = max((c.rows.stop - c.rows.start for c in plan.chunks), default=1)
@@ -255,7 +289,8 @@ class _FastStep:
             ce_out = None
             if self.ce_grad:
                 ce_out = z if term is None else ws.get("ce", rows, cols)
-            self.ce_rows[chunk.rows] = cross_entropy(z, targets, ce_out, plan.ce_weight, ws)
+            ce_weight = 1.0 if plan.pg is not None else plan.ce_weight  # PG: scaled per row below
+            self.ce_rows[chunk.rows] = cross_entropy(z, targets, ce_out, ce_weight, ws)
             if self.recorder is not None and not tempered:
                 self.recorded[chunk.rows] = target_logprobs.from_cross_entropy(self.ce_rows[chunk.rows], targets)
             dz = ce_out
@@ -265,6 +300,9 @@ class _FastStep:
                 s.div_(term.temperature)
             values = term.kd_values(s, teacher, ws, self.kd_grad)
             self.kd_rows[chunk.rows] = values if term.value_scale == 1.0 else values * term.value_scale
+        if plan.pg is not None:
+            self._policy_gradient(chunk, teacher, dz)
+        if term is not None:
             if self.kd_grad:
                 alpha = plan.kd_weight * term.value_scale / term.temperature
                 if dz is None:
@@ -282,6 +320,15 @@ class _FastStep:
             dz.mul_(head.logit_scale)
         grad_w, grad_b = self.grads.params[0], self.grads.params[1]
         accumulate_grads(dz, h, head.weight, chunk.rows, self.grads.hidden, grad_w, grad_b)
+
+    def _policy_gradient(self, chunk: Chunk, teacher: Mapping[str, torch.Tensor], dz: Optional[torch.Tensor]) -> None:
+        """The chunk's PG weights from its CE values (and the teacher's target log-probabilities);
+        its value into ``pg_rows``; the unit-weight CE gradient in ``dz`` scaled to ce_weight + w."""
+        ce = self.ce_rows[chunk.rows]
+        w = self.plan.pg.weights(chunk.rows, -ce, teacher.get(TARGET_LOGPROB))
+        self.pg_rows[chunk.rows] = w * ce
+        if dz is not None:
+            dz.mul_((w + self.plan.ce_weight).unsqueeze(-1))
 
     def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.ws = None  # free the chunk buffers before the final casts

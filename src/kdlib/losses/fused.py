@@ -21,7 +21,8 @@ import torch
 from kdlib.config.schema import LossConfig
 from kdlib.losses.chunk_math import Workspace, log_probs_, teacher_logits_into
 from kdlib.losses.closed_form import CLOSED_FORM
-from kdlib.losses.engine import LogitTerm, Plan, evaluate, even_chunks
+from kdlib.losses.engine import TARGET_LOGPROB, LogitTerm, Plan, evaluate_terms, even_chunks
+from kdlib.losses.policy_gradient import PolicyGradient
 from kdlib.losses.registry import LOSSES, loss_params
 from kdlib.losses.terms import LossTerms
 from kdlib.models.head import LMHead
@@ -69,6 +70,8 @@ class HiddenStateDivergence(LogitTerm):
         t = teacher_logits_into(teacher["hidden"], self.head, ws.get("t", s.shape[0], self.columns),
                                 self.temperature)
         log_probs_(t, ws.get("p", s.shape[0], self.columns))
+        if TARGET_LOGPROB in teacher:  # on-policy distillation reads log p_teacher(target)
+            teacher[TARGET_LOGPROB].copy_(t.gather(-1, teacher["targets"].clamp(min=0).unsqueeze(-1)).squeeze(-1))
         return self.kernel(s, t, ws, need_grad, **self.params)
 
 
@@ -112,8 +115,8 @@ def fused_kd_loss(
     student = LMHead(student_head, student_bias, student_logit_scale, student_softcap)
     teacher = None if teacher_head is None else LMHead(teacher_head, teacher_bias, teacher_logit_scale, teacher_softcap)
     spec = DivergenceSpec(loss, params, temperature, scale_by_temperature_squared, chunk_size, closed_form)
-    total, _, _ = _evaluate(student_hidden, student, teacher_hidden, teacher, targets, spec,
-                            kd_weight=kd_weight, ce_weight=ce_weight)
+    total, _, _, _ = _evaluate(student_hidden, student, teacher_hidden, teacher, targets, spec,
+                               kd_weight=kd_weight, ce_weight=ce_weight)
     return total
 
 
@@ -128,14 +131,16 @@ def fused_distillation_loss(
     kd_weight: float,
     ce_weight: float,
     normaliser: float,
+    pg: Optional[PolicyGradient] = None,
 ) -> LossTerms:
     """The fused counterpart of ``naive_distillation_loss``, with the same :class:`LossTerms`."""
     if teacher_hidden is not None and teacher_head is None:
         raise ValueError("a teacher hidden state needs the teacher head")
-    total, kd_sum, ce_sum = _evaluate(student_hidden, student_head, teacher_hidden, teacher_head, targets,
-                                      spec_of(cfg), kd_weight=kd_weight, ce_weight=ce_weight)
+    total, kd_sum, ce_sum, pg_sum = _evaluate(student_hidden, student_head, teacher_hidden, teacher_head, targets,
+                                              spec_of(cfg), kd_weight=kd_weight, ce_weight=ce_weight, pg=pg)
     return LossTerms(
-        loss=total / normaliser, kd_sum=kd_sum, ce_sum=ce_sum, n_tokens=student_hidden.shape[0]
+        loss=total / normaliser, kd_sum=kd_sum, ce_sum=ce_sum, n_tokens=student_hidden.shape[0],
+        pg_sum=None if pg is None else pg_sum,
     )
 
 
@@ -144,8 +149,8 @@ def fused_distillation_loss(
 
 
 def _evaluate(student_hidden, student: LMHead, teacher_hidden, teacher: Optional[LMHead], targets,
-              spec: DivergenceSpec, *, kd_weight: float, ce_weight: float):
-    """(differentiable total, detached kd_sum, detached ce_sum) after checking the inputs."""
+              spec: DivergenceSpec, *, kd_weight: float, ce_weight: float, pg: Optional[PolicyGradient] = None):
+    """(differentiable total, detached kd_sum, ce_sum and pg_sum) after checking the inputs."""
     _check_student(student_hidden, student, spec)
     n = student_hidden.shape[0]
     if targets is not None:
@@ -155,9 +160,18 @@ def _evaluate(student_hidden, student: LMHead, teacher_hidden, teacher: Optional
     term = None
     if teacher_hidden is not None:
         term = _hidden_state_term(spec, teacher_hidden, teacher, n, student.vocab_size)
+    if pg is not None and pg.needs_teacher:
+        if term is None or targets is None:
+            raise ValueError("fused loss: on-policy distillation needs the teacher and the targets")
+        if spec.temperature != 1.0:
+            raise ValueError(f"fused loss: on-policy distillation compares log-probabilities at temperature 1, "
+                             f"not loss.temperature={spec.temperature}")
+        buffer = torch.empty(n, dtype=torch.float64 if student.weight.dtype == torch.float64 else torch.float32,
+                             device=student_hidden.device)
+        term = replace(term, teacher={**term.teacher, "targets": targets, TARGET_LOGPROB: buffer})
     plan = Plan(chunks=even_chunks(n, int(spec.chunk_size)), head=student, term=term, targets=targets,
-                kd_weight=float(kd_weight), ce_weight=float(ce_weight))
-    return evaluate(plan, student_hidden, student.weight, student.bias)
+                kd_weight=float(kd_weight), ce_weight=float(ce_weight), pg=pg)
+    return evaluate_terms(plan, student_hidden, student.weight, student.bias)
 
 
 def _check_student(hidden: torch.Tensor, head: LMHead, spec: DivergenceSpec) -> None:

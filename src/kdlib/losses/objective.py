@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from kdlib.config.schema import LossConfig, LossImplementation
 from kdlib.losses import target_logprobs
+from kdlib.losses.policy_gradient import PolicyGradient
 from kdlib.losses.registry import LOSSES, loss_params
 from kdlib.losses.terms import LossTerms
 from kdlib.models.head import LMHead
@@ -76,12 +77,15 @@ def distillation_loss(
     kd_weight: float,
     ce_weight: float,
     normaliser: float,
+    pg: Optional[PolicyGradient] = None,
 ) -> LossTerms:
-    """``(kd_weight * KD + ce_weight * CE) / normaliser`` for N tokens, from hidden states.
+    """``(kd_weight * KD + ce_weight * CE [+ PG]) / normaliser`` for N tokens, from hidden states.
 
     ``student_hidden`` is [N, Hs] (with autograd), ``teacher_hidden`` [N, Ht] or None (no KD term),
     ``targets`` [N] the next-token ids or None (no CE term). Both terms are reported whenever
     their inputs are given, even with a zero weight, so the CE of a pure-KD run is still logged.
+    ``pg``: a policy-gradient term on the targets, ``-sum_t w_t log p(y_t)``
+    (:mod:`kdlib.losses.policy_gradient`), reported as ``pg_sum``.
     """
     if teacher_hidden is not None and teacher_hidden.shape[0] != student_hidden.shape[0]:
         raise ValueError(
@@ -91,7 +95,7 @@ def distillation_loss(
     with torch.autocast(student_hidden.device.type, enabled=False):  # the loss is never autocast
         return _dispatch(
             student_hidden, student_head, teacher_hidden, teacher_head, targets, cfg,
-            kd_weight=kd_weight, ce_weight=ce_weight, normaliser=normaliser,
+            kd_weight=kd_weight, ce_weight=ce_weight, normaliser=normaliser, pg=pg,
         )
 
 
@@ -118,6 +122,7 @@ def naive_distillation_loss(
     kd_weight: float,
     ce_weight: float,
     normaliser: float,
+    pg: Optional[PolicyGradient] = None,
 ) -> LossTerms:
     """Reference path: materialise [N, V] logits for both models, then the terms."""
     n = student_hidden.shape[0]
@@ -126,6 +131,7 @@ def naive_distillation_loss(
     loss = zero
     kd_sum = zero
     ce_sum = zero
+    teacher_logits = None
     if teacher_hidden is not None:
         assert teacher_head is not None, "a teacher hidden state needs the teacher head"
         with torch.no_grad():
@@ -144,4 +150,22 @@ def naive_distillation_loss(
         ce = F.cross_entropy(student_logits, targets, reduction="sum")
         loss = loss + ce_weight * ce
         ce_sum = ce.detach()
-    return LossTerms(loss=loss / normaliser, kd_sum=kd_sum, ce_sum=ce_sum, n_tokens=n)
+    pg_sum = None
+    if pg is not None:
+        pg_value = naive_policy_gradient(student_logits, teacher_logits, targets, pg)
+        loss = loss + pg_value
+        pg_sum = pg_value.detach()
+    return LossTerms(loss=loss / normaliser, kd_sum=kd_sum, ce_sum=ce_sum, n_tokens=n, pg_sum=pg_sum)
+
+
+def naive_policy_gradient(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
+                          targets: torch.Tensor, pg: PolicyGradient) -> torch.Tensor:
+    """``-sum_t w_t log p_student(y_t)`` from full logits (temperature 1, common vocabulary for the
+    teacher's log-probabilities), with autograd through the student's log-probabilities only."""
+    log_p = F.log_softmax(student_logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    teacher_lp = None
+    if pg.needs_teacher:
+        vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+        teacher_lp = F.log_softmax(teacher_logits[:, :vocab], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    w = pg.weights(slice(0, targets.shape[0]), log_p.detach(), teacher_lp)
+    return -(w * log_p).sum()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -19,3 +20,6 @@ class LossTerms:
     ce_sum: torch.Tensor
     # Loss tokens in this micro-batch.
     n_tokens: int
+    # Detached sum over tokens of the policy-gradient term, -w_t log p(y_t); None without one
+    # (kdlib.losses.policy_gradient). ``loss`` includes it.
+    pg_sum: Optional[torch.Tensor] = None

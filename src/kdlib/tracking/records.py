@@ -1,7 +1,8 @@
 """Run records: metrics as JSON Lines, the loss-curve plot, JSON results.
 
 ``metrics.jsonl`` gets one line per logged step (flushed at once, so a crashed run keeps its
-history), and the same line goes to the run's experiment trackers; ``plots/loss.png`` is drawn
+history), and the same line goes to the run's experiment trackers; ``plots/loss.png`` (and, with an
+on-policy reward, ``plots/reward.png``) is drawn
 from it at the end with matplotlib's object API (no pyplot state).
 """
 
@@ -102,6 +103,34 @@ def plot_loss_curves(rows: Iterable[dict[str, Any]], path: Path, *, keys: tuple[
     ax.set_title("training loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def plot_reward_curves(rows: Iterable[dict[str, Any]], path: Path) -> Path | None:
+    """On-policy runs with a reward: the mean reward of each step's rollouts (left axis) and the
+    step's KD divergence per token (right axis) against the step; None without rewards."""
+    rows = [r for r in rows if "step" in r and r.get("reward_mean") is not None]
+    if not rows:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    marker = "." if len(rows) < 50 else None
+    ax.plot([r["step"] for r in rows], [r["reward_mean"] for r in rows], color="tab:green", marker=marker,
+            label="reward (mean of the step's rollouts)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward")
+    kl = ax.twinx()
+    kl.plot([r["step"] for r in rows], [r["kd_loss"] for r in rows], color="tab:blue", marker=marker,
+            label="KD divergence per token")
+    kl.set_ylabel("KD divergence per token")
+    ax.set_title("on-policy reward and divergence")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.9), fontsize="small")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -89,6 +89,7 @@ class StepSums:
     routes: dict[str, tuple[float, float]] = field(default_factory=dict)
     # On-policy: the rollout engine's log-probabilities of the sampled tokens against the trainer's.
     agreement: AgreementSums = field(default_factory=AgreementSums)
+    pg_sum: Optional[float] = None  # of the policy-gradient term (kdlib.algorithms.reward), if any
 
 
 @dataclass
@@ -175,16 +176,17 @@ class StudentWorker:
                             time.perf_counter() - start, 0.0, 0, unserved=unserved)
         self.objective.train()
         self.optimizer.zero_grad(set_to_none=True)
-        kd_sum = ce_sum = loss_sum = 0.0
+        kd_sum = ce_sum = loss_sum = pg_sum = 0.0
         n_loss_tokens = n_tokens = 0
         bad_samples: list[int] = []
         routes: dict[str, tuple[float, float]] = {}
         agreement = AgreementSums()
         for batch, teacher, weight in zip(batches, teachers, weights, strict=True):
-            loss, kd, ce, sampled = self.objective(self._inputs(batch), teacher, normaliser, weight)
+            loss, kd, ce, pg, sampled = self.objective(self._inputs(batch), teacher, normaliser, weight)
             loss.backward()
             kd_sum += float(kd)
             ce_sum += float(ce)
+            pg_sum += float(pg)
             micro_loss = float(loss.detach()) * normaliser
             loss_sum += micro_loss
             if batch.route is not None:
@@ -210,7 +212,7 @@ class StudentWorker:
             loss_sum=loss_sum, kd_sum=kd_sum, ce_sum=ce_sum, loss_tokens=n_loss_tokens, tokens=n_tokens,
             grad_norm=grad_norm, lr=lr, skipped=skipped, bad_sample_ids=bad_samples,
             student_seconds=time.perf_counter() - start, fetch_seconds=fetched.seconds, fetched_bytes=fetched.bytes,
-            routes=routes, agreement=agreement,
+            routes=routes, agreement=agreement, pg_sum=pg_sum if self.objective.algorithm.policy_gradient_term else None,
         )
 
     @torch.no_grad()
