@@ -53,7 +53,7 @@ def _packed(batch: TokenBatch) -> TokenBatch:
 
 
 def test_samples_are_split_in_loss_row_order():
-    from kdlib.backends.sglang.outputs import split_samples
+    from kdlib.batch import split_samples
 
     batch = _padded_batch()
     for view in (batch, _packed(batch)):
