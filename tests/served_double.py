@@ -49,7 +49,11 @@ class LoopbackServer:
         self.faults: deque = deque()
         self.requests: list[dict[str, Any]] = []
         self.answered = 0
-        self.compute_seconds = 0.0  # the model's forward and top-k (the rest of a request is protocol)
+        # where a request's time goes (the benchmark reports them): the model's forward and top-k,
+        # the whole answer (validation, key rendering, SGLang's models, JSON), the bytes sent
+        self.compute_seconds = 0.0
+        self.answer_seconds = 0.0
+        self.response_bytes = 0
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._httpd.daemon_threads = True
@@ -118,7 +122,8 @@ class LoopbackServer:
         k = body["logprobs"]
         start = time.perf_counter()
         tables = self._log_probs(prompts)
-        self.compute_seconds += time.perf_counter() - start
+        with self._lock:
+            self.compute_seconds += time.perf_counter() - start
         choices = []
         for index, (ids, lp) in enumerate(zip(prompts, tables)):
             values, top = lp.topk(k, dim=-1)  # row t: the distribution after tokens 0..t
@@ -189,7 +194,11 @@ def _handler(server: LoopbackServer) -> type:
             if self.path != "/v1/completions":
                 status, body = 404, b'{"error": "not found"}'
             else:
+                start = time.perf_counter()
                 status, body = server.answer(headers, raw)
+                with server._lock:
+                    server.answer_seconds += time.perf_counter() - start
+                    server.response_bytes += len(body)
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

@@ -23,6 +23,7 @@ from kdlib.errors import ConfigError, TeacherUnavailable
 from kdlib.signals import signal_from_hidden
 from kdlib.teacher_output import TeacherOutput
 from served_double import LoopbackServer
+from token_batches import packed as pack, padded_batch
 from sglang_protocol import completion_request_fields, openai_utils, protocol
 from vllm_completion_fields import VLLM_COMPLETION_REQUEST_FIELDS
 
@@ -30,21 +31,9 @@ K = 4
 
 
 def _batch(seed: int = 0, packed: bool = False) -> TokenBatch:
-    """Three samples of different lengths, loss on a span of each (right-padded, or packed)."""
-    g = torch.Generator().manual_seed(seed)
-    lengths, spans = [12, 7, 10], [(4, 12), (2, 6), (0, 9)]  # the first span reaches the last token
-    ids = torch.randint(0, 380, (3, 12), generator=g)
-    attention = torch.zeros(3, 12, dtype=torch.long)
-    loss = torch.zeros(3, 12, dtype=torch.bool)
-    for row, (n, (a, b)) in enumerate(zip(lengths, spans)):
-        attention[row, :n] = 1
-        loss[row, a:b] = True
-    batch = TokenBatch(ids * attention, attention, loss)
-    if not packed:
-        return batch
-    keep = attention.bool()
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    return TokenBatch(batch.input_ids[keep][None], None, batch.loss_mask[keep][None], positions)
+    """Three samples, the first one's loss span reaching its last token (entry n of the answer)."""
+    batch = padded_batch(seed, spans=((4, 12), (2, 6), (0, 9)))
+    return pack(batch) if packed else batch
 
 
 def _served(model, url: str, k: int = K, **options) -> TeacherConfig:
@@ -231,3 +220,24 @@ def test_impossible_combinations_are_refused_at_composition(overrides, message):
     with pytest.raises(ConfigError) as info:
         kdlib.compose(["teacher/backend=served"] + overrides)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("keys, key, expected", [
+    ("ids", "token_id:99999", "token id 99999 is beyond the teacher's vocabulary of 384"),
+    ("text", "no such token text", "key 'no such token text' is not the text of any token of the teacher's tokenizer"),
+])
+def test_a_token_the_teachers_tokenizer_lacks_is_one_line(tiny_llama, keys, key, expected):
+    if keys == "ids":
+        others = [f"token_id:{i}" for i in range(3)]
+    else:  # three real token texts beside the unknown one
+        from transformers import AutoTokenizer
+
+        others = AutoTokenizer.from_pretrained(tiny_llama).batch_decode([[i] for i in (300, 301, 302)])
+    entry = {key: -0.1, **{other: -1.0 - i for i, other in enumerate(others)}}
+    answer = {"choices": [{"index": i, "logprobs": {"top_logprobs": [None] + [entry] * 12}} for i in range(3)]}
+    with LoopbackServer(tiny_llama) as server:
+        server.faults.append(("json", answer))
+        backend = _backend(_served(tiny_llama, server.url, token_keys=TokenKeys(keys)))
+        with pytest.raises(TeacherUnavailable) as info:
+            backend.score(_batch())
+    assert expected in str(info.value) and server.url in str(info.value) and "\n" not in str(info.value)

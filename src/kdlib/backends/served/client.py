@@ -99,10 +99,6 @@ class ServedClient:
         except ValueError as exc:
             raise TeacherUnavailable(f"teacher server {self.url}: the answer is not JSON ({first_line(exc)})") from None
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._http.close()
-
 
 def _detail(response: httpx.Response, key: str | None) -> str:
     """The start of an error body (servers put their reason there), on one line, without the key

@@ -87,8 +87,5 @@ class ServedTeacherBackend(TeacherBackend):
         ids = torch.cat([p[0] for p in parts])
         if ids.numel() and int(ids.max()) >= self.vocab_size:
             raise TeacherUnavailable(f"teacher server {self.client.url}: token id {int(ids.max())} is beyond the teacher's "
-                             f"vocabulary of {self.vocab_size} (teacher.model names another tokenizer than the server's)")
+                                     f"vocabulary of {self.vocab_size} (teacher.model names another tokenizer than the server's)")
         return ids, torch.cat([p[1] for p in parts])
-
-    def close(self) -> None:
-        self.client.close()
