@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Optional
+from typing import Optional
 from urllib.parse import urlparse
 
 from kdlib.config.models import TeacherBackendConfig
-from kdlib.errors import ConfigError
+from kdlib.errors import ModelError
 
 
 class TokenKeys(str, Enum):
@@ -26,7 +26,8 @@ class TokenKeys(str, Enum):
     ids = "ids"
     # Each token's text decoded alone, a byte fragment of a multi-byte character rendered one
     # latin-1 character per byte (the convention of servers without token-id keys); mapped back
-    # through the teacher's tokenizer. A text that several ids share cannot be mapped: refused.
+    # through the teacher's tokenizer. A text that several ids share cannot be mapped: such tokens
+    # are left out of the top-k (their probability counts in the tail), see extra_logprobs.
     text = "text"
 
 
@@ -41,6 +42,9 @@ class ServedTeacherOptions(TeacherBackendConfig):
     model: str = "default"
     # How top_logprobs name tokens: ids (vLLM, return_tokens_as_token_ids) | text (see TokenKeys).
     token_keys: TokenKeys = TokenKeys.ids
+    # With token_keys=text: ask for this many tokens more than teacher.signal.k per position, to
+    # replace those whose text names several ids (left out of the top-k).
+    extra_logprobs: int = 16
     # Sequences per request (a micro-batch is split into requests of at most this many prompts).
     batch_size: int = 8
     # Requests in flight at once (a thread pool of this many workers).
@@ -69,6 +73,8 @@ class ServedTeacherOptions(TeacherBackendConfig):
         for name in ("connect_timeout_s", "read_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.extra_logprobs < 0:
+            raise ValueError(f"extra_logprobs must be >= 0, got {self.extra_logprobs}")
         if self.retries < 0:
             raise ValueError(f"retries must be >= 0, got {self.retries}")
         if self.backoff_s < 0:
@@ -76,13 +82,16 @@ class ServedTeacherOptions(TeacherBackendConfig):
         if self.api_key_env is not None and not self.api_key_env.replace("_", "").isalnum():
             raise ValueError(f"api_key_env names an environment variable (letters, digits, _), got {self.api_key_env!r}")
 
-    def check_run(self, cfg: Any) -> None:
-        if self.api_key_env is not None and not os.environ.get(self.api_key_env):
-            raise ConfigError(f"teacher.backend.api_key_env={self.api_key_env}: that environment variable is not set")
-
     def api_key(self) -> Optional[str]:
-        """The key from the environment (read when the backend starts; never stored in the config)."""
-        return None if self.api_key_env is None else os.environ.get(self.api_key_env) or None
+        """The key from the environment of the process the backend starts in (a Ray worker's, which
+        may differ from the one that composed the config); never stored in the config."""
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ModelError(f"teacher.backend.api_key_env={self.api_key_env}: that environment variable is not set "
+                             "where the teacher worker runs")
+        return key
 
     @property
     def endpoint(self) -> str:

@@ -9,10 +9,13 @@ token adds entry n. kdlib's loss position t predicts token t + 1, so its top-k i
 
 An entry is a JSON object from token to log-probability, keyed by strings. With ``token_keys=ids``
 the keys are ``"token_id:<id>"`` (``return_tokens_as_token_ids``); with ``token_keys=text`` they are
-each token's text, mapped back to ids by :class:`TextKeys`. A server may list one more token than
-asked (the prompt's own token when it is not among the top k): entries are ranked by log-probability
-and the first k kept. Anything else (a missing field, a short entry, another number of choices or
-positions) is a :class:`ProtocolError` naming what differed.
+each token's text, mapped back to ids by :class:`TextKeys`. A text that several ids produce cannot
+be mapped: with text keys kdlib asks for ``extra`` more tokens than k and keeps the k most probable
+whose text names one id, so a token with an ambiguous text is never in the top-k and its probability
+counts in the tail bucket (a top-k of the vocabulary without those ids). A server may also list one
+more token than asked (the prompt's own token when it is not among the top k): entries are ranked by
+log-probability before the first k are kept. Anything else (a missing field, a short entry, another
+number of choices or positions) is a :class:`ProtocolError` naming what differed.
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ class ProtocolError(ValueError):
     """The server answered, but not what the protocol says (the client names the URL)."""
 
 
-def completion_request(model: str, prompts: Sequence[Sequence[int]], k: int, keys: TokenKeys) -> dict[str, Any]:
-    """The JSON body of one request scoring ``prompts`` (token ids)."""
+def completion_request(model: str, prompts: Sequence[Sequence[int]], k: int, keys: TokenKeys,
+                       extra: int = 0) -> dict[str, Any]:
+    """The JSON body of one request scoring ``prompts`` (token ids); ``extra`` more tokens than k
+    per position with text keys."""
     body: dict[str, Any] = {
         "model": model,
         "prompt": [list(p) for p in prompts],
         "echo": True,
-        "logprobs": k,
+        "logprobs": k + (extra if keys is TokenKeys.text else 0),
         "max_tokens": 1,
         "temperature": 1.0,
         "top_p": 1.0,
@@ -72,12 +77,12 @@ class TextKeys:
             else:
                 self.ids[text] = token_id
 
-    def id_of(self, key: str) -> int:
+    def id_of(self, key: str) -> int | None:
+        """The id whose text ``key`` is; None when several ids have that text."""
         if key in self.ids:
             return self.ids[key]
         if key in self.ambiguous:
-            raise ProtocolError(f"top_logprobs key {key!r} is the text of token ids {self.ambiguous[key]}: "
-                                "a text key cannot say which; use a server that returns ids (token_keys=ids)")
+            return None
         raise ProtocolError(f"top_logprobs key {key!r} is not the text of any token of the teacher's tokenizer "
                             "(does the server serve another tokenizer?)")
 
@@ -119,24 +124,37 @@ def choice_logprobs(response: Any, n_prompts: int) -> list[list]:
 
 
 def topk_at(table: Any, n_tokens: int, positions: Sequence[int], k: int, keys: TokenKeys,
-            text_keys: TextKeys | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([rows, k] ids, [rows, k] float32 log-probs)`` of the distributions predicted at
-    ``positions`` of a prompt of ``n_tokens`` tokens (entries ``position + 1`` of ``table``)."""
+            text_keys: TextKeys | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``([rows, k] ids, [rows, k] float32 log-probs, entries skipped)`` of the distributions
+    predicted at ``positions`` of a prompt of ``n_tokens`` tokens (entries ``position + 1`` of
+    ``table``); skipped: tokens left out because their text names several ids."""
     if not isinstance(table, list) or len(table) < n_tokens + 1:
         size = len(table) if isinstance(table, list) else type(table).__name__
         raise ProtocolError(f"top_logprobs has {size} entries for a {n_tokens}-token prompt "
                             f"and one generated token (expected {n_tokens + 1}: echo with max_tokens=1)")
     ids = torch.empty(len(positions), k, dtype=torch.long)
     values = torch.empty(len(positions), k, dtype=torch.float32)
+    skipped = 0
     for row, position in enumerate(positions):
         entry = table[position + 1]
         if not isinstance(entry, dict) or len(entry) < k:
             got = len(entry) if isinstance(entry, dict) else type(entry).__name__
             raise ProtocolError(f"top_logprobs entry {position + 1} has {got} tokens, fewer than logprobs={k}")
-        ranked = sorted(entry.items(), key=lambda item: -float(item[1]))[:k]
-        values[row] = torch.tensor([float(v) for _, v in ranked], dtype=torch.float32)
+        ranked = sorted(entry.items(), key=lambda item: -float(item[1]))
         if keys is TokenKeys.ids:
-            ids[row] = torch.tensor([_id_key(key) for key, _ in ranked], dtype=torch.long)
+            named = [(_id_key(key), value) for key, value in ranked[:k]]
         else:
-            ids[row] = torch.tensor([text_keys.id_of(key) for key, _ in ranked], dtype=torch.long)
-    return ids, values
+            named = []
+            for key, value in ranked:  # the k most probable whose text names one id
+                token = text_keys.id_of(key)
+                skipped += token is None
+                if token is not None:
+                    named.append((token, value))
+                if len(named) == k:
+                    break
+            if len(named) < k:
+                raise ProtocolError(f"top_logprobs entry {position + 1}: {len(named)} of its {len(entry)} tokens have a "
+                                    f"text that names one token id, fewer than k={k} (raise teacher.backend.extra_logprobs)")
+        ids[row] = torch.tensor([i for i, _ in named], dtype=torch.long)
+        values[row] = torch.tensor([float(v) for _, v in named], dtype=torch.float32)
+    return ids, values, skipped

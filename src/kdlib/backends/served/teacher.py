@@ -55,9 +55,10 @@ class ServedTeacherBackend(TeacherBackend):
 
             self.text_keys = TextKeys(load_tokenizer(cfg))
             if self.text_keys.ambiguous:
-                log.warning("teacher.backend.token_keys=text: %d token texts stand for several ids each "
-                            "(a top-k naming one stops the run)", len(self.text_keys.ambiguous))
+                log.info("teacher.backend.token_keys=text: %d token texts stand for %d ids; those tokens are left "
+                         "out of the top-k", len(self.text_keys.ambiguous), sum(map(len, self.text_keys.ambiguous.values())))
         self.client = ServedClient(self.options)
+        self.skipped = 0  # top-k entries left out so far (their text names several ids)
 
     def lm_head(self) -> LMHead:
         raise ModelError("teacher/backend=served sends the server's top-k log-probabilities; it has no head")
@@ -67,16 +68,22 @@ class ServedTeacherBackend(TeacherBackend):
         size = self.options.batch_size
         groups = [samples[i : i + size] for i in range(0, len(samples), size)]
         k, keys = self.cfg.signal.k, TokenKeys(self.options.token_keys)
-        bodies = [completion_request(self.options.model, [s.input_ids for s in g], k, keys) for g in groups]
+        bodies = [completion_request(self.options.model, [s.input_ids for s in g], k, keys, self.options.extra_logprobs)
+                  for g in groups]
         parts = self.client.map(bodies, lambda response, i: self._read(response, groups[i]))
         ids = torch.cat([p[0] for p in parts])
         logprobs = torch.cat([p[1] for p in parts])
+        skipped = sum(p[2] for p in parts)
+        if skipped and not self.skipped:
+            log.warning("teacher server %s: a top-k token's text names several token ids; such tokens are left out "
+                        "of the top-k and counted in the tail (teacher.backend.token_keys=text)", self.client.url)
+        self.skipped += skipped
         return TeacherOutput(
             topk_ids=ids.to(id_dtype(self.vocab_size)), topk_logprobs=logprobs,
             topk_tail=tail_from_logprobs(logprobs) if self.cfg.signal.tail_mass else None,
         )
 
-    def _read(self, response: object, group: list[ScoredSample]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read(self, response: object, group: list[ScoredSample]) -> tuple[torch.Tensor, torch.Tensor, int]:
         k, keys = self.cfg.signal.k, TokenKeys(self.options.token_keys)
         try:
             tables = choice_logprobs(response, len(group))
@@ -88,4 +95,4 @@ class ServedTeacherBackend(TeacherBackend):
         if ids.numel() and int(ids.max()) >= self.vocab_size:
             raise TeacherUnavailable(f"teacher server {self.client.url}: token id {int(ids.max())} is beyond the teacher's "
                                      f"vocabulary of {self.vocab_size} (teacher.model names another tokenizer than the server's)")
-        return ids, torch.cat([p[1] for p in parts])
+        return ids, torch.cat([p[1] for p in parts]), sum(p[2] for p in parts)
