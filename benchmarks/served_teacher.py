@@ -12,8 +12,11 @@ script prints each step time, the ratio served / hf, and where the served teache
 the server's forward and top-k, the rest of its answer (validation, key rendering, response models,
 JSON), the client's parsing, and what remains (HTTP, the wait).
 
-    python benchmarks/served_teacher.py                       # k=20, 4 measured steps
-    python benchmarks/served_teacher.py --k 32 --steps 6 --token-keys text
+    OMP_NUM_THREADS=1 python benchmarks/served_teacher.py                       # k=20, 4 measured steps
+    OMP_NUM_THREADS=1 python benchmarks/served_teacher.py --steps 4 --token-keys text
+
+On a machine shared with other jobs, set OMP_NUM_THREADS=1: OpenMP threads contending with other
+processes slow both runs by several times and swamp the difference (docs/benchmarks.md).
 """
 
 from __future__ import annotations

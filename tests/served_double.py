@@ -138,15 +138,9 @@ class LoopbackServer:
 
     @torch.inference_mode()
     def _log_probs(self, prompts: list[list[int]]) -> list[torch.Tensor]:
-        """Per prompt, [n, vocab] float32 log-probabilities: row t is the distribution for token t + 1."""
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros(len(prompts), width, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = torch.tensor(prompt)
-            mask[row, : len(prompt)] = 1
-        logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-        return [torch.log_softmax(logits[row, : len(p)], dim=-1) for row, p in enumerate(prompts)]
+        """Per prompt, [n, vocab] float32 log-probabilities: row t is the distribution for token t + 1.
+        One forward per prompt: a server computes no padding."""
+        return [torch.log_softmax(self.model(input_ids=torch.tensor([p])).logits[0].float(), dim=-1) for p in prompts]
 
     def _logprobs(self, tokens: list[int], lp: torch.Tensor, values: torch.Tensor, top: torch.Tensor) -> Any:
         """The choice's ``logprobs`` for ``tokens`` (prompt + the generated one): entry t for token t."""
