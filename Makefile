@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch 2.13 (on these machines it is a local wheel); override for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= gguf,ray,test,lora,trackers
+EXTRAS ?= gguf,ray,test,lora,trackers,served
 STAMP := $(VENV)/.kdlib-installed
 # Default test selection: everything but slow and GPU tests (under 10 min on 2 cores); `make
 # test-all` adds the slow ones (the real SmolLM2 teacher, heavier fault injections).

@@ -252,3 +252,26 @@ class MicroBatch:
     @property
     def n_tokens(self) -> int:
         return self.student.n_tokens
+
+
+@dataclass
+class ScoredSample:
+    """One sample of a token batch as an inference server sees it: unpadded ids and its loss positions."""
+
+    input_ids: list[int]
+    loss_positions: torch.Tensor  # long, ascending
+
+
+def split_samples(batch: TokenBatch) -> list[ScoredSample]:
+    """The samples of a padded or packed batch, in the order of the batch's loss rows."""
+    samples = []
+    for row in range(batch.input_ids.shape[0]):
+        ids, loss = batch.input_ids[row].cpu(), batch.loss_mask[row].cpu()
+        if batch.packed:
+            starts = (batch.position_ids[row].cpu() == 0).nonzero().flatten().tolist()
+            bounds = list(zip(starts, starts[1:] + [ids.numel()]))
+        else:
+            bounds = [(0, int(batch.attention_mask[row].sum()))]  # right padding
+        for start, stop in bounds:
+            samples.append(ScoredSample(ids[start:stop].tolist(), loss[start:stop].nonzero().flatten()))
+    return samples

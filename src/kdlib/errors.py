@@ -30,6 +30,11 @@ class ModelError(KdlibError, RuntimeError):
     """A model or tokenizer cannot be loaded or used as configured."""
 
 
+class TeacherUnavailable(ModelError):
+    """A teacher kdlib does not run (a served teacher) cannot be reached or answers wrongly after
+    its retries: the students are intact, so a run that stops on it checkpoints its last step."""
+
+
 class WorkerError(KdlibError, RuntimeError):
     """A worker process failed or died; the message names it."""
 

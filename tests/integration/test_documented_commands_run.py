@@ -1,6 +1,6 @@
 """Every documented command that can run on this CPU runs, shortened to two steps on a few samples
 (slow: each loads the embedded teacher). Commands that need a hub model, a GPU, files of the
-user's own (``chats.jsonl``), a running Ray cluster or SGLang are composed only
+user's own (``chats.jsonl``), a running Ray cluster, SGLang or a teacher server are composed only
 (tests/unit/test_documented_commands.py)."""
 
 from __future__ import annotations

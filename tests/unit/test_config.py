@@ -42,6 +42,7 @@ def test_every_yaml_option_composes(group):
 # Options that only make sense together.
 COMPANIONS = {
     ("launcher", "ray"): ["transport=ray"], ("transport", "ray"): ["launcher=ray"],
+    ("teacher/backend", "served"): ["teacher.signal.kind=topk"],  # it sends top-k only
     # rewards and the reward objectives score rollouts: on-policy, with a reward to weigh
     ("algorithm", "reward_kd"): ["+recipe=onpolicy", "reward=numeric"], ("algorithm", "opd"): ["+recipe=onpolicy"],
     ("reward", "regex"): ["+recipe=onpolicy", "reward.pattern=x"],
@@ -112,7 +113,7 @@ def test_group_options_carry_their_own_typed_parameters():
         (["data.overlong=cut"], "bad value for data.overlong: "),
         (["train.micro_batch_size=0"], "train.micro_batch_size must be positive"),
         (["loss.name=foo"], "unknown loss 'foo'; choose one of: "),
-        (["teacher/backend=vllm"], "unknown teacher/backend 'vllm'; choose one of: hf, sglang"),
+        (["teacher/backend=vllm"], "unknown teacher/backend 'vllm'; choose one of: hf, served, sglang"),
         (["teacher.backend=sglang"], "teacher.backend is the config group teacher/backend: choose it with teacher/backend=<name>"),
         (["student.num_workers=2"], "needs launcher=ray"),
         (["algorithm.kd_ratio=1.5"], "kd_ratio"),

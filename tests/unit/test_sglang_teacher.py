@@ -9,7 +9,7 @@ import torch
 from kdlib.backends.sglang.options import SGLangTeacherOptions
 
 from engine_double import EngineDouble
-from kdlib.batch import TokenBatch
+from token_batches import packed, padded_batch
 from kdlib.config import Precision, SignalKind, TeacherConfig
 from kdlib.errors import ModelError
 
@@ -31,32 +31,11 @@ def _teacher_cfg(path, dtype=Precision.float32, tags=(), **options) -> TeacherCo
     return cfg
 
 
-def _padded_batch(seed: int = 0) -> TokenBatch:
-    """Three right-padded samples of different lengths, loss on a span of each."""
-    g = torch.Generator().manual_seed(seed)
-    lengths, spans = [12, 7, 10], [(4, 11), (2, 6), (0, 9)]
-    ids = torch.randint(0, 380, (3, 12), generator=g)
-    attention = torch.zeros(3, 12, dtype=torch.long)
-    loss = torch.zeros(3, 12, dtype=torch.bool)
-    for row, (n, (a, b)) in enumerate(zip(lengths, spans)):
-        attention[row, :n] = 1
-        loss[row, a:b] = True
-    return TokenBatch(ids * attention, attention, loss)
-
-
-def _packed(batch: TokenBatch) -> TokenBatch:
-    """The same samples packed into one row (position ids restart per sample)."""
-    keep = batch.attention_mask.bool()
-    lengths = keep.sum(1).tolist()
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    return TokenBatch(batch.input_ids[keep][None], None, batch.loss_mask[keep][None], positions)
-
-
 def test_samples_are_split_in_loss_row_order():
-    from kdlib.backends.sglang.outputs import split_samples
+    from kdlib.batch import split_samples
 
-    batch = _padded_batch()
-    for view in (batch, _packed(batch)):
+    batch = padded_batch()
+    for view in (batch, packed(batch)):
         samples = split_samples(view)
         assert [len(s.input_ids) for s in samples] == [12, 7, 10]
         assert [s.loss_positions.tolist() for s in samples] == [list(range(4, 11)), list(range(2, 6)), list(range(0, 9))]
@@ -72,11 +51,11 @@ def test_hidden_rows_equal_the_transformers_teacher(double, tiny_llama, dtype):
     cfg = _teacher_cfg(tiny_llama, dtype)
     sglang = SGLangTeacherBackend(cfg, torch.device("cpu"))
     hf = HFTeacherBackend(cfg, torch.device("cpu"))
-    batch = _padded_batch()
+    batch = padded_batch()
     expected = hf.score(batch).hidden.float()
     assert expected.shape == (batch.n_loss_tokens, 64) and expected.abs().sum() > 0
     tolerance = {Precision.float32: 1e-5, Precision.bfloat16: 0.05}[dtype]
-    for view in (batch, _packed(batch)):
+    for view in (batch, packed(batch)):
         got = sglang.score(view).hidden
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
@@ -130,7 +109,7 @@ def test_topk_signal_is_the_engines_logprobs_at_each_loss_row(double, tiny_llama
     from kdlib.backends.sglang.teacher import SGLangTeacherBackend
 
     cfg = _teacher_cfg(tiny_llama)
-    batch = _padded_batch()
+    batch = padded_batch()
     hidden = SGLangTeacherBackend(cfg, torch.device("cpu")).score(batch).hidden
     cfg.signal.kind, cfg.signal.k, cfg.signal.tail_mass = SignalKind.topk, 4, tail_mass
     backend = SGLangTeacherBackend(cfg, torch.device("cpu"))
@@ -197,7 +176,7 @@ def test_sleep_and_wake_release_and_resume_the_configured_tags(double, tiny_llam
     backend = SGLangTeacherBackend(_teacher_cfg(tiny_llama, tags=["kv_cache", "weights", "cuda_graph"]),
                                    torch.device("cpu"))
     engine = double.instances[0]
-    batch = _padded_batch()
+    batch = padded_batch()
     before = backend.score(batch).hidden
     backend.wake()  # awake already: nothing to resume (SGLang raises on a tag it did not release)
     backend.sleep()

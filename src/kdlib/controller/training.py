@@ -41,7 +41,7 @@ from kdlib.controller.mode import RunMode
 from kdlib.controller.teacher_metrics import route_metrics
 from kdlib.data.batching import StepPlan, global_batches
 from kdlib.data.samples import Sample
-from kdlib.errors import CheckpointError, ConfigError, Interrupted, KdlibError, TrainingError
+from kdlib.errors import CheckpointError, ConfigError, Interrupted, KdlibError, TeacherUnavailable, TrainingError
 from kdlib.progress import progress
 from kdlib.result import RunResult
 from kdlib.rollout_agreement import agreement_metrics
@@ -122,8 +122,8 @@ class TrainingLoop(RunMode):
             try:
                 self.start(first_step)
                 self._train_steps(first_step, writer, result, evals)
-            except TrainingError as exc:  # the weights are those of the last good update: keep them
-                raise TrainingError(f"{exc}; {self._last_resort_checkpoint()}") from None
+            except (TrainingError, TeacherUnavailable) as exc:  # the weights are those of the last good update: keep them
+                raise type(exc)(f"{exc}; {self._last_resort_checkpoint()}") from None
             finally:
                 writer.close()
             self._stop_if_requested(self.total_steps, saved=self._saved_step)

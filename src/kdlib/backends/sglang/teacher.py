@@ -35,9 +35,8 @@ from kdlib.backends.sglang.outputs import (
     input_top_logprobs,
     logprob_of_next_tokens,
     prefill_hidden,
-    split_samples,
 )
-from kdlib.batch import TokenBatch
+from kdlib.batch import TokenBatch, split_samples
 from kdlib.config.models import ModelConfig, TeacherConfig
 from kdlib.config.signal import SignalKind
 from kdlib.errors import ModelError
