@@ -235,3 +235,26 @@ def test_ray_fsdp_lora_reproduces_the_local_lora_run(ray_cluster, tiny_overrides
         assert sorted(a) == sorted(b), output
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+def test_a_served_teacher_that_dies_under_ray_stops_the_run_with_a_checkpoint(ray_cluster, tiny_overrides, tiny_llama,
+                                                                              tmp_path):
+    """The served teacher's failure inside a Ray actor reaches the controller as itself (not as a
+    dead worker), so the run stops as it does locally: one line, the checkpoint of the last step."""
+    from served_double import LoopbackServer
+
+    from kdlib.errors import TeacherUnavailable
+
+    with LoopbackServer(tiny_llama, die_after=4) as server:
+        cfg = kdlib.compose(tiny_overrides + RAY + [
+            "teacher.signal.kind=topk", "teacher.signal.k=8", "teacher/backend=served",
+            f"teacher.backend.url={server.url}", "teacher.backend.token_keys=text", "teacher.backend.batch_size=4",
+            "teacher.backend.retries=1", "teacher.backend.backoff_s=0.01", "train.max_steps=4",
+            f"output_dir={tmp_path / 'run'}",
+        ])
+        with pytest.raises(TeacherUnavailable) as info:
+            kdlib.run(cfg)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("teacher worker 0: teacher server ")
+    assert f"checkpoint {tmp_path / 'run' / 'checkpoints' / 'step_2'}" in message
+    assert (tmp_path / "run" / "checkpoints" / "step_2").is_dir()

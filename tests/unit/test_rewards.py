@@ -5,6 +5,7 @@ loads, and the advantages' collation onto loss rows."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 
@@ -62,7 +63,7 @@ def test_length_penalises_tokens_beyond_the_target_and_truncation():
 
 
 def test_python_reward_gets_prompt_response_and_row(tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(
+    (tmp_path / "kdlib_test_rewards.py").write_text(
         "def score(prompt, response, row):\n"
         "    return float(prompt[-1]['content'].endswith('?')) + len(response) + int(row['answer'])\n"
         "def broken(prompt, response, row):\n    raise KeyError('label')\n"
@@ -70,16 +71,17 @@ def test_python_reward_gets_prompt_response_and_row(tmp_path, monkeypatch):
         "def nan(prompt, response, row):\n    return float('nan')\n"
         "def yes(prompt, response, row):\n    return True\n"
         "not_callable = 3\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert _reward(["reward=python", "reward.fn=my_rewards:score"])(_rollout("abc")) == 1.0 + 3 + 5
+    monkeypatch.syspath_prepend(str(tmp_path))  # a name no other test or doc module uses (sys.modules caches)
+    monkeypatch.delitem(sys.modules, "kdlib_test_rewards", raising=False)
+    assert _reward(["reward=python", "reward.fn=kdlib_test_rewards:score"])(_rollout("abc")) == 1.0 + 3 + 5
     for fn, pattern in [("broken", r"raised KeyError: 'label'"), ("text", r"returned str 'high', not a number"),
                         ("nan", r"returned nan, not a finite number")]:
-        reward = _reward(["reward=python", f"reward.fn=my_rewards:{fn}"])
-        with pytest.raises(RewardError, match=rf"^reward=python \(fn=my_rewards:{fn}\) {pattern}.*data.train row 5\)$"):
+        reward = _reward(["reward=python", f"reward.fn=kdlib_test_rewards:{fn}"])
+        with pytest.raises(RewardError, match=rf"^reward=python \(fn=kdlib_test_rewards:{fn}\) {pattern}.*data.train row 5\)$"):
             score(reward, _rollout("abc"), "data.train row 5")
-    assert score(_reward(["reward=python", "reward.fn=my_rewards:yes"]), _rollout("abc"), "x") == 1.0
-    for fn, pattern in [("my_rewards", " must be module:function"), ("nowhere:score", "cannot import 'nowhere'"),
-                        ("my_rewards:missing", "has no 'missing'"), ("my_rewards:not_callable", "is not callable")]:
+    assert score(_reward(["reward=python", "reward.fn=kdlib_test_rewards:yes"]), _rollout("abc"), "x") == 1.0
+    for fn, pattern in [("kdlib_test_rewards", " must be module:function"), ("nowhere:score", "cannot import 'nowhere'"),
+                        ("kdlib_test_rewards:missing", "has no 'missing'"), ("kdlib_test_rewards:not_callable", "is not callable")]:
         with pytest.raises(ConfigError, match=rf"^reward\.fn.*{pattern}") as err:
             kdlib.compose(["+recipe=onpolicy", "reward=python", f"reward.fn={fn}"])
         assert "\n" not in str(err.value)

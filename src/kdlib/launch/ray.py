@@ -13,7 +13,8 @@ laid out across the nodes of a cluster (``launcher.address``).
 
 Results are gathered fail-fast: the first worker that raises or dies stops the call with a
 :class:`~kdlib.errors.WorkerError` naming the role, rank, process and node (and whether the node
-itself stopped), instead of leaving the other ranks waiting in a collective. Ray is shut down with
+itself stopped), instead of leaving the other ranks waiting in a collective (a served teacher that
+fails keeps its own error, TeacherUnavailable, so the run checkpoints as it does locally). Ray is shut down with
 the launcher (also after a failure), so a sweep starts each job with a fresh cluster unless
 ``launcher.address`` joins a running one.
 """
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from kdlib.config.training import LauncherConfig
-from kdlib.errors import ConfigError, WorkerError
+from kdlib.errors import ConfigError, TeacherUnavailable, WorkerError
 from kdlib.launch.base import Launcher, WorkerCall, WorkerGroup, call_name
 from kdlib.launch.placement import (
     ROLE_ORDER,
@@ -155,7 +156,11 @@ class RayWorkerGroup(WorkerGroup):
                     raise self._error(index[ref], method, exc) from exc
         return ray.get(refs)
 
-    def _error(self, rank: int, method: str, exc: BaseException) -> WorkerError:
+    def _error(self, rank: int, method: str, exc: BaseException) -> WorkerError | TeacherUnavailable:
+        cause = _cause(exc)
+        if isinstance(cause, TeacherUnavailable):  # a served teacher failed, not the worker: the
+            # students are intact and the run stops as it does locally (a checkpoint, one line)
+            return TeacherUnavailable(f"{self.role} worker {rank}: {cause}")
         where = f"node {self.nodes[rank]}"
         if _node_stopped(self.node_ids[rank], exc):
             reason = f"its {where} stopped (the node left the cluster)"
