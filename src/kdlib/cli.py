@@ -179,11 +179,13 @@ def preflight(overrides: list[str], *, multirun: bool) -> None:
             break
         try:
             cfg = compose(list(combination))
-            data_key = (cfg.data.train, cfg.data.eval, cfg.data.format, cfg.data.teacher_input_key)
-            if data_key not in checked_data:  # each distinct data set once, not once per job
+            # each distinct data set (and the reward columns read from it) once, not once per job
+            data_key = (cfg.data.train, cfg.data.eval, cfg.data.format, cfg.data.teacher_input_key,
+                        cfg.reward.name, getattr(cfg.reward, "column", None), cfg.reward.eval_prompts)
+            if data_key not in checked_data:
                 check_data_files(cfg.data)
+                check_reward_columns(cfg)
                 checked_data.add(data_key)
-            check_reward_columns(cfg)
         except KdlibError as exc:
             if multirun and any(len(c) > 1 for c in choices):
                 raise type(exc)(f"{exc} (in sweep job {' '.join(combination)})") from None
