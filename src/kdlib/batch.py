@@ -30,7 +30,7 @@ import torch
 if TYPE_CHECKING:
     from kdlib.xtok.groups import AlignmentBatch
     from kdlib.data.images import ImageRef
-    from kdlib.routing import BatchRoute
+    from kdlib.routing import Route
 
 
 @dataclass
@@ -220,8 +220,9 @@ class MicroBatch:
     # denominator of bits per byte), and the teacher's (None: the same tokens, the same bytes).
     response_bytes: Optional[torch.Tensor] = None
     teacher_response_bytes: Optional[torch.Tensor] = None
-    # Several teachers: the teacher or ensemble these samples go to (kdlib.routing); None otherwise.
-    route: Optional["BatchRoute"] = None
+    # Several teachers: the teacher or ensemble these samples go to, or the parts of a micro-batch
+    # holding several (kdlib.routing); None otherwise.
+    route: Optional["Route"] = None
     # On-policy with a reward: float32 [n_loss_tokens], each loss row its sample's group-normalised
     # advantage (kdlib.rewards.advantages), in loss-row order; None without a reward.
     advantages: Optional[torch.Tensor] = None

@@ -14,7 +14,7 @@ projectors), which the student worker trains, checkpoints and never exports.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
@@ -85,11 +85,26 @@ class Algorithm(ABC):
         """Learning rate of :meth:`modules`' parameters (None: train.lr)."""
         return None
 
-    @abstractmethod
     def compute_loss(
         self, student: nn.Module, batch: MicroBatch, teacher: Optional[TeacherOutput], normaliser: float
     ) -> LossTerms:
-        """Loss terms of ``batch``; ``loss`` is already divided by ``normaliser``."""
+        """Loss terms of ``batch``; ``loss`` is already divided by ``normaliser``. By default the
+        student's forward (:meth:`student_forward`) and :meth:`loss_of`; an algorithm overrides
+        one of the two."""
+        return self.loss_of(self.student_forward(student, batch), batch, teacher, normaliser)
+
+    def loss_of(
+        self, forward: StudentForward, batch: MicroBatch, teacher: Optional[TeacherOutput], normaliser: float
+    ) -> LossTerms:
+        """Loss terms of ``batch`` given the student's forward over it. Algorithms that implement
+        this (every built-in one) let a run with several teachers put samples of different teachers
+        in one micro-batch (one student forward, each teacher's loss on its own rows)."""
+        raise NotImplementedError(f"algorithm {self.cfg.name!r} implements neither compute_loss nor loss_of")
+
+    @classmethod
+    def shares_forward(cls) -> bool:
+        """Whether the algorithm computes its loss from a given student forward (:meth:`loss_of`)."""
+        return cls.loss_of is not Algorithm.loss_of
 
     @staticmethod
     def student_forward(student: nn.Module, batch: MicroBatch) -> StudentForward:

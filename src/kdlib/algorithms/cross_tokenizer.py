@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from kdlib.algorithms.base import Algorithm
+from kdlib.algorithms.base import Algorithm, StudentForward
 from kdlib.batch import MicroBatch
 from kdlib.config.schema import AlgorithmConfig
 from kdlib.losses import LossTerms
@@ -74,8 +74,8 @@ class CrossTokenizerAlgorithm(Algorithm):
         weights = dict(kd_weight=self.cfg.kd_ratio, ce_weight=1.0 - self.cfg.kd_ratio, chunk_size=self.loss_cfg.chunk_size)
         self.method = self.build_method(lm_head_of(student), self.vocab_match, weights)
 
-    def compute_loss(
-        self, student: nn.Module, batch: MicroBatch, teacher: Optional[TeacherOutput], normaliser: float
+    def loss_of(
+        self, fwd: StudentForward, batch: MicroBatch, teacher: Optional[TeacherOutput], normaliser: float
     ) -> LossTerms:
         if self.method is None:
             raise RuntimeError(f"algorithm {self.cfg.name!r} was not attached to a student")
@@ -83,7 +83,6 @@ class CrossTokenizerAlgorithm(Algorithm):
             raise ValueError(f"algorithm {self.cfg.name!r} got no teacher output for a micro-batch")
         if batch.alignment is None:
             raise ValueError(f"algorithm {self.cfg.name!r} got a micro-batch without its alignment")
-        fwd = self.student_forward(student, batch)
         teacher_hidden = teacher_hidden_for(self.method, batch.alignment, teacher)
         with torch.autocast(fwd.hidden.device.type, enabled=False):  # the loss is never autocast
             return self.method(fwd.hidden, fwd.head, teacher_hidden, batch.alignment, fwd.targets, normaliser=normaliser)

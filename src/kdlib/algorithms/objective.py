@@ -21,7 +21,7 @@ from kdlib.algorithms.routed import RoutedLoss, RoutedSums
 from kdlib.batch import MicroBatch
 from kdlib.teacher_output import TeacherOutput
 from kdlib.evaluation import HeldoutSums, cross_tokenizer_heldout_sums, heldout_sums, signal_heldout_sums
-from kdlib.losses import target_logprobs
+from kdlib.losses import LossTerms, target_logprobs
 from kdlib.models.forward import hidden_at_loss_positions
 from kdlib.models.head import LMHead, lm_head_of
 from kdlib.rollout_agreement import AgreementSums
@@ -56,23 +56,37 @@ class StudentObjective(nn.Module):
         evaluate: bool = False,
     ):
         """Training: (loss, kd_sum, ce_sum, pg_sum) tensors, scaled by ``weight`` (0 for padding
-        batches; pg_sum 0 without a policy-gradient term), and for sampled tokens
+        batches; pg_sum 0 without a policy-gradient term); for sampled tokens
         (``batch.rollout_logprobs``) how far the rollout engine's log-probabilities are from the
-        trainer's (:class:`AgreementSums`, else None).
+        trainer's (:class:`AgreementSums`, else None); and for a routed batch each target's
+        (loss sum, kd sum) as floats, scaled by ``weight`` (else None).
         ``evaluate=True``: the held-out sums of the batch (no gradients)."""
         if evaluate:
             return self._evaluate(batch, teacher)
-        algorithm = self.routes if self.routes is not None and batch.route is not None else self.algorithm
         sampled = batch.rollout_logprobs
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
             if sampled is None:
-                terms, agreement = algorithm.compute_loss(self.model, batch, teacher, normaliser), None
+                terms, agreement = self._loss(batch, teacher, normaliser), None
             else:
                 with target_logprobs.recording(self.rollout_temperature) as recorded:
-                    terms = algorithm.compute_loss(self.model, batch, teacher, normaliser)
+                    terms = self._loss(batch, teacher, normaliser)
                 agreement = AgreementSums.of(recorded.rows(sampled.numel()), sampled)
+        terms, by_target = terms
+        if by_target is not None:
+            by_target = {target: (loss * weight * normaliser, kd * weight) for target, (loss, kd) in by_target.items()}
         pg = terms.pg_sum if terms.pg_sum is not None else torch.zeros_like(terms.ce_sum)
-        return terms.loss * weight, terms.kd_sum * weight, terms.ce_sum * weight, pg * weight, agreement
+        return terms.loss * weight, terms.kd_sum * weight, terms.ce_sum * weight, pg * weight, agreement, by_target
+
+    def _loss(self, batch: MicroBatch, teacher, normaliser: float) -> tuple[LossTerms, Optional[dict]]:
+        """The batch's loss terms and, routed, each target's (loss, kd sum) as floats."""
+        if self.routes is None or batch.route is None:
+            return self.algorithm.compute_loss(self.model, batch, teacher, normaliser), None
+        parts = self.routes.part_losses(self.model, batch, teacher, normaliser)
+        by_target: dict[str, tuple[float, float]] = {}
+        for target, part in parts:
+            loss, kd = by_target.get(target, (0.0, 0.0))
+            by_target[target] = (loss + float(part.loss.detach()), kd + float(part.kd_sum))
+        return LossTerms.total([part for _, part in parts]), by_target
 
     def _evaluate(self, batch: MicroBatch, teacher: Optional[TeacherOutput]) -> HeldoutSums | RoutedSums:
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):

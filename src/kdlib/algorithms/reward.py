@@ -23,9 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from torch import nn
 
-from kdlib.algorithms.base import register_algorithm
+from kdlib.algorithms.base import StudentForward, register_algorithm
 from kdlib.algorithms.vanilla import VanillaKD, VanillaKDConfig
 from kdlib.batch import MicroBatch
 from kdlib.losses import LossTerms, distillation_loss
@@ -90,15 +89,14 @@ class RewardKD(VanillaKD):
             rollout_logprobs=batch.rollout_logprobs if cfg.is_clip is not None else None, is_clip=cfg.is_clip,
         )
 
-    def compute_loss(
-        self, student: nn.Module, batch: MicroBatch, teacher: Optional[TeacherOutput], normaliser: float
+    def loss_of(
+        self, fwd: StudentForward, batch: MicroBatch, teacher: Optional[TeacherOutput], normaliser: float
     ) -> LossTerms:
         pg = self.policy_gradient(batch)
         if pg is None and self.kd_trains:  # no reward in this batch: vanilla KD, the same code
-            return super().compute_loss(student, batch, teacher, normaliser)
+            return super().loss_of(fwd, batch, teacher, normaliser)
         if teacher is None or teacher.signal != "hidden" or self.teacher_head is None:
             raise ValueError(f"algorithm {self.cfg.name} needs the teacher's hidden states and head")
-        fwd = self.student_forward(student, batch)
         kd_weight = self.cfg.kd_ratio if self.kd_trains else 0.0
         return distillation_loss(fwd.hidden, fwd.head, teacher.hidden, self.teacher_head, fwd.targets, self.loss_cfg,
                                  kd_weight=kd_weight, ce_weight=1.0 - self.cfg.kd_ratio, normaliser=normaliser, pg=pg)

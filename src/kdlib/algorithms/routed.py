@@ -8,7 +8,10 @@ ensemble is trained with :func:`kdlib.losses.ensemble.ensemble_loss`: each membe
 are placed at the student rows it covers (every row for a teacher on the student's tokens; the
 first student row of each byte-aligned group across tokenizers), its distribution is carried onto
 the student's vocabulary as its algorithm carries it, and the target combines them per row. Held-out
-sums are computed per member, each against its own teacher.
+sums are computed per member, each against its own teacher. A micro-batch holding several targets
+(:class:`~kdlib.routing.MixedRoute`) runs the student's forward once and each part's loss on the
+rows of its samples (:meth:`RoutedLoss.part_losses`); it needs algorithms that take a given
+forward (:meth:`~kdlib.algorithms.base.Algorithm.loss_of`, every built-in one).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from kdlib.algorithms.base import ALGORITHMS, Algorithm
+from kdlib.algorithms.base import ALGORITHMS, Algorithm, StudentForward
 from kdlib.algorithms.cross_tokenizer import CrossTokenizerAlgorithm, teacher_hidden_for
 from kdlib.batch import MicroBatch
 from kdlib.config.schema import AlgorithmConfig, LossConfig
@@ -27,6 +30,7 @@ from kdlib.evaluation import HeldoutSums
 from kdlib.losses import LossTerms
 from kdlib.losses.ensemble import Member, ensemble_loss, row_weights
 from kdlib.models.head import LMHead
+from kdlib.routing import BatchRoute, MixedRoute
 from kdlib.teacher_output import TeacherOutput
 from kdlib.xtok.vocab import VocabMatch
 
@@ -74,16 +78,49 @@ class RoutedLoss:
                 for name, module in algorithm.modules().items()}
 
     def compute_loss(self, student: nn.Module, batch: MicroBatch, teacher: Any, normaliser: float) -> LossTerms:
+        """The loss of a one-target micro-batch: its teacher's algorithm as a one-teacher run calls
+        it, or the ensemble's loss."""
+        route = batch.route
+        if route.is_ensemble:
+            self._check_members(route, teacher)
+            sole = _sole_member(route.weights)
+            if sole is None:
+                return self.loss_of(Algorithm.student_forward(student, batch), batch, teacher, normaliser)
+            name = route.members[sole]  # all weight on one member: trained as that teacher alone would train it
+            return self.algorithms[name].compute_loss(student, route.view(batch, name), teacher[name], normaliser)
+        return self.algorithms[route.teacher].compute_loss(student, batch, teacher, normaliser)
+
+    def part_losses(self, student: nn.Module, batch: MicroBatch, teacher: Any,
+                    normaliser: float) -> list[tuple[str, LossTerms]]:
+        """(target, loss terms) of each part of a routed micro-batch: one for a one-target batch;
+        for a :class:`~kdlib.routing.MixedRoute`, the student's forward once over the whole batch
+        and each part's loss on its own rows (the parts' rows follow each other in order)."""
+        route = batch.route
+        if not isinstance(route, MixedRoute):
+            return [(route.target, self.compute_loss(student, batch, teacher, normaliser))]
+        forward = Algorithm.student_forward(student, batch)
+        out, start = [], 0
+        for part, output in zip(route.parts, teacher, strict=True):
+            rows = slice(start, start + part.n_loss_tokens)
+            own = StudentForward(forward.hidden[rows], forward.head, forward.targets[rows])
+            if not torch.equal(own.targets, part.student.targets().to(own.targets.device)):
+                raise ValueError(f"the rows of part {part.route.target} are not its samples' loss rows")
+            out.append((part.route.target, self.loss_of(own, part, output, normaliser)))
+            start = rows.stop
+        if start != forward.targets.shape[0]:
+            raise ValueError(f"the parts hold {start} of the micro-batch's {forward.targets.shape[0]} loss rows")
+        return out
+
+    def loss_of(self, forward: StudentForward, batch: MicroBatch, teacher: Any, normaliser: float) -> LossTerms:
+        """The loss of a one-target micro-batch given the student's forward over it."""
         route = batch.route
         if not route.is_ensemble:
-            return self.algorithms[route.teacher].compute_loss(student, batch, teacher, normaliser)
-        if not isinstance(teacher, dict) or set(teacher) != set(route.members):
-            raise ValueError(f"ensemble {route.target} needs one teacher output per member {list(route.members)}")
+            return self.algorithms[route.teacher].loss_of(forward, batch, teacher, normaliser)
+        self._check_members(route, teacher)
         sole = _sole_member(route.weights)
-        if sole is not None:  # all weight on one member: the target is that teacher's, trained as it alone would be
+        if sole is not None:
             name = route.members[sole]
-            return self.algorithms[name].compute_loss(student, route.view(batch, name), teacher[name], normaliser)
-        forward = Algorithm.student_forward(student, batch)
+            return self.algorithms[name].loss_of(forward, route.view(batch, name), teacher[name], normaliser)
         n = forward.hidden.shape[0]
         members, hidden, covered = [], [], []
         for name in route.members:
@@ -95,6 +132,11 @@ class RoutedLoss:
         kd_ratio = getattr(self.cfg, "kd_ratio")
         return ensemble_loss(forward.hidden, forward.head, forward.targets, members, hidden, weights, route.combine,
                              self.loss_cfg, kd_weight=kd_ratio, ce_weight=1.0 - kd_ratio, normaliser=normaliser)
+
+    @staticmethod
+    def _check_members(route: BatchRoute, teacher: Any) -> None:
+        if not isinstance(teacher, dict) or set(teacher) != set(route.members):
+            raise ValueError(f"ensemble {route.target} needs one teacher output per member {list(route.members)}")
 
     def _member(self, name: str, view: MicroBatch, output: TeacherOutput, n_rows: int):
         """(the member for the loss, its hidden states at the student's rows, the rows it covers)."""

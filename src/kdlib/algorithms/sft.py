@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from torch import nn
 
-from kdlib.algorithms.base import Algorithm, register_algorithm
+from kdlib.algorithms.base import Algorithm, StudentForward, register_algorithm
 from kdlib.batch import MicroBatch
 from kdlib.teacher_output import TeacherOutput
 from kdlib.config.schema import AlgorithmConfig
@@ -28,10 +27,9 @@ class SFT(Algorithm):
     needs_teacher = False
     signals = ("hidden", "topk", "sampled")  # reads no teacher at all
 
-    def compute_loss(
-        self, student: nn.Module, batch: MicroBatch, teacher: Optional[TeacherOutput], normaliser: float
+    def loss_of(
+        self, fwd: StudentForward, batch: MicroBatch, teacher: Optional[TeacherOutput], normaliser: float
     ) -> LossTerms:
-        fwd = self.student_forward(student, batch)
         return distillation_loss(
             fwd.hidden, fwd.head, None, None, fwd.targets, self.loss_cfg,
             kd_weight=0.0, ce_weight=1.0, normaliser=normaliser,

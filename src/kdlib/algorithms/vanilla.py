@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import nn
 
-from kdlib.algorithms.base import Algorithm, register_algorithm
+from kdlib.algorithms.base import Algorithm, StudentForward, register_algorithm
 from kdlib.batch import MicroBatch
 from kdlib.teacher_output import TeacherOutput
 from kdlib.config.schema import AlgorithmConfig
@@ -38,12 +37,11 @@ class VanillaKD(Algorithm):
     cfg: VanillaKDConfig
     signals = ("hidden", "topk", "sampled")
 
-    def compute_loss(
-        self, student: nn.Module, batch: MicroBatch, teacher: Optional[TeacherOutput], normaliser: float
+    def loss_of(
+        self, fwd: StudentForward, batch: MicroBatch, teacher: Optional[TeacherOutput], normaliser: float
     ) -> LossTerms:
         if teacher is None:
             raise ValueError("vanilla KD got no teacher output for a micro-batch")
-        fwd = self.student_forward(student, batch)
         weights = dict(kd_weight=self.cfg.kd_ratio, ce_weight=1.0 - self.cfg.kd_ratio, normaliser=normaliser)
         if teacher.signal == "hidden":
             if self.teacher_head is None:

@@ -91,6 +91,12 @@ class RoutingConfig(ConfigNode):
     # The teachers take turns: only one is loaded at a time (the others are unloaded and loaded
     # again when their samples come), for teachers that do not fit in memory together.
     take_turns: bool = False
+    # A training micro-batch may hold samples of several targets: the student runs one forward over
+    # all of them and each target's loss is computed on its samples' rows, so a global batch makes
+    # as many micro-batches as in a one-teacher run. false: each micro-batch holds one target's
+    # samples (more, smaller micro-batches). Algorithms that only implement compute_loss (not
+    # loss_of) always get one target per micro-batch.
+    mix_micro_batches: bool = True
 
     def check(self) -> None:
         for name in self.ensembles:

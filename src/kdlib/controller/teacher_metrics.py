@@ -17,6 +17,7 @@ from rich.table import Table
 
 from kdlib.batch import MicroBatch
 from kdlib.evaluation import HeldoutSums
+from kdlib.routing import split_parts
 
 PREFIX = "teacher/"
 # The per-teacher held-out columns: (metric, heading).
@@ -27,10 +28,10 @@ COLUMNS = (("tokens", "tokens"), ("kl", "KL(teacher || student)"), ("top1_agreem
 def route_metrics(batches: list[MicroBatch], results: Iterable[Any]) -> dict[str, float]:
     """The step's per-route and per-teacher figures (nothing for a one-teacher run)."""
     out: dict[str, float] = {}
-    for batch in batches:
+    if any(batch.route is None for batch in batches):
+        return {}
+    for batch in split_parts(batches)[0]:
         route = batch.route
-        if route is None:
-            return {}
         key = f"routed/{route.target}/"
         out[key + "samples"] = out.get(key + "samples", 0.0) + len(batch.sample_ids)
         out[key + "loss_tokens"] = out.get(key + "loss_tokens", 0.0) + batch.n_loss_tokens

@@ -64,8 +64,10 @@ def routed_data(cfg: KDConfig, *, prompts: bool, responses: bool) -> RoutedDataB
         student_pad_id=student.pad_id, teacher_pad_id=None, student_encoder=student, router=Router.of(cfg),
         make_view=make_view, combine={name: e.combine.value for name, e in cfg.routing.ensembles.items()},
     )
+    algorithm = ALGORITHMS.get(cfg.algorithm.name)
+    bundle.mix_routes = cfg.routing.mix_micro_batches and algorithm.shares_forward()
     if across:
-        bundle.row_kind = ALGORITHMS.get(cfg.algorithm.name).teacher_row_kind(cfg.algorithm)
+        bundle.row_kind = algorithm.teacher_row_kind(cfg.algorithm)
     return assembly.fill_bundle(cfg, bundle, prompts=prompts, responses=responses)
 
 

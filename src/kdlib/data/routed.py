@@ -6,15 +6,18 @@ when its tokenizer, template or privileged prompt differs from the student's, th
 aligner of cross-tokenizer algorithms), made the first time a row routes to it, so a teacher no row
 needs loads nothing. A row becomes one sample per member of its route, exactly as a one-teacher run
 with that member would make it (:func:`kdlib.data.samples.row_sample`); the student's side is the
-same in each, and the row is kept only when every member keeps it. Global batches are planned per
-target (each micro-batch holds the samples of one teacher or ensemble), so a micro-batch is scored
-by its route's teachers and trained with one loss. A run whose rows all go to one teacher forms
-exactly the micro-batches of the one-teacher run with it.
+same in each, and the row is kept only when every member keeps it. A global batch is planned as a
+one-teacher run plans it, and a micro-batch holding samples of several targets keeps each target's
+samples together as a part (:class:`~kdlib.routing.MixedRoute`: one student forward, each part
+scored by its own teachers and trained with its own loss); with an algorithm that cannot take a
+given student forward, global batches are planned per target instead (each micro-batch one
+target's). Held-out micro-batches are always per target. A run whose rows all go to one teacher
+forms exactly the micro-batches of the one-teacher run with it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
@@ -29,7 +32,7 @@ from kdlib.data.routes import Router
 from kdlib.data.samples import (
     FilterReport, Prompt, Row, Sample, load_conversations, load_split, rollout_sample, row_sample, without_response,
 )
-from kdlib.routing import BatchRoute, SampleRoute
+from kdlib.routing import BatchRoute, MixedRoute, SampleRoute
 
 if TYPE_CHECKING:
     from kdlib.data.cross_tokenizer import ResponseAligner
@@ -70,6 +73,9 @@ class RoutedDataBundle(DataBundle):
     make_view: Optional[Callable[[str], TeacherView]] = None
     # How each ensemble combines its members (ensemble -> Combine value).
     combine: dict[str, str] = field(default_factory=dict)
+    # Whether a training micro-batch may hold the samples of several targets (the algorithm
+    # computes its loss from a given student forward: Algorithm.shares_forward).
+    mix_routes: bool = False
     views: dict[str, TeacherView] = field(default_factory=dict)
     prompt_routes: dict[int, PromptRoute] = field(default_factory=dict)
 
@@ -176,14 +182,36 @@ class RoutedDataBundle(DataBundle):
         batch.route = BatchRoute(route.target, route.members, others, weights, self.combine.get(route.target, "mixture"))
         return batch
 
+    def mixed_collate(self, samples: list[Sample], *, packing: bool = False) -> MicroBatch:
+        """A training micro-batch of samples of any routes: the samples grouped by target (in
+        order of first appearance), the student's tokens of all of them, and each group collated
+        as a one-target micro-batch (:class:`~kdlib.routing.MixedRoute`). One target: exactly
+        :meth:`collate`."""
+        groups = by_route(samples)
+        if len(groups) == 1:
+            return self.collate(samples, packing=packing)
+        parts = [self.collate(group, packing=packing) for group in groups.values()]
+        ordered = [s for group in groups.values() for s in group]
+        student_only = [replace(s, teacher=None, alignment=None, teacher_response_bytes=None, route=None, cacheable=False)
+                        for s in ordered]
+        batch = collate(student_only, student_pad_id=self.student_pad_id, packing=packing)
+        batch.route = MixedRoute(parts)
+        return batch
+
     def step_batches(self, samples: list[Sample], train: TrainConfig, n_workers: int) -> tuple[StepPlan, list[MicroBatch]]:
-        """A global batch planned per route over ``n_workers`` (see :func:`plan_by_route`) and collated."""
+        """A global batch planned over ``n_workers`` and collated: as a one-teacher run plans it
+        when micro-batches may mix routes (``mix_routes``), else per route (:func:`plan_by_route`)."""
         assert isinstance(train.packing, bool), "train.packing=auto is settled by assembly.chat_encoders first"
-        plan = plan_by_route(samples, lambda group: plan_step(
-            group, n_workers, micro_batch_size=train.micro_batch_size,
-            max_tokens=train.max_tokens_per_micro_batch, packing=train.packing,
-        ))
-        return plan, [self.collate(chunk, packing=train.packing) for chunk in plan.micro_batches]
+
+        def plan(group: list[Sample]) -> StepPlan:
+            return plan_step(group, n_workers, micro_batch_size=train.micro_batch_size,
+                             max_tokens=train.max_tokens_per_micro_batch, packing=train.packing)
+
+        if self.mix_routes:
+            step = plan(samples)
+            return step, [self.mixed_collate(chunk, packing=train.packing) for chunk in step.micro_batches]
+        step = plan_by_route(samples, plan)
+        return step, [self.collate(chunk, packing=train.packing) for chunk in step.micro_batches]
 
     def eval_batches(self, batch_size: int) -> list[MicroBatch]:
         return [self.collate(chunk, training=False)

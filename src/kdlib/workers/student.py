@@ -47,7 +47,7 @@ from kdlib.optim import build_optimizer, build_scheduler
 from kdlib.parallel import checkpoint as ckpt
 from kdlib.parallel.distributed import init_process_group
 from kdlib.rollout_agreement import AgreementSums
-from kdlib.routing import MemberHandles
+from kdlib.routing import MemberHandles, PartHandles
 from kdlib.teacher_output import TeacherOutput
 from kdlib.transport import build_transport
 from kdlib.workers.specs import StudentSpec
@@ -139,8 +139,7 @@ class StudentWorker:
         sharding, optimizer."""
         if teacher_head is not None:
             teacher_head = teacher_head.detached(device=self.device)
-        if vocab_match is not None:
-            vocab_match = vocab_match.to(self.device)
+        vocab_match = None if vocab_match is None else vocab_match.to(self.device)
         spec = self.spec
         routes = None
         if teachers:
@@ -182,16 +181,15 @@ class StudentWorker:
         routes: dict[str, tuple[float, float]] = {}
         agreement = AgreementSums()
         for batch, teacher, weight in zip(batches, teachers, weights, strict=True):
-            loss, kd, ce, pg, sampled = self.objective(self._inputs(batch), teacher, normaliser, weight)
+            loss, kd, ce, pg, sampled, by_target = self.objective(self._inputs(batch), teacher, normaliser, weight)
             loss.backward()
             kd_sum += float(kd)
             ce_sum += float(ce)
             pg_sum += float(pg)
             micro_loss = float(loss.detach()) * normaliser
             loss_sum += micro_loss
-            if batch.route is not None:
-                before = routes.get(batch.route.target, (0.0, 0.0))
-                routes[batch.route.target] = (before[0] + micro_loss, before[1] + float(kd))
+            for target, sums in (by_target or {}).items():  # (loss, kd) sums per route
+                routes[target] = tuple(a + b for a, b in zip(routes.get(target, (0.0, 0.0)), sums))
             if weight:
                 if sampled is not None:
                     agreement = agreement.add(sampled)
@@ -335,12 +333,14 @@ class StudentWorker:
         return outputs, []
 
     def _fetch(self, handle: Any, unserved: list[str]) -> Any:
-        """One micro-batch's teacher output (an ensemble's: one per member, by name), or None;
-        teacher-cache keys that could not be read are added to ``unserved``."""
+        """One micro-batch's teacher output (an ensemble's: a dict by member; several targets': a
+        list by part), or None; unreadable teacher-cache keys are added to ``unserved``."""
         if handle is None:
             return None
         if isinstance(handle, MemberHandles):
             return {name: self._fetch(member, unserved) for name, member in handle.handles.items()}
+        if isinstance(handle, PartHandles):
+            return [self._fetch(part, unserved) for part in handle.handles]
         if not isinstance(handle, CachedOutput):
             return self.transport.fetch(handle).to(self.device)
         start = time.perf_counter()
