@@ -26,27 +26,6 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread(request, monkeypatch):
-    """Tests of the tiny models run torch on one thread, in this process and in the kdlib commands
-    they start: matrices of 64 columns gain nothing from a second thread, and on a 2-core machine
-    a second thread per process oversubscribes the cores as soon as a test runs two processes
-    (Ray actors, a subprocess, a teacher server) or the machine is shared. Slow and GPU tests (the
-    real SmolLM2 teacher) keep torch's default."""
-    if request.node.get_closest_marker("slow") or request.node.get_closest_marker("gpu"):
-        yield
-        return
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")
