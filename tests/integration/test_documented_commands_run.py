@@ -44,7 +44,31 @@ MODULES = Path(tempfile.mkdtemp(prefix="kdlib-documented-"))
 for _name, _source in documented_modules().items():
     (MODULES / f"{_name}.py").write_text(_source)
 sys.path.insert(0, str(MODULES))
-RUNNABLE = list({c.argv: c for c in reversed(documented_commands()) if runnable(c.argv)}.values())[::-1]  # once each
+
+
+def runnable_commands() -> list:
+    return list({c.argv: c for c in reversed(documented_commands()) if runnable(c.argv)}.values())[::-1]  # once each
+
+
+def _selected(config) -> bool:
+    """Whether ``-m`` keeps this module's tests (marked slow, nothing else). Finding the runnable
+    commands composes every documented one (half a minute): not done when they are deselected."""
+    markexpr = config.getoption("markexpr", None)
+    if not markexpr:
+        return True
+    try:
+        from _pytest.mark import MarkMatcher
+        from _pytest.mark.expression import Expression
+
+        return Expression.compile(markexpr).evaluate(MarkMatcher.from_markers([pytest.mark.slow.mark]))
+    except Exception:  # noqa: BLE001 - pytest internals moved: collect them all, as before
+        return True
+
+
+def pytest_generate_tests(metafunc):
+    if "command" in metafunc.fixturenames:
+        commands = runnable_commands() if _selected(metafunc.config) else []
+        metafunc.parametrize("command", commands, ids=[c.id for c in commands])
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +76,6 @@ def workdir():
     return MODULES
 
 
-@pytest.mark.parametrize("command", RUNNABLE, ids=[c.id for c in RUNNABLE])
 def test_documented_command_runs(command, workdir):
     sweep = "-m" in command.argv or "--multirun" in command.argv or "+recipe=prune_search" in command.argv
     where = workdir / command.id.replace("/", "_").replace(":", "_")

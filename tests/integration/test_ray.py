@@ -211,9 +211,10 @@ def test_ray_students_read_the_teacher_cache_bit_identically(ray_cluster, tiny_o
                                              f"output_dir={tmp_path / 'fill'}"]))
     assert fill.metrics["samples_computed"] == fill.metrics["samples"] > 0
     cfg = kdlib.compose(common + [cache, f"output_dir={tmp_path / 'read'}"])
-    with built(cfg, run_dir=tmp_path / "probe") as loop:
+    with built(cfg, run_dir=tmp_path / "read") as loop:  # the reading run itself: no teacher actor in it
         assert loop.pipeline.teacher is None and loop.pipeline.students.size == 2
-    assert_same_training(live, kdlib.run(cfg))
+        read = loop.run()
+    assert_same_training(live, read)
 
 
 def test_ray_fsdp_lora_reproduces_the_local_lora_run(ray_cluster, tiny_overrides, tmp_path):
