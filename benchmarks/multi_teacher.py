@@ -9,10 +9,10 @@ process, in this one invocation:
   routed to ``teacher`` (the routing machinery, one model loaded);
 - ``routed_two``: rows alternately routed to ``teacher`` and ``copy``: the same total teacher
   tokens as ``single``, two teacher models in memory; micro-batches hold samples of both teachers
-  (``routing.mix_micro_batches``, the default: one student forward, each teacher's loss on its rows);
-- ``routed_two_apart``: as ``routed_two`` with ``routing.mix_micro_batches=false`` (each
-  micro-batch one teacher's samples: more, smaller micro-batches);
-- ``routed_turns``: as ``routed_two`` with ``routing.take_turns=true`` (one teacher model loaded
+  (``routing.mix_micro_batches=true``: one student forward, each teacher's loss on its rows);
+- ``routed_two_apart``: as ``routed_two`` with each micro-batch one teacher's samples (more,
+  smaller micro-batches; ``routing.mix_micro_batches=false``, the default);
+- ``routed_turns``: as ``routed_two_apart`` with ``routing.take_turns=true`` (one teacher model loaded
   at a time, each loaded again for its turn).
 
 and prints per configuration the median ``step_seconds`` of steps 2..N (the first holds one-time
@@ -41,7 +41,7 @@ from pathlib import Path
 CONFIGS = {
     "single": [],
     "routed_one": ["routing.key=expert_one", "+teacher@teachers.copy=smollm2"],
-    "routed_two": ["routing.key=expert_two", "+teacher@teachers.copy=smollm2"],
+    "routed_two": ["routing.key=expert_two", "+teacher@teachers.copy=smollm2", "routing.mix_micro_batches=true"],
     "routed_two_apart": ["routing.key=expert_two", "+teacher@teachers.copy=smollm2", "routing.mix_micro_batches=false"],
     "routed_turns": ["routing.key=expert_two", "+teacher@teachers.copy=smollm2", "routing.take_turns=true"],
 }

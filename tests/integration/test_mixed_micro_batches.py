@@ -40,7 +40,7 @@ def _overrides(tiny_overrides, tiny_qwen3, train) -> list[str]:
         f"data.train={train}", "data.eval=null", "routing.key=expert",
         "+teacher@teachers.coder=smollm2", f"teachers.coder.model={tiny_qwen3}", "teachers.coder.dtype=float32",
         "+ensemble@routing.ensembles.both=mixture", "routing.ensembles.both.members=[teacher,coder]",
-        "routing.ensembles.both.weights=[0.3,0.7]",
+        "routing.ensembles.both.weights=[0.3,0.7]", "routing.mix_micro_batches=true",
     ]
 
 
@@ -106,7 +106,7 @@ def _metrics(result) -> list[dict]:
 def test_a_run_mixing_routes_makes_fewer_micro_batches_and_trains_the_same(tiny_overrides, tiny_qwen3, three_routes,
                                                                           tmp_path):
     common = _overrides(tiny_overrides, tiny_qwen3, three_routes) + ["train.max_steps=1", "train.micro_batch_size=4"]
-    runs = {mix: kdlib.run(kdlib.compose(common + [f"routing.mix_micro_batches={mix}",
+    runs = {mix: kdlib.run(kdlib.compose(common + [f"routing.mix_micro_batches={str(mix).lower()}",
                                                     f"output_dir={tmp_path / str(mix)}"]))
             for mix in (True, False)}
     mixed, apart = (_metrics(runs[mix])[0] for mix in (True, False))

@@ -93,10 +93,11 @@ class RoutingConfig(ConfigNode):
     take_turns: bool = False
     # A training micro-batch may hold samples of several targets: the student runs one forward over
     # all of them and each target's loss is computed on its samples' rows, so a global batch makes
-    # as many micro-batches as in a one-teacher run. false: each micro-batch holds one target's
-    # samples (more, smaller micro-batches). Algorithms that only implement compute_loss (not
+    # as many micro-batches as in a one-teacher run. Off by default: each part's fused loss keeps
+    # its own head gradient until the backward (more peak memory), and on CPU the step was not
+    # measurably faster (docs/benchmarks.md). Algorithms that only implement compute_loss (not
     # loss_of) always get one target per micro-batch.
-    mix_micro_batches: bool = True
+    mix_micro_batches: bool = False
 
     def check(self) -> None:
         for name in self.ensembles:
