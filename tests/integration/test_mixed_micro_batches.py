@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import kdlib
+from kdlib.algorithms import ALGORITHMS
 from kdlib.algorithms.routed import RoutedLoss, TeacherSide
 from kdlib.controller.teachers import routed_data
 from kdlib.models.head import lm_head_of
@@ -115,3 +116,17 @@ def test_a_run_mixing_routes_makes_fewer_micro_batches_and_trains_the_same(tiny_
         assert mixed[key] == pytest.approx(apart[key], rel=1e-5), key
     for member in ("teacher", "coder"):
         assert mixed[f"teacher/{member}/tokens"] == apart[f"teacher/{member}/tokens"]
+
+
+def test_an_algorithm_class_without_a_loss_is_refused_and_one_with_compute_loss_only_never_mixes():
+    from kdlib.algorithms import Algorithm
+
+    with pytest.raises(TypeError, match="must override loss_of or compute_loss"):
+        type("NoLoss", (Algorithm,), {})
+
+    class WholeLoss(Algorithm):  # a plugin's algorithm computing its loss in compute_loss alone
+        def compute_loss(self, student, batch, teacher, normaliser):
+            raise AssertionError("never runs")
+
+    assert not WholeLoss.shares_forward()
+    assert all(ALGORITHMS.get(name).shares_forward() for name in ALGORITHMS.names())

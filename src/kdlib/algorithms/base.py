@@ -99,7 +99,14 @@ class Algorithm(ABC):
         """Loss terms of ``batch`` given the student's forward over it. Algorithms that implement
         this (every built-in one) let a run with several teachers put samples of different teachers
         in one micro-batch (one student forward, each teacher's loss on its own rows)."""
-        raise NotImplementedError(f"algorithm {self.cfg.name!r} implements neither compute_loss nor loss_of")
+        # reached only by calling it on an algorithm that computes its loss in compute_loss alone
+        # (a plugin's); such an algorithm is never given a shared forward (see shares_forward)
+        raise TypeError(f"algorithm {self.cfg.name!r} computes its loss in compute_loss only, not from a given forward")
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.compute_loss is Algorithm.compute_loss and not cls.shares_forward():
+            raise TypeError(f"algorithm class {cls.__name__} must override loss_of or compute_loss")
 
     @classmethod
     def shares_forward(cls) -> bool:

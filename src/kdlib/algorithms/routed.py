@@ -30,7 +30,7 @@ from kdlib.evaluation import HeldoutSums
 from kdlib.losses import LossTerms
 from kdlib.losses.ensemble import Member, ensemble_loss, row_weights
 from kdlib.models.head import LMHead
-from kdlib.routing import BatchRoute, MixedRoute
+from kdlib.routing import MixedRoute
 from kdlib.teacher_output import TeacherOutput
 from kdlib.xtok.vocab import VocabMatch
 
@@ -80,15 +80,11 @@ class RoutedLoss:
     def compute_loss(self, student: nn.Module, batch: MicroBatch, teacher: Any, normaliser: float) -> LossTerms:
         """The loss of a one-target micro-batch: its teacher's algorithm as a one-teacher run calls
         it, or the ensemble's loss."""
-        route = batch.route
-        if route.is_ensemble:
-            self._check_members(route, teacher)
-            sole = _sole_member(route.weights)
-            if sole is None:
-                return self.loss_of(Algorithm.student_forward(student, batch), batch, teacher, normaliser)
-            name = route.members[sole]  # all weight on one member: trained as that teacher alone would train it
-            return self.algorithms[name].compute_loss(student, route.view(batch, name), teacher[name], normaliser)
-        return self.algorithms[route.teacher].compute_loss(student, batch, teacher, normaliser)
+        alone = self._one_teacher(batch, teacher)
+        if alone is not None:
+            name, view, output = alone
+            return self.algorithms[name].compute_loss(student, view, output, normaliser)
+        return self.loss_of(Algorithm.student_forward(student, batch), batch, teacher, normaliser)
 
     def part_losses(self, student: nn.Module, batch: MicroBatch, teacher: Any,
                     normaliser: float) -> list[tuple[str, LossTerms]]:
@@ -113,14 +109,11 @@ class RoutedLoss:
 
     def loss_of(self, forward: StudentForward, batch: MicroBatch, teacher: Any, normaliser: float) -> LossTerms:
         """The loss of a one-target micro-batch given the student's forward over it."""
+        alone = self._one_teacher(batch, teacher)
+        if alone is not None:
+            name, view, output = alone
+            return self.algorithms[name].loss_of(forward, view, output, normaliser)
         route = batch.route
-        if not route.is_ensemble:
-            return self.algorithms[route.teacher].loss_of(forward, batch, teacher, normaliser)
-        self._check_members(route, teacher)
-        sole = _sole_member(route.weights)
-        if sole is not None:
-            name = route.members[sole]
-            return self.algorithms[name].loss_of(forward, route.view(batch, name), teacher[name], normaliser)
         n = forward.hidden.shape[0]
         members, hidden, covered = [], [], []
         for name in route.members:
@@ -134,9 +127,20 @@ class RoutedLoss:
                              self.loss_cfg, kd_weight=kd_ratio, ce_weight=1.0 - kd_ratio, normaliser=normaliser)
 
     @staticmethod
-    def _check_members(route: BatchRoute, teacher: Any) -> None:
+    def _one_teacher(batch: MicroBatch, teacher: Any) -> Optional[tuple[str, MicroBatch, Any]]:
+        """(teacher, the batch as it reads it, its output) when one teacher's target is the
+        micro-batch's (its route is a teacher, or an ensemble putting all weight on one member:
+        trained as that teacher alone would train it), else None (a true ensemble)."""
+        route = batch.route
+        if not route.is_ensemble:
+            return route.teacher, batch, teacher
         if not isinstance(teacher, dict) or set(teacher) != set(route.members):
             raise ValueError(f"ensemble {route.target} needs one teacher output per member {list(route.members)}")
+        sole = _sole_member(route.weights)
+        if sole is None:
+            return None
+        name = route.members[sole]
+        return name, route.view(batch, name), teacher[name]
 
     def _member(self, name: str, view: MicroBatch, output: TeacherOutput, n_rows: int):
         """(the member for the loss, its hidden states at the student's rows, the rows it covers)."""
