@@ -6,9 +6,13 @@ this module builds the Llama-2 / Mistral kind: spaces become ``▁`` (Metaspace)
 one by one, characters outside the vocabulary fall back to ``<0xNN>`` byte tokens, a BOS token
 ``<s>`` starts every chat, and the chat template is ChatML-like (``<|im_start|>role\\n ...
 <|im_end|>\\n``) without a default system prompt. The model is a BPE or a Unigram trained on the
-given texts. Training is deterministic, so the same texts give the same ``tokenizer.json`` (the
-demo tokenizer shipped in ``kdlib/data/builtin/demo_tokenizer`` is rebuilt byte for byte by
-``scripts/build_demo_tokenizer.py``); the tests build small ones the same way.
+given texts. BPE training is deterministic, so the same texts give the same ``tokenizer.json``
+(the demo tokenizer shipped in ``kdlib/data/builtin/demo_tokenizer`` is rebuilt byte for byte by
+``scripts/build_demo_tokenizer.py``). Unigram training in ``tokenizers`` is not: the same pieces
+come out, but pieces of equal score in any order and scores that vary by ~1e-4 between processes,
+so the learned pieces are ordered by their text to give every process the same ids (a
+segmentation may still differ where two readings' scores are within that noise); the tests build
+small ones the same way.
 """
 
 from __future__ import annotations
@@ -89,7 +93,8 @@ def _with_byte_fallback(spec_json: str) -> str:
         ids = model["vocab"]
     else:  # Unigram: [piece, log-probability] pairs; bytes score below every learned piece
         floor = min(score for _, score in model["vocab"]) - 10.0
-        pieces = model["vocab"][:n_special] + [[t, floor] for t in _BYTE_TOKENS] + model["vocab"][n_special:]
+        learned = sorted(model["vocab"][n_special:], key=lambda piece: piece[0])
+        pieces = model["vocab"][:n_special] + [[t, floor] for t in _BYTE_TOKENS] + learned
         model["vocab"] = pieces
         model["unk_id"] = 0
         ids = {p[0]: i for i, p in enumerate(pieces)}
