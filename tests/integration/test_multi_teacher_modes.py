@@ -273,3 +273,30 @@ def test_onpolicy_ensemble_weighing_one_teacher_is_that_teacher(tiny_overrides, 
         "routing.ensembles.both.members=[teacher,other]", "routing.default=both", f"output_dir={tmp_path / 'mixed'}",
     ]))
     assert all(r["routed/both/samples"] == 4 and r["teacher/other/tokens"] > 0 for r in rows_of(mixed))
+
+
+@pytest.mark.parametrize("algorithm", [["algorithm=reward_kd", "algorithm.reward_weight=1"], ["algorithm=opd"]])
+def test_rewards_with_routed_teachers(tiny_overrides, tiny_llama, tiny_qwen3, tmp_path, algorithm):
+    """The reward objectives with several teachers: every prompt routed to one teacher is the
+    one-teacher run bit for bit (OPD's dense advantage is the routed teacher's log-ratio), and a
+    mixed routing trains with each teacher's loss on its own prompts' rollouts."""
+    def run(route, extra, name):
+        prompts = write_jsonl(tmp_path / f"prompts_{name}.jsonl", routed_rows(8, 7, route))
+        return kdlib.run(kdlib.compose(tiny_overrides + [
+            "+recipe=onpolicy", "loss=rkl", f"data.train={prompts}", "data.eval=null", "train.global_batch_size=4",
+            "train.micro_batch_size=2", "rollout.n_samples_per_prompt=2", "rollout.max_new_tokens=8",
+            "rollout.temperature=1.0", "train.max_steps=2", "eval.before=false", *algorithm,
+            "reward=length", "reward.target_tokens=2", "reward.coef=0.25", *extra, f"output_dir={tmp_path / name}",
+        ]))
+
+    single = run(lambda i: "coder", [], "single")
+    routed = run(lambda i: "coder", [f"teacher.model={tiny_qwen3}", "routing.key=expert", *named("coder", tiny_llama)],
+                 "routed")
+    same_run(single, routed)
+    mixed = run(lambda i: "coder" if i % 2 else None, ["routing.key=expert", *named("coder", tiny_qwen3)], "mixed")
+    for row in rows_of(mixed):
+        assert row["routed/coder/samples"] == 2 and row["routed/teacher/samples"] == 2
+        assert row["pg_loss"] != 0 and "reward_mean" in row
+        # each teacher's objective includes its rows' policy-gradient term, not only the KD term
+        assert row["routed/coder/loss"] != row["routed/coder/kd_loss"] or row["routed/teacher/loss"] != \
+            row["routed/teacher/kd_loss"]
