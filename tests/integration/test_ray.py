@@ -178,6 +178,34 @@ def test_dead_worker_stops_the_run_with_its_name_and_the_checkpoint_loads(ray_cl
             assert b[key] == pytest.approx(a[key], rel=1e-4), (b["step"], key)
 
 
+def test_a_rank_that_died_is_named_before_a_survivor_whose_collective_broke(ray_cluster):
+    """When one rank is killed, another's collective often fails first ("connection reset by
+    peer"); the error names the rank that died, not the survivor."""
+    import time
+
+    import ray
+
+    from kdlib.launch.ray import RayWorkerGroup
+
+    @ray.remote(num_cpus=0)
+    class Rank:
+        def survive(self):
+            time.sleep(0.2)
+            raise RuntimeError("gloo: Read error: Connection reset by peer")
+
+        def die(self):
+            time.sleep(1.0)
+            os._exit(1)
+
+    survivor, dying = Rank.remote(), Rank.remote()
+    group = RayWorkerGroup("student", [survivor, dying], pids=[11, 12])
+    with pytest.raises(WorkerError, match=r"^student worker 1 \(pid 12\) failed in train_step\(\): the worker process died"):
+        group.gather([survivor.survive.remote(), dying.die.remote()], "train_step")
+    # a failure with no rank dying is still reported as it came
+    with pytest.raises(WorkerError, match=r"^student worker 0 \(pid 11\) failed in train_step\(\): RuntimeError: gloo"):
+        group.gather([survivor.survive.remote()], "train_step")
+
+
 @pytest.mark.slow
 def test_a_bad_update_is_skipped_on_every_rank(ray_cluster, tiny_overrides, tmp_path):
     """A NaN loss in one rank's micro-batch: both FSDP2 ranks skip the update (their shards stay

@@ -153,8 +153,29 @@ class RayWorkerGroup(WorkerGroup):
                 try:
                     ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - translated into one named error
-                    raise self._error(index[ref], method, exc) from exc
+                    rank, exc = self._root_failure([(index[ref], exc)], pending, index)
+                    raise self._error(rank, method, exc) from exc
         return ray.get(refs)
+
+    def _root_failure(self, failed: list[tuple[int, BaseException]], pending: list,
+                      index: dict) -> tuple[int, BaseException]:
+        """The failure to report: a worker that died rather than a survivor whose collective
+        broke because of it. When one rank is killed, the others' gloo/NCCL calls often fail
+        first ("connection reset by peer") while the dead actor's error is still in flight, so
+        the other calls get :data:`DEATH_GRACE_S` to come back before the first failure is named."""
+        import ray
+
+        def died(exc: BaseException) -> bool:
+            return isinstance(_cause(exc), ray.exceptions.RayActorError)
+
+        if not died(failed[0][1]) and pending:
+            done, _ = ray.wait(pending, num_returns=len(pending), timeout=DEATH_GRACE_S)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - compared, then reported by the caller
+                    failed.append((index[ref], exc))
+        return next((item for item in failed if died(item[1])), failed[0])
 
     def _error(self, rank: int, method: str, exc: BaseException) -> WorkerError | TeacherUnavailable:
         cause = _cause(exc)
@@ -297,6 +318,10 @@ def _describe(exc: BaseException) -> str:
     text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[-1] if text else ''}"
 
+
+# How long the other ranks' calls may take to come back after one failed, so that a rank that
+# died is named instead of a survivor whose collective broke because of it (an error path only).
+DEATH_GRACE_S = 5.0
 
 # A worker that became unreachable may be on a node that stopped; Ray's GCS declares a node dead
 # after its health checks fail (about 15 s with Ray's defaults), so wait that long to tell.
