@@ -132,7 +132,7 @@ def per_batch(batches: list["MicroBatch"], flat: list[Any]) -> list[list[Any]]:
     """Items given per part (in :func:`split_parts` order) grouped per micro-batch of ``batches``."""
     out, start = [], 0
     for batch in batches:
-        n = len(batch.route.parts) if isinstance(batch.route, MixedRoute) else 1
+        n = len(route_parts(batch))
         out.append(flat[start:start + n])
         start += n
     if start != len(flat):

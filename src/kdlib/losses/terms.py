@@ -38,4 +38,3 @@ class LossTerms:
             n_tokens=sum(p.n_tokens for p in parts),
             pg_sum=sum(pg[1:], pg[0]) if pg else None,
         )
-
