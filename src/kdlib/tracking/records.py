@@ -9,20 +9,27 @@ from it at the end with matplotlib's object API (no pyplot state).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 if TYPE_CHECKING:
     from kdlib.tracking.trackers import Trackers
 
+log = logging.getLogger(__name__)
+
 
 class MetricsWriter:
     """Appends metric rows to ``<run_dir>/metrics.jsonl`` and sends them to the trackers. A run
     resumed at step ``resumed_at`` keeps the rows of the steps up to it and drops the later ones
-    (they were written after the checkpoint and are trained again), so each step has one row."""
+    (they were written after the checkpoint and are trained again), so each step has one row. A
+    run that starts at step 1 in a directory holding an earlier run's rows sets that file aside
+    (:func:`set_aside`) rather than appending to it, so one file never mixes two runs."""
 
     def __init__(self, run_dir: Path, trackers: Optional["Trackers"] = None, resumed_at: int = 0) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
+        if not resumed_at:
+            set_aside(self.path)
         self.rows: list[dict[str, Any]] = keep_steps(self.path, resumed_at) if resumed_at else []
         self.trackers = trackers
         self._handle = self.path.open("a", encoding="utf-8")
@@ -36,6 +43,20 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._handle.close()
+
+
+def set_aside(path: Path) -> Optional[Path]:
+    """Rename a non-empty ``path`` to the first free ``<name>.<n>`` (n = 1, 2, ...), logging where
+    it went; returns the new path (None: nothing to set aside)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+        n += 1
+    target = path.with_name(f"{path.name}.{n}")
+    path.replace(target)
+    log.warning("%s held an earlier run's metrics: kept as %s", path, target.name)
+    return target
 
 
 def keep_steps(path: Path, last_step: int) -> list[dict[str, Any]]:
