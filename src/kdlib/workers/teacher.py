@@ -156,6 +156,7 @@ class TeacherWorker:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        return_freed_heap()
 
     def sleep(self) -> None:
         """Colocation: release the accelerator while the students train (an unloaded teacher holds none)."""
@@ -165,6 +166,25 @@ class TeacherWorker:
     def wake(self) -> None:
         if self.backend is not None:
             self.backend.wake()
+
+
+def return_freed_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``): a model's many small
+    weight tensors live on the heap, and glibc keeps their pages after they are freed, so an
+    unloaded teacher would still count in the process's memory and the next teacher's load would
+    come on top. False where the C library has no ``malloc_trim`` (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def rows_to_send(output: TeacherOutput, batch: MicroBatch) -> TeacherOutput:
