@@ -1,64 +1,130 @@
-"""Does splitting the same samples into more, smaller forward calls cost time?
+"""Does splitting the same samples into more, smaller calls cost time, and does a second teacher?
 
 A routed run with two teachers makes more, smaller micro-batches than the one-teacher run over the
-same samples (docs/benchmarks.md, several teachers). This runs the default job's pruned student
-(bf16, read as a checkpoint: run the default job once first) forward over the same 8 random
-sequences as 2 calls of 4, 3 calls of 4, 1 and 3, 4 calls of 2 and 8 calls of 1, packed (one row,
-position ids restarting per sequence) and padded, interleaved, and prints the median seconds of 5
-repetitions per split. Equal or lower times for more calls mean a call has no fixed cost worth
-counting at these sizes.
+same samples (docs/benchmarks.md, several teachers): a global batch of 8 samples split 5 + 3
+between two teachers becomes micro-batches of 4, 1 and 3 instead of 4 and 4. This runs the
+default job's models as kdlib runs them (``load_causal_lm`` with the resolved config: bf16 where
+the CPU computes it natively, kdlib's packed attention with each sample's boundaries passed as
+varlen keywords, one packed row per call) over the same 8 random sequences of 90-160 tokens:
+
+- ``teacher``: the SmolLM2-135M teacher's forward (inference mode), as 4+4, 4+1+3, 2+2+2+2 and
+  one call of 8, and 4+4 and 4+1+3 with the second call(s) on a second copy of the teacher (two
+  teacher models in memory, as ``routed_two_apart`` runs);
+- ``student``: the pruned student's forward and backward (the sum of its last hidden states as
+  the loss; float32 weights under bf16 autocast where the CPU computes bf16 natively, as the
+  resolved config trains it), as 4+4, 4+1+3, 2+2+2+2 and 8;
+- ``fused loss``: the chunked loss engine alone (cross-entropy through the student's head, 49,152
+  x 576, float32, chunks of 256 rows) on random hidden rows as many as the sequences' tokens, per
+  call forward and backward into the head's ``.grad``, as 4+4, 4+1+3, 2+2+2+2 and 8: every call
+  makes and adds one head gradient, the fixed cost of a micro-batch or of a part of one.
+
+Splits are interleaved and repeated (``--repeats``, default 9); it prints the median and the
+minimum seconds per split and the ratio of the medians to 4+4. The student is read from the
+checkpoint the default job made (run it once first).
 
     python benchmarks/call_sizes.py
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
 import torch
 
+SEQUENCE_LENGTHS = (130, 90, 160, 120, 100, 140, 110, 150)
+
+
+def packed_forward(model, sequences: list[torch.Tensor]) -> torch.Tensor:
+    """The last hidden states of ``sequences`` packed into one row, as kdlib's forward runs them."""
+    from kdlib.models.forward import decoder_of
+    from kdlib.models.packed_attention import packed_row_kwargs
+
+    positions = torch.cat([torch.arange(len(s)) for s in sequences])[None]
+    return decoder_of(model)(input_ids=torch.cat(sequences)[None], position_ids=positions, use_cache=False,
+                             **packed_row_kwargs(positions)).last_hidden_state
+
+
+def timed(plans: dict, run, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each plan (a list of (model, sequences) calls), interleaved, after one warm-up."""
+    for calls in plans.values():
+        for model, group in calls:
+            run(model, group)
+    seconds: dict[str, list[float]] = {name: [] for name in plans}
+    for _ in range(repeats):
+        for name, calls in plans.items():
+            start = time.perf_counter()
+            for model, group in calls:
+                run(model, group)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def report(title: str, seconds: dict[str, list[float]]) -> None:
+    base = statistics.median(seconds["4+4"])
+    print(f"\n{title}\n| split | median (s) | min (s) | vs 4+4 |\n|---|---|---|---|")
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.3f} | {min(values):.3f} | {median / base:.3f}x |")
+
 
 def main() -> None:
-    from transformers import AutoModelForCausalLM
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
 
+    import kdlib
+    from kdlib.models.loading import load_causal_lm
+    from kdlib.runner import resolved
     from multi_teacher import student
 
-    path = student()[0].split("=", 1)[1]
-    decoder = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval().model
+    cfg = resolved(kdlib.compose(["logging.progress=false", *student()]))
+    cpu = torch.device("cpu")
+    teacher = load_causal_lm(cfg.teacher, device=cpu).eval()
+    copy = load_causal_lm(cfg.teacher, device=cpu).eval()
+    pupil = load_causal_lm(cfg.student, device=cpu).train()
+    print(f"teacher dtype {cfg.teacher.dtype.value}, student dtype {cfg.student.dtype.value} "
+          f"(autocast {cfg.student.autocast}), "
+          f"attention {cfg.teacher.attn_implementation}, torch threads {torch.get_num_threads()}")
     generator = torch.Generator().manual_seed(0)
-    sequences = [torch.randint(100, 40000, (n,), generator=generator) for n in (130, 90, 160, 120, 100, 140, 110, 150)]
-    splits = {
-        "4+4": [sequences[:4], sequences[4:]],
-        "4+1+3": [sequences[:4], sequences[4:5], sequences[5:]],
-        "2+2+2+2": [sequences[i:i + 2] for i in range(0, 8, 2)],
-        "1 x 8": [[s] for s in sequences],
-    }
+    s = [torch.randint(100, 40000, (n,), generator=generator) for n in SEQUENCE_LENGTHS]
 
-    def packed(calls):
-        for call in calls:
-            positions = torch.cat([torch.arange(len(s)) for s in call])[None]
-            decoder(input_ids=torch.cat(call)[None], position_ids=positions, use_cache=False)
+    def splits(model, second=None):
+        second = second or model
+        return {"4+4": [(model, s[:4]), (second, s[4:])],
+                "4+1+3": [(model, s[:4]), (second, s[4:5]), (second, s[5:])],
+                "2+2+2+2": [(model, s[i:i + 2]) for i in range(0, 8, 2)],
+                "8": [(model, s)]}
 
-    def padded(calls):
-        for call in calls:
-            length = max(len(s) for s in call)
-            ids = torch.zeros(len(call), length, dtype=torch.long)
-            mask = torch.zeros(len(call), length, dtype=torch.long)
-            for row, s in enumerate(call):
-                ids[row, : len(s)], mask[row, : len(s)] = s, 1
-            decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-
+    teacher_plans = splits(teacher)
+    two = splits(teacher, copy)
+    teacher_plans["4+4, two teachers"] = two["4+4"]
+    teacher_plans["4+1+3, two teachers"] = two["4+1+3"]
     with torch.inference_mode():
-        for layout in (packed, padded):
-            layout(splits["4+4"])  # warm-up
-            seconds = {name: [] for name in splits}
-            for _ in range(5):
-                for name, calls in splits.items():
-                    start = time.perf_counter()
-                    layout(calls)
-                    seconds[name].append(time.perf_counter() - start)
-            print(layout.__name__, {name: round(statistics.median(s), 3) for name, s in seconds.items()})
+        report("teacher forward", timed(teacher_plans, packed_forward, args.repeats))
+
+    def train(model, group):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cfg.student.autocast)):
+            hidden = packed_forward(model, group)
+        hidden.float().sum().backward()
+
+    report("student forward + backward", timed(splits(pupil), train, args.repeats))
+
+    from kdlib.losses.engine import Plan, evaluate, even_chunks
+    from kdlib.models.head import LMHead
+
+    head = pupil.get_output_embeddings().weight.detach().float().clone().requires_grad_(True)
+    width = head.shape[1]
+
+    def loss(_, group):
+        n = sum(len(x) for x in group)
+        hidden = torch.randn(n, width, generator=generator).requires_grad_(True)
+        plan = Plan(chunks=even_chunks(n, cfg.loss.chunk_size), head=LMHead(head), term=None,
+                    targets=torch.cat(group) % head.shape[0], kd_weight=0.0, ce_weight=1.0)
+        evaluate(plan, hidden, head, None)[0].backward()
+
+    report("fused loss (head gradient per call)", timed(splits(None), loss, args.repeats))
 
 
 if __name__ == "__main__":
