@@ -37,13 +37,15 @@ SEQUENCE_LENGTHS = (130, 90, 160, 120, 100, 140, 110, 150)
 
 
 def packed_forward(model, sequences: list[torch.Tensor]) -> torch.Tensor:
-    """The last hidden states of ``sequences`` packed into one row, as kdlib's forward runs them."""
-    from kdlib.models.forward import decoder_of
-    from kdlib.models.packed_attention import packed_row_kwargs
+    """The last hidden states of ``sequences`` packed into one row, by kdlib's own forward."""
+    from kdlib.batch import TokenBatch
+    from kdlib.models.forward import final_hidden_states
 
+    ids = torch.cat(sequences)[None]
     positions = torch.cat([torch.arange(len(s)) for s in sequences])[None]
-    return decoder_of(model)(input_ids=torch.cat(sequences)[None], position_ids=positions, use_cache=False,
-                             **packed_row_kwargs(positions)).last_hidden_state
+    batch = TokenBatch(input_ids=ids, attention_mask=None, loss_mask=torch.ones_like(ids, dtype=torch.bool),
+                       position_ids=positions)
+    return final_hidden_states(model, batch)
 
 
 def timed(plans: dict, run, repeats: int) -> dict[str, list[float]]:

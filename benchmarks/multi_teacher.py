@@ -109,7 +109,6 @@ def summary(result: dict) -> dict:
     return {
         "step_s": statistics.median(r["step_seconds"] for r in later),
         "total_s": sum(r["step_seconds"] for r in later),
-        "teacher_s": statistics.median(r["teacher_seconds"] for r in later),
         "teacher_total_s": sum(r["teacher_seconds"] for r in later),
         "student_total_s": sum(r["student_seconds"] for r in later),
         "teacher_tokens": sum(teacher_tokens) / len(rows) if any(teacher_tokens) else None,

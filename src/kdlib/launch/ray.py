@@ -153,11 +153,11 @@ class RayWorkerGroup(WorkerGroup):
                 try:
                     ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - translated into one named error
-                    rank, exc = self._root_failure([(index[ref], exc)], pending, index)
+                    rank, exc = self._root_failure((index[ref], exc), pending, index)
                     raise self._error(rank, method, exc) from exc
         return ray.get(refs)
 
-    def _root_failure(self, failed: list[tuple[int, BaseException]], pending: list,
+    def _root_failure(self, first: tuple[int, BaseException], pending: list,
                       index: dict) -> tuple[int, BaseException]:
         """The failure to report: a worker that died rather than a survivor whose collective
         broke because of it. When one rank is killed, the others' gloo/NCCL calls often fail
@@ -165,17 +165,16 @@ class RayWorkerGroup(WorkerGroup):
         the other calls get :data:`DEATH_GRACE_S` to come back before the first failure is named."""
         import ray
 
-        def died(exc: BaseException) -> bool:
-            return isinstance(_cause(exc), ray.exceptions.RayActorError)
-
-        if not died(failed[0][1]) and pending:
-            done, _ = ray.wait(pending, num_returns=len(pending), timeout=DEATH_GRACE_S)
-            for ref in done:
-                try:
-                    ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - compared, then reported by the caller
-                    failed.append((index[ref], exc))
-        return next((item for item in failed if died(item[1])), failed[0])
+        if _actor_died(first[1]) or not pending:
+            return first
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=DEATH_GRACE_S)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - reported by the caller when its rank died
+                if _actor_died(exc):
+                    return index[ref], exc
+        return first
 
     def _error(self, rank: int, method: str, exc: BaseException) -> WorkerError | TeacherUnavailable:
         cause = _cause(exc)
@@ -306,6 +305,13 @@ def _cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def _actor_died(exc: BaseException) -> bool:
+    """Whether a Ray call failed because its actor died (or became unreachable), not by raising."""
+    import ray
+
+    return isinstance(_cause(exc), ray.exceptions.RayActorError)
+
+
 def _describe(exc: BaseException) -> str:
     """One line for a Ray task error: the worker's own exception, or how the actor died."""
     import ray
@@ -313,7 +319,7 @@ def _describe(exc: BaseException) -> str:
     cause = _cause(exc)
     if isinstance(cause, ray.exceptions.ActorUnavailableError):
         return "the worker became unreachable"
-    if isinstance(cause, ray.exceptions.RayActorError):
+    if _actor_died(exc):
         return "the worker process died (killed, out of memory, or crashed)"
     text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[-1] if text else ''}"
@@ -331,10 +337,10 @@ NODE_DEATH_WAIT_S = 30.0
 def _node_stopped(node_id: str, exc: BaseException) -> bool:
     import ray
 
-    cause = _cause(exc)
-    if node_id == "?" or not isinstance(cause, ray.exceptions.RayActorError):
+    if node_id == "?" or not _actor_died(exc):
         return False  # the worker raised: its node is fine
-    deadline = time.monotonic() + (NODE_DEATH_WAIT_S if isinstance(cause, ray.exceptions.ActorUnavailableError) else 0)
+    unreachable = isinstance(_cause(exc), ray.exceptions.ActorUnavailableError)
+    deadline = time.monotonic() + (NODE_DEATH_WAIT_S if unreachable else 0)
     while node_alive(node_id):
         if time.monotonic() >= deadline:
             return False

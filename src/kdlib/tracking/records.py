@@ -28,9 +28,11 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, trackers: Optional["Trackers"] = None, resumed_at: int = 0) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
-        if not resumed_at:
+        self.rows: list[dict[str, Any]] = []
+        if resumed_at:
+            self.rows = keep_steps(self.path, resumed_at)
+        else:
             set_aside(self.path)
-        self.rows: list[dict[str, Any]] = keep_steps(self.path, resumed_at) if resumed_at else []
         self.trackers = trackers
         self._handle = self.path.open("a", encoding="utf-8")
 
