@@ -10,8 +10,10 @@ first student row of each byte-aligned group across tokenizers), its distributio
 the student's vocabulary as its algorithm carries it, and the target combines them per row. Held-out
 sums are computed per member, each against its own teacher. A micro-batch holding several targets
 (:class:`~kdlib.routing.MixedRoute`) runs the student's forward once and each part's loss on the
-rows of its samples (:meth:`RoutedLoss.part_losses`); it needs algorithms that take a given
-forward (:meth:`~kdlib.algorithms.base.Algorithm.loss_of`, every built-in one).
+rows of its samples (:meth:`RoutedLoss.part_losses`), the parts' loss evaluations sharing one chunk
+workspace and one gradient of the student's head (:mod:`kdlib.losses.shared_buffers`); it needs
+algorithms that take a given forward (:meth:`~kdlib.algorithms.base.Algorithm.loss_of`, every
+built-in one).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from kdlib.config.schema import AlgorithmConfig, LossConfig
 from kdlib.evaluation import HeldoutSums
 from kdlib.losses import LossTerms
 from kdlib.losses.ensemble import Member, ensemble_loss, row_weights
+from kdlib.losses.shared_buffers import sharing
 from kdlib.models.head import LMHead
 from kdlib.routing import MixedRoute
 from kdlib.teacher_output import TeacherOutput
@@ -96,13 +99,14 @@ class RoutedLoss:
             return [(route.target, self.compute_loss(student, batch, teacher, normaliser))]
         forward = Algorithm.student_forward(student, batch)
         out, start = [], 0
-        for part, output in zip(route.parts, teacher, strict=True):
-            rows = slice(start, start + part.n_loss_tokens)
-            own = StudentForward(forward.hidden[rows], forward.head, forward.targets[rows])
-            if not torch.equal(own.targets, part.student.targets().to(own.targets.device)):
-                raise ValueError(f"the rows of part {part.route.target} are not its samples' loss rows")
-            out.append((part.route.target, self.loss_of(own, part, output, normaliser)))
-            start = rows.stop
+        with sharing():  # one chunk workspace and one head gradient for all the parts
+            for part, output in zip(route.parts, teacher, strict=True):
+                rows = slice(start, start + part.n_loss_tokens)
+                own = StudentForward(forward.hidden[rows], forward.head, forward.targets[rows])
+                if not torch.equal(own.targets, part.student.targets().to(own.targets.device)):
+                    raise ValueError(f"the rows of part {part.route.target} are not its samples' loss rows")
+                out.append((part.route.target, self.loss_of(own, part, output, normaliser)))
+                start = rows.stop
         if start != forward.targets.shape[0]:
             raise ValueError(f"the parts hold {start} of the micro-batch's {forward.targets.shape[0]} loss rows")
         return out

@@ -30,7 +30,8 @@ def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 class Workspace:
-    """Named [chunk, cols] buffers, allocated once and reused by every chunk."""
+    """Named [chunk, cols] buffers, allocated once and reused by every chunk (and, shared, by the
+    evaluations of one micro-batch's parts: :mod:`kdlib.losses.shared_buffers`)."""
 
     def __init__(self, rows: int, dtype: torch.dtype, device: torch.device) -> None:
         self.rows = rows
@@ -40,8 +41,8 @@ class Workspace:
 
     def get(self, name: str, rows: int, cols: int) -> torch.Tensor:
         buf = self._buffers.get(name)
-        if buf is None or buf.shape[1] != cols:
-            buf = torch.empty(self.rows, cols, dtype=self.dtype, device=self.device)
+        if buf is None or buf.shape[1] != cols or buf.shape[0] < rows:
+            buf = torch.empty(max(self.rows, rows), cols, dtype=self.dtype, device=self.device)
             self._buffers[name] = buf
         return buf[:rows]
 

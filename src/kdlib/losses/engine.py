@@ -8,7 +8,8 @@ chunks, recomputes the chunk's student logits from its hidden states and head, a
 and the student's cross-entropy, and differentiates them at once; one ``autograd.Function`` keeps
 the gradients (hidden states, head weight and bias, a term's own parameters) and only scales them
 in backward. Memory is O(chunk x vocab) plus one gradient per parameter, which training needs
-anyway.
+anyway; the parts of a mixed micro-batch share that gradient and the chunk buffers
+(:mod:`kdlib.losses.shared_buffers`).
 
 How a KD term plugs in. A :class:`Plan` names the chunks (:class:`Chunk`: student rows, the term's
 units inside them, the teacher rows those units read), the student head, the CE targets, the
@@ -58,7 +59,8 @@ from kdlib.losses.chunk_math import (
     cross_entropy,
     logits_into,
 )
-from kdlib.losses import target_logprobs
+from kdlib.losses import shared_buffers, target_logprobs
+from kdlib.losses.shared_buffers import GradientBuffers
 from kdlib.losses.policy_gradient import PolicyGradient
 from kdlib.models.head import LMHead
 
@@ -163,8 +165,8 @@ def evaluate_terms(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias, *extra)):
         return _ChunkedLoss.apply(plan, hidden, weight, bias, *extra)
     with torch.no_grad():
-        total, kd_sum, ce_sum, pg_sum, _ = _run(plan, hidden, weight, bias, tuple(extra),
-                                                (False,) * (3 + len(extra)))
+        nothing = GradientBuffers(hidden, (weight, bias, *extra), (False,) * (3 + len(extra)))
+        total, kd_sum, ce_sum, pg_sum = _run(plan, hidden, weight, bias, tuple(extra), nothing)
     return total, kd_sum, ce_sum, pg_sum
 
 
@@ -173,9 +175,10 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, hidden, weight, bias, *extra):
-        total, kd_sum, ce_sum, pg_sum, grads = _run(plan, hidden, weight, bias, extra,
-                                                    tuple(ctx.needs_input_grad[1:]))
-        ctx.grads = grads
+        grads = GradientBuffers(hidden, (weight, bias, *extra), tuple(ctx.needs_input_grad[1:]), shared_buffers.active())
+        total, kd_sum, ce_sum, pg_sum = _run(plan, hidden, weight, bias, extra, grads)
+        ctx.grads = grads.result((weight, bias, *extra))
+        ctx.shared = grads.shared
         ctx.mark_non_differentiable(kd_sum, ce_sum, pg_sum)
         return total, kd_sum, ce_sum, pg_sum
 
@@ -185,14 +188,18 @@ class _ChunkedLoss(torch.autograd.Function):
         grads = ctx.grads
         if grads is None:
             raise RuntimeError("the chunked KD loss was already differentiated without retain_graph")
-        if _graph_is_kept():  # another backward may follow (retain_graph, gradcheck): copy
-            return (None, *(None if g is None else g * grad_total.to(g.dtype) for g in grads))
-        # Last use: scale in place and hand the buffers to autograd, which adopts them as .grad
-        # without a copy (so the [V, H] weight gradient exists once).
-        ctx.grads = None
-        for g in grads:
-            if g is not None:
-                g.mul_(grad_total.to(g.dtype))
+        keep = _graph_is_kept()
+        if keep:  # another backward may follow (retain_graph, gradcheck): copy
+            grads = [None if g is None else g * grad_total.to(g.dtype) for g in grads]
+        else:
+            # Last use: scale in place and hand the buffers to autograd, which adopts them as .grad
+            # without a copy (so the [V, H] weight gradient exists once).
+            ctx.grads = None
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_total.to(g.dtype))
+        for position, shared in ctx.shared.items():  # a head gradient shared by a mixed micro-batch's parts
+            grads[position] = shared.take(grad_total, keep)
         return (None, *grads)
 
 
@@ -208,11 +215,10 @@ def _graph_is_kept() -> bool:
 # The chunk loop
 
 
-def _run(plan: Plan, hidden, weight, bias, extra, needs):
-    """Loop over chunks: (total, kd_sum, ce_sum, pg_sum, grads), with the gradients flagged in
-    ``needs`` (hidden, weight, bias, *extra) and None for the others."""
+def _run(plan: Plan, hidden, weight, bias, extra, grads: GradientBuffers):
+    """Loop over chunks: (total, kd_sum, ce_sum, pg_sum), the gradients accumulated in ``grads``."""
     params = (weight, bias, *extra)
-    grads = _Grads(hidden, params, needs, accumulation_dtype(weight))
+    needs = grads.needs
     general = isinstance(plan.term, AutogradTerm)
     if plan.pg is not None and (general or plan.targets is None):
         raise ValueError("a policy-gradient term needs the targets and a logit term (same-tokenizer KD)")
@@ -226,29 +232,14 @@ def _run(plan: Plan, hidden, weight, bias, extra, needs):
     if plan.pg is not None:
         pg_sum = step.pg_rows.sum()
         total = total + pg_sum
-    return total, kd_sum, ce_sum, pg_sum, grads.result(params)
-
-
-class _Grads:
-    """Gradient buffers: the hidden states' in their dtype, each parameter's in the accumulation
-    dtype (float32, float64 for float64 heads), cast to the parameter's dtype at the end."""
-
-    def __init__(self, hidden, params, needs, dtype: torch.dtype) -> None:
-        self.hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs[0] else None
-        self.params = [
-            None if p is None or not n else torch.zeros(p.shape, dtype=dtype, device=p.device)
-            for p, n in zip(params, needs[1:])
-        ]
-
-    def result(self, params) -> list[Optional[torch.Tensor]]:
-        return [self.hidden, *(None if g is None else g.to(p.dtype) for g, p in zip(self.params, params))]
+    return total, kd_sum, ce_sum, pg_sum
 
 
 class _FastStep:
     """One chunk of a :class:`LogitTerm` (or CE alone): logits in reused buffers, CE and the
     term's logit gradient in closed form, backpropagated through the head by hand."""
 
-    def __init__(self, plan: Plan, hidden, params, needs, grads: _Grads) -> None:
+    def __init__(self, plan: Plan, hidden, params, needs, grads: GradientBuffers) -> None:
         weight, bias = params[0], params[1]
         self.plan, self.hidden, self.grads = plan, hidden, grads
         self.term: Optional[LogitTerm] = plan.term
@@ -271,7 +262,9 @@ class _FastStep:
         self.recorder = target_logprobs.active() if self.has_ce else None
         self.recorded = None if self.recorder is None else torch.full((n,), float("nan"), device=hidden.device)
         rows = max((c.rows.stop - c.rows.start for c in plan.chunks), default=1)
-        self.ws: Optional[Workspace] = Workspace(rows, acc, hidden.device)
+        shared = shared_buffers.active()
+        self.ws: Optional[Workspace] = (Workspace(rows, acc, hidden.device) if shared is None
+                                        else shared.workspace(rows, acc, hidden.device))
 
     def __call__(self, chunk: Chunk, teacher: Mapping[str, torch.Tensor]) -> None:
         plan, term, ws, head = self.plan, self.term, self.ws, self.head
@@ -341,7 +334,7 @@ class _GeneralStep:
     """One chunk of an :class:`AutogradTerm`: autograd from the chunk's leaves (hidden rows, head
     weight and bias, the term's parameters) through the logits, CE and the term's KD sum."""
 
-    def __init__(self, plan: Plan, hidden, params, needs, grads: _Grads) -> None:
+    def __init__(self, plan: Plan, hidden, params, needs, grads: GradientBuffers) -> None:
         self.plan, self.hidden, self.params, self.needs, self.grads = plan, hidden, params, needs, grads
         acc = accumulation_dtype(params[0])
         self.kd = torch.zeros((), dtype=acc, device=hidden.device)
