@@ -9,10 +9,11 @@ process, in this one invocation:
   routed to ``teacher`` (the routing machinery, one model loaded);
 - ``routed_two``: rows alternately routed to ``teacher`` and ``copy``: the same total teacher
   tokens as ``single``, two teacher models in memory; micro-batches hold samples of both teachers
-  (``routing.mix_micro_batches=true``: one student forward, each teacher's loss on its rows);
+  (``routing.mix_micro_batches=true``, the default: one student forward, each teacher's loss on its
+  rows);
 - ``routed_two_apart``: as ``routed_two`` with each micro-batch one teacher's samples (more,
-  smaller micro-batches; ``routing.mix_micro_batches=false``, the default);
-- ``routed_turns``: as ``routed_two_apart`` with ``routing.take_turns=true`` (one teacher model loaded
+  smaller micro-batches; ``routing.mix_micro_batches=false``);
+- ``routed_turns``: as ``routed_two`` with ``routing.take_turns=true`` (one teacher model loaded
   at a time, each loaded again for its turn).
 
 and prints per configuration the summed ``step_seconds`` of steps 2..N (the first holds one-time
@@ -26,7 +27,7 @@ plus the student plus 10%.
     python benchmarks/multi_teacher.py                     # 8 steps per configuration
     python benchmarks/multi_teacher.py --steps 12 --extra train.packing=false
     python benchmarks/multi_teacher.py --rounds 3 --only single routed_one routed_two_apart
-    python benchmarks/multi_teacher.py --interleaved --steps 41 --only single routed_one routed_two_apart
+    python benchmarks/multi_teacher.py --interleaved --steps 41 --only single routed_one routed_two
 
 On this 2-core machine two processes running the same job differ by up to ~20% in step time
 (placement, allocation: teacher and student seconds move together within a process), more than

@@ -92,12 +92,12 @@ class RoutingConfig(ConfigNode):
     # again when their samples come), for teachers that do not fit in memory together.
     take_turns: bool = False
     # A training micro-batch may hold samples of several targets: the student runs one forward over
-    # all of them and each target's loss is computed on its samples' rows, so a global batch makes
-    # as many micro-batches as in a one-teacher run. Off by default: each part's fused loss keeps
-    # its own head gradient until the backward (more peak memory), and on CPU the step was not
-    # measurably faster (docs/benchmarks.md). Algorithms that only implement compute_loss (not
-    # loss_of) always get one target per micro-batch.
-    mix_micro_batches: bool = False
+    # all of them and each target's loss is computed on its samples' rows (the parts' losses share
+    # one chunk workspace and one head gradient), so a global batch makes as many micro-batches,
+    # of the same sizes, as in a one-teacher run. false: one target per micro-batch (more, smaller
+    # micro-batches; 1.04x a one-teacher step against 1.01x mixed, docs/benchmarks.md). Algorithms
+    # that only implement compute_loss (not loss_of) always get one target per micro-batch.
+    mix_micro_batches: bool = True
 
     def check(self) -> None:
         for name in self.ensembles:
