@@ -92,6 +92,14 @@ def test_parts_weighed_differently_stop_the_backward_pass():
         sum(parts).backward()
 
 
+def test_a_non_finite_loss_gives_non_finite_gradients_for_the_bad_step_check_not_an_error():
+    hidden, head, targets, teachers = _setup(4)
+    with sharing():
+        parts = _parts(hidden, head, targets, teachers)
+    (sum(parts) * float("nan")).backward()
+    assert head.weight.grad.isnan().all() and hidden.grad.isnan().all()
+
+
 def test_outside_a_sharing_block_each_evaluation_keeps_its_own_gradient():
     hidden, head, targets, teachers = _setup(3)
     parts = _parts(hidden, head, targets, teachers, scales=(1.0, 2.0, 0.5))

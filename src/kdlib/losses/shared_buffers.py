@@ -52,7 +52,7 @@ class SharedGradient:
         first = self.arrived % self.members == 0
         self.arrived += 1
         if not first:
-            if not torch.equal(grad_total, self.scale):
+            if not _same(grad_total, self.scale):
                 raise RuntimeError(
                     "the loss evaluations of one mixed micro-batch share the student head's gradient, so they must "
                     f"enter the loss with the same weight (found {float(grad_total)} and {float(self.scale)}): "
@@ -66,6 +66,12 @@ class SharedGradient:
             return (self.buffer * grad_total.to(self.buffer.dtype)).to(self.param.dtype)
         buffer, self.buffer = self.buffer, None  # last use: autograd adopts it as .grad
         return buffer.mul_(grad_total.to(buffer.dtype)).to(self.param.dtype)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal upstream gradients; NaN equals NaN (a non-finite loss is the bad-step check's to
+    skip, not an error here)."""
+    return torch.equal(a, b) or bool(torch.isnan(a).all() and torch.isnan(b).all())
 
 
 class SharedBuffers:
