@@ -218,11 +218,10 @@ def _graph_is_kept() -> bool:
 def _run(plan: Plan, hidden, weight, bias, extra, grads: GradientBuffers):
     """Loop over chunks: (total, kd_sum, ce_sum, pg_sum), the gradients accumulated in ``grads``."""
     params = (weight, bias, *extra)
-    needs = grads.needs
     general = isinstance(plan.term, AutogradTerm)
     if plan.pg is not None and (general or plan.targets is None):
         raise ValueError("a policy-gradient term needs the targets and a logit term (same-tokenizer KD)")
-    step = _GeneralStep(plan, hidden, params, needs, grads) if general else _FastStep(plan, hidden, params, needs, grads)
+    step = _GeneralStep(plan, hidden, params, grads) if general else _FastStep(plan, hidden, params, grads)
     teacher = {} if plan.term is None else plan.term.teacher
     for chunk in plan.chunks:
         step(chunk, {name: rows[chunk.teacher] for name, rows in teacher.items()})
@@ -239,7 +238,7 @@ class _FastStep:
     """One chunk of a :class:`LogitTerm` (or CE alone): logits in reused buffers, CE and the
     term's logit gradient in closed form, backpropagated through the head by hand."""
 
-    def __init__(self, plan: Plan, hidden, params, needs, grads: GradientBuffers) -> None:
+    def __init__(self, plan: Plan, hidden, params, grads: GradientBuffers) -> None:
         weight, bias = params[0], params[1]
         self.plan, self.hidden, self.grads = plan, hidden, grads
         self.term: Optional[LogitTerm] = plan.term
@@ -253,7 +252,7 @@ class _FastStep:
         acc = accumulation_dtype(weight)
         kd_grad = self.term is not None and plan.kd_weight != 0.0
         ce_grad = self.has_ce and (plan.ce_weight != 0.0 or plan.pg is not None)
-        self.any_grad = any(needs[:3]) and (kd_grad or ce_grad)
+        self.any_grad = any(grads.needs[:3]) and (kd_grad or ce_grad)
         self.kd_grad = kd_grad and self.any_grad
         self.ce_grad = ce_grad and self.any_grad
         self.kd_rows = torch.zeros(n, dtype=acc, device=hidden.device)
@@ -262,7 +261,7 @@ class _FastStep:
         self.recorder = target_logprobs.active() if self.has_ce else None
         self.recorded = None if self.recorder is None else torch.full((n,), float("nan"), device=hidden.device)
         rows = max((c.rows.stop - c.rows.start for c in plan.chunks), default=1)
-        shared = shared_buffers.active()
+        shared = grads.sharing
         self.ws: Optional[Workspace] = (Workspace(rows, acc, hidden.device) if shared is None
                                         else shared.workspace(rows, acc, hidden.device))
 
@@ -334,8 +333,8 @@ class _GeneralStep:
     """One chunk of an :class:`AutogradTerm`: autograd from the chunk's leaves (hidden rows, head
     weight and bias, the term's parameters) through the logits, CE and the term's KD sum."""
 
-    def __init__(self, plan: Plan, hidden, params, needs, grads: GradientBuffers) -> None:
-        self.plan, self.hidden, self.params, self.needs, self.grads = plan, hidden, params, needs, grads
+    def __init__(self, plan: Plan, hidden, params, grads: GradientBuffers) -> None:
+        self.plan, self.hidden, self.params, self.needs, self.grads = plan, hidden, params, grads.needs, grads
         acc = accumulation_dtype(params[0])
         self.kd = torch.zeros((), dtype=acc, device=hidden.device)
         self.ce = torch.zeros((), dtype=acc, device=hidden.device)

@@ -83,22 +83,18 @@ class SharedBuffers:
         self._gradients: dict[int, SharedGradient] = {}
 
     def workspace(self, rows: int, dtype: torch.dtype, device: torch.device) -> Workspace:
-        """The workspace for chunks of up to ``rows`` rows (it grows when a later one needs more)."""
+        """The block's workspace (its buffers grow when a later evaluation's chunks are longer)."""
         key = (dtype, torch.device(device))
-        ws = self._workspaces.get(key)
-        if ws is None:
-            ws = self._workspaces[key] = Workspace(rows, dtype, device)
-        ws.rows = max(ws.rows, rows)
-        return ws
+        if key not in self._workspaces:
+            self._workspaces[key] = Workspace(rows, dtype, device)
+        return self._workspaces[key]
 
     def gradient(self, param: torch.Tensor, dtype: torch.dtype) -> SharedGradient:
-        """The shared gradient of ``param`` (the same tensor object in every evaluation)."""
-        shared = self._gradients.get(id(param))
-        if shared is None or shared.param is not param:
-            shared = self._gradients[id(param)] = SharedGradient(param, dtype)
-        if shared.buffer is not None and shared.buffer.dtype != dtype:
-            raise ValueError(f"evaluations sharing a gradient accumulate in {shared.buffer.dtype} and {dtype}")
-        return shared
+        """The shared gradient of ``param``, accumulated in ``dtype`` (the same tensor object in
+        every evaluation; the block holds it, so its id is not reused while the block is open)."""
+        if id(param) not in self._gradients:
+            self._gradients[id(param)] = SharedGradient(param, dtype)
+        return self._gradients[id(param)]
 
 
 @contextmanager
@@ -121,13 +117,14 @@ def active() -> Optional[SharedBuffers]:
 class GradientBuffers:
     """One evaluation's gradient buffers: the hidden states' in their dtype, each parameter's in
     the accumulation dtype (float32, float64 for float64 heads), cast to the parameter's dtype at
-    the end. With ``shared`` (a :func:`sharing` block) the head's weight and bias accumulate into
+    the end. With ``sharing`` (an open :func:`sharing` block) the head's weight and bias accumulate into
     the block's buffers instead (``self.shared``: their positions among the inputs' gradients,
     hidden first), which the engine's backward hands over once."""
 
     def __init__(self, hidden: torch.Tensor, params: tuple, needs: tuple[bool, ...],
-                 shared: Optional[SharedBuffers] = None) -> None:
+                 sharing: Optional[SharedBuffers] = None) -> None:
         self.needs = needs
+        self.sharing = sharing  # the open block, whose workspace the chunk loop uses too
         self.shared: dict[int, SharedGradient] = {}
         dtype = accumulation_dtype(params[0])
         self.hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs[0] else None
@@ -135,8 +132,8 @@ class GradientBuffers:
         for index, (p, n) in enumerate(zip(params, needs[1:])):
             if p is None or not n:
                 self.params.append(None)
-            elif shared is not None and index < 2:  # the head's weight and bias
-                self.shared[1 + index] = shared.gradient(p, dtype)
+            elif sharing is not None and index < 2:  # the head's weight and bias
+                self.shared[1 + index] = sharing.gradient(p, dtype)
                 self.params.append(self.shared[1 + index].join())
             else:
                 self.params.append(torch.zeros(p.shape, dtype=dtype, device=p.device))
