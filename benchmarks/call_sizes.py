@@ -16,13 +16,19 @@ varlen keywords, one packed row per call) over the same 8 random sequences of 90
 - ``fused loss``: the chunked loss engine alone (cross-entropy through the student's head, 49,152
   x 576, float32, chunks of 256 rows) on random hidden rows as many as the sequences' tokens, per
   call forward and backward into the head's ``.grad``, as 4+4, 4+1+3, 2+2+2+2 and 8: every call
-  makes and adds one head gradient, the fixed cost of a micro-batch or of a part of one.
+  makes and adds one head gradient, the fixed cost of a micro-batch or of a part of one;
+- ``memory``: what that fixed cost is made of: a fresh zeroed float32 buffer the size of the
+  student head's gradient, and four fresh [chunk, vocab] float32 buffers (a fused-loss call's chunk
+  workspace) written once, against the same four buffers written again (memory the OS has already
+  faulted in): the cost that the parts of a mixed micro-batch avoid by sharing one head gradient
+  and one workspace (``kdlib.losses.shared_buffers``).
 
 Splits are interleaved and repeated (``--repeats``, default 9); it prints the median and the
 minimum seconds per split and the ratio of the medians to 4+4. The student is read from the
 checkpoint the default job made (run it once first).
 
     python benchmarks/call_sizes.py
+    python benchmarks/call_sizes.py --parts memory
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import time
 import torch
 
 SEQUENCE_LENGTHS = (130, 90, 160, 120, 100, 140, 110, 150)
+PARTS = ("teacher", "student", "loss", "memory")
 
 
 def packed_forward(model, sequences: list[torch.Tensor]) -> torch.Tensor:
@@ -74,6 +81,7 @@ def report(title: str, seconds: dict[str, list[float]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--parts", nargs="*", default=list(PARTS), choices=PARTS)
     args = parser.parse_args()
 
     import kdlib
@@ -103,15 +111,17 @@ def main() -> None:
     two = splits(teacher, copy)
     teacher_plans["4+4, two teachers"] = two["4+4"]
     teacher_plans["4+1+3, two teachers"] = two["4+1+3"]
-    with torch.inference_mode():
-        report("teacher forward", timed(teacher_plans, packed_forward, args.repeats))
+    if "teacher" in args.parts:
+        with torch.inference_mode():
+            report("teacher forward", timed(teacher_plans, packed_forward, args.repeats))
 
     def train(model, group):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cfg.student.autocast)):
             hidden = packed_forward(model, group)
         hidden.float().sum().backward()
 
-    report("student forward + backward", timed(splits(pupil), train, args.repeats))
+    if "student" in args.parts:
+        report("student forward + backward", timed(splits(pupil), train, args.repeats))
 
     from kdlib.losses.engine import Plan, evaluate, even_chunks
     from kdlib.models.head import LMHead
@@ -126,7 +136,37 @@ def main() -> None:
                     targets=torch.cat(group) % head.shape[0], kd_weight=0.0, ce_weight=1.0)
         evaluate(plan, hidden, head, None)[0].backward()
 
-    report("fused loss (head gradient per call)", timed(splits(None), loss, args.repeats))
+    if "loss" in args.parts:
+        report("fused loss (head gradient per call)", timed(splits(None), loss, args.repeats))
+    if "memory" in args.parts:
+        fresh_memory(tuple(head.shape), cfg.loss.chunk_size, args.repeats)
+
+
+def fresh_memory(head_shape: tuple[int, int], chunk: int, repeats: int) -> None:
+    """Milliseconds (median, min) of: zeroing a fresh float32 buffer of ``head_shape``; writing
+    four fresh [chunk, vocab] float32 buffers once; writing the same four again."""
+    def ms(run) -> list[float]:
+        out = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            out.append(1e3 * (time.perf_counter() - start))
+        return out
+
+    vocab = head_shape[0]
+    kept = [torch.empty(chunk, vocab) for _ in range(4)]
+    for buffer in kept:
+        buffer.fill_(1.0)
+    rows = {
+        f"fresh zeroed head gradient {list(head_shape)} ({head_shape[0] * head_shape[1] * 4 / 1e6:.0f} MB)":
+            ms(lambda: torch.zeros(head_shape)),
+        f"4 fresh [{chunk}, {vocab}] buffers written once ({4 * chunk * vocab * 4 / 1e6:.0f} MB)":
+            ms(lambda: [torch.empty(chunk, vocab).fill_(1.0) for _ in range(4)]),
+        "the same 4 buffers written again": ms(lambda: [buffer.fill_(2.0) for buffer in kept]),
+    }
+    print("\nfresh memory (a fused-loss call's fixed cost)\n| buffer | median (ms) | min (ms) |\n|---|---|---|")
+    for name, values in rows.items():
+        print(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f} |")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ plus the student plus 10%.
     python benchmarks/multi_teacher.py --steps 12 --extra train.packing=false
     python benchmarks/multi_teacher.py --rounds 3 --only single routed_one routed_two_apart
     python benchmarks/multi_teacher.py --interleaved --steps 41 --only single routed_one routed_two
+    python benchmarks/multi_teacher.py --interleaved --steps 41 --only single routed_two routed_two_unshared
+    python benchmarks/multi_teacher.py --interleaved --profile --steps 13 --only single routed_two routed_two_unshared
 
 On this 2-core machine two processes running the same job differ by up to ~20% in step time
 (placement, allocation: teacher and student seconds move together within a process), more than
@@ -35,7 +37,9 @@ the 5% the goal allows; ``--rounds N`` runs every configuration N times in alter
 reports the median over the processes of each one's median step. ``--interleaved`` (the figures
 that count for the 1.05x goal) builds every configuration in this one process and steps them in
 turn on the same batches, printing the summed step time of steps 2..N against ``single`` with a 95%
-bootstrap interval over steps; ``routed_one`` is its control (the same computation as ``single``).
+bootstrap interval over steps; ``routed_one`` is its control (the same computation as ``single``),
+and ``routed_two_unshared`` (interleaved only) is ``routed_two`` with the parts of a mixed
+micro-batch not sharing their loss buffers, the A/B of ``kdlib.losses.shared_buffers``.
 It measures time only: the peak memory of a process holding every configuration says nothing
 about one.
 """
@@ -43,6 +47,7 @@ about one.
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager, nullcontext
 import importlib.resources
 import json
 import os
@@ -60,6 +65,9 @@ CONFIGS = {
     "routed_two_apart": ["routing.key=expert_two", "+teacher@teachers.copy=smollm2", "routing.mix_micro_batches=false"],
     "routed_turns": ["routing.key=expert_two", "+teacher@teachers.copy=smollm2", "routing.take_turns=true"],
 }
+# --interleaved only: routed_two with its parts' losses not sharing buffers (each allocating its own
+# head gradient and workspace, as before kdlib.losses.shared_buffers): the A/B of that change.
+UNSHARED = {"routed_two_unshared": CONFIGS["routed_two"]}
 
 CHILD = """
 import json, resource, sys
@@ -125,13 +133,16 @@ def median_of(rounds: list[dict]) -> dict:
             for key in rounds[0]}
 
 
-def interleaved(names: list[str], common: list[str], steps: int, directory: Path) -> None:
+def interleaved(names: list[str], common: list[str], steps: int, directory: Path, profile: bool = False) -> None:
     """Every configuration built in this one process and stepped in turn: step k of each, in an
     order that rotates with k, on the same global batch (each run's own seeded order, the same for
     all). A slow or fast stretch of the machine then falls on all of them alike; what a process's
     placement does, it does to all of them too. Prints per configuration the summed wall time of
     ``TrainingLoop.step`` over steps 2..N and its ratio to ``single``, and the median over steps
-    of the per-step ratio."""
+    of the per-step ratio. ``profile``: each configuration's steps 2..N also run under its own
+    ``cProfile`` (which slows them: time figures are then not the ones to quote), and the functions
+    whose time differs most from ``single``'s are printed (:func:`profile_differences`)."""
+    import cProfile
     import time
     from contextlib import ExitStack
 
@@ -141,16 +152,23 @@ def interleaved(names: list[str], common: list[str], steps: int, directory: Path
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     seconds: dict[str, list[float]] = {name: [] for name in names}
     teacher: dict[str, list[float]] = {name: [] for name in names}
+    profiles = {name: cProfile.Profile() for name in names} if profile else {}
     with ExitStack() as stack:
-        modes = {name: stack.enter_context(built(kdlib.compose(common + CONFIGS[name]), directory / name))
+        modes = {name: stack.enter_context(built(kdlib.compose(common + {**CONFIGS, **UNSHARED}[name]), directory / name))
                  for name in names}
         batches = {name: mode.sample_batches() for name, mode in modes.items()}
         for step in range(1, steps + 1):
             samples = {name: next(batches[name]) for name in names}
             order = names[step % len(names):] + names[:step % len(names)]
             for name in order:
+                profiler = profiles.get(name) if step > 1 else None
                 start = time.perf_counter()
-                metrics = modes[name].step(samples[name], step)
+                if profiler is not None:
+                    profiler.enable()
+                with unshared() if name in UNSHARED else nullcontext():
+                    metrics = modes[name].step(samples[name], step)
+                if profiler is not None:
+                    profiler.disable()
                 seconds[name].append(time.perf_counter() - start)
                 teacher[name].append(metrics["teacher_seconds"])
             print(f"step {step}: " + ", ".join(f"{n} {seconds[n][-1]:.2f}" for n in names), flush=True)
@@ -167,6 +185,46 @@ def interleaved(names: list[str], common: list[str], steps: int, directory: Path
             interval = f"{low:.3f}-{high:.3f}x"
             per_step = f"{statistics.median(a / b for a, b in zip(seconds[name][1:], seconds['single'][1:])):.3f}x"
         print(f"| {name} | {total:.1f} | {ratio} | {interval} | {per_step} | {sum(teacher[name][1:]):.1f} |")
+    if profiles and "single" in profiles:
+        profile_differences(profiles)
+
+
+@contextmanager
+def unshared():
+    """The parts of a mixed micro-batch evaluated without sharing buffers, for the time of a step."""
+    from kdlib.algorithms import routed
+
+    original, routed.sharing = routed.sharing, nullcontext
+    try:
+        yield
+    finally:
+        routed.sharing = original
+
+
+def profile_differences(profiles: dict, top: int = 12) -> None:
+    """Per configuration other than ``single``, among the functions both ran over the profiled
+    steps: those whose own time differs most from ``single``'s (where the extra time is spent),
+    and the loss engine's functions (``kdlib/losses``) whose cumulative time differs most, with
+    their counts of calls. (Functions only the routed run calls wrap the same work.)"""
+    import pstats
+
+    def by_function(profiler) -> dict[str, tuple[int, float, float]]:
+        stats = pstats.Stats(profiler).stats
+        return {f"{path.split('site-packages/')[-1].split('src/')[-1]}:{line}:{func}": (calls, own, cumulative)
+                for (path, line, func), (_, calls, own, cumulative, _) in stats.items()}
+
+    base = by_function(profiles["single"])
+    for name, profiler in profiles.items():
+        if name == "single":
+            continue
+        mine = by_function(profiler)
+        both = set(mine) & set(base)
+        for title, field, keys in (("own", 1, both), ("cumulative, loss engine", 2,
+                                                       {k for k in both if k.startswith("kdlib/losses/")})):
+            print(f"\n{name} against single, profiled steps ({title} seconds; calls):")
+            for key in sorted(keys, key=lambda k: -abs(mine[k][field] - base[k][field]))[:top]:
+                print(f"  {mine[key][field] - base[key][field]:+7.2f} s  {base[key][field]:7.2f} -> "
+                      f"{mine[key][field]:7.2f}  calls {base[key][0]} -> {mine[key][0]}  {key}")
 
 
 def paired_interval(times: list[float], base: list[float], draws: int = 4000) -> tuple[float, float]:
@@ -186,9 +244,11 @@ def paired_interval(times: list[float], base: list[float], draws: int = 4000) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--only", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--only", nargs="*", default=list(CONFIGS), choices=[*CONFIGS, *UNSHARED])
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every configuration")
     parser.add_argument("--rounds", type=int, default=1, help="processes per configuration, in alternating order")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --interleaved: profile each configuration and print where it differs from single")
     parser.add_argument("--interleaved", action="store_true",
                         help="all configurations in this one process, stepped in turn (time only, no memory)")
     args = parser.parse_args()
@@ -197,7 +257,9 @@ def main() -> None:
         common = [f"train.max_steps={args.steps}", "eval.before=false", "data.eval=null", "logging.progress=false",
                   "save_student=false", "logging.plot=false", f"data.train={data}", *student(), *args.extra]
         if args.interleaved:
-            return interleaved(args.only, common, args.steps, Path(tmp))
+            return interleaved(args.only, common, args.steps, Path(tmp), args.profile)
+        if set(args.only) & set(UNSHARED):
+            parser.error(f"{', '.join(UNSHARED)} runs with --interleaved only")
         per_process: dict[str, list[dict]] = {name: [] for name in args.only}
         for round_ in range(args.rounds):
             for name in args.only if round_ % 2 == 0 else args.only[::-1]:

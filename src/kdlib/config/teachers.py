@@ -95,7 +95,7 @@ class RoutingConfig(ConfigNode):
     # all of them and each target's loss is computed on its samples' rows (the parts' losses share
     # one chunk workspace and one head gradient), so a global batch makes as many micro-batches,
     # of the same sizes, as in a one-teacher run. false: one target per micro-batch (more, smaller
-    # micro-batches; 1.04x a one-teacher step against 1.01x mixed, docs/benchmarks.md). Algorithms
+    # micro-batches; 1.04x a one-teacher step against 1.01-1.04x mixed, docs/benchmarks.md). Algorithms
     # that only implement compute_loss (not loss_of) always get one target per micro-batch.
     mix_micro_batches: bool = True
 

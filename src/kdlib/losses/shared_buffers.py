@@ -5,7 +5,8 @@ forward and keeps them in :class:`GradientBuffers` until autograd asks. A micro-
 samples of several teachers (``routing.mix_micro_batches``) runs the student's forward once and
 then one evaluation per part, on the part's rows. Each on its own would allocate its chunk
 workspace and a float32 gradient of the whole student head ([V, H], 113 MB for SmolLM2's), fresh
-memory the OS has to fault in (~40 ms per 200 MB on the CPU measured), and autograd would then add
+memory the OS has to fault in (writing 200 MB of it once took ~65 ms on the CPU measured, 9 ms
+again: ``benchmarks/call_sizes.py --parts memory``), and autograd would then add
 the parts' head gradients together. Inside :func:`sharing` (opened by
 :meth:`~kdlib.algorithms.routed.RoutedLoss.part_losses`) the evaluations instead reuse one
 workspace and accumulate the head's gradient into one buffer, which the first of them to be
